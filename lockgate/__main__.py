@@ -1,0 +1,5 @@
+import sys
+
+from lockgate.cli import main
+
+sys.exit(main())

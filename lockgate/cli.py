@@ -1,0 +1,236 @@
+"""The ``lockgate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import sys
+
+import grpc
+from google.protobuf import json_format
+
+from lockgate.config import ConfigError, LockgateConfig, load_config
+
+DEFAULT_CONFIG = os.environ.get("LOCKGATE_CONFIG", "lockgate.yaml")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``lockgate: <message>``, exit status 2."""
+
+
+def parse_percent(text: str) -> int:
+    """``"5"`` / ``"0.25"`` / ``"12.5%"`` → basis points (0..10000). Resolution is 0.01 %."""
+    raw = text.strip().rstrip("%")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CliError(f"PERCENT must be a number between 0 and 100, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise CliError(f"PERCENT must be between 0 and 100, got {text!r}")
+    bp = round(value * 100)
+    if abs(value * 100 - bp) > 1e-6:
+        raise CliError(f"PERCENT resolution is 0.01 (basis points), got {text!r}")
+    return bp
+
+
+def _load(args) -> LockgateConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(f"invalid config:\n{exc}") from None
+
+
+def _control_stub(args):
+    from lockgate.proto.v1 import control_pb2_grpc
+
+    address = args.control or str(_load(args).control)
+    channel = grpc.insecure_channel(address)
+    return control_pb2_grpc.WeightControlStub(channel), address
+
+
+def _call(fn, request, address: str, timeout: float):
+    try:
+        return fn(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise CliError(f"cannot reach the lockgate control API at {address} (is `lockgate up` running?)") from None
+        raise CliError(exc.details() or str(exc.code())) from None
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
+
+
+def _pct(bp: int) -> str:
+    return f"{bp / 100:g}%"
+
+
+def _print_model(m, out=sys.stdout) -> None:
+    canary = f"canary {m.canary} at {_pct(m.weight_bp)}" if m.canary else "no canary"
+    print(f"{m.model}: stable {m.stable}, {canary} (routes version {m.xds_version})", file=out)
+    if not m.envoys:
+        print("  no Envoy connected", file=out)
+    for e in m.envoys:
+        state = "connected" if e.connected else "DISCONNECTED"
+        live = (f"canary {e.acked_canary} at {_pct(e.acked_weight_bp)}" if e.acked_canary else "no canary") \
+            if e.acked_version else "nothing ACKed yet"
+        sync = "in sync" if e.acked else "NOT in sync"
+        line = f"  envoy {e.node_id}: {state}, ACKed version {e.acked_version or '-'} ({live}), {sync}"
+        if e.nack_version:
+            line += f"; last NACK of version {e.nack_version}: {e.nack_error}"
+        print(line, file=out)
+
+
+def cmd_weights(args) -> int:
+    from lockgate.proto.v1 import control_pb2
+
+    stub, address = _control_stub(args)
+    resp = _call(stub.GetWeights, control_pb2.GetWeightsRequest(model=args.model or ""), address, 5)
+    if args.json:
+        print(json_format.MessageToJson(resp, always_print_fields_with_no_presence=True))
+        return 0
+    for m in resp.models:
+        _print_model(m)
+    return 0
+
+
+def _report(resp, verb: str, args) -> int:
+    if args.json:
+        print(json_format.MessageToJson(resp, always_print_fields_with_no_presence=True))
+    else:
+        m = resp.model
+        n = len(m.envoys)
+        acked = sum(1 for e in m.envoys if e.acked)
+        print(f"{verb} on {acked}/{n} Envoys in {resp.elapsed_ms:.1f} ms")
+        for e in m.envoys:
+            print(f"  {e.node_id}: {'ACKed in %.1f ms' % e.ack_ms if e.acked else 'NOT ACKed'}")
+        if resp.not_acked:
+            print(f"lockgate: did not ACK: {', '.join(resp.not_acked)}", file=sys.stderr)
+        if resp.message:
+            print(f"lockgate: {resp.message}", file=sys.stderr)
+    return 0 if resp.all_acked and resp.model.envoys else 1
+
+
+def cmd_set_weight(args) -> int:
+    from lockgate.proto.v1 import control_pb2
+
+    bp = parse_percent(args.percent)
+    stub, address = _control_stub(args)
+    resp = _call(stub.SetWeight, control_pb2.SetWeightRequest(
+        model=args.model, version=args.version, weight_bp=bp, timeout_s=args.timeout, actor=_actor(),
+        reason=args.reason or "set-weight"), address, args.timeout + 5)
+    return _report(resp, f"set {args.model} canary {args.version} to {_pct(bp)}", args)
+
+
+def cmd_rollback(args) -> int:
+    from lockgate.proto.v1 import control_pb2
+
+    stub, address = _control_stub(args)
+    resp = _call(stub.Rollback, control_pb2.RollbackRequest(
+        model=args.model, timeout_s=args.timeout, actor=_actor(), reason=args.reason or "manual rollback"),
+        address, args.timeout + 5)
+    return _report(resp, f"reverted {args.model} to {resp.model.stable}", args)
+
+
+def cmd_drill(args) -> int:
+    from lockgate.proto.v1 import control_pb2
+
+    stub, address = _control_stub(args)
+    resp = _call(stub.Drill, control_pb2.DrillRequest(model=args.model, timeout_s=args.timeout, actor=_actor()),
+                 address, args.timeout + 5)
+    return _report(resp, f"drill for {args.model}: routes re-pushed (no traffic moved)", args)
+
+
+def cmd_xds(args) -> int:
+    from lockgate.xds.control import StateMismatchError
+    from lockgate.xds.server import serve
+
+    config = _load(args)
+    try:
+        asyncio.run(serve(config))
+    except StateMismatchError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_extproc(args) -> int:
+    from lockgate.extproc.server import serve
+
+    asyncio.run(serve(_load(args)))
+    return 0
+
+
+def cmd_up(args) -> int:
+    from lockgate.supervisor import Supervisor
+
+    config = _load(args)
+    return Supervisor(config, os.path.abspath(args.config)).run()
+
+
+def cmd_validate_config(args) -> int:
+    config = _load(args)
+    print(f"{args.config}: ok ({len(config.models)} models: {', '.join(m.name for m in config.models)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lockgate", description="Progressive canary rollouts for models behind Envoy.")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="lockgate.yaml (default: %(default)s)")
+    p.add_argument("--control", help="control API address host:port (default: from the config)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sp
+
+    add("up", cmd_up, "run Envoy, ext_proc and xDS until Ctrl-C")
+    add("xds", cmd_xds, "run the xDS server (and control API) alone")
+    add("extproc", cmd_extproc, "run the ext_proc server alone")
+    add("check-config", cmd_validate_config, "validate lockgate.yaml")
+    sp = add("weights", cmd_weights, "desired canary weight and each Envoy's ACKed one")
+    sp.add_argument("model", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp = add("set-weight", cmd_set_weight, "move a share of a model's traffic to a canary version")
+    sp.add_argument("model")
+    sp.add_argument("version")
+    sp.add_argument("percent", help="0-100, resolution 0.01")
+    sp.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for every Envoy's ACK")
+    sp.add_argument("--reason")
+    sp.add_argument("--json", action="store_true")
+    sp = add("rollback", cmd_rollback, "canary weight to 0 on every Envoy, at once")
+    sp.add_argument("model")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.add_argument("--reason")
+    sp.add_argument("--json", action="store_true")
+    sp = add("drill", cmd_drill, "prove the revert path: re-push routes, time each Envoy's ACK")
+    sp.add_argument("model")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except CliError as exc:
+        print(f"lockgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

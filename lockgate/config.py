@@ -1,0 +1,329 @@
+"""``lockgate.yaml``: the fleet configuration (listener, component ports, state directory, models).
+
+Loaded and validated as a whole; any problem raises :class:`~lockgate.yamlconf.ConfigError` naming the
+file, line and field path, and nothing starts. Example::
+
+    listener: {address: 127.0.0.1, port: 10000}
+    state_dir: ./lockgate-state
+    sticky_keys: [{header: x-user-id}, {cookie: session}, {client_ip: {}}]
+    qa_override: {token_header: x-lockgate-qa-token, version_header: x-lockgate-version,
+                  token_env: LOCKGATE_QA_TOKEN}
+    models:
+      - name: chat
+        match: {path_prefix: /v1/chat}
+        stable: v1
+        versions:
+          v1: {endpoints: ["127.0.0.1:18001"]}
+          v2: {endpoints: ["127.0.0.1:18002"]}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lockgate.yamlconf import ConfigError, ErrorCollector, Fields, PathPart, load_yaml, load_yaml_file
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+COOKIE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+#: Header names lockgate itself uses; a model may not match or key on them.
+RESERVED_HEADER_PREFIX = "x-lockgate-"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP bind or connect address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """One sticky-key source. ``kind`` is ``header``, ``cookie`` or ``client_ip``.
+
+    ``name`` is the header or cookie name (empty for client_ip); ``trusted_hops`` is how many
+    proxies in front of Envoy append to ``x-forwarded-for`` (client_ip only).
+    """
+
+    kind: str
+    name: str = ""
+    trusted_hops: int = 0
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name}".strip() if self.kind != "client_ip" else "client_ip"
+
+
+@dataclass(frozen=True)
+class QAOverride:
+    """A request carrying ``token_header: <token>`` and ``version_header: <version>`` reaches that
+    version; without the exact token both headers are ignored (and stripped before the upstream)."""
+
+    token_header: str
+    version_header: str
+    token: str
+
+
+@dataclass(frozen=True)
+class ModelMatch:
+    """How requests are recognised as this model's: a path prefix, and optionally a header value."""
+
+    path_prefix: str = "/"
+    header_name: str | None = None
+    header_value: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    endpoints: tuple[Address, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    match: ModelMatch
+    stable: str
+    versions: dict[str, ModelVersion]
+    sticky_keys: tuple[KeySource, ...]
+    timeout_s: float
+    analyzer: str | None = None
+
+    def cluster_name(self, version: str) -> str:
+        """Envoy cluster of one version: ``<model>.<version>`` (names cannot contain dots)."""
+        return f"{self.name}.{version}"
+
+
+@dataclass(frozen=True)
+class LockgateConfig:
+    source: str
+    node_id: str
+    listener: Address
+    admin: Address
+    xds: Address
+    control: Address
+    extproc: Address
+    extproc_metrics: Address
+    extproc_message_timeout_ms: int
+    state_dir: Path
+    qa_override: QAOverride | None
+    models: tuple[Model, ...] = field(default_factory=tuple)
+
+    def model(self, name: str) -> Model:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "lockgate.db"
+
+
+DEFAULT_KEYS = (KeySource("header", "x-user-id"), KeySource("client_ip"))
+
+
+def _address(f: Fields, key: str, default_port: int) -> Address:
+    sub = f.sub(key)
+    host = sub.str("address", "127.0.0.1") or "127.0.0.1"
+    port = sub.int("port", default_port, min=1, max=65535) or default_port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            f.errors.add(sub.path + ("address",), f"must be an IP address, got {host!r}")
+    sub.finish()
+    return Address(host, port)
+
+
+def _endpoint(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> Address | None:
+    if not isinstance(value, str) or ":" not in value:
+        errors.add(path, f"must be 'host:port', got {value!r}")
+        return None
+    host, _, port_s = value.rpartition(":")
+    if not port_s.isdigit() or not (1 <= int(port_s) <= 65535):
+        errors.add(path, f"port must be 1-65535, got {port_s!r}")
+        return None
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            errors.add(path, f"host must be an IP address (Envoy EDS endpoints are not resolved), got {host!r}")
+            return None
+    return Address(host, int(port_s))
+
+
+def _key_sources(f: Fields, key: str, errors: ErrorCollector) -> tuple[KeySource, ...] | None:
+    if key not in f.data:
+        f.raw(key)
+        return None
+    out: list[KeySource] = []
+    for path, item in f.list(key):
+        if not isinstance(item, dict) or len(item) != 1:
+            errors.add(path, "must be one of {header: NAME}, {cookie: NAME}, {client_ip: {}}")
+            continue
+        (kind, value), = item.items()
+        if kind == "header":
+            if not isinstance(value, str) or not HEADER_RE.match(value):
+                errors.add(path + (kind,), f"must be a lower-case header name, got {value!r}")
+            elif value.startswith(RESERVED_HEADER_PREFIX) or value.startswith(":"):
+                errors.add(path + (kind,), f"{value!r} is reserved for lockgate/Envoy")
+            else:
+                out.append(KeySource("header", value))
+        elif kind == "cookie":
+            if not isinstance(value, str) or not COOKIE_RE.match(value):
+                errors.add(path + (kind,), f"must be a cookie name, got {value!r}")
+            else:
+                out.append(KeySource("cookie", value))
+        elif kind == "client_ip":
+            sub = Fields(value, path + (kind,), errors)
+            hops = sub.int("trusted_hops", 0, min=0, max=10) or 0
+            sub.finish()
+            out.append(KeySource("client_ip", trusted_hops=hops))
+        else:
+            errors.add(path, f"unknown key source {kind!r} (use header, cookie or client_ip)")
+    if not out and not errors.problems:
+        errors.add(f.path + (key,), "must list at least one key source")
+    kinds = [k.kind for k in out]
+    if "client_ip" in kinds and kinds.index("client_ip") != len(kinds) - 1:
+        errors.add(f.path + (key,), "client_ip must be the last key source (it is always present)")
+    return tuple(out)
+
+
+def _qa(f: Fields, errors: ErrorCollector) -> QAOverride | None:
+    if "qa_override" not in f.data:
+        f.raw("qa_override")
+        return None
+    sub = f.sub("qa_override")
+    token_header = sub.str("token_header", "x-lockgate-qa-token") or ""
+    version_header = sub.str("version_header", "x-lockgate-version") or ""
+    token = sub.str("token")
+    token_env = sub.str("token_env")
+    sub.finish()
+    for name, value in (("token_header", token_header), ("version_header", version_header)):
+        if not HEADER_RE.match(value):
+            errors.add(sub.path + (name,), f"must be a lower-case header name, got {value!r}")
+    if (token is None) == (token_env is None):
+        errors.add(sub.path, "set exactly one of token or token_env")
+        return None
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:
+            errors.add(sub.path + ("token_env",), f"environment variable {token_env} is not set")
+            return None
+    assert token is not None
+    if len(token) < 16:
+        errors.add(sub.path + ("token" if token_env is None else "token_env",),
+                   "the QA token must be at least 16 characters")
+    return QAOverride(token_header, version_header, token)
+
+
+def _model(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector,
+           default_keys: tuple[KeySource, ...]) -> Model | None:
+    f = Fields(value, path, errors)
+    name = f.str("name", required=True) or ""
+    if name and not NAME_RE.match(name):
+        errors.add(path + ("name",), f"must match {NAME_RE.pattern} (letters, digits, _ and -), got {name!r}")
+    m = f.sub("match")
+    prefix = m.str("path_prefix", "/") or "/"
+    if not prefix.startswith("/"):
+        errors.add(m.path + ("path_prefix",), f"must start with '/', got {prefix!r}")
+    header_name = header_value = None
+    if "header" in m.data:
+        h = m.sub("header")
+        header_name = h.str("name", required=True)
+        header_value = h.str("value", required=True)
+        h.finish()
+        if header_name and not HEADER_RE.match(header_name):
+            errors.add(h.path + ("name",), f"must be a lower-case header name, got {header_name!r}")
+    m.finish()
+    stable = f.str("stable", required=True) or ""
+    versions: dict[str, ModelVersion] = {}
+    vmap = f.sub("versions", required=True)
+    for vname, vdata in vmap.data.items():
+        vmap.raw(vname)
+        vpath = vmap.path + (vname,)
+        if not NAME_RE.match(vname):
+            errors.add(vpath, f"version name must match {NAME_RE.pattern}, got {vname!r}")
+        vf = Fields(vdata, vpath, errors)
+        eps = [_endpoint(ep, p, errors) for p, ep in vf.list("endpoints", required=True)]
+        vf.finish()
+        if "endpoints" in vf.data and not eps:
+            errors.add(vpath + ("endpoints",), "must list at least one endpoint")
+        versions[vname] = ModelVersion(vname, tuple(e for e in eps if e is not None))
+    vmap.finish()
+    if vmap.data and stable and stable not in versions:
+        errors.add(path + ("stable",), f"{stable!r} is not one of the versions ({', '.join(versions)})")
+    keys = _key_sources(f, "sticky_keys", errors) or default_keys
+    timeout = f.float("timeout_s", 300.0, min=0.001, max=86400.0) or 300.0
+    analyzer = f.str("analyzer")
+    if analyzer is not None and analyzer not in ("auto", "openai", "sse", "classifier", "none"):
+        errors.add(path + ("analyzer",), f"must be auto, openai, sse, classifier or none, got {analyzer!r}")
+    f.finish()
+    return Model(name, ModelMatch(prefix, header_name, header_value), stable, versions, keys, timeout,
+                 None if analyzer in (None, "auto") else analyzer)
+
+
+def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig:
+    """Validate parsed YAML into a :class:`LockgateConfig`; raises ConfigError listing every problem."""
+    errors = ErrorCollector(source, smap)
+    f = Fields(data, (), errors)
+    node_id = f.str("node_id", "lockgate-envoy-0") or "lockgate-envoy-0"
+    listener = _address(f, "listener", 10000)
+    admin = _address(f, "admin", 9901)
+    xds = _address(f, "xds", 18000)
+    control = _address(f, "control", 18010)
+    extproc = _address(f, "extproc", 18080)
+    extproc_metrics = _address(f, "extproc_metrics", 18081)
+    ep_timeout = f.int("extproc_message_timeout_ms", 200, min=1, max=60000) or 200
+    state_dir = Path(f.str("state_dir", "./lockgate-state") or "./lockgate-state")
+    if not state_dir.is_absolute():
+        state_dir = (base_dir / state_dir).resolve()
+    default_keys = _key_sources(f, "sticky_keys", errors) or DEFAULT_KEYS
+    qa = _qa(f, errors)
+    models: list[Model] = []
+    for path, item in f.list("models", required=True):
+        model = _model(item, path, errors, default_keys)
+        if model is not None:
+            models.append(model)
+    f.finish()
+    if "models" in f.data and not models and not errors.problems:
+        errors.add(("models",), "must list at least one model")
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if model.name in seen:
+            errors.add(("models", i, "name"), f"duplicate model name {model.name!r} (also models[{seen[model.name]}])")
+        seen[model.name] = i
+    ports: dict[tuple[str, int], str] = {}
+    for label, addr in (("listener", listener), ("admin", admin), ("xds", xds), ("control", control),
+                        ("extproc", extproc), ("extproc_metrics", extproc_metrics)):
+        if (addr.host, addr.port) in ports:
+            errors.add((label, "port"), f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
+        ports[(addr.host, addr.port)] = label
+    errors.raise_if_any()
+    return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout, state_dir, qa,
+                          tuple(models))
+
+
+def load_config(path: str | Path) -> LockgateConfig:
+    """Load and validate ``lockgate.yaml``. Raises ConfigError (file, line, field, message)."""
+    data, smap, source = load_yaml_file(path)
+    return parse_config(data, smap, source, Path(path).resolve().parent)
+
+
+def config_from_text(text: str, source: str = "<string>", base_dir: Path | None = None) -> LockgateConfig:
+    data, smap = load_yaml(text, source)
+    return parse_config(data, smap, source, base_dir or Path.cwd())
+
+
+__all__ = ["Address", "ConfigError", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
+           "QAOverride", "load_config", "config_from_text"]

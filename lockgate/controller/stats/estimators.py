@@ -1,0 +1,150 @@
+"""Vectorised, cluster-robust, stratified difference-of-means estimator.
+
+The one estimator behind every variance-based test:
+
+    theta_hat = sum_k w_k (mean_canary_k - c * mean_baseline_k)
+
+* ``k`` runs over strata (by default the rollout stage, i.e. the canary share);
+  comparing canary and baseline *within* a stage removes the bias that a
+  drifting baseline (time of day, traffic mix) would otherwise create while the
+  canary share grows.  ``w_k`` is proportional to ``n_c,k n_b,k / n_k``
+  (Mantel-Haenszel / inverse-variance-like), normalised to 1; strata where one
+  arm is empty carry no information and get weight 0.
+* ``c = 1`` gives the plain difference; ``c = 1 + rel`` (or ``1 - rel``) gives
+  the relative non-inferiority contrast ``mean_c - (1+rel) mean_b``.
+* The means are ratio estimators (sum of values / number of observations), so
+  their variance comes from the linearisation (influence function)
+
+      psi_i = coef_{k,a} (y_i - mean_{k,a}),   coef = w_k / n_c,k  or  -c w_k / n_b,k
+
+  summed per cluster (hashed sticky-user key) *before* squaring:
+
+      Var_CR(theta_hat) = G/(G-1) * sum_g (sum_{i in g} psi_i)^2
+
+  which is the cluster-robust ("sandwich", CR1) variance: correlated requests of
+  one user count as one independent unit, not as many.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["factorize", "DiffEstimate", "stratified_difference"]
+
+
+def factorize(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map arbitrary keys to dense ``0..n_groups-1`` indices.
+
+    Small non-negative integers are used as-is (cheap); everything else goes
+    through ``np.unique``.
+    """
+    a = np.asarray(a)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.intp), 0
+    if a.dtype.kind == "b":
+        return a.astype(np.intp), 2
+    if a.dtype.kind in "iu":
+        lo = int(a.min())
+        hi = int(a.max())
+        if lo >= 0 and hi < 4 * a.size + 1024:
+            return a.astype(np.intp, copy=False), hi + 1
+    _, inv = np.unique(a, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.intp, copy=False)
+    return inv, int(inv.max()) + 1
+
+
+@dataclass(frozen=True)
+class DiffEstimate:
+    """Result of :func:`stratified_difference`.
+
+    ``estimate``/``variance`` refer to ``theta = sum_k w_k (mu_c,k - c mu_b,k)``.
+    ``mean_canary``/``mean_baseline`` are the pooled (unstratified) means for
+    display.  ``clusters_*`` count distinct clusters with at least one
+    observation in an informative stratum.
+    """
+
+    estimate: float
+    variance: float
+    n_canary: int
+    n_baseline: int
+    clusters_canary: int
+    clusters_baseline: int
+    mean_canary: float
+    mean_baseline: float
+
+
+def stratified_difference(
+    y: np.ndarray,
+    arm: np.ndarray,
+    cl_idx: np.ndarray,
+    n_cl: int,
+    st_idx: np.ndarray,
+    n_st: int,
+    *,
+    c: float = 1.0,
+    binary: bool = False,
+) -> DiffEstimate | None:
+    """Stratified cluster-robust contrast of canary vs baseline means.
+
+    ``y``: float values (no NaN), ``arm``: 0 baseline / 1 canary (int),
+    ``cl_idx``/``st_idx``: dense cluster / stratum indices (see :func:`factorize`).
+    ``binary``: values are 0/1; the variance is then floored by the binomial
+    variance with a Jeffreys-style pseudo-count, so zero observed events never
+    produce a zero variance.
+
+    Returns ``None`` when no stratum has both arms.
+    """
+    y = np.asarray(y, dtype=float)
+    arm = np.asarray(arm, dtype=np.intp)
+    key = st_idx * 2 + arm
+    k2 = 2 * n_st
+    n = np.bincount(key, minlength=k2).astype(float).reshape(n_st, 2)
+    s = np.bincount(key, weights=y, minlength=k2).reshape(n_st, 2)
+    n0, n1 = n[:, 0], n[:, 1]
+    valid = (n0 > 0) & (n1 > 0)
+    if not valid.any():
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(valid, n0 * n1 / (n0 + n1), 0.0)
+        w = w / w.sum()
+        mu = np.where(n > 0, s / np.maximum(n, 1.0), 0.0)
+        theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
+        coef = np.zeros((n_st, 2))
+        coef[:, 0] = np.where(valid, -c * w / np.maximum(n0, 1.0), 0.0)
+        coef[:, 1] = np.where(valid, w / np.maximum(n1, 1.0), 0.0)
+    coef_f = coef.reshape(-1)
+    ci = coef_f[key]
+    psi = ci * (y - mu.reshape(-1)[key])
+    g = np.bincount(cl_idx, weights=psi, minlength=n_cl)
+    used = ci != 0.0
+    in_c = used & (arm == 1)
+    in_b = used & (arm == 0)
+    cnt_c = np.bincount(cl_idx[in_c], minlength=n_cl)
+    cnt_b = np.bincount(cl_idx[in_b], minlength=n_cl)
+    g_c = int(np.count_nonzero(cnt_c))
+    g_b = int(np.count_nonzero(cnt_b))
+    g_all = int(np.count_nonzero(cnt_c + cnt_b))
+    var = float(np.dot(g, g))
+    if g_all > 1:
+        var *= g_all / (g_all - 1.0)
+    if binary:
+        pt = (s + 0.5) / (n + 1.0)
+        var_floor = float(np.sum(coef * coef * n * pt * (1.0 - pt)))
+        var = max(var, var_floor)
+    n_c_tot = float(n1.sum())
+    n_b_tot = float(n0.sum())
+    mean_c = float(s[:, 1].sum() / n_c_tot) if n_c_tot > 0 else math.nan
+    mean_b = float(s[:, 0].sum() / n_b_tot) if n_b_tot > 0 else math.nan
+    return DiffEstimate(
+        estimate=theta,
+        variance=var,
+        n_canary=int(n1[valid].sum()),
+        n_baseline=int(n0[valid].sum()),
+        clusters_canary=g_c,
+        clusters_baseline=g_b,
+        mean_canary=mean_c,
+        mean_baseline=mean_b,
+    )

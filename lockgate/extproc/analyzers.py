@@ -97,7 +97,7 @@ _CANT = rf"(?:can(?:not|{_APOS}t| not)|won{_APOS}t|will not)"
 #: conservative: phrased as a refusal of the *request*, so that e.g.
 #: "I can't help but notice" does not match.
 DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
-    rf"\bI(?:{_APOS}m| am) sorry,? but I (?:can|won|will not|am (?:not able|unable)|{_APOS}m (?:not able|unable))",
+    rf"\bI(?:{_APOS}m| am) sorry,? but I(?: (?:can|won|will not|am (?:not able|unable))|{_APOS}m (?:not able|unable))",
     rf"\bI {_CANT} (?:help|assist)(?: you)? with\b",
     rf"\bI {_CANT} (?:assist|comply|fulfill|fulfil|help) (?:you |with )?(?:that|this|your)\b",
     rf"\bI {_CANT} (?:assist|comply)\b",
@@ -106,6 +106,31 @@ DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
     rf"\bI(?:{_APOS}m| am) not (?:allowed|permitted) to\b",
     r"\bI must (?:respectfully )?(?:decline|refuse)\b",
     rf"\bAs an AI(?: language model)?,? I {_CANT}\b",
+)
+
+
+# Hand-optimised equivalent of DEFAULT_REFUSAL_PATTERNS, matched against the
+# *lowercased* scan window without IGNORECASE.  Every branch but one starts
+# with a literal ("i" / "as"; word boundaries are checked by a lookbehind
+# *after* it), which lets the regex engine skip ahead with a fast literal
+# scan instead of trying a 9-way case-insensitive alternation at every
+# position (~20x faster on typical text; equivalence is property-tested
+# in tests/unit/test_analyzers_properties.py).
+_DEFAULT_REFUSAL_FAST: tuple[Pattern[str], ...] = (
+    re.compile(
+        rf"i(?<!\wi)(?:"
+        rf"(?:{_APOS}m| am) (?:"
+        rf"sorry,? but i(?: (?:can|won|will not|am (?:not able|unable))|{_APOS}m (?:not able|unable))"
+        rf"|(?:unable|not able) to (?:help|assist|comply|fulfill|fulfil|provide)\b"
+        rf"|not (?:allowed|permitted) to\b)"
+        rf"| {_CANT} (?:"
+        rf"(?:help|assist)(?: you)? with\b"
+        rf"|(?:assist|comply|fulfill|fulfil|help) (?:you |with )?(?:that|this|your)\b"
+        rf"|(?:assist|comply)\b"
+        rf"|provide (?:that|this|any|help|assistance|information on)\b)"
+        rf"| must (?:respectfully )?(?:decline|refuse)\b)"
+    ),
+    re.compile(rf"as(?<!\was) an ai(?: language model)?,? i {_CANT}\b"),
 )
 
 
@@ -140,6 +165,9 @@ class AnalyzerConfig:
     _refusal_res: tuple[Pattern[str], ...] = field(
         init=False, repr=False, compare=False, hash=False, default=()
     )
+    _refusal_fast: tuple[Pattern[str], ...] = field(
+        init=False, repr=False, compare=False, hash=False, default=()
+    )
 
     def __post_init__(self) -> None:
         pats = self.refusal_patterns
@@ -153,13 +181,28 @@ class AnalyzerConfig:
             raise ValueError("refusal_scan_chars must be >= 0")
         if not self.chars_per_token > 0:
             raise ValueError("chars_per_token must be > 0")
-        object.__setattr__(self, "_refusal_res", _compile_patterns(pats))
+        n = len(DEFAULT_REFUSAL_PATTERNS)
+        if pats[:n] == DEFAULT_REFUSAL_PATTERNS:  # defaults (possibly extended)
+            fast, rest = _DEFAULT_REFUSAL_FAST, pats[n:]
+        else:
+            fast, rest = (), pats
+        object.__setattr__(self, "_refusal_fast", fast)
+        object.__setattr__(self, "_refusal_res", _compile_patterns(rest))
 
     def is_refusal_text(self, text: str) -> bool:
         """True if a refusal pattern matches the first ``refusal_scan_chars``."""
         if not text:
             return False
         head = text[: self.refusal_scan_chars]
+        if self._refusal_fast:
+            low = head.lower()
+            if not low.isascii():
+                # IGNORECASE treats dotless "ı" and dotted "İ" (lowercased to
+                # "i" + U+0307) like "i"; mirror that for exact equivalence.
+                low = low.replace("\u0131", "i").replace("i\u0307", "i")
+            for rx in self._refusal_fast:
+                if rx.search(low):
+                    return True
         for rx in self._refusal_res:
             if rx.search(head):
                 return True
@@ -171,7 +214,14 @@ DEFAULT_CONFIG = AnalyzerConfig()
 
 @dataclass(frozen=True, slots=True)
 class BodyAnalysis:
-    """What one response body told us.  ``None`` = not measured."""
+    """What one response body told us.  ``None`` = not measured.
+
+    ``analyzer`` is the analyzer that produced the record: ``"openai"``
+    (chat/completions JSON), ``"sse"``, ``"classifier"``, ``"json"`` (auto
+    mode, JSON of no known shape / unparsable) or ``"none"`` (bytes only,
+    including compressed bodies).  See the module docstring for the meaning
+    of each measure and of the ``parse_error`` codes.
+    """
 
     analyzer: str
     body_bytes: int
@@ -362,6 +412,8 @@ def _is_json_media(mt: str) -> bool:
 
 
 _BOM = b"\xef\xbb\xbf"
+# json.loads(str) minus the wrapper overhead; a stateless, shared decoder.
+_json_decode = json.JSONDecoder().decode
 
 
 def _decode_error(buf: bytes | bytearray) -> str:
@@ -515,7 +567,7 @@ class _JsonAnalyzer(BodyAnalyzer):
         if text[:1] == "\ufeff":
             text = text[1:]
         try:
-            obj = json.loads(text)
+            obj = _json_decode(text)
         except (ValueError, RecursionError) as exc:
             return self._base(self.name, parse_error=_json_error(text, exc, end_of_stream))
         mode = self._mode
@@ -774,7 +826,7 @@ class _SseAnalyzer(BodyAnalyzer):
         self._room -= len(chunk)
         if self._skip_lf:
             self._skip_lf = False
-            if False:
+            if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         if not chunk:
             return
@@ -828,7 +880,7 @@ class _SseAnalyzer(BodyAnalyzer):
         payload = data[0] if len(data) == 1 else b"\n".join(data)
         self._data = []
         self._events += 1
-        if payload.strip() == b"[DONE]":
+        if payload == b"[DONE]" or (len(payload) < 32 and payload.strip() == b"[DONE]"):
             self._done = True
             return
         try:
@@ -837,7 +889,7 @@ class _SseAnalyzer(BodyAnalyzer):
             self._event_err = self._event_err or "not_utf8"
             return
         try:
-            obj = json.loads(text)
+            obj = _json_decode(text)
         except (ValueError, RecursionError):
             self._event_err = self._event_err or "malformed_json"
             return
@@ -863,6 +915,8 @@ class _SseAnalyzer(BodyAnalyzer):
             c = _choice0(choices) if choices else None
             if isinstance(c, dict):
                 delta = c.get("delta")
+                if delta is None:
+                    delta = c.get("message")  # some servers stream full messages
                 if isinstance(delta, dict):
                     content = delta.get("content")
                     if isinstance(content, str):

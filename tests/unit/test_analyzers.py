@@ -339,7 +339,7 @@ def test_sse_n_greater_than_one_uses_index_0():
 def test_sse_error_event_and_malformed_event():
     body = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\nevent: error\ndata: {"error":{"message":"overloaded"}}\n\n'
     assert run(body, ctype=SSE).parse_error == "error_event"
-    body = sse_body(["a"]) .replace(b"data: [DONE]", b"data: {oops}\n\ndata: [DONE]")
+    body = sse_body(["a"]).replace(b"data: [DONE]", b"data: {oops}\n\ndata: [DONE]")
     r = run(body, ctype=SSE)
     assert r.parse_error == "malformed_json" and r.output_chars == 1
     body = sse_body(["a"]).replace(b"data: [DONE]", b"data: \xff\xfe\n\ndata: [DONE]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,7 +113,7 @@ def test_sse_any_split_equals_one_chunk(data):
 
 def test_sse_every_single_split_point():
     body = (
-        ': hi\r\n\r\nevent: x\r\ndata: {"model":"m","choices":[{"index":0,"delta":{"content":"h\u00e9\u4e16\U0001f642"}}]}\r\n\r\n'
+        ': hi\r\n\r\nevent: x\r\ndata: {"model":"m",\r\ndata: "choices":[{"index":0,"delta":{"content":"h\u00e9\u4e16\U0001f642"}}]}\r\n\r\n'
         'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\r'
         "data: [DONE]\n\n"
     ).encode()
@@ -250,3 +251,83 @@ def test_sse_truncated_equals_prefix_observed_early(stream, data):
     assert cut.truncated and not prefix.truncated
     for f in ("events", "output_chars", "finish_reason", "entropy", "model_reported", "refusal", "output_tokens"):
         assert getattr(cut, f) == getattr(prefix, f), f
+
+
+REFUSAL_WORDS = [
+    # fragments of refusal phrases (so that full phrases are likely) ...
+    "I", "i", "I'm", "I’m", "i'M", "I am", "I'm sorry, but I", "I am sorry but I", "sorry,", "but I", "I can't",
+    "I can’t", "I cannot", "i can not", "I won't", "I will not", "I must", "As an AI,", "as an ai language model",
+    "I'm unable", "I am not able", "not", "allowed", "permitted", "to", "help", "assist", "with", "you", "that",
+    "this", "your", "comply", "fulfill", "fulfil", "provide", "any", "information on", "unable", "able",
+    "respectfully", "decline", "refuse", "can", "won", "am",
+    # ... and near misses / word-boundary traps
+    "AI", "xI", "Kai", "_I", "9", "é", "a", "assistance", "helpful", "declined", "thatx", "İ", "ı", "DECLİNE", "xİ",
+]
+REFUSAL_SEPS = [" ", " ", " ", " ", "", ",", ", ", "\n", ".", "'"]
+
+
+# One canonical phrase per branch of every default pattern.
+CANONICAL_REFUSALS = [
+    "I'm sorry, but I can't", "I am sorry but I won't", "I’m sorry, but I will not", "I'm sorry, but I am unable",
+    "I'm sorry, but I'm not able", "I can't help with", "I cannot assist you with", "I won't help you with",
+    "I will not assist with", "I can not comply with that", "I can’t fulfill your", "I cannot fulfil this",
+    "I won't help with this", "I cannot assist", "I can't comply", "I cannot provide that", "I can't provide any",
+    "I won't provide help", "I cannot provide assistance", "I can't provide information on", "I'm unable to help",
+    "I am not able to assist", "I’m unable to comply", "I am unable to fulfill", "I'm not able to fulfil",
+    "I am unable to provide", "I'm not allowed to", "I am not permitted to", "I must decline",
+    "I must respectfully refuse", "As an AI, I can't", "As an AI language model, I cannot", "as an ai i won't",
+]
+GLUE = ["", " ", "x", "_", "9", ".", "\n", "Kai", "é", "s", "ly", ", ", "İ", "ı"]
+
+
+def _slow_refusal(text: str) -> bool:
+    import re
+
+    from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
+
+    return any(re.search(p, text, re.IGNORECASE) for p in DEFAULT_REFUSAL_PATTERNS)
+
+
+FAST_CFG = AnalyzerConfig(refusal_scan_chars=10_000)
+
+
+@pytest.mark.parametrize("phrase", CANONICAL_REFUSALS)
+def test_fast_default_refusal_regex_each_branch(phrase):
+    turkish = phrase.replace("I", "İ").replace("i", "ı")
+    for variant in (phrase, phrase.upper(), phrase.lower(), "Well. " + phrase + " it.", turkish):
+        assert _slow_refusal(variant) is True, variant
+        assert FAST_CFG.is_refusal_text(variant) is True, variant
+    for glued in ("x" + phrase, "_" + phrase, "9" + phrase, phrase + "x", phrase[:-1]):
+        assert FAST_CFG.is_refusal_text(glued) == _slow_refusal(glued), glued
+
+
+@given(
+    st.one_of(
+        st.lists(st.tuples(st.sampled_from(REFUSAL_WORDS), st.sampled_from(REFUSAL_SEPS)), max_size=12).map(
+            lambda ws: "".join(w + s for w, s in ws)
+        ),
+        st.tuples(st.sampled_from(GLUE), st.sampled_from(CANONICAL_REFUSALS), st.sampled_from(GLUE), st.sampled_from(REFUSAL_WORDS)).map(
+            "".join
+        ),
+    )
+)
+@settings(max_examples=1000, deadline=None)
+def test_fast_default_refusal_regex_equivalent_to_patterns(text):
+    assert FAST_CFG.is_refusal_text(text) == _slow_refusal(text)
+
+
+def test_sse_huge_line_in_tiny_chunks_is_linear():
+    import time
+
+    content = "x" * 300_000
+    body = (
+        'data: {"choices":[{"index":0,"delta":{"content":"' + content + '"},"finish_reason":"stop"}]}\n\n' "data: [DONE]\n\n"
+    ).encode()
+    a = make_analyzer(None, "text/event-stream", None, STRICT)
+    t0 = time.perf_counter()
+    for i in range(0, len(body), 7):
+        a.feed(body[i : i + 7])
+    r = a.finish()
+    elapsed = time.perf_counter() - t0
+    assert r.output_chars == 300_000 and r.parse_error is None
+    assert elapsed < 2.0, elapsed  # quadratic re-scanning would take far longer

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["factorize", "DiffEstimate", "stratified_difference"]
+__all__ = ["factorize", "DiffEstimate", "stratified_difference", "stratified_differences"]
 
 
 def factorize(a: np.ndarray) -> tuple[np.ndarray, int]:
@@ -97,6 +97,21 @@ def stratified_difference(
 
     Returns ``None`` when no stratum has both arms.
     """
+    return stratified_differences(y, arm, cl_idx, n_cl, st_idx, n_st, cs=(c,), binary=binary)[0]
+
+
+def stratified_differences(
+    y: np.ndarray,
+    arm: np.ndarray,
+    cl_idx: np.ndarray,
+    n_cl: int,
+    st_idx: np.ndarray,
+    n_st: int,
+    *,
+    cs: tuple[float, ...] = (1.0,),
+    binary: bool = False,
+) -> list[DiffEstimate | None]:
+    """:func:`stratified_difference` for several contrasts ``c`` sharing the grouping work."""
     y = np.asarray(y, dtype=float)
     arm = np.asarray(arm, dtype=np.intp)
     key = st_idx * 2 + arm
@@ -106,45 +121,48 @@ def stratified_difference(
     n0, n1 = n[:, 0], n[:, 1]
     valid = (n0 > 0) & (n1 > 0)
     if not valid.any():
-        return None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(valid, n0 * n1 / (n0 + n1), 0.0)
-        w = w / w.sum()
-        mu = np.where(n > 0, s / np.maximum(n, 1.0), 0.0)
-        theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
-        coef = np.zeros((n_st, 2))
-        coef[:, 0] = np.where(valid, -c * w / np.maximum(n0, 1.0), 0.0)
-        coef[:, 1] = np.where(valid, w / np.maximum(n1, 1.0), 0.0)
-    coef_f = coef.reshape(-1)
-    ci = coef_f[key]
-    psi = ci * (y - mu.reshape(-1)[key])
-    g = np.bincount(cl_idx, weights=psi, minlength=n_cl)
-    used = ci != 0.0
-    in_c = used & (arm == 1)
-    in_b = used & (arm == 0)
+        return [None] * len(cs)
+    w = np.where(valid, n0 * n1 / np.maximum(n0 + n1, 1.0), 0.0)
+    w = w / w.sum()
+    mu = s / np.maximum(n, 1.0)
+    r = y - mu.reshape(-1)[key]
+    valid_row = valid[st_idx]
+    in_c = valid_row & (arm == 1)
+    in_b = valid_row & (arm == 0)
     cnt_c = np.bincount(cl_idx[in_c], minlength=n_cl)
     cnt_b = np.bincount(cl_idx[in_b], minlength=n_cl)
     g_c = int(np.count_nonzero(cnt_c))
     g_b = int(np.count_nonzero(cnt_b))
     g_all = int(np.count_nonzero(cnt_c + cnt_b))
-    var = float(np.dot(g, g))
-    if g_all > 1:
-        var *= g_all / (g_all - 1.0)
-    if binary:
-        pt = (s + 0.5) / (n + 1.0)
-        var_floor = float(np.sum(coef * coef * n * pt * (1.0 - pt)))
-        var = max(var, var_floor)
+    corr = g_all / (g_all - 1.0) if g_all > 1 else 1.0
     n_c_tot = float(n1.sum())
     n_b_tot = float(n0.sum())
     mean_c = float(s[:, 1].sum() / n_c_tot) if n_c_tot > 0 else math.nan
     mean_b = float(s[:, 0].sum() / n_b_tot) if n_b_tot > 0 else math.nan
-    return DiffEstimate(
-        estimate=theta,
-        variance=var,
-        n_canary=int(n1[valid].sum()),
-        n_baseline=int(n0[valid].sum()),
-        clusters_canary=g_c,
-        clusters_baseline=g_b,
-        mean_canary=mean_c,
-        mean_baseline=mean_b,
-    )
+    safe0 = np.maximum(n0, 1.0)
+    safe1 = np.maximum(n1, 1.0)
+    pt = (s + 0.5) / (n + 1.0) if binary else None
+    out: list[DiffEstimate | None] = []
+    for c in cs:
+        theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
+        coef = np.empty((n_st, 2))
+        coef[:, 0] = np.where(valid, -c * w / safe0, 0.0)
+        coef[:, 1] = np.where(valid, w / safe1, 0.0)
+        psi = coef.reshape(-1)[key] * r
+        g = np.bincount(cl_idx, weights=psi, minlength=n_cl)
+        var = float(np.dot(g, g)) * corr
+        if pt is not None:
+            var = max(var, float(np.sum(coef * coef * n * pt * (1.0 - pt))))
+        out.append(
+            DiffEstimate(
+                estimate=theta,
+                variance=var,
+                n_canary=int(n1[valid].sum()),
+                n_baseline=int(n0[valid].sum()),
+                clusters_canary=g_c,
+                clusters_baseline=g_b,
+                mean_canary=mean_c,
+                mean_baseline=mean_b,
+            )
+        )
+    return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .boundaries import one_sided_boundary
+from .boundaries import half_width_table
 
 __all__ = [
     "samples_needed",
@@ -15,10 +15,6 @@ __all__ = [
     "AutoAllowed",
     "auto_allowed",
 ]
-
-
-def _half_width(var: float, tau: float, alpha: float) -> float:
-    return one_sided_boundary(1.0 / var, 1.0 / (tau * tau), alpha) * var
 
 
 def samples_needed(
@@ -72,25 +68,22 @@ def samples_needed(
     if not (tau > 0.0):
         tau = gap
 
-    def ok(n: float) -> bool:
-        return _half_width(v1 / n, tau, alpha) <= gap
-
-    hi = 1.0
-    while not ok(hi):
-        hi *= 2.0
-        if hi > max_n:
-            return None
-    lo = hi / 2.0
-    if hi == 1.0:
+    # half-width of the CS after n canary observations: b~(u)/u * tau with
+    # u = I tau^2 = n tau^2 / v1 (scale-free table, vectorised over n)
+    n_grid = np.exp(np.linspace(0.0, math.log(max_n), 1500))
+    hw = half_width_table(n_grid * tau * tau / v1, alpha) * tau
+    ok = np.nonzero(hw <= gap)[0]
+    if ok.size == 0:
+        return None
+    i = int(ok[0])
+    if i == 0:
         return 1
-    # b(I)/I is decreasing in I over the relevant range: bisection on n.
-    while hi - lo > max(1.0, 1e-4 * hi):
-        mid = 0.5 * (lo + hi)
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return int(math.ceil(hi))
+    # refine between the two grid points (the half-width is decreasing there)
+    lo, hi = float(n_grid[i - 1]), float(n_grid[i])
+    fine = np.linspace(lo, hi, 32)
+    hw_f = half_width_table(fine * tau * tau / v1, alpha) * tau
+    j = int(np.nonzero(hw_f <= gap)[0][0]) if np.any(hw_f <= gap) else fine.size - 1
+    return int(math.ceil(fine[j]))
 
 
 def hours_needed(n_needed: int | None, n_canary_now: int, requests_per_hour: float, share: float) -> float | None:

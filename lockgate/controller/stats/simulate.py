@@ -1,0 +1,160 @@
+"""Synthetic rollout streams for tests and benchmarks (pure: all randomness from the given Generator).
+
+A stream is a dict of equal-length numpy arrays, one row per request, in time
+order: ``ts`` (seconds since rollout start), ``user`` (int cluster key),
+``is_canary``, ``share``, ``stratum`` (stage index), ``error``, ``refusal`` (bool), ``latency_ms``,
+``output_tokens`` (NaN when the request errored: not measured), ``score``
+(evaluator score, NaN when not sampled), ``pred`` / ``label`` (class ids,
+``label`` NaN when never labelled), ``label_ts`` (arrival second, inf = never).
+
+Users are sticky: user ``u`` has a uniform hash ``h_u`` and is routed to the
+canary while ``h_u < share``; as the share grows users move from baseline to
+canary, never back.  Each user has persistent random effects (error/refusal
+propensity, latency, length, score) so that one user's requests are
+correlated.  The baseline may drift (time of day) while the share grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .metrics import MetricSpec
+
+__all__ = ["Effects", "RolloutConfig", "simulate_rollout", "default_specs", "look_times", "prefix", "CLASSES"]
+
+CLASSES = ("billing", "tech", "fraud")  # ids 0, 1, 2; "fraud" is the 10 % minority
+
+
+@dataclass(frozen=True)
+class Effects:
+    """Canary-vs-baseline changes (1.0 / 0.0 = no change)."""
+
+    error_mult: float = 1.0
+    refusal_mult: float = 1.0
+    latency_mult: float = 1.0
+    length_mult: float = 1.0
+    score_shift: float = 0.0
+    minority_recall_shift: float = 0.0
+    majority_recall_shift: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    requests_per_hour: float = 20_000.0
+    stages: tuple[float, ...] = (0.01, 0.05, 0.20, 0.50)
+    hours_per_stage: float = 0.75
+    requests_per_user: float = 8.0  # mean
+    user_activity_shape: float = 0.7  # gamma shape of per-user activity (smaller = heavier users)
+    base_error: float = 0.01
+    base_refusal: float = 0.01
+    error_user_shape: float = 1.0  # gamma shape of per-user error propensity (smaller = more clustered)
+    base_latency_ms: float = 800.0
+    latency_sigma: float = 0.5
+    latency_user_sigma: float = 0.3
+    base_tokens: float = 300.0
+    tokens_sigma: float = 0.6
+    tokens_user_sigma: float = 0.3
+    score_mean: float = 0.70
+    score_sd: float = 0.15
+    score_user_sd: float = 0.05
+    score_sample_rate: float = 0.3
+    drift_amplitude: float = 0.15  # relative diurnal amplitude of baseline error/latency
+    class_probs: tuple[float, float, float] = (0.6, 0.3, 0.1)
+    class_recall: tuple[float, float, float] = (0.92, 0.88, 0.80)
+    label_rate: float = 0.8
+    label_delay_mean_s: float = 1800.0
+
+    @property
+    def hours(self) -> float:
+        return self.hours_per_stage * len(self.stages)
+
+
+def simulate_rollout(rng: np.random.Generator, cfg: RolloutConfig = RolloutConfig(), effects: Effects = Effects()) -> dict[str, np.ndarray]:
+    n = int(cfg.requests_per_hour * cfg.hours)
+    n_users = max(10, int(n / cfg.requests_per_user))
+    t_h = np.sort(rng.uniform(0.0, cfg.hours, n))
+    stage = np.minimum((t_h / cfg.hours_per_stage).astype(np.intp), len(cfg.stages) - 1)
+    share = np.asarray(cfg.stages, dtype=float)[stage]
+    activity = rng.gamma(cfg.user_activity_shape, 1.0, n_users)
+    activity /= activity.sum()
+    user = rng.choice(n_users, size=n, p=activity)
+    h_u = rng.uniform(0.0, 1.0, n_users)
+    is_c = h_u[user] < share
+
+    drift = 1.0 + cfg.drift_amplitude * np.sin(2 * np.pi * (t_h / 24.0 + rng.uniform()))
+    k = cfg.error_user_shape
+    err_u = rng.gamma(k, 1.0 / k, n_users)
+    ref_u = rng.gamma(k, 1.0 / k, n_users)
+    p_err = np.clip(cfg.base_error * err_u[user] * drift * np.where(is_c, effects.error_mult, 1.0), 0, 1)
+    p_ref = np.clip(cfg.base_refusal * ref_u[user] * np.where(is_c, effects.refusal_mult, 1.0), 0, 1)
+    error = rng.random(n) < p_err
+    refusal = (rng.random(n) < p_ref) & ~error
+
+    lat_u = rng.normal(0.0, cfg.latency_user_sigma, n_users)
+    latency = cfg.base_latency_ms * drift * np.exp(lat_u[user] + rng.normal(0.0, cfg.latency_sigma, n)) * np.where(
+        is_c, effects.latency_mult, 1.0
+    )
+    latency[error] = np.nan
+    tok_u = rng.normal(0.0, cfg.tokens_user_sigma, n_users)
+    tokens = np.round(cfg.base_tokens * np.exp(tok_u[user] + rng.normal(0.0, cfg.tokens_sigma, n)) * np.where(is_c, effects.length_mult, 1.0))
+    tokens[error | refusal] = np.nan
+    sc_u = rng.normal(0.0, cfg.score_user_sd, n_users)
+    score = cfg.score_mean + sc_u[user] + rng.normal(0.0, cfg.score_sd, n) + np.where(is_c, effects.score_shift, 0.0)
+    score[(rng.random(n) >= cfg.score_sample_rate) | error] = np.nan
+
+    probs = np.asarray(cfg.class_probs)
+    true = rng.choice(3, size=n, p=probs / probs.sum())
+    recall = np.asarray(cfg.class_recall, dtype=float)
+    rec = recall[true] + np.where(is_c, np.where(true == 2, effects.minority_recall_shift, effects.majority_recall_shift), 0.0)
+    correct = rng.random(n) < np.clip(rec, 0, 1)
+    other = (true + rng.integers(1, 3, n)) % 3
+    pred = np.where(correct, true, other)
+    labelled = rng.random(n) < cfg.label_rate
+    ts = t_h * 3600.0
+    label_ts = np.where(labelled, ts + rng.exponential(cfg.label_delay_mean_s, n), np.inf)
+    label = np.where(labelled, true.astype(float), np.nan)
+    return {
+        "ts": ts,
+        "user": user,
+        "cluster": user,
+        "is_canary": is_c,
+        "share": share,
+        "stratum": stage,
+        "error": error,
+        "refusal": refusal,
+        "latency_ms": latency,
+        "output_tokens": tokens,
+        "score": score,
+        "pred": pred,
+        "label": label,
+        "label_ts": label_ts,
+        "true_class": true,
+    }
+
+
+def default_specs(*, with_classes: bool = False) -> list[MetricSpec]:
+    """The gating metrics used by tests and the benchmark."""
+    specs = [
+        MetricSpec("error_rate", "rate", "increase", allowed=0.5, allowed_mode="relative", column="error"),
+        MetricSpec("refusal_rate", "rate", "increase", allowed=0.5, allowed_mode="relative", column="refusal"),
+        MetricSpec("latency_p95", "quantile", "increase", allowed=0.10, allowed_mode="relative", quantile=0.95,
+                   column="latency_ms", unit="ms"),
+        MetricSpec("output_tokens", "mean", "increase", allowed=0.10, allowed_mode="relative"),
+        MetricSpec("score", "mean", "decrease", allowed=0.02, allowed_mode="absolute"),
+    ]
+    if with_classes:
+        specs.append(MetricSpec("recall_fraud", "class_recall", "decrease", allowed=0.01, cls=2, column="pred"))
+    return specs
+
+
+def look_times(cfg: RolloutConfig, n_looks: int) -> np.ndarray:
+    """Evenly spaced look times (seconds), the last one at the end of the rollout."""
+    return np.linspace(cfg.hours * 3600.0 / n_looks, cfg.hours * 3600.0, n_looks)
+
+
+def prefix(stream: dict[str, np.ndarray], t_s: float) -> dict[str, np.ndarray]:
+    """Rows with ``ts <= t_s`` (streams are time ordered)."""
+    m = int(np.searchsorted(stream["ts"], t_s, side="right"))
+    return {k: v[:m] for k, v in stream.items()}

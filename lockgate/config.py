@@ -261,6 +261,8 @@ def _model(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector,
             errors.add(vpath + ("endpoints",), "must list at least one endpoint")
         versions[vname] = ModelVersion(vname, tuple(e for e in eps if e is not None))
     vmap.finish()
+    if "versions" in f.data and isinstance(vmap.data, dict) and not vmap.data:
+        errors.add(path + ("versions",), "must list at least one version")
     if vmap.data and stable and stable not in versions:
         errors.add(path + ("stable",), f"{stable!r} is not one of the versions ({', '.join(versions)})")
     keys = _key_sources(f, "sticky_keys", errors) or default_keys

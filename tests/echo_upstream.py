@@ -24,6 +24,8 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+        wbufsize = 65536  # one send per response (flushed by BaseHTTPRequestHandler)
 
         def _answer(self) -> None:
             arrived = time.time()

@@ -172,10 +172,10 @@ class WeightService:
                     env.ack_ms = max(0.0, (stream.types[ROUTE_TYPE].acked_at - t0) * 1000)
             if outcome != "acked":
                 not_acked.append(f"{node} ({outcome})")
-        all_acked = not not_acked
-        if all_acked and results:
-            elapsed_ms = max(env.ack_ms for env in state.envoys if env.ack_ms) if any(
-                env.ack_ms for env in state.envoys) else elapsed_ms
+        all_acked = bool(results) and not not_acked
+        ack_times = [env.ack_ms for env in state.envoys if env.ack_ms]
+        if all_acked and ack_times:
+            elapsed_ms = max(ack_times)  # push → last ACK
         log.info("%s: %s %s → %s %.2f%% (%s) by %s; %d/%d Envoys ACKed in %.1f ms", model_name,
                  previous.canary, previous.weight_bp / 100, new.canary, new.weight_bp / 100, reason, actor,
                  len(results) - len(not_acked), len(results), elapsed_ms)

@@ -1,0 +1,100 @@
+"""Sticky-key policy and the pure xDS resource builder."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, strategies as st
+
+from lockgate.config import KeySource, config_from_text
+from lockgate.extproc import keys
+from lockgate.xds.resources import (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, TOTAL_WEIGHT,
+                                    CanaryWeight, build_resources, parse_cluster_name)
+
+CFG = config_from_text("""
+qa_override: {token: "0123456789abcdef-token"}
+sticky_keys: [{header: x-user-id}, {cookie: sid}, {client_ip: {}}]
+models:
+  - {name: chat, match: {path_prefix: /v1/chat}, stable: v1,
+     versions: {v1: {endpoints: ["127.0.0.1:1"]}, v2: {endpoints: ["127.0.0.1:2"]}}}
+  - {name: cls, stable: a, sticky_keys: [{header: x-s}],
+     versions: {a: {endpoints: ["127.0.0.1:3"]}, b: {endpoints: ["127.0.0.1:4"]}}}
+""")
+
+token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", min_size=1, max_size=20)
+
+
+@given(before=st.lists(st.tuples(token, token), max_size=3), value=token,
+       after=st.lists(st.tuples(token, token), max_size=3))
+def test_cookie_regex_extracts_the_named_cookie(before, value, after):
+    before = [(n, v) for n, v in before if n != "sid"]
+    after = [(n, v) for n, v in after if n != "sid"]
+    header = "; ".join(f"{n}={v}" for n, v in before + [("sid", value)] + after)
+    m = re.fullmatch(keys._cookie_value_regex("sid"), header)
+    assert m and m.group(1) == value
+    assert keys.extract_key((KeySource("cookie", "sid"),), {"cookie": header}) == ("cookie sid", value)
+
+
+@given(st.lists(st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}\Z"), min_size=1, max_size=4), st.integers(0, 2))
+def test_xff_regex_takes_the_trusted_entry(addresses, hops):
+    xff = ", ".join(addresses)
+    m = re.fullmatch(keys._xff_client_regex(hops), xff)
+    if hops < len(addresses):
+        assert m and m.group(1) == addresses[-1 - hops]
+        assert keys.extract_key((KeySource("client_ip", trusted_hops=hops),), {"x-forwarded-for": xff})[1] == \
+            addresses[-1 - hops]
+
+
+def test_extract_key_order():
+    src = (KeySource("header", "x-user-id"), KeySource("cookie", "sid"), KeySource("client_ip"))
+    assert keys.extract_key(src, {"x-user-id": "u1", "cookie": "sid=s", "x-forwarded-for": "1.2.3.4"}) == \
+        ("header x-user-id", "u1")
+    assert keys.extract_key(src, {"cookie": "a=b; sid=s", "x-forwarded-for": "1.2.3.4"}) == ("cookie sid", "s")
+    assert keys.extract_key(src, {"cookie": "a=b", "x-forwarded-for": "1.2.3.4"}) == ("client_ip", "1.2.3.4")
+    assert keys.extract_key(src[:1], {}) is None
+
+
+def test_hash_key_is_keyed_and_stable():
+    a = keys.hash_key("alice", b"secret-1")
+    assert a == keys.hash_key("alice", b"secret-1") and len(a) == 16
+    assert a != keys.hash_key("alice", b"secret-2") and "alice" not in a
+
+
+def routes(weights):
+    rc = build_resources(CFG, weights)[ROUTE_TYPE]["lockgate"]
+    return {r.name: r for r in rc.virtual_hosts[0].routes}, rc
+
+
+def test_canary_first_total_fixed_and_salted_per_canary():
+    rs, rc = routes({"chat": CanaryWeight("v2", 1234)})
+    split = rs["chat/key/0"].route.weighted_clusters
+    assert [(c.name, c.weight.value) for c in split.clusters] == [("chat.v2", 1234), ("chat.v1", TOTAL_WEIGHT - 1234)]
+    assert split.use_hash_policy.value
+    hp = rs["chat/key/0"].route.hash_policy[0]
+    assert hp.header.header_name == "x-user-id" and hp.terminal
+    assert hp.header.regex_rewrite.substitution.startswith("lockgate:chat:v2|")
+    # key routes in the configured order, then the model without a canary routes to stable only
+    assert [n for n in rs if n.startswith("chat/key")] == ["chat/key/0", "chat/key/1", "chat/key/2"]
+    assert rs["chat/key/1"].match.headers[0].name == "cookie"
+    assert rs["chat/key/2"].route.hash_policy[0].header.header_name == "x-forwarded-for"
+    assert [(c.name, c.weight.value) for c in rs["cls/key/0"].route.weighted_clusters.clusters] == [("cls.a", 10000)]
+    assert "cls/key/none" in rs  # no client_ip source: a keyless request is still routed by weight
+    # QA routes need the exact token and strip both headers
+    qa = rs["chat/qa/v2"]
+    assert {h.name: h.string_match.exact for h in qa.match.headers} == {
+        "x-lockgate-qa-token": "0123456789abcdef-token", "x-lockgate-version": "v2"}
+    assert set(rc.virtual_hosts[0].request_headers_to_remove) == {"x-lockgate-qa-token", "x-lockgate-version"}
+
+
+def test_weight_change_touches_routes_only():
+    a = build_resources(CFG, {"chat": CanaryWeight("v2", 100)})
+    b = build_resources(CFG, {"chat": CanaryWeight("v2", 500)})
+    for t in (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE):
+        assert a[t] == b[t]
+    assert a[ROUTE_TYPE] != b[ROUTE_TYPE]
+    assert sorted(a[CLUSTER_TYPE]) == ["chat.v1", "chat.v2", "cls.a", "cls.b"]
+
+
+def test_parse_cluster_name():
+    assert parse_cluster_name("chat.v2") == ("chat", "v2")
+    assert parse_cluster_name("lockgate_extproc") is None

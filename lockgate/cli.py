@@ -167,6 +167,49 @@ def cmd_extproc(args) -> int:
     return 0
 
 
+def cmd_controller(args) -> int:
+    from lockgate.controller.service import ControllerStartError, serve
+
+    config = _load(args)
+    try:
+        return asyncio.run(serve(config))
+    except ControllerStartError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_observations_export(args) -> int:
+    from lockgate.controller.export import export_jsonl, parse_time
+    from lockgate.controller.observations import ObservationStore
+
+    try:
+        since = parse_time(args.since) if args.since is not None else None
+        until = parse_time(args.until) if args.until is not None else None
+    except ValueError as exc:
+        raise CliError(f"--since/--until: {exc}") from None
+    config = _load(args)
+    path = config.observations_db_path
+    try:
+        store = ObservationStore(path, read_only=True)
+    except FileNotFoundError:
+        raise CliError(f"no observations recorded yet ({path} does not exist; is `lockgate controller` running?)") \
+            from None
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        n = export_jsonl(store, out, args.model, since, until, args.version or None,
+                         include_replay=not args.no_replay)
+        out.flush()
+    except BrokenPipeError:  # `... | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        if args.output:
+            out.close()
+        store.close()
+    print(f"lockgate: exported {n} observations of {args.model}", file=sys.stderr)
+    return 0
+
+
 def cmd_up(args) -> int:
     from lockgate.supervisor import Supervisor
 
@@ -197,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("xds", cmd_xds, "run the xDS server (and control API) alone")
     add("extproc", cmd_extproc, "run the ext_proc server alone")
     add("check-config", cmd_validate_config, "validate lockgate.yaml")
+    add("controller", cmd_controller, "run the controller: observation collector, feedback API, metrics")
+    sp = add("observations", None, "observations recorded by the controller")
+    osub = sp.add_subparsers(dest="observations_cmd", required=True)
+    ex = osub.add_parser("export", help="write a model's observations (with labels) as JSON lines")
+    ex.set_defaults(fn=cmd_observations_export)
+    ex.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--since", help="epoch seconds or ISO 8601 (UTC if no offset); inclusive")
+    ex.add_argument("--until", help="epoch seconds or ISO 8601 (UTC if no offset); exclusive")
+    ex.add_argument("--version", action="append", help="only this version (repeatable)")
+    ex.add_argument("--no-replay", action="store_true", help="leave out replay observations")
+    ex.add_argument("-o", "--output", help="file to write (default: stdout)")
     sp = add("weights", cmd_weights, "desired canary weight and each Envoy's ACKed one")
     sp.add_argument("model", nargs="?")
     sp.add_argument("--json", action="store_true")

@@ -103,6 +103,66 @@ class Model:
 
 
 @dataclass(frozen=True)
+class ControllerConfig:
+    """The controller process (``lockgate controller``): observation collector (gRPC, ``address``),
+    feedback + metrics HTTP API (``http``), and how long observations are kept."""
+
+    address: Address = Address("127.0.0.1", 18020)
+    http: Address = Address("127.0.0.1", 18021)
+    retention_days: float = 30.0
+    prune_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What the ext_proc server captures from each response and how it ships observations.
+
+    ``refusal_patterns`` None = the analyzers' built-in list; ``extra_refusal_patterns`` are added
+    to whichever list is in force. ``queue_size`` bounds observations waiting for the controller
+    (beyond it they are dropped and counted); ``batch_size`` is the most sent in one call."""
+
+    max_body_bytes: int = 1 << 20
+    refusal_patterns: tuple[str, ...] | None = None
+    extra_refusal_patterns: tuple[str, ...] = ()
+    queue_size: int = 100_000
+    batch_size: int = 500
+    flush_interval_s: float = 0.2
+
+
+def _capture(f: Fields) -> CaptureConfig:
+    d = CaptureConfig()
+    if "capture" not in f.data:
+        f.raw("capture")
+        return d
+    sub = f.sub("capture")
+    max_body = sub.int("max_body_bytes", d.max_body_bytes, min=0, max=1 << 30)
+    lists = {}
+    for key in ("refusal_patterns", "extra_refusal_patterns"):
+        if key not in sub.data:
+            sub.raw(key)
+            continue
+        pats = []
+        for path, item in sub.list(key):
+            if not isinstance(item, str):
+                sub.errors.add(path, "must be a regular expression string")
+                continue
+            try:
+                re.compile(item)
+            except re.error as exc:
+                sub.errors.add(path, f"invalid regular expression: {exc}")
+                continue
+            pats.append(item)
+        lists[key] = tuple(pats)
+    queue = sub.int("queue_size", d.queue_size, min=1, max=10_000_000)
+    batch = sub.int("batch_size", d.batch_size, min=1, max=100_000)
+    flush = sub.float("flush_interval_s", d.flush_interval_s, min=0.001, max=60.0)
+    sub.finish()
+    return CaptureConfig(max_body if max_body is not None else d.max_body_bytes, lists.get("refusal_patterns"),
+                         lists.get("extra_refusal_patterns", ()), queue or d.queue_size, batch or d.batch_size,
+                         flush or d.flush_interval_s)
+
+
+@dataclass(frozen=True)
 class LockgateConfig:
     source: str
     node_id: str
@@ -116,6 +176,8 @@ class LockgateConfig:
     state_dir: Path
     qa_override: QAOverride | None
     models: tuple[Model, ...] = field(default_factory=tuple)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     def model(self, name: str) -> Model:
         for m in self.models:
@@ -126,6 +188,10 @@ class LockgateConfig:
     @property
     def db_path(self) -> Path:
         return self.state_dir / "lockgate.db"
+
+    @property
+    def observations_db_path(self) -> Path:
+        return self.state_dir / "observations.db"
 
 
 DEFAULT_KEYS = (KeySource("header", "x-user-id"), KeySource("client_ip"))
@@ -142,6 +208,33 @@ def _address(f: Fields, key: str, default_port: int) -> Address:
             f.errors.add(sub.path + ("address",), f"must be an IP address, got {host!r}")
     sub.finish()
     return Address(host, port)
+
+
+def _host_port(f: Fields, key: str, default: Address) -> Address:
+    """``key: "host:port"`` (or ``{address: HOST, port: PORT}``, like the top-level sections)."""
+    if key not in f.data:
+        f.raw(key)
+        return default
+    value = f.raw(key)
+    if isinstance(value, dict):
+        return _address(f, key, default.port)
+    addr = _endpoint(value, f.path + (key,), f.errors)
+    return addr if addr is not None else default
+
+
+def _controller(f: Fields) -> ControllerConfig:
+    d = ControllerConfig()
+    if "controller" not in f.data:
+        f.raw("controller")
+        return d
+    sub = f.sub("controller")
+    address = _host_port(sub, "address", d.address)
+    http = _host_port(sub, "http", d.http)
+    retention = sub.float("retention_days", d.retention_days, min=0.0001, max=36500.0)
+    prune = sub.float("prune_interval_s", d.prune_interval_s, min=0.1, max=86400.0)
+    sub.finish()
+    return ControllerConfig(address, http, d.retention_days if retention is None else retention,
+                            d.prune_interval_s if prune is None else prune)
 
 
 def _endpoint(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> Address | None:
@@ -292,6 +385,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
         state_dir = (base_dir / state_dir).resolve()
     default_keys = _key_sources(f, "sticky_keys", errors) or DEFAULT_KEYS
     qa = _qa(f, errors)
+    controller = _controller(f)
+    capture = _capture(f)
     models: list[Model] = []
     for path, item in f.list("models", required=True):
         model = _model(item, path, errors, default_keys)
@@ -307,13 +402,15 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
         seen[model.name] = i
     ports: dict[tuple[str, int], str] = {}
     for label, addr in (("listener", listener), ("admin", admin), ("xds", xds), ("control", control),
-                        ("extproc", extproc), ("extproc_metrics", extproc_metrics)):
+                        ("extproc", extproc), ("extproc_metrics", extproc_metrics),
+                        ("controller.address", controller.address), ("controller.http", controller.http)):
         if (addr.host, addr.port) in ports:
-            errors.add((label, "port"), f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
+            errors.add(tuple(label.split(".")) + (() if label.startswith("controller.") else ("port",)),
+                       f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
         ports[(addr.host, addr.port)] = label
     errors.raise_if_any()
-    return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout, state_dir, qa,
-                          tuple(models))
+    return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
+                          state_dir, qa, tuple(models), controller, capture)
 
 
 def load_config(path: str | Path) -> LockgateConfig:
@@ -327,5 +424,5 @@ def config_from_text(text: str, source: str = "<string>", base_dir: Path | None 
     return parse_config(data, smap, source, base_dir or Path.cwd())
 
 
-__all__ = ["Address", "ConfigError", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
+__all__ = ["Address", "ConfigError", "ControllerConfig", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
            "QAOverride", "load_config", "config_from_text"]

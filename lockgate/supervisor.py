@@ -1,7 +1,8 @@
-"""``lockgate up``: run Envoy, the ext_proc server and the xDS server together until told to stop.
+"""``lockgate up``: run the controller, the xDS server, the ext_proc server and Envoy until told to stop.
 
 Each component is a child process with its output in ``<state_dir>/logs/<name>.log``. Start order is
-xDS (weights loaded from SQLite) → ext_proc → Envoy, each awaited until ready. A component that
+controller (observation store) → xDS (weights loaded from SQLite) → ext_proc → Envoy, each awaited
+until ready. A component that
 dies is restarted after a short back-off (traffic keeps flowing meanwhile: Envoy keeps its config
 without xDS and skips a dead ext_proc). SIGINT/SIGTERM stops all three: Envoy first, then the rest.
 """
@@ -80,6 +81,7 @@ def components(config: LockgateConfig, config_path: str) -> list[Component]:
     bootstrap.write_text(render_bootstrap(config))
     py = [sys.executable, "-m", "lockgate", "-c", config_path]
     return [
+        Component("controller", py + ["controller"], logs / "controller.log"),
         Component("xds", py + ["xds"], logs / "xds.log"),
         Component("extproc", py + ["extproc"], logs / "extproc.log"),
         Component("envoy", envoy_command(bootstrap), logs / "envoy.log", ready_url=f"http://{config.admin}/ready"),
@@ -137,6 +139,6 @@ class Supervisor:
         finally:
             for comp in reversed(self.comps):
                 comp.stop()
-            self.say("stopped envoy, extproc and xds")
+            self.say("stopped " + ", ".join(c.name for c in reversed(self.comps)))
             for s, h in old.items():
                 signal.signal(s, h)

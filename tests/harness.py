@@ -167,7 +167,8 @@ class Fleet:
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ports = {k: free_port() for k in ("listener", "xds", "control", "extproc", "extproc_metrics")}
+        self.ports = {k: free_port() for k in ("listener", "xds", "control", "extproc", "extproc_metrics",
+                                               "controller", "controller_http")}
         self.admin_ports = [free_port() for _ in range(self.n_envoys)]
         cfg = {
             "node_id": "envoy-0",
@@ -177,6 +178,8 @@ class Fleet:
             "control": {"port": self.ports["control"]},
             "extproc": {"port": self.ports["extproc"]},
             "extproc_metrics": {"port": self.ports["extproc_metrics"]},
+            "controller": {"address": f"127.0.0.1:{self.ports['controller']}",
+                           "http": f"127.0.0.1:{self.ports['controller_http']}"},
             "state_dir": str(self.tmp / "state"),
             "models": self.models,
         }
@@ -238,7 +241,7 @@ class Fleet:
             return r.read().decode()
 
     def route_weights(self, i: int = 0) -> dict[str, list[tuple[str, int]]]:
-        """Route name → [(cluster, weight)] from Envoy's live config dump."""
+        """Route name (without its ``?canary=…`` suffix) → [(cluster, weight)] from Envoy's live config dump."""
         dump = json.loads(self.admin(i, "/config_dump?resource=dynamic_route_configs"))
         out = {}
         for cfg in dump.get("configs", []):
@@ -246,7 +249,7 @@ class Fleet:
                 for route in vh.get("routes", []):
                     wc = route.get("route", {}).get("weighted_clusters")
                     if wc:
-                        out[route["name"]] = [(c["name"], int(c.get("weight", 0))) for c in wc["clusters"]]
+                        out[route["name"].partition("?")[0]] = [(c["name"], int(c.get("weight", 0))) for c in wc["clusters"]]
         return out
 
     def stat(self, i: int, name: str) -> int | None:

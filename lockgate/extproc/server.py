@@ -1,82 +1,171 @@
 """``lockgate extproc``: the ext_proc gRPC server beside each Envoy.
 
-It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`),
+It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`)
 and Envoy runs it with ``failure_mode_allow``: if this process dies, requests flow, split and sticky.
-Per response it reads what Envoy actually routed (``xds.cluster_name`` and ``xds.route_name``
-response attributes) and counts it; it never mutates a request or a response.
+Envoy sends it response headers (with attributes naming what it routed) and the response body in
+STREAMED chunks; every message is answered "continue unchanged" *before* any analysis runs, so
+the client gets byte-identical responses and streamed tokens are not held back. Each response
+becomes one :class:`Observation`, shipped in batches to the controller (:mod:`.shipper`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
+from pathlib import Path
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from lockgate.config import LockgateConfig
-from lockgate.xds.resources import parse_cluster_name
+from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config
+from lockgate.extproc.shipper import ObservationShipper
+from lockgate.proto.v1 import observations_pb2 as obs_pb2
+from lockgate.xds.resources import key_headers
 
 log = logging.getLogger("lockgate.extproc")
-ATTR_NS = "envoy.filters.http.ext_proc"
 
 _CONTINUE_RESPONSE_HEADERS = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
 _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+_CONTINUE_RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+MAX_CLASS_LABELS = 64  #: distinct predicted-class label values per model on /metrics; beyond: "other"
+LATENCY_BUCKETS_S = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class RoutedCounter:
-    """Responses per (model, version, role, path): what Envoy routed, as Prometheus counters."""
+def load_key_secret(state_dir: Path) -> bytes:
+    """Secret for hashing sticky keys (shared by every ext_proc process on this state dir)."""
+    path = state_dir / "user-key.secret"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path.read_bytes()
 
-    def __init__(self, config: LockgateConfig, registry: CollectorRegistry):
-        self.stable = {m.name: m.stable for m in config.models}
-        self.counter = Counter("lockgate_routed_responses", "Responses by the model version Envoy routed to",
-                               ["model", "version", "role", "path"], registry=registry)
 
-    def record(self, cluster_name: str, route_name: str) -> tuple[str, str, str] | None:
-        parsed = parse_cluster_name(cluster_name)
-        if parsed is None:
-            return None
-        model, version = parsed
-        role = "baseline" if self.stable.get(model) == version else "canary"
-        path = "qa" if "/qa/" in route_name else "sticky"
-        self.counter.labels(model, version, role, path).inc()
-        return model, version, role
+class CaptureMetrics:
+    """Prometheus series of what passed, by model/version/role (no per-user labels)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        labels = ["model", "version", "role"]
+        self.requests = Counter("lockgate_requests", "Responses seen", labels + ["code_class"], registry=registry)
+        self.latency = Histogram("lockgate_request_duration_seconds", "Request start to end of response body",
+                                 labels, buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.ttfb = Histogram("lockgate_ttfb_seconds", "Request start to response headers (time to first byte/token)",
+                              labels, buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.tokens = Counter("lockgate_output_tokens", "Output tokens (reported or estimated)", labels,
+                              registry=registry)
+        self.refusals = Counter("lockgate_refusals", "Responses classified as refusals", labels, registry=registry)
+        self.classes = Counter("lockgate_predicted_class", "Classifier predictions", labels + ["class"],
+                               registry=registry)
+        self.parse_errors = Counter("lockgate_capture_parse_errors", "Bodies that could not be analysed",
+                                    labels + ["error"], registry=registry)
+        self.dropped = Counter("lockgate_observations_dropped", "Observations dropped (queue full or unsent)",
+                               registry=registry)
+        self.shipped = Counter("lockgate_observations_shipped", "Observations delivered to the controller",
+                               registry=registry)
+        self.queued = Gauge("lockgate_observations_queued", "Observations waiting for the controller",
+                            registry=registry)
+        self._seen_classes: dict[str, set[str]] = {}
+
+    def record(self, o: obs_pb2.Observation) -> None:
+        lv = (o.model, o.version, o.role)
+        self.requests.labels(*lv, f"{o.status_code // 100}xx").inc()
+        if o.HasField("duration_ms"):
+            self.latency.labels(*lv).observe(o.duration_ms / 1000)
+        if o.HasField("ttfb_ms"):
+            self.ttfb.labels(*lv).observe(o.ttfb_ms / 1000)
+        if o.HasField("output_tokens"):
+            self.tokens.labels(*lv).inc(o.output_tokens)
+        if o.HasField("refusal") and o.refusal:
+            self.refusals.labels(*lv).inc()
+        if o.predicted_class:
+            seen = self._seen_classes.setdefault(o.model, set())
+            cls = o.predicted_class
+            if cls not in seen:
+                if len(seen) >= MAX_CLASS_LABELS:
+                    cls = "other"
+                else:
+                    seen.add(cls)
+            self.classes.labels(*lv, cls).inc()
+        if o.parse_error:
+            self.parse_errors.labels(*lv, o.parse_error).inc()
 
 
 class ExtProcServer(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, config: LockgateConfig, registry: CollectorRegistry):
-        self.routed = RoutedCounter(config, registry)
+    def __init__(self, config: LockgateConfig, shipper: ObservationShipper, metrics: CaptureMetrics):
+        self.models = {m.name: m for m in config.models}
+        self.analyzer_cfg = analyzer_config(config)
+        self.key_secret = load_key_secret(config.state_dir)
+        self.header_names = key_headers(config)
+        self.shipper = shipper
+        self.metrics = metrics
+
+    def _done(self, cap: ResponseCapture, end_of_stream: bool) -> None:
+        obs = cap.finish(time.time(), end_of_stream)
+        self.shipper.offer(obs)
+        self.metrics.record(obs)
 
     async def Process(self, request_iterator, context):
-        async for req in request_iterator:
-            which = req.WhichOneof("request")
-            if which == "response_headers":
-                attrs = req.attributes.get(ATTR_NS)
-                if attrs is not None:
-                    fields = attrs.fields
-                    self.routed.record(fields["xds.cluster_name"].string_value if "xds.cluster_name" in fields
-                                       else "", fields["xds.route_name"].string_value if "xds.route_name" in fields
-                                       else "")
-                yield _CONTINUE_RESPONSE_HEADERS
-            elif which == "request_headers":
-                yield _CONTINUE_REQUEST_HEADERS
-            elif which == "response_body":
-                yield _CONTINUE_RESPONSE_BODY
-            else:  # trailers / request body: not requested by lockgate's processing mode
-                log.debug("unexpected ext_proc message %s", which)
+        cap: ResponseCapture | None = None
+        try:
+            async for req in request_iterator:
+                which = req.WhichOneof("request")
+                if which == "response_body":
+                    yield _CONTINUE_RESPONSE_BODY  # answer first: the chunk goes on to the client now
+                    if cap is not None:
+                        body = req.response_body
+                        cap.feed(body.body)
+                        if body.end_of_stream:
+                            self._done(cap, True)
+                            cap = None
+                elif which == "response_headers":
+                    yield _CONTINUE_RESPONSE_HEADERS
+                    try:
+                        cap = ResponseCapture.start(req.response_headers, req.attributes.get(ATTR_NS), time.time(),
+                                                    self.models, self.analyzer_cfg, self.key_secret,
+                                                    self.header_names)
+                    except Exception:  # never let capture break the stream
+                        log.exception("capture failed to start")
+                        cap = None
+                    if cap is not None and req.response_headers.end_of_stream:
+                        self._done(cap, True)
+                        cap = None
+                elif which == "request_headers":
+                    yield _CONTINUE_REQUEST_HEADERS
+                elif which == "response_trailers":
+                    yield _CONTINUE_RESPONSE_TRAILERS
+                    if cap is not None:
+                        self._done(cap, True)
+                        cap = None
+                else:
+                    log.debug("unexpected ext_proc message %s", which)
+        finally:
+            if cap is not None:  # client went away mid-body: keep what was seen, marked incomplete
+                self._done(cap, False)
 
 
 async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> None:
     registry = CollectorRegistry()
+    metrics = CaptureMetrics(registry)
+    cap = config.capture
+    shipper = ObservationShipper(str(config.controller.address), cap.queue_size, cap.batch_size,
+                                 cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc)
+    metrics.queued.set_function(lambda: len(shipper.queue))
     server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, registry), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, shipper, metrics), server)
     server.add_insecure_port(str(config.extproc))
     await server.start()
+    shipper.start()
     start_http_server(config.extproc_metrics.port, addr=config.extproc_metrics.host, registry=registry)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,6 +174,8 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> No
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    print(f"ready extproc={config.extproc} metrics={config.extproc_metrics}", flush=True)
+    print(f"ready extproc={config.extproc} metrics={config.extproc_metrics} "
+          f"controller={config.controller.address}", flush=True)
     await stop.wait()
     await server.stop(0.5)
+    await shipper.close()

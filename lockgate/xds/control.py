@@ -82,6 +82,7 @@ class WeightService:
         w = self.weights[name]
         snap = self.cache.snapshot
         out = control_pb2.ModelWeights(model=name, stable=model.stable, canary=w.canary or "", weight_bp=w.weight_bp,
+                                       stage=w.stage,
                                        versions=list(model.versions),
                                        xds_version=str(snap.type_versions[ROUTE_TYPE]))
         for node_id, stream in sorted(self.registry.latest_by_node().items()):
@@ -109,7 +110,7 @@ class WeightService:
 
     # ----- writes -----
     async def set_weight(self, model_name: str, version: str, weight_bp: int, *, actor: str, reason: str,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
+                         timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "") -> control_pb2.SetWeightResponse:
         model = self._model(model_name)
         if version not in model.versions:
             raise WeightError(f"model {model_name!r} has no version {version!r} "
@@ -124,14 +125,15 @@ class WeightService:
                 raise WeightError(
                     f"model {model_name!r} already has canary {current.canary!r} at {current.weight_bp / 100:g}%; "
                     f"roll it back first", grpc.StatusCode.FAILED_PRECONDITION)
-            return await self._apply(model_name, CanaryWeight(version, weight_bp), actor, reason, timeout_s)
+            return await self._apply(model_name, CanaryWeight(version, weight_bp, stage), actor, reason, timeout_s)
 
     async def rollback(self, model_name: str, *, actor: str, reason: str,
                        timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
         self._model(model_name)
         async with self._lock:
             current = self.weights[model_name]
-            return await self._apply(model_name, CanaryWeight(current.canary, 0), actor, reason, timeout_s)
+            return await self._apply(model_name, CanaryWeight(current.canary, 0, current.stage), actor, reason,
+                                     timeout_s)
 
     async def drill(self, model_name: str, *, actor: str, timeout_s: float = DEFAULT_TIMEOUT_S
                     ) -> control_pb2.SetWeightResponse:
@@ -211,7 +213,8 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
     async def SetWeight(self, request, context):
         return await self._guard(context, self.service.set_weight(
             request.model, request.version, request.weight_bp, actor=request.actor or "unknown",
-            reason=request.reason or "set-weight", timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
+            reason=request.reason or "set-weight", timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S,
+            stage=request.stage))
 
     async def Rollback(self, request, context):
         return await self._guard(context, self.service.rollback(

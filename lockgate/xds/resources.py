@@ -5,14 +5,17 @@ weights only; the ADS server streams what it returns. Names:
 
 * listener ``lockgate``; route configuration ``lockgate``;
 * one EDS cluster per model version, ``<model>.<version>`` (see :meth:`Model.cluster_name`);
-* route names ``<model>/qa/<version>`` (QA override) and ``<model>/key/<i>`` (sticky key source i),
-  so the ext_proc server can tell model and routing path from ``xds.route_name``.
+* route names ``<model>/qa/<version>`` (QA override) and
+  ``<model>/key/<i>?canary=<v>&w=<bp>&stage=<s>`` (sticky key source i, with the split it carries),
+  so the ext_proc server learns from ``xds.route_name`` which model, path, canary weight and stage
+  routed each request — exactly, not from a poll (see :func:`parse_route_name`).
 
 Every model's split lists the canary first with the total fixed at :data:`TOTAL_WEIGHT`.
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
@@ -46,17 +49,17 @@ LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
 
-#: Attributes Envoy attaches to the response-headers message sent to the ext_proc server.
-EXTPROC_RESPONSE_ATTRIBUTES = ("xds.cluster_name", "xds.route_name", "request.id", "response.code",
-                               "request.time", "upstream.address")
 
 
 @dataclass(frozen=True)
 class CanaryWeight:
-    """Desired split of one model: ``weight_bp`` of :data:`TOTAL_WEIGHT` to ``canary`` (None: no canary)."""
+    """Desired split of one model: ``weight_bp`` of :data:`TOTAL_WEIGHT` to ``canary`` (None: no canary).
+
+    ``stage`` labels the rollout stage that asked for this weight ("" when set by hand)."""
 
     canary: str | None
     weight_bp: int
+    stage: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_bp <= TOTAL_WEIGHT:
@@ -82,6 +85,25 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
+def key_headers(config: LockgateConfig) -> list[str]:
+    """Request headers the sticky-key policy of any model reads."""
+    names: list[str] = []
+    for model in config.models:
+        for source in model.sticky_keys:
+            name = {"header": source.name, "cookie": "cookie"}.get(source.kind, "x-forwarded-for")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def response_attributes(config: LockgateConfig) -> list[str]:
+    """Attributes Envoy attaches to the response-headers message sent to lockgate's ext_proc: who
+    served the request (cluster, route), its id, start time, size, upstream host, and the request
+    headers the sticky-key policy reads (hashed into the observation, never stored raw)."""
+    return ["xds.cluster_name", "xds.route_name", "request.id", "request.time", "request.size",
+            "upstream.address", "response.code_details"] + [f"request.headers['{h}']" for h in key_headers(config)]
+
+
 def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
     ext_proc = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
@@ -92,10 +114,11 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
             request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
             response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
             request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-            response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            # STREAMED: each chunk passes on as soon as ext_proc answers; SSE is never held back.
+            response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
             request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
             response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP),
-        response_attributes=list(EXTPROC_RESPONSE_ATTRIBUTES),
+        response_attributes=response_attributes(config),
         stat_prefix="lockgate")
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
@@ -176,13 +199,13 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
         for i, source in enumerate(model.sticky_keys):
             cond = route_header_matcher(source)
             routes.append(rc.Route(
-                name=f"{model.name}/key/{i}",
+                name=route_name(model.name, f"key/{i}", weight),
                 match=_match(model, [cond] if cond is not None else []),
                 route=rc.RouteAction(weighted_clusters=_split(model, weight), hash_policy=[hash_policy(source, salt)],
                                      timeout=timeout)))
         if model.sticky_keys[-1].kind != "client_ip":
             # No key at all: still split by weight (random per request), never unrouted.
-            routes.append(rc.Route(name=f"{model.name}/key/none", match=_match(model, []),
+            routes.append(rc.Route(name=route_name(model.name, "key/none", weight), match=_match(model, []),
                                    route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout)))
     strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
     vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip)
@@ -204,6 +227,38 @@ def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) ->
         LISTENER_TYPE: {LISTENER_NAME: build_listener(config)},
         ROUTE_TYPE: {ROUTE_CONFIG_NAME: build_routes(config, weights)},
     }
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What a route name tells about the request it routed."""
+
+    model: str
+    path: str          #: "sticky" or "qa"
+    canary: str | None
+    weight_bp: int
+    stage: str
+
+
+def route_name(model: str, path: str, weight: CanaryWeight) -> str:
+    query = urllib.parse.urlencode({"canary": weight.canary or "", "w": weight.weight_bp, "stage": weight.stage})
+    return f"{model}/{path}?{query}"
+
+
+def parse_route_name(name: str) -> RouteInfo | None:
+    """Inverse of the names :func:`build_routes` gives; None for routes that are not lockgate's."""
+    base, _, query = name.partition("?")
+    model, _, path = base.partition("/")
+    if not model or not path:
+        return None
+    if path.startswith("qa/"):
+        return RouteInfo(model, "qa", None, 0, "")
+    q = urllib.parse.parse_qs(query)
+    try:
+        weight_bp = int(q.get("w", ["0"])[0])
+    except ValueError:
+        return None
+    return RouteInfo(model, "sticky", q.get("canary", [""])[0] or None, weight_bp, q.get("stage", [""])[0])
 
 
 def parse_cluster_name(name: str) -> tuple[str, str] | None:

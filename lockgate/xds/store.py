@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS weights (
     model TEXT PRIMARY KEY,
     canary TEXT,
     weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND 10000),
+    stage TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS weight_changes (
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS weight_changes (
     canary TEXT,
     from_bp INTEGER,
     to_bp INTEGER NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
     actor TEXT NOT NULL,
     reason TEXT NOT NULL,
     xds_version INTEGER
@@ -49,8 +51,8 @@ class WeightStore:
         self._db.close()
 
     def load(self) -> dict[str, CanaryWeight]:
-        rows = self._db.execute("SELECT model, canary, weight_bp FROM weights").fetchall()
-        return {model: CanaryWeight(canary, bp) for model, canary, bp in rows}
+        rows = self._db.execute("SELECT model, canary, weight_bp, stage FROM weights").fetchall()
+        return {model: CanaryWeight(canary, bp, stage) for model, canary, bp, stage in rows}
 
     def save(self, model: str, weight: CanaryWeight, previous: CanaryWeight | None, actor: str, reason: str,
              xds_version: int) -> None:
@@ -59,14 +61,15 @@ class WeightStore:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO weights(model, canary, weight_bp, updated_at) VALUES (?,?,?,?) "
+                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "
-                "updated_at=excluded.updated_at", (model, weight.canary, weight.weight_bp, now))
+                "stage=excluded.stage, updated_at=excluded.updated_at",
+                (model, weight.canary, weight.weight_bp, weight.stage, now))
             self._db.execute(
-                "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, actor, reason, xds_version) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (now, model, weight.canary, previous.weight_bp if previous else None, weight.weight_bp, actor,
-                 reason, xds_version))
+                "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (now, model, weight.canary, previous.weight_bp if previous else None, weight.weight_bp, weight.stage,
+                 actor, reason, xds_version))
             self._db.execute("INSERT INTO xds_meta(key, value) VALUES ('version', ?) "
                              "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(xds_version),))
 
@@ -79,11 +82,11 @@ class WeightStore:
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(version),))
 
     def changes(self, model: str | None = None, limit: int = 100) -> list[dict]:
-        q = "SELECT ts, model, canary, from_bp, to_bp, actor, reason, xds_version FROM weight_changes"
+        q = "SELECT ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version FROM weight_changes"
         args: tuple = ()
         if model:
             q += " WHERE model=?"
             args = (model,)
         q += " ORDER BY id DESC LIMIT ?"
-        cols = ("ts", "model", "canary", "from_bp", "to_bp", "actor", "reason", "xds_version")
+        cols = ("ts", "model", "canary", "from_bp", "to_bp", "stage", "actor", "reason", "xds_version")
         return [dict(zip(cols, r)) for r in self._db.execute(q, args + (limit,))]

@@ -62,7 +62,7 @@ def test_hash_key_is_keyed_and_stable():
 
 def routes(weights):
     rc = build_resources(CFG, weights)[ROUTE_TYPE]["lockgate"]
-    return {r.name: r for r in rc.virtual_hosts[0].routes}, rc
+    return {r.name.partition("?")[0]: r for r in rc.virtual_hosts[0].routes}, rc
 
 
 def test_canary_first_total_fixed_and_salted_per_canary():
@@ -93,6 +93,17 @@ def test_weight_change_touches_routes_only():
         assert a[t] == b[t]
     assert a[ROUTE_TYPE] != b[ROUTE_TYPE]
     assert sorted(a[CLUSTER_TYPE]) == ["chat.v1", "chat.v2", "cls.a", "cls.b"]
+
+
+def test_route_names_carry_the_split():
+    from lockgate.xds.resources import parse_route_name
+
+    rc = build_resources(CFG, {"chat": CanaryWeight("v2", 1234, "stage-2")})[ROUTE_TYPE]["lockgate"]
+    infos = {r.name: parse_route_name(r.name) for r in rc.virtual_hosts[0].routes}
+    sticky = [i for i in infos.values() if i.model == "chat" and i.path == "sticky"]
+    assert sticky and all((i.canary, i.weight_bp, i.stage) == ("v2", 1234, "stage-2") for i in sticky)
+    assert infos["chat/qa/v1"].path == "qa"
+    assert parse_route_name("somebody-elses-route") is None
 
 
 def test_parse_cluster_name():

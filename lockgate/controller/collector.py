@@ -1,0 +1,211 @@
+"""The controller's ``ObservationCollector`` gRPC service and its Prometheus metrics.
+
+Each ext_proc process sends ``ObservationBatch``es to ``Report``; a batch is stored durably (one SQLite
+transaction, see :class:`~lockgate.controller.observations.ObservationStore`) before the ack. Report is
+idempotent on request id: a retried batch is acknowledged again and stored once, and counted once in
+the metrics. If the store fails, Report answers ``UNAVAILABLE`` so the sender retries or drops (and
+counts) the batch — the controller never affects traffic.
+
+Metrics (own registry; labels ``model``, ``version``, ``role`` — never per-user):
+
+* ``lockgate_controller_observations_stored_total`` / ``..._duplicate_total`` / ``..._failed_total``
+  (model, version, role), ``..._rejected_total`` (reason);
+  ``lockgate_controller_source_dropped_observations_total`` (source): what each ext_proc reported it
+  dropped before sending; ``lockgate_controller_source_last_report_timestamp_seconds`` (source).
+* traffic (replays excluded): ``lockgate_requests_total`` (+ ``status`` class 2xx/4xx/5xx/none),
+  ``lockgate_request_errors_total`` (5xx or upstream timeout), ``lockgate_request_timeouts_total``,
+  ``lockgate_request_duration_seconds`` and ``lockgate_time_to_first_byte_seconds`` histograms,
+  ``lockgate_output_tokens`` histogram, ``lockgate_refusals_total``,
+  ``lockgate_predicted_class_total`` (+ ``class``; at most :data:`MAX_CLASSES` per model, the rest
+  as ``__other__``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lockgate.controller.observations import ObservationStore
+from lockgate.proto.v1 import observations_pb2 as pb
+from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
+
+log = logging.getLogger("lockgate.controller.collector")
+
+LABELS = ("model", "version", "role")
+MAX_CLASSES = 64
+OTHER_CLASS = "__other__"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+class _SourceStats:
+    """Per-source ``dropped_total`` (as last reported) and last report time, exported as metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.dropped: dict[str, int] = {}
+        self.last_report: dict[str, float] = {}
+
+    def update(self, source: str, dropped_total: int, now: float) -> None:
+        with self._lock:
+            # a counter from the source: never let a reordered (older) batch move it back
+            self.dropped[source] = max(self.dropped.get(source, 0), int(dropped_total))
+            self.last_report[source] = now
+
+    def collect(self):
+        with self._lock:
+            dropped = dict(self.dropped)
+            last = dict(self.last_report)
+        c = CounterMetricFamily("lockgate_controller_source_dropped_observations",
+                                "Observations an ext_proc source reports it dropped (queue full / send failed)",
+                                labels=["source"])
+        for source, n in sorted(dropped.items()):
+            c.add_metric([source], n)
+        yield c
+        g = GaugeMetricFamily("lockgate_controller_source_last_report_timestamp_seconds",
+                              "When each ext_proc source last reported a batch", labels=["source"])
+        for source, ts in sorted(last.items()):
+            g.add_metric([source], ts)
+        yield g
+
+    def describe(self):
+        return []
+
+
+class ControllerMetrics:
+    """All controller metrics, in one :class:`CollectorRegistry` (``registry``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.stored = Counter("lockgate_controller_observations_stored", "Observations stored", LABELS, registry=r)
+        self.duplicate = Counter("lockgate_controller_observations_duplicate",
+                                 "Observations received again (retried batch) and not stored twice", LABELS,
+                                 registry=r)
+        self.failed = Counter("lockgate_controller_observations_failed",
+                              "Observations not stored because the store failed (batch answered UNAVAILABLE)",
+                              LABELS, registry=r)
+        self.rejected = Counter("lockgate_controller_observations_rejected",
+                                "Observations rejected as invalid", ["reason"], registry=r)
+        self.batches = Counter("lockgate_controller_report_batches", "Report calls", ["result"], registry=r)
+        self.store_seconds = Histogram("lockgate_controller_store_seconds", "Time to store one batch durably",
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+                                       registry=r)
+        self.pruned = Counter("lockgate_controller_observations_pruned", "Observations deleted by retention",
+                              registry=r)
+        self.feedback = Counter("lockgate_controller_feedback", "Feedback items by kind and result",
+                                ["kind", "result"], registry=r)
+        self.sources = _SourceStats()
+        r.register(self.sources)
+        # traffic, as observed by the ext_proc processes (replays excluded)
+        self.requests = Counter("lockgate_requests", "Requests by routed version and status class",
+                                LABELS + ("status",), registry=r)
+        self.errors = Counter("lockgate_request_errors", "Requests answered 5xx or timed out upstream", LABELS,
+                              registry=r)
+        self.timeouts = Counter("lockgate_request_timeouts", "Upstream timeouts", LABELS, registry=r)
+        self.duration = Histogram("lockgate_request_duration_seconds", "Request start to end of response body",
+                                  LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("lockgate_time_to_first_byte_seconds",
+                              "Request start to first response byte (time to first token for streams)", LABELS,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.output_tokens = Histogram("lockgate_output_tokens", "Output tokens per response", LABELS,
+                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.refusals = Counter("lockgate_refusals", "Responses detected as refusals", LABELS, registry=r)
+        self.classes = Counter("lockgate_predicted_class", "Classifier responses by predicted class",
+                               LABELS + ("class",), registry=r)
+        self._classes_seen: dict[str, set[str]] = {}
+        self._classes_lock = threading.Lock()
+
+    def _class_label(self, model: str, cls: str) -> str:
+        with self._classes_lock:
+            seen = self._classes_seen.setdefault(model, set())
+            if cls in seen:
+                return cls
+            if len(seen) >= MAX_CLASSES:
+                return OTHER_CLASS
+            seen.add(cls)
+            return cls
+
+    def observe(self, obs: Any) -> None:
+        """Count one newly stored observation."""
+        lv = (obs.model, obs.version, obs.role or "other")
+        self.stored.labels(*lv).inc()
+        if obs.replay:
+            return
+        code = obs.status_code
+        status = f"{code // 100}xx" if 100 <= code < 600 else "none"
+        self.requests.labels(*lv, status).inc()
+        if obs.timeout:
+            self.timeouts.labels(*lv).inc()
+        if code >= 500 or obs.timeout:
+            self.errors.labels(*lv).inc()
+        if obs.HasField("duration_ms") and math.isfinite(obs.duration_ms):
+            self.duration.labels(*lv).observe(obs.duration_ms / 1000.0)
+        if obs.HasField("ttfb_ms") and math.isfinite(obs.ttfb_ms):
+            self.ttft.labels(*lv).observe(obs.ttfb_ms / 1000.0)
+        if obs.HasField("output_tokens"):
+            self.output_tokens.labels(*lv).observe(obs.output_tokens)
+        if obs.HasField("refusal") and obs.refusal:
+            self.refusals.labels(*lv).inc()
+        if obs.predicted_class:
+            self.classes.labels(*lv, self._class_label(obs.model, obs.predicted_class)).inc()
+
+
+class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
+    """``Report``: store the batch (in the store's writer thread), then ack with counts."""
+
+    def __init__(self, store: ObservationStore, metrics: ControllerMetrics,
+                 executor: concurrent.futures.Executor | None = None):
+        self.store = store
+        self.metrics = metrics
+        # one writer thread: SQLite serializes writers anyway, and the event loop never blocks on disk
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
+
+    def _store(self, batch: pb.ObservationBatch) -> pb.ReportAck:
+        now = time.time()
+        self.metrics.sources.update(batch.source or "unknown", batch.dropped_total, now)
+        obs = batch.observations
+        if not obs:
+            self.metrics.batches.labels("ok").inc()
+            return pb.ReportAck()
+        t0 = time.perf_counter()
+        try:
+            result = self.store.insert(obs, source=batch.source, received_ts=now)
+        except Exception:
+            for o in obs:
+                self.metrics.failed.labels(o.model, o.version, o.role or "other").inc()
+            self.metrics.batches.labels("error").inc()
+            raise
+        self.metrics.store_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batches.labels("ok").inc()
+        new = set(result.new)
+        for i, o in enumerate(obs):
+            if i in new:
+                self.metrics.observe(o)
+            elif o.request_id and o.model:
+                self.metrics.duplicate.labels(o.model, o.version, o.role or "other").inc()
+            else:
+                self.metrics.rejected.labels("no request_id" if not o.request_id else "no model").inc()
+        return pb.ReportAck(stored=result.stored, duplicates=result.duplicates, rejected=result.rejected)
+
+    async def Report(self, request: pb.ObservationBatch, context) -> pb.ReportAck:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, self._store, request)
+        except Exception as exc:  # the store failed: the sender keeps (or drops and counts) the batch
+            log.exception("storing a batch of %d observations from %s failed", len(request.observations),
+                          request.source or "?")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"observation store failed: {exc}")
+            raise  # unreachable: abort raises
+
+
+__all__ = ["ControllerMetrics", "LABELS", "MAX_CLASSES", "ObservationCollectorServicer"]

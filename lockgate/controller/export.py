@@ -1,0 +1,214 @@
+"""Observations as JSON Lines: ``lockgate observations export`` writes them, :func:`read_jsonl` reads them.
+
+The format is documented in ``docs/observations.md``. In short, one JSON object per line:
+
+* an observation (no ``kind``, or ``"kind": "observation"``): ``ts``, ``request_id``, ``model``,
+  ``version``, ``role``, ``weight`` (canary share 0–1), ``stage``, ``status_code``, ``timeout``,
+  ``latency_ms``, ``ttfb_ms``, ``output_tokens``, ``refusal``, ``predicted_class``, ``confidence``,
+  ``entropy``, ``user_key``, ``upstream_host``, … and its labels inline (``true_class`` +
+  ``label_arrival_ts``, ``thumbs`` + ``thumbs_arrival_ts``, ``task_success`` +
+  ``task_success_arrival_ts``, ``evaluator_score`` + ``evaluator_score_arrival_ts``);
+* a label (``"kind": "label"``): ``request_id``, ``ts`` (arrival time) and one or more of
+  ``true_class``, ``thumbs``, ``task_success``, ``evaluator_score``.
+
+A field that is absent or ``null`` was not measured (never 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import IO, Any, Iterable, Iterator
+
+import numpy as np
+
+from lockgate.controller.observations import (
+    FETCH_COLUMNS, LABEL_KINDS, LABEL_TS_COLUMN, ObservationStore, _columnar,
+)
+
+#: store column → JSONL field (in output order); label fields follow.
+_FIELDS = (
+    ("ts", "ts"), ("request_id", "request_id"), ("model", "model"), ("version", "version"), ("role", "role"),
+    ("weight_bp", "weight"), ("stage", "stage"), ("route", "route"), ("status_code", "status_code"),
+    ("timeout", "timeout"), ("duration_ms", "latency_ms"), ("ttfb_ms", "ttfb_ms"),
+    ("request_bytes", "request_bytes"), ("response_bytes", "response_bytes"),
+    ("output_tokens", "output_tokens"), ("output_tokens_estimated", "output_tokens_estimated"),
+    ("output_chars", "output_chars"), ("finish_reason", "finish_reason"), ("refusal", "refusal"),
+    ("entropy", "entropy"), ("predicted_class", "predicted_class"), ("confidence", "confidence"),
+    ("class_entropy", "class_entropy"), ("events", "events"), ("analyzer", "analyzer"),
+    ("truncated", "truncated"), ("parse_error", "parse_error"), ("user_key", "user_key"),
+    ("upstream_host", "upstream_host"), ("replay", "replay"),
+)
+#: booleans written only when true (false is the default when absent)
+_ONLY_IF_TRUE = {"output_tokens_estimated", "truncated", "replay"}
+
+
+def record_to_json(rec: dict[str, Any]) -> dict[str, Any]:
+    """A stored row (:meth:`ObservationStore.iter_records`) → one export object (None fields omitted)."""
+    out: dict[str, Any] = {}
+    for col, name in _FIELDS:
+        v = rec.get(col)
+        if v is None:
+            continue
+        if col == "weight_bp":
+            v = v / 10000.0
+        elif isinstance(v, float) and not math.isfinite(v):
+            continue
+        if name in _ONLY_IF_TRUE and not v:
+            continue
+        out[name] = v
+    for kind in LABEL_KINDS:
+        ts_col = LABEL_TS_COLUMN[kind]
+        if rec.get(ts_col) is not None and rec.get(kind) is not None:
+            out[kind] = rec[kind]
+            out[ts_col] = rec[ts_col]
+    return out
+
+
+def parse_time(text: str) -> float:
+    """``"1718000000"`` / ``"1718000000.5"`` (epoch seconds) or ISO 8601 (``2024-06-10T06:13:20Z``;
+    without a UTC offset it is taken as UTC) → epoch seconds. Raises ValueError."""
+    t = text.strip()
+    try:
+        v = float(t)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(v):
+            raise ValueError(f"not a finite time: {text!r}")
+        return v
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise ValueError(f"not an epoch timestamp or ISO 8601 time: {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def export_jsonl(store: ObservationStore, out: IO[str], model: str | None = None, since_ts: float | None = None,
+                 until_ts: float | None = None, versions: list[str] | None = None,
+                 include_replay: bool = True) -> int:
+    """Write observations (ordered by ts) as JSON lines; returns the number of lines."""
+    n = 0
+    for rec in store.iter_records(model, since_ts, until_ts, versions, include_replay=include_replay):
+        out.write(json.dumps(record_to_json(rec), separators=(",", ":"), allow_nan=False))
+        out.write("\n")
+        n += 1
+    return n
+
+
+# ----- reading -----
+_NUMERIC = {"ts", "weight", "status_code", "latency_ms", "ttfb_ms", "request_bytes", "response_bytes",
+            "output_tokens", "output_chars", "entropy", "confidence", "class_entropy", "events",
+            "evaluator_score", *LABEL_TS_COLUMN.values()}
+_BOOLS = {"timeout", "truncated", "output_tokens_estimated", "replay", "refusal", "task_success"}
+_STRINGS = {"request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key", "analyzer",
+            "parse_error", "finish_reason", "predicted_class", "true_class"}
+
+
+def _check(obj: dict[str, Any], lineno: int) -> None:
+    for k, v in obj.items():
+        if v is None:
+            continue
+        where = f"line {lineno}: {k}"
+        if k in _NUMERIC and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}: must be a number, got {v!r}")
+        if k in _BOOLS and not isinstance(v, bool):
+            raise ValueError(f"{where}: must be true or false, got {v!r}")
+        if k in _STRINGS and not isinstance(v, str):
+            if k == "true_class" and isinstance(v, int):
+                continue
+            raise ValueError(f"{where}: must be a string, got {v!r}")
+        if k == "thumbs" and v not in ("up", "down"):
+            raise ValueError(f"{where}: must be \"up\" or \"down\", got {v!r}")
+
+
+def iter_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line. Raises ValueError naming the line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"line {lineno}: invalid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"line {lineno}: must be a JSON object")
+        _check(obj, lineno)
+        yield lineno, obj
+
+
+def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay: bool = False,
+               since_ts: float | None = None, until_ts: float | None = None) -> dict[str, np.ndarray]:
+    """Read an export (observation lines, and label lines in any order) into the same columns as
+    :meth:`ObservationStore.fetch`: labels joined by request id, the latest arrival per kind winning."""
+    obs: list[dict[str, Any]] = []
+    labels: dict[str, dict[str, tuple[float, Any]]] = {}
+
+    def add_label(rid: str, kind: str, value: Any, ts: float) -> None:
+        cur = labels.setdefault(rid, {}).get(kind)
+        if cur is None or ts >= cur[0]:
+            labels[rid][kind] = (ts, value)
+
+    for lineno, o in iter_jsonl(lines):
+        kind = o.get("kind", "observation")
+        rid = o.get("request_id")
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"line {lineno}: request_id is required")
+        if kind == "label":
+            ts = o.get("ts")
+            if ts is None or not math.isfinite(ts):
+                raise ValueError(f"line {lineno}: a label line needs ts (its arrival time)")
+            found = False
+            for k in LABEL_KINDS:
+                if o.get(k) is not None:
+                    add_label(rid, k, o[k], float(ts))
+                    found = True
+            if not found:
+                raise ValueError(f"line {lineno}: a label line needs one of {', '.join(LABEL_KINDS)}")
+            continue
+        if kind != "observation":
+            raise ValueError(f"line {lineno}: unknown kind {kind!r} (observation or label)")
+        if o.get("ts") is None or not isinstance(o.get("model"), str):
+            raise ValueError(f"line {lineno}: an observation needs ts and model")
+        for k in LABEL_KINDS:
+            ts_col = LABEL_TS_COLUMN[k]
+            if o.get(k) is not None and o.get(ts_col) is not None:
+                add_label(rid, k, o[k], float(o[ts_col]))
+        if model is not None and o["model"] != model:
+            continue
+        if not include_replay and o.get("replay"):
+            continue
+        if since_ts is not None and o["ts"] < since_ts:
+            continue
+        if until_ts is not None and o["ts"] >= until_ts:
+            continue
+        obs.append(o)
+    obs.sort(key=lambda o: o["ts"])  # stable: file order among equal timestamps
+    rows = []
+    for o in obs:
+        lab = labels.get(o["request_id"], {})
+        row = []
+        for c in FETCH_COLUMNS:
+            if c == "is_canary":
+                v: Any = o.get("role") == "canary"
+            elif c in LABEL_KINDS:
+                v = lab[c][1] if c in lab else None
+                if c == "thumbs" and v is not None:
+                    v = 1.0 if v == "up" else 0.0
+            elif c in LABEL_TS_COLUMN.values():
+                k = next(k for k, t in LABEL_TS_COLUMN.items() if t == c)
+                v = lab[k][0] if k in lab else None
+            else:
+                v = o.get(c)
+            row.append(v)
+        rows.append(tuple(row))
+    out = _columnar(rows, FETCH_COLUMNS)
+    out["label"] = out["true_class"]
+    out["label_ts"] = out["label_arrival_ts"]
+    return out
+
+
+__all__ = ["export_jsonl", "iter_jsonl", "parse_time", "read_jsonl", "record_to_json"]

@@ -1,0 +1,589 @@
+"""The observation store: every request lockgate's Envoys saw, and the labels (feedback) that arrive later.
+
+SQLite in WAL mode at ``<state_dir>/observations.db``:
+
+* ``observations`` — append-only, one row per :class:`~lockgate.proto.v1.observations_pb2.Observation`
+  (a column per field; ``NULL`` = not measured, never 0). ``(request_id, replay)`` is unique, so a
+  retried batch is stored once (``INSERT OR IGNORE``). Indexed by ``ts`` alone (retention) and by
+  ``(model, ts)``, ``(model, version, ts)``, ``(model, stage, ts)`` (statistics windows).
+* ``labels`` — feedback joined by request id: ``kind`` ∈ :data:`LABEL_KINDS`, ``value``, and the
+  arrival time ``ts``. One row per ``(request_id, kind)``: a later different value replaces the earlier
+  one (and its arrival time); re-sending the same value keeps the original arrival time.
+* ``expired`` — request ids whose observations were pruned (tombstones, kept for one more retention
+  period), so late feedback is answered "gone" (410) rather than "unknown" (404).
+
+Writes go through one connection under a lock (the collector's batches, feedback, pruning); reads
+(:meth:`ObservationStore.fetch`, lookups) use a small pool of their own connections and never block
+writers (WAL). Every observation field and label comes back from :meth:`~ObservationStore.fetch` as
+a NumPy column with NaN / ``None`` for "not measured".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+LABEL_KINDS = ("true_class", "thumbs", "task_success", "evaluator_score")
+
+# (column, SQL type, proto field or None, how "not measured" is encoded in the proto)
+#   "opt"   — proto3 optional: HasField
+#   "str"   — "" means not set
+#   "nz"    — 0 means not set (status_code)
+#   "plain" — always set
+_OBS_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("request_id", "TEXT NOT NULL", "request_id", "plain"),
+    ("ts", "REAL NOT NULL", "ts", "plain"),
+    ("model", "TEXT NOT NULL", "model", "plain"),
+    ("version", "TEXT NOT NULL", "version", "plain"),
+    ("role", "TEXT NOT NULL", "role", "plain"),
+    ("weight_bp", "INTEGER NOT NULL", "weight_bp", "plain"),
+    ("stage", "TEXT", "stage", "str"),
+    ("route", "TEXT", "route", "str"),
+    ("upstream_host", "TEXT", "upstream_host", "str"),
+    ("status_code", "INTEGER", "status_code", "nz"),
+    ("user_key", "TEXT", "user_key", "str"),
+    ("ttfb_ms", "REAL", "ttfb_ms", "opt"),
+    ("duration_ms", "REAL", "duration_ms", "opt"),
+    ("request_bytes", "INTEGER", "request_bytes", "opt"),
+    ("response_bytes", "INTEGER", "response_bytes", "opt"),
+    ("timeout", "INTEGER NOT NULL", "timeout", "plain"),
+    ("analyzer", "TEXT", "analyzer", "str"),
+    ("truncated", "INTEGER NOT NULL", "truncated", "plain"),
+    ("parse_error", "TEXT", "parse_error", "str"),
+    ("output_tokens", "INTEGER", "output_tokens", "opt"),
+    ("output_tokens_estimated", "INTEGER NOT NULL", "output_tokens_estimated", "plain"),
+    ("output_chars", "INTEGER", "output_chars", "opt"),
+    ("finish_reason", "TEXT", "finish_reason", "str"),
+    ("refusal", "INTEGER", "refusal", "opt"),
+    ("entropy", "REAL", "entropy", "opt"),
+    ("predicted_class", "TEXT", "predicted_class", "str"),
+    ("confidence", "REAL", "confidence", "opt"),
+    ("class_entropy", "REAL", "class_entropy", "opt"),
+    ("events", "INTEGER", "events", "opt"),
+    ("replay", "INTEGER NOT NULL", "replay", "plain"),
+    ("source", "TEXT", None, ""),
+    ("received_ts", "REAL NOT NULL", None, ""),
+)
+OBS_COLUMN_NAMES = tuple(c[0] for c in _OBS_COLUMNS)
+_BOOL_COLUMNS = {"timeout", "truncated", "output_tokens_estimated", "replay"}
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, "
+    + ", ".join(f"{name} {typ}" for name, typ, _, _ in _OBS_COLUMNS)
+    + ");\n"
+    + """
+CREATE UNIQUE INDEX IF NOT EXISTS obs_request_id ON observations(request_id, replay);
+CREATE INDEX IF NOT EXISTS obs_ts ON observations(ts);
+CREATE INDEX IF NOT EXISTS obs_model_ts ON observations(model, ts);
+CREATE INDEX IF NOT EXISTS obs_model_version_ts ON observations(model, version, ts);
+CREATE INDEX IF NOT EXISTS obs_model_stage_ts ON observations(model, stage, ts);
+CREATE TABLE IF NOT EXISTS labels (
+    request_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('true_class', 'thumbs', 'task_success', 'evaluator_score')),
+    value,  -- no type: keeps text classes as text, numbers as numbers
+    ts REAL NOT NULL,
+    PRIMARY KEY (request_id, kind)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS labels_ts ON labels(ts);
+CREATE TABLE IF NOT EXISTS expired (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, pruned_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS expired_pruned_at ON expired(pruned_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+)
+
+_INSERT_SQL = (f"INSERT OR IGNORE INTO observations({', '.join(OBS_COLUMN_NAMES)}) "
+               f"VALUES ({', '.join('?' * len(OBS_COLUMN_NAMES))})")
+
+# ----- columns of fetch() (and of the JSONL export reader) -----
+#: float64 columns, NaN = not measured.
+FLOAT_COLUMNS = ("ts", "weight", "status_code", "latency_ms", "ttfb_ms", "request_bytes", "response_bytes",
+                 "output_tokens", "output_chars", "refusal", "entropy", "confidence", "class_entropy", "events",
+                 "thumbs", "task_success", "evaluator_score",
+                 "label_arrival_ts", "thumbs_arrival_ts", "task_success_arrival_ts", "evaluator_score_arrival_ts")
+#: bool columns (always known).
+BOOL_COLUMNS = ("is_canary", "timeout", "truncated", "output_tokens_estimated", "replay")
+#: object columns, None = not set.
+OBJECT_COLUMNS = ("request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key",
+                  "analyzer", "parse_error", "finish_reason", "predicted_class", "true_class")
+FETCH_COLUMNS = FLOAT_COLUMNS + BOOL_COLUMNS + OBJECT_COLUMNS
+#: label kind -> its arrival-time column
+LABEL_TS_COLUMN = {"true_class": "label_arrival_ts", "thumbs": "thumbs_arrival_ts",
+                   "task_success": "task_success_arrival_ts", "evaluator_score": "evaluator_score_arrival_ts"}
+
+# SQL expression per fetch column (o = observations, l_<kind> = labels)
+_SELECT: dict[str, str] = {
+    "ts": "o.ts", "weight": "o.weight_bp / 10000.0", "status_code": "o.status_code",
+    "latency_ms": "o.duration_ms", "ttfb_ms": "o.ttfb_ms", "request_bytes": "o.request_bytes",
+    "response_bytes": "o.response_bytes", "output_tokens": "o.output_tokens", "output_chars": "o.output_chars",
+    "refusal": "o.refusal", "entropy": "o.entropy", "confidence": "o.confidence",
+    "class_entropy": "o.class_entropy", "events": "o.events",
+    "thumbs": "CASE l_thumbs.value WHEN 'up' THEN 1.0 WHEN 'down' THEN 0.0 END",
+    "task_success": "l_task_success.value", "evaluator_score": "l_evaluator_score.value",
+    "label_arrival_ts": "l_true_class.ts", "thumbs_arrival_ts": "l_thumbs.ts",
+    "task_success_arrival_ts": "l_task_success.ts", "evaluator_score_arrival_ts": "l_evaluator_score.ts",
+    "is_canary": "o.role = 'canary'", "timeout": "o.timeout", "truncated": "o.truncated",
+    "output_tokens_estimated": "o.output_tokens_estimated", "replay": "o.replay",
+    "request_id": "o.request_id", "model": "o.model", "version": "o.version", "role": "o.role",
+    "stage": "o.stage", "route": "o.route", "upstream_host": "o.upstream_host", "user_key": "o.user_key",
+    "analyzer": "o.analyzer", "parse_error": "o.parse_error", "finish_reason": "o.finish_reason",
+    "predicted_class": "o.predicted_class", "true_class": "l_true_class.value",
+}
+_LABEL_JOINS = " ".join(
+    f"LEFT JOIN labels l_{k} ON l_{k}.request_id = o.request_id AND l_{k}.kind = '{k}'" for k in LABEL_KINDS)
+
+
+class ObservationRejected(ValueError):
+    """An observation that cannot be stored (no request id or no model)."""
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """Outcome of one :meth:`ObservationStore.insert`: ``new`` = indexes (into the input) stored now."""
+
+    new: list[int]
+    duplicates: int
+    rejected: int
+
+    @property
+    def stored(self) -> int:
+        return len(self.new) + self.duplicates
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    request_id: str
+    status: str  # "stored" | "unknown" | "expired"
+
+
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def observation_row(obs: Any, source: str = "", received_ts: float | None = None) -> tuple:
+    """One proto Observation → an ``observations`` row (NULL for not measured). Raises ObservationRejected."""
+    if not obs.request_id:
+        raise ObservationRejected("no request_id")
+    if not obs.model:
+        raise ObservationRejected("no model")
+    now = time.time() if received_ts is None else received_ts
+    out: list[Any] = []
+    for name, _, field, mode in _OBS_COLUMNS:
+        if field is None:
+            out.append(source or None if name == "source" else now)
+            continue
+        v = getattr(obs, field)
+        if mode == "opt":
+            if not obs.HasField(field):
+                v = None
+            elif isinstance(v, float):
+                v = _finite_or_none(v)
+            elif isinstance(v, bool):
+                v = int(v)
+        elif mode == "str":
+            v = v or None
+        elif mode == "nz":
+            v = v or None
+        elif isinstance(v, bool):
+            v = int(v)
+        out.append(v)
+    ts_i = OBS_COLUMN_NAMES.index("ts")
+    if not (isinstance(out[ts_i], float) and math.isfinite(out[ts_i]) and out[ts_i] > 0):
+        out[ts_i] = now  # a sender without a clock reading: the arrival time is the best we have
+    return tuple(out)
+
+
+def _columnar(rows: Sequence[tuple], names: Sequence[str]) -> dict[str, np.ndarray]:
+    n = len(rows)
+    cols = list(zip(*rows)) if rows else [() for _ in names]
+    out: dict[str, np.ndarray] = {}
+    for name, values in zip(names, cols):
+        if name in BOOL_COLUMNS:
+            out[name] = np.fromiter((bool(v) for v in values), dtype=bool, count=n)
+        elif name in FLOAT_COLUMNS:
+            out[name] = np.fromiter((math.nan if v is None else float(v) for v in values), dtype=np.float64,
+                                    count=n)
+        else:
+            arr = np.empty(n, dtype=object)
+            arr[:] = [None if v is None else str(v) for v in values] if n else []
+            out[name] = arr
+    return out
+
+
+def empty_columns() -> dict[str, np.ndarray]:
+    return _columnar([], FETCH_COLUMNS)
+
+
+class ObservationStore:
+    """SQLite observation + label store. Thread-safe: writes are serialized, reads use pooled connections."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, synchronous: str = "FULL",
+                 read_pool: int = 4):
+        self.path = Path(path)
+        self.read_only = read_only
+        self._write_lock = threading.Lock()
+        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._pool_max = read_pool
+        self._all_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        if read_only:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no observation store at {self.path}")
+            self._db: sqlite3.Connection | None = None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(SCHEMA)
+
+    # ----- connections -----
+    def _connect_reader(self) -> sqlite3.Connection:
+        if self.read_only:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA query_only=1")
+        with self._readers_lock:
+            self._all_readers.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        if self._closed:
+            raise RuntimeError("observation store is closed")
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect_reader()
+        try:
+            yield conn
+        finally:
+            if self._pool.qsize() < self._pool_max and not self._closed:
+                self._pool.put(conn)
+            else:
+                with self._readers_lock:
+                    if conn in self._all_readers:
+                        self._all_readers.remove(conn)
+                conn.close()
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[sqlite3.Connection]:
+        if self._db is None:
+            raise RuntimeError("observation store opened read-only")
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._closed = True
+        with self._readers_lock:
+            for conn in self._all_readers:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all_readers.clear()
+        if self._db is not None:
+            with self._write_lock:
+                self._db.close()
+                self._db = None
+
+    # ----- writes -----
+    def insert(self, observations: Iterable[Any], source: str = "", received_ts: float | None = None
+               ) -> InsertResult:
+        """Store a batch of proto Observations in one transaction; idempotent on (request_id, replay).
+
+        Returns which of them are new (indexes into the input), how many were already stored, and how
+        many were rejected (no request id / model). Raises sqlite3.Error if nothing could be stored.
+        """
+        now = time.time() if received_ts is None else received_ts
+        rows: list[tuple] = []
+        index: list[int] = []
+        rejected = 0
+        for i, obs in enumerate(observations):
+            try:
+                rows.append(observation_row(obs, source, now))
+                index.append(i)
+            except ObservationRejected:
+                rejected += 1
+        return self._insert_rows(rows, index, rejected)
+
+    def insert_rows(self, rows: Sequence[tuple]) -> InsertResult:
+        """Store already-converted rows (see :func:`observation_row`)."""
+        return self._insert_rows(list(rows), list(range(len(rows))), 0)
+
+    def _insert_rows(self, rows: list[tuple], index: list[int], rejected: int) -> InsertResult:
+        if not rows:
+            return InsertResult([], 0, rejected)
+        keys = [(r[0], r[OBS_COLUMN_NAMES.index("replay")]) for r in rows]
+        with self._writer() as db:
+            existing: set[tuple[str, int]] = set()
+            ids = list({k[0] for k in keys})
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                existing.update(db.execute(
+                    f"SELECT request_id, replay FROM observations WHERE request_id IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall())
+            db.executemany(_INSERT_SQL, rows)
+        new: list[int] = []
+        seen: set[tuple[str, int]] = set()
+        for k, i in zip(keys, index):
+            if k in existing or k in seen:
+                continue
+            seen.add(k)
+            new.append(i)
+        return InsertResult(new, len(rows) - len(new), rejected)
+
+    def add_labels(self, labels: Sequence[tuple[str, str, Any]], now: float | None = None,
+                   retention_s: float | None = None) -> list[LabelResult]:
+        """Join feedback ``(request_id, kind, value)`` to stored observations, atomically.
+
+        A request id that was never stored is ``unknown``; one whose observation was pruned, or is
+        older than ``retention_s``, is ``expired``; only ``stored`` ones are written. ``thumbs`` values
+        are ``"up"``/``"down"``, ``task_success`` bool, ``evaluator_score`` float, ``true_class`` str.
+        """
+        now = time.time() if now is None else now
+        for _, kind, _ in labels:
+            if kind not in LABEL_KINDS:
+                raise ValueError(f"unknown label kind {kind!r}")
+        status = self.lookup_status([rid for rid, _, _ in labels], now, retention_s)
+        out = [LabelResult(rid, status[rid]) for rid, _, _ in labels]
+        todo = [(rid, kind, _label_db_value(kind, value), now) for rid, kind, value in labels
+                if status[rid] == "stored"]
+        if todo:
+            with self._writer() as db:
+                db.executemany(
+                    "INSERT INTO labels(request_id, kind, value, ts) VALUES (?,?,?,?) "
+                    "ON CONFLICT(request_id, kind) DO UPDATE SET value=excluded.value, ts=excluded.ts "
+                    "WHERE labels.value IS NOT excluded.value", todo)
+        return out
+
+    def prune(self, older_than_ts: float, *, now: float | None = None, tombstone_s: float | None = None,
+              chunk: int = 5000) -> int:
+        """Delete observations with ``ts < older_than_ts`` (and their labels), remembering their request ids
+        as expired; forget tombstones older than ``tombstone_s`` (default: as long as the retention).
+        Works in chunks so the collector is never blocked for long. Returns rows deleted."""
+        now = time.time() if now is None else now
+        deleted = 0
+        while True:
+            with self._writer() as db:
+                rows = db.execute("SELECT id, request_id, ts FROM observations WHERE ts < ? LIMIT ?",
+                                  (older_than_ts, chunk)).fetchall()
+                if not rows:
+                    break
+                db.executemany("INSERT OR REPLACE INTO expired(request_id, ts, pruned_at) VALUES (?,?,?)",
+                               [(rid, ts, now) for _, rid, ts in rows])
+                db.executemany("DELETE FROM labels WHERE request_id = ?", [(rid,) for _, rid, _ in rows])
+                db.executemany("DELETE FROM observations WHERE id = ?", [(i,) for i, _, _ in rows])
+            deleted += len(rows)
+            if len(rows) < chunk:
+                break
+        keep = (now - older_than_ts) if tombstone_s is None else tombstone_s
+        with self._writer() as db:
+            db.execute("DELETE FROM expired WHERE pruned_at < ?", (now - keep,))
+            # labels whose observation is gone (or never came): nothing to join them to
+            db.execute("DELETE FROM labels WHERE ts < ? AND request_id NOT IN (SELECT request_id FROM observations)",
+                       (older_than_ts,))
+            db.execute("INSERT INTO meta(key, value) VALUES ('pruned_before', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value=excluded.value "
+                       "WHERE CAST(meta.value AS REAL) < CAST(excluded.value AS REAL)", (repr(older_than_ts),))
+        return deleted
+
+    # ----- reads -----
+    def lookup_status(self, request_ids: Sequence[str], now: float | None = None,
+                      retention_s: float | None = None) -> dict[str, str]:
+        """``request_id -> "stored" | "expired" | "unknown"``."""
+        now = time.time() if now is None else now
+        ids = list(dict.fromkeys(request_ids))
+        found: dict[str, float] = {}
+        expired: set[str] = set()
+        with self._reader() as db:
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                marks = ",".join("?" * len(chunk))
+                for rid, ts in db.execute(
+                        f"SELECT request_id, MAX(ts) FROM observations WHERE request_id IN ({marks}) "
+                        "GROUP BY request_id", chunk):
+                    found[rid] = ts
+                expired.update(r for (r,) in db.execute(
+                    f"SELECT request_id FROM expired WHERE request_id IN ({marks})", chunk))
+        out: dict[str, str] = {}
+        for rid in ids:
+            if rid in found:
+                old = retention_s is not None and found[rid] < now - retention_s
+                out[rid] = "expired" if old else "stored"
+            else:
+                out[rid] = "expired" if rid in expired else "unknown"
+        return out
+
+    def _query(self, where: str, params: list[Any], columns: Sequence[str]) -> list[tuple]:
+        sql = (f"SELECT {', '.join(_SELECT[c] for c in columns)} FROM observations o {_LABEL_JOINS} "
+               f"WHERE {where} ORDER BY o.ts, o.id")
+        with self._reader() as db:
+            return db.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _where(model: str | None, since_ts: float | None, until_ts: float | None,
+               versions: Sequence[str] | None, stage: str | None, include_replay: bool) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if model is not None:
+            clauses.append("o.model = ?")
+            params.append(model)
+        if since_ts is not None:
+            clauses.append("o.ts >= ?")
+            params.append(float(since_ts))
+        if until_ts is not None:
+            clauses.append("o.ts < ?")
+            params.append(float(until_ts))
+        if versions is not None:
+            versions = list(versions)
+            if not versions:
+                clauses.append("0")
+            else:
+                clauses.append(f"o.version IN ({','.join('?' * len(versions))})")
+                params.extend(versions)
+        if stage is not None:
+            clauses.append("o.stage = ?" if stage else "o.stage IS NULL")
+            if stage:
+                params.append(stage)
+        if not include_replay:
+            clauses.append("o.replay = 0")
+        return " AND ".join(clauses) or "1", params
+
+    def fetch(self, model: str, since_ts: float | None = None, until_ts: float | None = None,
+              versions: Sequence[str] | None = None, *, stage: str | None = None, include_replay: bool = False,
+              columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Columnar observations of ``model`` with ``since_ts <= ts < until_ts``, ordered by ts.
+
+        Columns (see :data:`FETCH_COLUMNS`): float64 with NaN for not measured (``latency_ms`` is the
+        proto's ``duration_ms``; ``weight`` the canary share 0–1; ``refusal``/``thumbs``/``task_success``
+        are 1.0/0.0/NaN; ``status_code`` NaN when unknown), bool (``is_canary`` = role is ``canary``;
+        rows with role ``other`` are neither arm), object with ``None`` for unset strings. Labels
+        (``true_class``, ``thumbs``, ``task_success``, ``evaluator_score``) come with their arrival time
+        (``label_arrival_ts`` for ``true_class``, ``<kind>_arrival_ts`` for the others); ``label`` /
+        ``label_ts`` alias ``true_class`` / ``label_arrival_ts``. Replays are excluded unless asked.
+        """
+        cols = tuple(columns) if columns is not None else FETCH_COLUMNS
+        unknown = [c for c in cols if c not in _SELECT]
+        if unknown:
+            raise KeyError(f"unknown columns {unknown}")
+        where, params = self._where(model, since_ts, until_ts, versions, stage, include_replay)
+        out = _columnar(self._query(where, params, cols), cols)
+        if "true_class" in out:
+            out["label"] = out["true_class"]
+        if "label_arrival_ts" in out:
+            out["label_ts"] = out["label_arrival_ts"]
+        return out
+
+    def iter_records(self, model: str | None = None, since_ts: float | None = None, until_ts: float | None = None,
+                     versions: Sequence[str] | None = None, *, include_replay: bool = True,
+                     batch: int = 5000) -> Iterator[dict[str, Any]]:
+        """Observation rows as dicts (every stored column, NULL → None) with their labels, ordered by ts.
+        Streams (keyset pagination), for exports of any size."""
+        where, params = self._where(model, since_ts, until_ts, versions, None, include_replay)
+        label_cols = ", ".join(f"l_{k}.value, l_{k}.ts" for k in LABEL_KINDS)
+        obs_cols = ", ".join(f"o.{c}" for c in OBS_COLUMN_NAMES)
+        last: tuple[float, int] | None = None
+        while True:
+            w, p = where, list(params)
+            if last is not None:
+                w += " AND (o.ts > ? OR (o.ts = ? AND o.id > ?))"
+                p += [last[0], last[0], last[1]]
+            sql = (f"SELECT o.id, {obs_cols}, {label_cols} FROM observations o {_LABEL_JOINS} WHERE {w} "
+                   f"ORDER BY o.ts, o.id LIMIT {int(batch)}")
+            with self._reader() as db:
+                rows = db.execute(sql, p).fetchall()
+            for row in rows:
+                rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
+                for c in _BOOL_COLUMNS:
+                    rec[c] = bool(rec[c])
+                if rec["refusal"] is not None:
+                    rec["refusal"] = bool(rec["refusal"])
+                labels = row[1 + len(OBS_COLUMN_NAMES):]
+                for j, kind in enumerate(LABEL_KINDS):
+                    value, ts = labels[2 * j], labels[2 * j + 1]
+                    if ts is not None:
+                        rec[kind] = _label_py_value(kind, value)
+                        rec[LABEL_TS_COLUMN[kind]] = ts
+                yield rec
+            if len(rows) < batch:
+                return
+            last = (rows[-1][1 + OBS_COLUMN_NAMES.index("ts")], rows[-1][0])
+
+    def get(self, request_id: str) -> list[dict[str, Any]]:
+        """Every stored row (normal and replay) of one request id, as :meth:`iter_records` dicts."""
+        where = "o.request_id = ?"
+        label_cols = ", ".join(f"l_{k}.value, l_{k}.ts" for k in LABEL_KINDS)
+        obs_cols = ", ".join(f"o.{c}" for c in OBS_COLUMN_NAMES)
+        with self._reader() as db:
+            rows = db.execute(f"SELECT o.id, {obs_cols}, {label_cols} FROM observations o {_LABEL_JOINS} "
+                              f"WHERE {where} ORDER BY o.replay, o.id", (request_id,)).fetchall()
+        out = []
+        for row in rows:
+            rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
+            for c in _BOOL_COLUMNS:
+                rec[c] = bool(rec[c])
+            if rec["refusal"] is not None:
+                rec["refusal"] = bool(rec["refusal"])
+            labels = row[1 + len(OBS_COLUMN_NAMES):]
+            for j, kind in enumerate(LABEL_KINDS):
+                value, ts = labels[2 * j], labels[2 * j + 1]
+                if ts is not None:
+                    rec[kind] = _label_py_value(kind, value)
+                    rec[LABEL_TS_COLUMN[kind]] = ts
+            out.append(rec)
+        return out
+
+    def count(self, model: str | None = None) -> int:
+        with self._reader() as db:
+            if model is None:
+                return db.execute("SELECT COUNT(*) FROM observations").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM observations WHERE model = ?", (model,)).fetchone()[0]
+
+    def models(self) -> list[str]:
+        with self._reader() as db:
+            return [m for (m,) in db.execute("SELECT DISTINCT model FROM observations ORDER BY model")]
+
+
+def _label_db_value(kind: str, value: Any) -> Any:
+    if kind == "true_class":
+        return str(value)
+    if kind == "thumbs":
+        if value not in ("up", "down"):
+            raise ValueError(f"thumbs must be 'up' or 'down', got {value!r}")
+        return value
+    if kind == "task_success":
+        return 1 if value else 0
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError("evaluator_score must be finite")
+    return v
+
+
+def _label_py_value(kind: str, value: Any) -> Any:
+    if kind == "task_success":
+        return bool(value)
+    if kind == "evaluator_score":
+        return float(value)
+    return value
+
+
+__all__ = ["BOOL_COLUMNS", "FETCH_COLUMNS", "FLOAT_COLUMNS", "InsertResult", "LABEL_KINDS", "LABEL_TS_COLUMN",
+           "LabelResult", "OBJECT_COLUMNS", "OBS_COLUMN_NAMES", "ObservationRejected", "ObservationStore",
+           "empty_columns", "observation_row"]

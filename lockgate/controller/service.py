@@ -1,0 +1,150 @@
+"""``lockgate controller``: one asyncio process running the observation collector (gRPC), the HTTP API
+(feedback, debugging, ``/metrics``) and retention pruning.
+
+More work joins the same process as background tasks: ``serve(config, tasks=[fn, …])`` or
+``service.add_task(name, fn)`` where ``fn(service, stop_event)`` is a coroutine function that runs until
+``stop_event`` is set (the promotion loop, for example). A task that raises is logged and the process
+stops with exit status 1 (a controller missing a part is worse than a restarted one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import time
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+
+from lockgate.config import LockgateConfig
+from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.http_api import ControllerHTTP
+from lockgate.controller.observations import ObservationStore
+from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
+
+log = logging.getLogger("lockgate.controller")
+
+TaskFn = Callable[["ControllerService", asyncio.Event], Awaitable[None]]
+
+
+class ControllerStartError(RuntimeError):
+    """The controller could not start (port in use, unreadable state dir, ...)."""
+
+
+class ControllerService:
+    """The controller's parts: ``store``, ``metrics``, the gRPC ``server``, ``http``, and ``tasks``."""
+
+    def __init__(self, config: LockgateConfig):
+        self.config = config
+        self.retention_s = config.controller.retention_days * 86400.0
+        self.store = ObservationStore(config.observations_db_path)
+        self.metrics = ControllerMetrics()
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
+        self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer)
+        self.server: grpc.aio.Server | None = None
+        self.http: ControllerHTTP | None = None
+        self.tasks: list[tuple[str, TaskFn]] = [("retention", prune_loop)]
+        self.stop_event = asyncio.Event()
+
+    def add_task(self, name: str, fn: TaskFn) -> None:
+        self.tasks.append((name, fn))
+
+    async def start(self) -> None:
+        cc = self.config.controller
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        pb_grpc.add_ObservationCollectorServicer_to_server(self.collector, self.server)
+        try:
+            port = self.server.add_insecure_port(str(cc.address))
+        except RuntimeError as exc:
+            raise ControllerStartError(f"cannot listen on controller.address {cc.address}: {exc}") from None
+        if port == 0:
+            raise ControllerStartError(f"cannot listen on controller.address {cc.address}")
+        try:
+            self.http = ControllerHTTP(cc.http.host, cc.http.port, self.store, self.metrics, self.retention_s)
+        except OSError as exc:
+            raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
+        await self.server.start()
+        self.http.start()
+
+    async def run(self) -> int:
+        """Run every background task until ``stop_event``; returns the exit status."""
+        failed = False
+
+        async def guarded(name: str, fn: TaskFn) -> None:
+            nonlocal failed
+            try:
+                await fn(self, self.stop_event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller task %s failed; stopping", name)
+                failed = True
+                self.stop_event.set()
+
+        running = [asyncio.create_task(guarded(n, fn), name=n) for n, fn in self.tasks]
+        await self.stop_event.wait()
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        return 1 if failed else 0
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.stop(1.0)  # in-flight Reports finish (they are stored before the ack)
+        if self.http is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.http.stop)
+        self.writer.shutdown(wait=True)
+        self.store.close()
+
+
+async def prune_loop(service: ControllerService, stop: asyncio.Event) -> None:
+    """Delete observations older than ``controller.retention_days``, at start and every
+    ``controller.prune_interval_s``. A failed prune is logged and retried next time."""
+    loop = asyncio.get_running_loop()
+    interval = service.config.controller.prune_interval_s
+    while not stop.is_set():
+        cutoff = time.time() - service.retention_s
+        try:
+            n = await loop.run_in_executor(service.writer, lambda: service.store.prune(cutoff))
+            if n:
+                service.metrics.pruned.inc(n)
+                log.info("pruned %d observations older than %.1f days", n, service.retention_s / 86400)
+        except Exception:
+            log.exception("pruning observations failed")
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, tasks: Iterable[tuple[str, TaskFn]] = (),
+                ) -> int:
+    """Run the controller until SIGTERM/SIGINT (or ``stop``). Prints ``ready controller=… http=…``."""
+    service = ControllerService(config)
+    if stop is not None:
+        service.stop_event = stop
+    for name, fn in tasks:
+        service.add_task(name, fn)
+    try:
+        await service.start()
+    except BaseException:
+        await service.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, service.stop_event.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    cc = config.controller
+    print(f"ready controller={cc.address} http={cc.http}", flush=True)
+    try:
+        return await service.run()
+    finally:
+        await service.close()
+        log.info("controller stopped")
+
+
+__all__ = ["ControllerService", "ControllerStartError", "prune_loop", "serve"]

@@ -1,0 +1,168 @@
+"""Per-response capture: from Envoy's ext_proc messages to one :class:`Observation`.
+
+Pure apart from the clock values passed in. ``ResponseCapture.start`` reads the response-headers
+message (Envoy's attributes say which cluster and route served the request, its id, status, start
+time, upstream host and the request headers lockgate keys on); body chunks are fed to the
+model's analyzer as they stream past; ``finish`` builds the observation. Nothing here mutates a
+request or response: the ext_proc server always answers "continue unchanged".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from lockgate.config import LockgateConfig, Model
+from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyzer
+from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
+from lockgate.extproc.keys import extract_key, hash_key
+from lockgate.proto.v1 import observations_pb2 as obs_pb2
+from lockgate.xds.resources import key_headers, parse_cluster_name, parse_route_name
+
+ATTR_NS = "envoy.filters.http.ext_proc"
+
+
+def analyzer_config(config: LockgateConfig) -> AnalyzerConfig:
+    cap = config.capture
+    base = DEFAULT_REFUSAL_PATTERNS if cap.refusal_patterns is None else cap.refusal_patterns
+    return AnalyzerConfig(max_body_bytes=cap.max_body_bytes, refusal_patterns=tuple(base) + cap.extra_refusal_patterns)
+
+
+def _str(fields, key: str) -> str:
+    v = fields.get(key)
+    return v.string_value if v is not None and v.WhichOneof("kind") == "string_value" else ""
+
+
+def _epoch(value: struct_pb2.Value | None) -> float | None:
+    """``request.time`` arrives as an RFC 3339 string; returns epoch seconds."""
+    if value is None:
+        return None
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        from google.protobuf import timestamp_pb2
+
+        ts = timestamp_pb2.Timestamp()
+        try:
+            ts.FromJsonString(value.string_value)
+        except ValueError:
+            return None
+        return ts.seconds + ts.nanos / 1e9
+    return None
+
+
+@dataclass
+class Attribution:
+    """Who served a request, from Envoy's own routing (never re-computed)."""
+
+    model: Model
+    version: str
+    role: str           #: "baseline" | "canary" | "other"
+    route: str          #: "sticky" | "qa"
+    weight_bp: int
+    stage: str
+
+
+def attribute(config_models: dict[str, Model], cluster_name: str, route_name: str) -> Attribution | None:
+    parsed = parse_cluster_name(cluster_name)
+    if parsed is None or parsed[0] not in config_models:
+        return None
+    model = config_models[parsed[0]]
+    version = parsed[1]
+    info = parse_route_name(route_name)
+    canary = info.canary if info else None
+    if version == model.stable:
+        role = "baseline"
+    elif version == canary:
+        role = "canary"
+    else:
+        role = "other"  # e.g. a QA-forced version that is not the current canary
+    return Attribution(model, version, role, info.path if info else "sticky", info.weight_bp if info else 0,
+                       info.stage if info else "")
+
+
+class ResponseCapture:
+    """State of one response between its headers and its last body chunk."""
+
+    __slots__ = ("obs", "analyzer", "start_ts")
+
+    def __init__(self, obs: obs_pb2.Observation, analyzer: BodyAnalyzer, start_ts: float | None):
+        self.obs = obs
+        self.analyzer = analyzer
+        self.start_ts = start_ts
+
+    @classmethod
+    def start(cls, headers_msg, attrs: struct_pb2.Struct | None, now: float, models: dict[str, Model],
+              analyzer_cfg: AnalyzerConfig, key_secret: bytes, header_names: list[str]) -> "ResponseCapture | None":
+        """None when the response is not a lockgate model's (then nothing is captured)."""
+        if attrs is None:
+            return None
+        fields = attrs.fields
+        who = attribute(models, _str(fields, "xds.cluster_name"), _str(fields, "xds.route_name"))
+        if who is None:
+            return None
+        status = 0
+        content_type = content_encoding = None
+        for h in headers_msg.headers.headers:
+            key = h.key
+            if key == ":status":
+                status = int(h.raw_value or b"0")
+            elif key == "content-type":
+                content_type = h.raw_value.decode("latin-1")
+            elif key == "content-encoding":
+                content_encoding = h.raw_value.decode("latin-1")
+        start_ts = _epoch(fields.get("request.time"))
+        req_headers = {}
+        for name in header_names:
+            v = _str(fields, f"request.headers['{name}']")
+            if v:
+                req_headers[name] = v
+        key = extract_key(who.model.sticky_keys, req_headers)
+        obs = obs_pb2.Observation(
+            request_id=_str(fields, "request.id"), ts=now, model=who.model.name, version=who.version, role=who.role,
+            weight_bp=who.weight_bp, stage=who.stage, route=who.route,
+            upstream_host=_str(fields, "upstream.address"), status_code=status,
+            user_key=hash_key(key[1], key_secret) if key else "",
+            timeout=_str(fields, "response.code_details") == "upstream_response_timeout")
+        if start_ts is not None:
+            obs.ttfb_ms = max(0.0, (now - start_ts) * 1000)
+        size = fields.get("request.size")
+        if size is not None and size.WhichOneof("kind") == "number_value" and size.number_value >= 0:
+            obs.request_bytes = int(size.number_value)
+        analyzer = make_analyzer(who.model.analyzer, content_type, content_encoding, analyzer_cfg)
+        return cls(obs, analyzer, start_ts)
+
+    def feed(self, chunk: bytes) -> None:
+        self.analyzer.feed(chunk)
+
+    def finish(self, now: float, end_of_stream: bool) -> obs_pb2.Observation:
+        obs = self.obs
+        if self.start_ts is not None:
+            obs.duration_ms = max(0.0, (now - self.start_ts) * 1000)
+        a = self.analyzer.finish(end_of_stream)
+        obs.response_bytes = a.body_bytes
+        obs.analyzer = a.analyzer
+        obs.truncated = a.truncated
+        obs.parse_error = a.parse_error or ""
+        _set(obs, "output_tokens", a.output_tokens)
+        obs.output_tokens_estimated = a.output_tokens_estimated
+        _set(obs, "output_chars", a.output_chars)
+        obs.finish_reason = a.finish_reason or ""
+        if a.refusal is not None:
+            obs.refusal = a.refusal
+        _set(obs, "entropy", a.entropy)
+        obs.predicted_class = a.predicted_class or ""
+        _set(obs, "confidence", a.confidence)
+        _set(obs, "class_entropy", a.class_entropy)
+        _set(obs, "events", a.events)
+        return obs
+
+
+def _set(obs: obs_pb2.Observation, name: str, value: Any) -> None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return
+    setattr(obs, name, value)

@@ -164,7 +164,7 @@ def write_md(out: dict, n_sims: int, rph: float, seed: int, elapsed: float, cmd:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sims", type=int, default=200)
-    ap.add_argument("--rph", type=float, default=8000.0)
+    ap.add_argument("--rph", type=float, default=20000.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decision_quality.md"))
     a = ap.parse_args()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -133,9 +134,34 @@ def extproc_seen(metrics_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         total = 0.0
         for line in r.read().decode().splitlines():
-            if line.startswith("lockgate_routed_responses_total{"):
+            # the ext_proc server's per-response counter (name differs across lockgate versions)
+            if line.startswith(("lockgate_routed_responses_total{", "lockgate_requests_total{")):
                 total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def make_fleet(Fleet, tmp: Path, models: list, n_envoys: int):
+    """A lockgate fleet as deployed: xds + extproc (+ the observation controller when this lockgate has one)."""
+    import dataclasses
+
+    if "with_controller" in {f.name for f in dataclasses.fields(Fleet)}:
+        extra = {"controller": {"address": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"}}
+        return Fleet(tmp, models, n_envoys=n_envoys, extra=extra, with_controller=True)
+    return Fleet(tmp, models, n_envoys=n_envoys)
+
+
+def extproc_filter_summary(config) -> dict:
+    """The ext_proc filter lockgate serves (processing mode, attributes), as measured."""
+    from lockgate.xds.resources import build_listener
+
+    listener = json_format.MessageToDict(build_listener(config), preserving_proto_field_name=True)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            tc = f["typed_config"]
+            return {"processing_mode": tc.get("processing_mode", {}),
+                    "response_attributes": tc.get("response_attributes", [])}
+    return {}
 
 
 def summarize(runs: list[dict], key: str) -> float:
@@ -144,9 +170,9 @@ def summarize(runs: list[dict], key: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--latency-seconds", type=float, default=8.0)
-    ap.add_argument("--ceiling-seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--latency-seconds", type=float, default=6.0)
+    ap.add_argument("--ceiling-seconds", type=float, default=3.0)
     ap.add_argument("--connections", type=int, default=20, help="paced connections for the ~500 rps runs")
     ap.add_argument("--delay-ms", type=int, default=39, help="mean Lua delay per connection (ms)")
     ap.add_argument("--ceiling-connections", type=int, default=32)
@@ -182,11 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
             models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
                        "versions": {"v1": {"endpoints": [f"127.0.0.1:{nginx.ports['v1']}"]},
                                     "v2": {"endpoints": [f"127.0.0.1:{nginx.ports['v2']}"]}}}]
-            fleet = Fleet(fleet_dir, models, n_envoys=1)
+            fleet = make_fleet(Fleet, fleet_dir, models, 1)
             fleet.start()
             pin(fleet.procs["envoy-0"].pid, ENVOY_CPU)
-            pin(fleet.procs["xds"].pid, CLIENT_CPU)
-            pin(fleet.procs["extproc"].pid, CLIENT_CPU)
+            for name in ("xds", "extproc", "controller"):
+                if name in fleet.procs:
+                    pin(fleet.procs[name].pid, CLIENT_CPU)
+            result["setup"]["lockgate_processes"] = sorted(fleet.procs)
+            result["setup"]["extproc_filter"] = extproc_filter_summary(load_config(fleet.config_path))
             fleet.set_weight("chat", "v2", CANARY_PCT)
             config = load_config(fleet.config_path)
 
@@ -228,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                     r = run_wrk(targets[key]["url"], lua, duration_s=args.latency_seconds, connections=args.connections,
                                 delay_ms=args.delay_ms, cpus=CLIENT_CPU)
                     r["round"] = rnd
+                    r["loadavg1_after"] = os.getloadavg()[0]
                     runs[key]["paced"].append(r)
                     print(f"round {rnd} {key} paced: {r['rps']:.0f} rps p50 {r['p50_us'] / 1000:.3f} ms "
                           f"p99 {r['p99_us'] / 1000:.3f} ms errors {r['errors']}", flush=True)
@@ -235,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                     r = run_wrk(targets[key]["url"], lua, duration_s=args.ceiling_seconds,
                                 connections=args.ceiling_connections, cpus=CLIENT_CPU)
                     r["round"] = rnd
+                    r["loadavg1_after"] = os.getloadavg()[0]
                     runs[key]["ceiling"].append(r)
                     print(f"round {rnd} {key} ceiling: {r['rps']:.0f} rps errors {r['error_pct']:.2f}% "
                           f"p99 {r['p99_us'] / 1000:.2f} ms", flush=True)
@@ -277,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "p99_met": summary["B"]["added_p99_ms"] <= 1.5}
     result["summary"] = summary
     result["runs"] = runs
+    result["loadavg_at_end"] = os.getloadavg()
     out = save_json(args.out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out.relative_to(REPO)}")

@@ -70,7 +70,11 @@ def render_routing(d: dict) -> str:
         f"between requests, {st['latency_seconds']:g} s per run; every request carries a random `x-user-id` "
         f"(100,000 users). Latency is wrk's (request write → response complete). Ceiling: wrk closed loop, "
         f"{st['ceiling_connections']} connections, {st['ceiling_seconds']:g} s per run (throughput and error %).",
-        f"- B has canary v2 at {st['canary_pct']} %.",
+        f"- B has canary v2 at {st['canary_pct']} %; lockgate processes: "
+        f"{', '.join(n for n in st.get('lockgate_processes', []) if not n.startswith('envoy')) or 'xds, extproc'} "
+        f"(pinned to CPU {st['client_cpu']}). ext_proc filter as served by lockgate: "
+        f"`processing_mode: {json.dumps(st.get('extproc_filter', {}).get('processing_mode', {}))}`, "
+        f"{len(st.get('extproc_filter', {}).get('response_attributes', []))} response attributes.",
         "",
         "| path | achieved rps | p50 ms | p90 ms | p99 ms | p99.9 ms | ceiling rps (min–max) | errors at ceiling |",
         "|---|---|---|---|---|---|---|---|",
@@ -109,9 +113,10 @@ def render_routing(d: dict) -> str:
         lines.append("")
     lines += [
         "Reading: C − A is what Envoy's own sticky split costs (regex-rewritten header hash + weighted "
-        "clusters): next to nothing. Nearly all of B − A is the one ext_proc round trip per response "
-        "(Envoy → gRPC → a Python grpc.aio server → back) that Envoy waits for before sending the response "
-        "headers downstream; it also sets B's ceiling (the Python ext_proc server shares its core with wrk). "
+        "clusters): next to nothing. Nearly all of B − A is the ext_proc exchange per response (the "
+        "response-headers message, and with a STREAMED body mode one more message per body chunk: Envoy → "
+        "gRPC → lockgate's Python grpc.aio server → back) that Envoy waits for before passing the response "
+        "on; it also sets B's ceiling (the Python ext_proc server shares its core with wrk). "
         "The routing decision itself never waits for lockgate: if the ext_proc server is down or slow, "
         "requests are still split and sticky (`failure_mode_allow`, message timeout), see docs/drop-in.md.",
     ]

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, Nginx, machine, median, need, pct, pin, save_json  # noqa: E402
+from routing_latency import make_fleet  # noqa: E402
 
 ENVOY_CPU = "0"
 CLIENT_CPU = "1"
@@ -54,6 +55,7 @@ class Traffic(threading.Thread):
         self.port, self.rps, self.conns, self.users, self.path = port, rps, conns, users, path
         self.records: list[tuple[float, float, int, str]] = []  # (sent epoch, latency s, status, version)
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}
         self._stop_evt = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -95,20 +97,36 @@ class Traffic(threading.Thread):
                     k, sep, v = line.partition(":")
                     if sep:
                         headers[k.strip().lower()] = v.strip()
-                n = int(headers.get("content-length", "0"))
-                if n:
-                    await asyncio.wait_for(reader.readexactly(n), 5)
+                if "chunked" in headers.get("transfer-encoding", "").lower():
+                    await asyncio.wait_for(self._read_chunked(reader), 5)
+                else:
+                    n = int(headers.get("content-length", "0"))
+                    if n:
+                        await asyncio.wait_for(reader.readexactly(n), 5)
                 self.records.append((sent, time.monotonic() - t0, status, headers.get("x-model-version", "?")))
                 if headers.get("connection", "").lower() == "close":
                     writer.close()
                     reader = writer = None
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError):
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as exc:
                 self.errors += 1
+                kind = type(exc).__name__
+                self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
                 if writer is not None:
                     writer.close()
                 reader = writer = None
         if writer is not None:
             writer.close()
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> None:
+        # lockgate's ext_proc streams response bodies (STREAMED), so Envoy answers chunked
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, then the blank line
+                    pass
+                return
+            await reader.readexactly(size + 2)
 
 
 def run_cli(fleet, *args: str) -> tuple[dict, float]:
@@ -135,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--rps", type=float, default=300.0)
-    ap.add_argument("--canary-pct", type=float, default=20.0)
+    ap.add_argument("--canary-pct", type=float, default=50.0,
+                    help="canary weight while up (50: dense canary traffic, so the last canary request is resolved finely)")
     ap.add_argument("--hold-seconds", type=float, default=0.8, help="traffic time after each push")
     ap.add_argument("--envoys", type=int, default=2)
     ap.add_argument("--out", default="weight_push.json")
@@ -163,12 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
             models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
                        "versions": {"v1": {"endpoints": [f"127.0.0.1:{nginx.ports['v1']}"]},
                                     "v2": {"endpoints": [f"127.0.0.1:{nginx.ports['v2']}"]}}}]
-            fleet = Fleet(fleet_dir, models, n_envoys=args.envoys)
+            fleet = make_fleet(Fleet, fleet_dir, models, args.envoys)
             fleet.start()
             for i in range(args.envoys):
                 pin(fleet.procs[f"envoy-{i}"].pid, ENVOY_CPU)
-            pin(fleet.procs["xds"].pid, CLIENT_CPU)
-            pin(fleet.procs["extproc"].pid, CLIENT_CPU)
+            for name in ("xds", "extproc", "controller"):
+                if name in fleet.procs:
+                    pin(fleet.procs[name].pid, CLIENT_CPU)
+            result["setup"]["lockgate_processes"] = sorted(fleet.procs)
             rq0 = [fleet.stat(i, "http.lockgate.downstream_rq_total") or 0 for i in range(args.envoys)]
 
             traffic = Traffic(fleet.ports["listener"], args.rps)
@@ -226,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         "all_trials_all_acked": all(t["set_weight"]["all_acked"] and t["rollback"]["all_acked"] and
                                     t["rollback"]["n_envoys"] == args.envoys for t in trials),
         "requests": len(recs), "non_200": bad, "client_errors": traffic.errors,
+        "client_error_kinds": traffic.error_kinds,
         "achieved_rps": len(recs) / (recs[-1][0] - recs[0][0]) if len(recs) > 1 else 0.0,
         "client_latency_ms_p50_p99": [pct([r[1] * 1000 for r in recs], 50), pct([r[1] * 1000 for r in recs], 99)],
     }

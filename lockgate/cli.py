@@ -178,6 +178,8 @@ def cmd_controller(args) -> int:
 
 
 def cmd_observations_export(args) -> int:
+    import sqlite3
+
     from lockgate.controller.export import export_jsonl, parse_time
     from lockgate.controller.observations import ObservationStore
 
@@ -202,6 +204,8 @@ def cmd_observations_export(args) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
     finally:
         if args.output:
             out.close()
@@ -220,6 +224,51 @@ def cmd_up(args) -> int:
 def cmd_validate_config(args) -> int:
     config = _load(args)
     print(f"{args.config}: ok ({len(config.models)} models: {', '.join(m.name for m in config.models)})")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """``lockgate validate FILE...``: check rollout specs (against lockgate.yaml when there is one)."""
+    from lockgate.controller.spec import load_spec, render_warning
+
+    config = None
+    note = ""
+    if os.path.exists(args.config):
+        config = _load(args)
+    else:
+        note = f" (no {args.config}: validated standalone, model and canary version not checked)"
+    bad = 0
+    reports = []
+    for path in args.files:
+        try:
+            spec = load_spec(path, config)
+        except ConfigError as exc:
+            bad += 1
+            if args.json:
+                reports.append({"file": path, "ok": False, "problems": [p.render(exc.source) for p in exc.problems]})
+            else:
+                print(f"{path}: invalid rollout spec ({len(exc.problems)} problem{'s' * (len(exc.problems) != 1)}):",
+                      file=sys.stderr)
+                for p in exc.problems:
+                    print(f"  {p.render(exc.source)}", file=sys.stderr)
+            continue
+        warnings = [render_warning(w, spec.source) for w in spec.warnings]
+        if args.json:
+            reports.append({"file": path, "ok": True, "sha256": spec.sha256, "checked_against": config.source
+                            if config else None, "warnings": warnings, "spec": spec.canonical()})
+        else:
+            print(f"{path}: ok ({spec.summary()}, spec sha256 {spec.sha256[:12]}…){note}")
+            for w in warnings:
+                print(f"  {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(reports if len(reports) != 1 else reports[0], indent=2))
+    return 2 if bad else 0
+
+
+def cmd_schema(args) -> int:
+    from lockgate.controller.spec_schema import schema_json
+
+    sys.stdout.write(schema_json())
     return 0
 
 
@@ -271,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.add_argument("--json", action="store_true")
+    sp = add("validate", cmd_validate, "validate rollout spec files (with lockgate.yaml when it exists)")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--json", action="store_true", help="print the normalised spec and its full sha256")
+    add("schema", cmd_schema, "print the JSON Schema of rollout spec files (for editors)")
     return p
 
 

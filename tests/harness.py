@@ -164,6 +164,7 @@ class Fleet:
     models: list[dict[str, Any]]
     n_envoys: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    with_controller: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -189,6 +190,8 @@ class Fleet:
 
     # ----- lifecycle -----
     def start(self) -> "Fleet":
+        if self.with_controller:
+            self.start_controller()
         self.start_xds()
         self.start_extproc()
         for i in range(self.n_envoys):
@@ -198,6 +201,31 @@ class Fleet:
 
     def start_xds(self) -> None:
         self.procs["xds"] = Proc([PY, "-m", "lockgate", "-c", str(self.config_path), "xds"], self.tmp / "xds.log")
+
+    def start_controller(self) -> None:
+        self.procs["controller"] = Proc([PY, "-m", "lockgate", "-c", str(self.config_path), "controller"],
+                                        self.tmp / "controller.log")
+
+    def observations(self, request_id: str | None = None, model: str | None = None) -> list[dict]:
+        """Stored observations (read from the controller's SQLite store)."""
+        from lockgate.controller.observations import ObservationStore
+
+        store = ObservationStore(self.tmp / "state" / "observations.db", read_only=True)
+        try:
+            return store.get(request_id) if request_id else list(store.iter_records(model))
+        finally:
+            store.close()
+
+    def wait_observations(self, n: int, timeout: float = 15) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got = self.observations()
+            except Exception:  # store not created yet
+                got = []
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
 
     def start_extproc(self) -> None:
         self.procs["extproc"] = Proc([PY, "-m", "lockgate", "-c", str(self.config_path), "extproc"],

@@ -214,7 +214,9 @@ def _columnar(rows: Sequence[tuple], names: Sequence[str]) -> dict[str, np.ndarr
                                     count=n)
         else:
             arr = np.empty(n, dtype=object)
-            arr[:] = [None if v is None else str(v) for v in values] if n else []
+            if n:
+                arr[:] = values if all(v is None or type(v) is str for v in values) else \
+                    [None if v is None else str(v) for v in values]
             out[name] = arr
     return out
 
@@ -396,9 +398,6 @@ class ObservationStore:
         keep = (now - older_than_ts) if tombstone_s is None else tombstone_s
         with self._writer() as db:
             db.execute("DELETE FROM expired WHERE pruned_at < ?", (now - keep,))
-            # labels whose observation is gone (or never came): nothing to join them to
-            db.execute("DELETE FROM labels WHERE ts < ? AND request_id NOT IN (SELECT request_id FROM observations)",
-                       (older_than_ts,))
             db.execute("INSERT INTO meta(key, value) VALUES ('pruned_before', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value "
                        "WHERE CAST(meta.value AS REAL) < CAST(excluded.value AS REAL)", (repr(older_than_ts),))

@@ -116,20 +116,21 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.metrics.record(obs)
 
     async def Process(self, request_iterator, context):
+        # Feed before answering (cheap: a buffer append or an incremental SSE parse), finish after:
+        # gRPC may close this generator at any ``yield`` once Envoy has its last answer, and then
+        # ``finally`` completes the observation with what was fed.
         cap: ResponseCapture | None = None
+        ended = False  # end of stream seen (the body is complete)
         try:
             async for req in request_iterator:
                 which = req.WhichOneof("request")
                 if which == "response_body":
-                    yield _CONTINUE_RESPONSE_BODY  # answer first: the chunk goes on to the client now
                     if cap is not None:
                         body = req.response_body
                         cap.feed(body.body)
-                        if body.end_of_stream:
-                            self._done(cap, True)
-                            cap = None
+                        ended = body.end_of_stream
+                    yield _CONTINUE_RESPONSE_BODY
                 elif which == "response_headers":
-                    yield _CONTINUE_RESPONSE_HEADERS
                     try:
                         cap = ResponseCapture.start(req.response_headers, req.attributes.get(ATTR_NS), time.time(),
                                                     self.models, self.analyzer_cfg, self.key_secret,
@@ -137,21 +138,21 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                     except Exception:  # never let capture break the stream
                         log.exception("capture failed to start")
                         cap = None
-                    if cap is not None and req.response_headers.end_of_stream:
-                        self._done(cap, True)
-                        cap = None
+                    ended = req.response_headers.end_of_stream
+                    yield _CONTINUE_RESPONSE_HEADERS
                 elif which == "request_headers":
                     yield _CONTINUE_REQUEST_HEADERS
                 elif which == "response_trailers":
+                    ended = True
                     yield _CONTINUE_RESPONSE_TRAILERS
-                    if cap is not None:
-                        self._done(cap, True)
-                        cap = None
                 else:
                     log.debug("unexpected ext_proc message %s", which)
+                if ended and cap is not None:
+                    self._done(cap, True)
+                    cap = None
         finally:
-            if cap is not None:  # client went away mid-body: keep what was seen, marked incomplete
-                self._done(cap, False)
+            if cap is not None:  # closed at a yield, or the client went away mid-body
+                self._done(cap, ended)
 
 
 async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> None:

@@ -125,6 +125,10 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
         codec_type=hcm.HttpConnectionManager.AUTO,
         rds=hcm.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
+        # Feedback is joined by request id: keep a client-chosen x-request-id, and tell the client
+        # the id Envoy generated otherwise (a response header; the body is never touched).
+        preserve_external_request_id=True,
+        always_set_request_id_in_response=True,
         http_filters=[
             hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc)),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),

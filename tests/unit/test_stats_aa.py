@@ -43,7 +43,7 @@ def test_benign_improvement_does_not_roll_back():
     rng = np.random.default_rng(7)
     cfg = RolloutConfig(requests_per_hour=4000)
     better = Effects(error_mult=0.7, refusal_mult=0.7, latency_mult=0.9, length_mult=0.95, score_shift=0.02)
-    n_sims = 100
+    n_sims = 60
     assert _rollbacks(rng, cfg, better, n_sims, 20, default_specs()) == 0
 
 

@@ -322,4 +322,4 @@ def test_one_million_observations_in_seconds():
     j = evaluate_all(default_specs(with_classes=True), s, 0.05, now=float(s["ts"][-1]))
     elapsed = time.perf_counter() - t0
     assert j.decision in ("continue", "promote")
-    assert elapsed < 20.0, elapsed  # typically 2-5 s on 2 cores
+    assert elapsed < 45.0, elapsed  # ~2.5-4 s on an idle 2-core VM; generous bound against load

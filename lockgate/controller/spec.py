@@ -1,0 +1,781 @@
+"""The rollout spec: one YAML file per rollout, saying how a canary is ramped and judged.
+
+Example (``examples/rollouts/chat-v2.yaml``; every field in ``docs/rollout-spec.md``)::
+
+    rollout:
+      model: chat
+      canary: v2
+      alpha: 0.01
+      steps:
+        - {weight_percent: 1, min_duration: 10m, min_canary_samples: 200}
+        - {weight_percent: 5, min_duration: 30m, min_canary_samples: 1000}
+      promotion: {require_non_inferiority: true, max_duration: 24h, preflight: drill}
+      metrics:
+        - {name: error_rate, allowed: {absolute: 0.005}}
+        - {name: latency_p95, allowed: {relative: 0.10}}
+        - {name: output_tokens, gating: false, allowed: auto}
+
+Validated like ``lockgate.yaml`` (:mod:`lockgate.yamlconf`): every problem is collected and reported
+together as one :class:`~lockgate.yamlconf.ConfigError`, each naming file:line:col and the field path;
+unknown keys are reported with the known ones (and a "did you mean" for typos).
+
+The spec is locked at rollout start by :func:`spec_hash` / :attr:`RolloutSpec.sha256`: the sha256 of
+the *normalised* spec (:meth:`RolloutSpec.canonical`: defaults filled in, durations in seconds, weights
+in basis points), so whitespace, comments, key order and spelling (``10m`` vs ``600``) do not change
+it, while any change to a criterion does.
+
+:meth:`RolloutSpec.to_stats_specs` maps the metric criteria onto the statistics core's
+:class:`~lockgate.controller.stats.MetricSpec` (imported lazily: parsing needs no numpy).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from lockgate.yamlconf import (
+    ConfigError,
+    ErrorCollector,
+    Fields,
+    PathPart,
+    Problem,
+    format_path,
+    load_yaml,
+    load_yaml_file,
+    type_name,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lockgate.config import LockgateConfig
+    from lockgate.controller.stats import MetricSpec
+
+#: Version tag of the spec format; part of the canonical form (and so of the hash).
+SPEC_FORMAT = "lockgate.rollout/v1"
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # same rule as lockgate.yaml names
+
+
+# --------------------------------------------------------------------------- built-in metrics
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """A built-in metric: how the statistics core tests it and which observation column it reads.
+
+    ``kind`` is a statistics-core kind (``rate``, ``mean``, ``quantile``, ``class_recall``,
+    ``class_precision``). ``column`` is the column of the observation store's ``fetch()`` result
+    the values come from — or, for ``error`` and ``correct``, a column the controller derives
+    (see ``derived``). ``label_ts_column``: for metrics fed by feedback labels, the label's arrival
+    time (labels that arrive after an evaluation's ``now`` must not be used).
+    """
+
+    name: str
+    kind: str
+    harmful: str
+    column: str
+    unit: str = ""
+    quantile: float | None = None
+    per_class: bool = False
+    label_ts_column: str | None = None
+    derived: str | None = None
+    description: str = ""
+
+    @property
+    def fraction(self) -> bool:
+        """Values are fractions in [0, 1] (rates, recall, precision): absolute allowed ≤ 1."""
+        return self.kind in ("rate", "class_recall", "class_precision")
+
+
+BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
+    MetricDef("error_rate", "rate", "increase", "error",
+              derived="1 if status_code >= 500 or timeout else 0 (NaN if neither is known)",
+              description="share of requests answered 5xx or timed out"),
+    MetricDef("latency_p50", "quantile", "increase", "latency_ms", "ms", 0.50,
+              description="median request duration (first request byte to last response byte)"),
+    MetricDef("latency_p95", "quantile", "increase", "latency_ms", "ms", 0.95,
+              description="95th percentile of request duration"),
+    MetricDef("latency_p99", "quantile", "increase", "latency_ms", "ms", 0.99,
+              description="99th percentile of request duration"),
+    MetricDef("ttft_p95", "quantile", "increase", "ttfb_ms", "ms", 0.95,
+              description="95th percentile of time to first response byte (= first token when streaming)"),
+    MetricDef("output_tokens", "mean", "increase", "output_tokens", "tokens",
+              description="mean output tokens per response (cost and latency; override harmful: decrease "
+                          "if shorter answers are the risk)"),
+    MetricDef("refusal_rate", "rate", "increase", "refusal",
+              description="share of responses the analyzer classified as refusals"),
+    MetricDef("entropy", "mean", "increase", "entropy", "nats",
+              description="mean token entropy from logprobs (model uncertainty)"),
+    MetricDef("evaluator_score", "mean", "decrease", "evaluator_score", label_ts_column="evaluator_score_arrival_ts",
+              description="mean score posted by an evaluator (feedback label evaluator_score)"),
+    MetricDef("similarity", "mean", "decrease", "similarity",
+              description="mean similarity of canary answers to the baseline's answers (replay/shadow "
+                          "comparison; 0..1)"),
+    MetricDef("feedback_positive_rate", "rate", "decrease", "thumbs", label_ts_column="thumbs_arrival_ts",
+              description="share of thumbs-up among requests with thumbs feedback"),
+    MetricDef("task_success_rate", "rate", "decrease", "task_success", label_ts_column="task_success_arrival_ts",
+              description="share of successful tasks among requests with task_success feedback"),
+    MetricDef("accuracy", "rate", "decrease", "correct", label_ts_column="label_arrival_ts",
+              derived="1 if predicted_class == true_class else 0, over requests with a usable true_class label",
+              description="aggregate accuracy over labelled requests (never a substitute for per-class metrics)"),
+    MetricDef("class_recall", "class_recall", "decrease", "predicted_class", per_class=True,
+              label_ts_column="label_arrival_ts",
+              description="recall of one class: share of requests labelled CLASS that were predicted CLASS"),
+    MetricDef("class_precision", "class_precision", "decrease", "predicted_class", per_class=True,
+              label_ts_column="label_arrival_ts",
+              description="precision of one class: share of requests predicted CLASS that are labelled CLASS"),
+)}
+
+# --------------------------------------------------------------------------- field names (shared with the schema)
+
+TOP_KEYS = ("rollout",)
+ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics")
+STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples")
+PROMOTION_KEYS = ("require_non_inferiority", "max_duration", "preflight")
+METRIC_KEYS = ("name", "class", "gating", "harmful", "allowed")
+ALLOWED_MODES = ("absolute", "relative")
+PREFLIGHTS = ("none", "drill")
+HARMFUL = ("increase", "decrease")
+
+# --------------------------------------------------------------------------- defaults
+
+DEFAULT_ANALYSIS_INTERVAL_S = 30.0
+DEFAULT_ALPHA = 0.05
+DEFAULT_STEP_MIN_DURATION_S = 600.0
+DEFAULT_STEP_MIN_CANARY_SAMPLES = 100
+DEFAULT_MAX_DURATION_S = 86400.0
+DEFAULT_PREFLIGHT = "drill"
+MAX_DURATION_S = 365 * 86400.0
+MAX_ANALYSIS_INTERVAL_S = 3600.0
+MAX_ALPHA = 0.2
+MAX_RELATIVE = 10.0
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of the ramp: hold ``weight_bp`` (basis points, 100 = 1 %) of the model's traffic on
+    the canary for at least ``min_duration_s`` seconds and ``min_canary_samples`` canary observations
+    before the next stage may start (and only if no gating metric shows harm)."""
+
+    weight_bp: int
+    min_duration_s: float
+    min_canary_samples: int
+
+    @property
+    def weight_percent(self) -> float:
+        return self.weight_bp / 100
+
+    def canonical(self) -> dict:
+        return {"weight_bp": self.weight_bp, "min_duration_s": self.min_duration_s,
+                "min_canary_samples": self.min_canary_samples}
+
+
+DEFAULT_STEPS: tuple[Step, ...] = (
+    Step(100, 600.0, 200),
+    Step(500, 1800.0, 1000),
+    Step(2000, 3600.0, 3000),
+    Step(5000, 3600.0, 5000),
+)
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """The last move, from the final stage to 100 %.
+
+    ``require_non_inferiority``: promotion needs every gating metric shown within its allowed change
+    (verdict ``pass``); if false, absence of harm after the final stage's minimums is enough.
+    ``max_duration_s``: wall-clock budget of the whole rollout, from its start; when it runs out
+    without promotion being justified the rollout holds where it is as ``inconclusive`` for a human
+    (never promoted silently). ``preflight``: ``drill`` proves the revert path (``lockgate drill``:
+    every Envoy ACKs a route re-push) before the first stage; ``none`` skips it.
+    """
+
+    require_non_inferiority: bool = True
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+    preflight: str = DEFAULT_PREFLIGHT
+
+    def canonical(self) -> dict:
+        return {"require_non_inferiority": self.require_non_inferiority, "max_duration_s": self.max_duration_s,
+                "preflight": self.preflight}
+
+
+@dataclass(frozen=True)
+class MetricCriterion:
+    """One metric and what counts as acceptable for it.
+
+    ``allowed_mode`` is ``absolute`` (``allowed`` in the metric's units; fractions for rates and
+    class metrics: 0.01 = 1 point), ``relative`` (``allowed`` as a fraction of the baseline value:
+    0.10 = 10 %) or ``auto`` (``allowed`` is None: derived at rollout start from the baseline's
+    historical variance, see :func:`lockgate.controller.stats.auto_allowed`).
+    """
+
+    name: str
+    kind: str
+    harmful: str
+    allowed_mode: str
+    allowed: float | None
+    gating: bool = True
+    cls: str | None = None
+    quantile: float | None = None
+    column: str = ""
+    unit: str = ""
+
+    @property
+    def key(self) -> str:
+        """Unique name within a spec: ``class_recall[fraud]`` for class metrics, else ``name``."""
+        return f"{self.name}[{self.cls}]" if self.cls is not None else self.name
+
+    @property
+    def definition(self) -> MetricDef:
+        return BUILTIN_METRICS[self.name]
+
+    @property
+    def auto_statistic(self) -> tuple[str, float | None]:
+        """``(statistic, quantile)`` arguments for ``auto_allowed`` when ``allowed_mode == "auto"``."""
+        return ("quantile", self.quantile) if self.kind == "quantile" else ("mean", None)
+
+    def describe_allowed(self) -> str:
+        if self.allowed_mode == "auto":
+            return "auto"
+        sign = "+" if self.harmful == "increase" else "-"
+        if self.allowed_mode == "relative":
+            return f"{sign}{self.allowed * 100:g}% of baseline"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{sign}{self.allowed:g}{unit}"
+
+    def canonical(self) -> dict:
+        return {"name": self.name, "class": self.cls, "gating": self.gating, "harmful": self.harmful,
+                "allowed_mode": self.allowed_mode, "allowed": self.allowed}
+
+    def to_stats_spec(self, auto: Any = None) -> "MetricSpec":
+        """This criterion as a statistics-core ``MetricSpec``.
+
+        ``auto`` resolves an ``allowed: auto`` criterion: an ``AutoAllowed`` (from
+        ``stats.auto_allowed``), a ``(value, derivation)`` pair or a plain number (absolute, in the
+        metric's units). Raises ``ValueError`` if the criterion is ``auto`` and ``auto`` is None.
+        """
+        from lockgate.controller.stats import MetricSpec
+
+        derivation = None
+        if self.allowed_mode == "auto":
+            if auto is None:
+                raise ValueError(f"{self.key}: allowed is auto; derive it from the baseline first "
+                                 "(stats.auto_allowed) and pass it in")
+            if isinstance(auto, (int, float)) and not isinstance(auto, bool):
+                value, derivation = float(auto), "auto (given)"
+            elif isinstance(auto, tuple):
+                value, derivation = float(auto[0]), str(auto[1])
+            else:
+                value, derivation = float(auto.value), str(auto.derivation)
+            mode = "absolute"
+        else:
+            value, mode = float(self.allowed or 0.0), self.allowed_mode
+        labels = {"label_column": "true_class", "label_ts_column": "label_arrival_ts"} if self.cls is not None else {}
+        return MetricSpec(
+            name=self.key, kind=self.kind, harmful=self.harmful, allowed=value, allowed_mode=mode,
+            gating=self.gating, quantile=self.quantile, cls=self.cls, column=self.column,
+            allowed_derivation=derivation, unit=self.unit, **labels)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """A validated rollout spec. ``steps`` are the stages below 100 % (a ``weight_percent: 100``
+    step in the file is the promotion itself and is folded into ``promotion``); ``sha256`` locks
+    the spec (see :func:`spec_hash`); ``warnings`` are non-fatal problems worth showing."""
+
+    model: str
+    canary: str
+    analysis_interval_s: float
+    alpha: float
+    steps: tuple[Step, ...]
+    promotion: PromotionPolicy
+    metrics: tuple[MetricCriterion, ...]
+    source: str = "<string>"
+    sha256: str = ""
+    warnings: tuple[Problem, ...] = ()
+
+    @property
+    def gating_metrics(self) -> tuple[MetricCriterion, ...]:
+        return tuple(m for m in self.metrics if m.gating)
+
+    @property
+    def alpha_per_metric(self) -> float:
+        """Bonferroni share of ``alpha`` per gating metric (as ``stats.split_alpha`` computes it)."""
+        return self.alpha / max(1, len(self.gating_metrics))
+
+    def metric(self, key: str) -> MetricCriterion:
+        for m in self.metrics:
+            if m.key == key:
+                return m
+        raise KeyError(key)
+
+    def canonical(self) -> dict:
+        """The normalised spec as plain JSON data (defaults filled in, seconds, basis points).
+        Its sorted-keys JSON is what :attr:`sha256` hashes."""
+        return {
+            "format": SPEC_FORMAT,
+            "model": self.model,
+            "canary": self.canary,
+            "analysis_interval_s": self.analysis_interval_s,
+            "alpha": self.alpha,
+            "steps": [s.canonical() for s in self.steps],
+            "promotion": self.promotion.canonical(),
+            "metrics": [m.canonical() for m in self.metrics],
+        }
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.canonical())
+
+    def summary(self) -> str:
+        """``model chat, canary v2, 4 stages + promotion, 5 metrics (4 gating)``."""
+        n, g = len(self.metrics), len(self.gating_metrics)
+        return (f"model {self.model}, canary {self.canary}, {len(self.steps)} stage{'s' * (len(self.steps) != 1)}"
+                f" + promotion, {n} metric{'s' * (n != 1)} ({g} gating)")
+
+    def to_stats_specs(self, auto: Mapping[str, Any] | None = None) -> list["MetricSpec"]:
+        """Every criterion as a statistics-core ``MetricSpec`` (named by :attr:`MetricCriterion.key`).
+
+        ``auto`` maps the key of each ``allowed: auto`` criterion to its resolved allowed change (see
+        :meth:`MetricCriterion.to_stats_spec`); a missing one raises ``ValueError``.
+        """
+        auto = auto or {}
+        return [m.to_stats_spec(auto.get(m.key)) for m in self.metrics]
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
+
+
+def spec_hash(spec_text: str, source: str = "<string>") -> str:
+    """sha256 (hex) of the normalised spec in ``spec_text``; raises ConfigError if the spec is invalid.
+
+    Equal for texts that mean the same rollout (whitespace, comments, key order, flow vs block style,
+    ``10m`` vs ``600``, omitted vs explicit defaults); different as soon as any criterion, step,
+    policy, model or version differs.
+    """
+    return spec_from_text(spec_text, source).sha256
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:d|h|m|s))+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
+def parse_duration(value: Any) -> float:
+    """``90s``, ``10m``, ``1.5h``, ``2d``, ``1h30m`` or a plain number of seconds → seconds.
+    Raises ``ValueError`` with a user-facing message."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration such as 90s, 10m, 1.5h, 2d or seconds, got {type_name(value)}")
+    if isinstance(value, (int, float)):
+        seconds = _finite(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if _NUMBER_RE.match(text):
+            seconds = _finite(float(text))
+        elif _DURATION_RE.match(text):
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART_RE.findall(text))
+        else:
+            raise ValueError(f"must be a duration such as 90s, 10m, 1.5h, 2d or seconds, got {value!r}")
+    else:
+        raise ValueError(f"must be a duration such as 90s, 10m, 1.5h, 2d or seconds, got {type_name(value)}")
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"must be at most 365d, got {value!r}")
+    return float(seconds)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _number(f: Fields, key: str, default: float | None, *, lo: float, hi: float, lo_open: bool = False,
+            hi_open: bool = False, required: bool = False, what: str = "") -> float | None:
+    """A finite number in [lo, hi] (ends optionally open). Also accepts ``1e-2`` (a string in YAML 1.1)."""
+    value = f.raw(key, required=required)
+    if value is None:
+        if required and key in f.data:
+            f.errors.add(f.path + (key,), "is required (it is empty)")
+        return default
+    path = f.path + (key,)
+    x: float | None
+    if isinstance(value, bool):
+        x = None
+    elif isinstance(value, (int, float)):
+        x = _finite(value)
+        if x is None:
+            f.errors.add(path, f"must be a finite number, got {value!r}")
+            return default
+    elif isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+        x = _finite(value.strip())
+    else:
+        x = None
+    if x is None:
+        hint = ""
+        if isinstance(value, str) and value.strip().endswith("%") and _NUMBER_RE.match(value.strip()[:-1].strip()):
+            hint = f" (write percentages as fractions: {float(value.strip()[:-1]) / 100:g} for {value.strip()})"
+        f.errors.add(path, f"must be a number, got {type_name(value)}{hint}")
+        return default
+    bad_lo = x <= lo if lo_open else x < lo
+    bad_hi = x >= hi if hi_open else x > hi
+    if bad_lo or bad_hi:
+        lo_s = f"{'greater than' if lo_open else 'at least'} {lo:g}"
+        hi_s = f"{'less than' if hi_open else 'at most'} {hi:g}"
+        f.errors.add(path, f"must be {lo_s} and {hi_s}{what}, got {value!r}")
+        return default
+    return x
+
+
+def _duration(f: Fields, key: str, default: float, *, positive: bool = False) -> float:
+    value = f.raw(key)
+    if value is None:
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        f.errors.add(f.path + (key,), str(exc))
+        return default
+    if positive and seconds <= 0:
+        f.errors.add(f.path + (key,), f"must be longer than 0, got {value!r}")
+        return default
+    return seconds
+
+
+def _choice(f: Fields, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    value = f.raw(key)
+    if value is None:
+        return default
+    if value not in choices:
+        f.errors.add(f.path + (key,), f"must be one of {', '.join(choices)}, got {value!r}")
+        return default
+    return value
+
+
+def _finish(f: Fields) -> None:
+    """``Fields.finish`` plus a "did you mean" for near-miss keys (``weigth_percent``)."""
+    unknown = [k for k in f.data if k not in f._seen]
+    known = sorted(f._seen)
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        f.errors.add(f.path + (key,), f"unknown field ({hint}known: {', '.join(known)})")
+    f._seen.update(f.data)
+
+
+def _null_required(f: Fields, key: str) -> None:
+    """yamlconf treats ``key:`` with no value like a missing key; for a required field that is an error."""
+    if key in f.data and f.data[key] is None:
+        f.errors.add(f.path + (key,), "is required (it is empty)")
+
+
+def _name(f: Fields, key: str, what: str) -> str:
+    _null_required(f, key)
+    value = f.str(key, required=True) or ""
+    if value and not NAME_RE.match(value):
+        f.errors.add(f.path + (key,), f"{what} must match {NAME_RE.pattern} (letters, digits, _ and -), got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _steps(f: Fields, errors: ErrorCollector) -> tuple[Step, ...]:
+    if "steps" not in f.data:
+        f.raw("steps")
+        return DEFAULT_STEPS
+    raw = f.data["steps"]
+    items = list(f.list("steps"))
+    if not raw:
+        errors.add(f.path + ("steps",), "must list at least one step (or leave steps out for the default "
+                                          "1, 5, 20, 50 %)")
+    out: list[Step] = []
+    prev_bp: int | None = None
+    for path, item in items:
+        sf = Fields(item, path, errors)
+        w = _number(sf, "weight_percent", None, lo=0.0, hi=100.0, lo_open=True, required=True)
+        bp: int | None = None
+        if w is not None:
+            bp = round(w * 100)
+            if abs(w * 100 - bp) > 1e-6:
+                errors.add(path + ("weight_percent",), f"resolution is 0.01 %, got {w!r}")
+                bp = None
+        has_dur = "min_duration" in sf.data
+        has_n = "min_canary_samples" in sf.data
+        dur = _duration(sf, "min_duration", DEFAULT_STEP_MIN_DURATION_S)
+        n = sf.int("min_canary_samples", DEFAULT_STEP_MIN_CANARY_SAMPLES, min=0, max=10**12)
+        _finish(sf)
+        if bp is None:
+            continue
+        if prev_bp is not None and bp <= prev_bp:
+            errors.add(path + ("weight_percent",),
+                       f"must be greater than the previous step's {prev_bp / 100:g} % (steps only go up)")
+            continue
+        prev_bp = bp
+        if bp == 10000:
+            if has_dur or has_n:
+                errors.add(path, "the 100 % step is the promotion: there is no baseline left to compare with, "
+                                 "so it takes no min_duration/min_canary_samples (gate promotion with the step "
+                                 "before it and the promotion section)")
+            continue
+        out.append(Step(bp, dur, n if n is not None else DEFAULT_STEP_MIN_CANARY_SAMPLES))
+    return tuple(out)
+
+
+def _promotion(f: Fields) -> PromotionPolicy:
+    d = PromotionPolicy()
+    sub = f.sub("promotion")
+    rni = sub.bool("require_non_inferiority", d.require_non_inferiority)
+    max_d = _duration(sub, "max_duration", d.max_duration_s, positive=True)
+    pre = _choice(sub, "preflight", PREFLIGHTS, d.preflight) or d.preflight
+    _finish(sub)
+    return PromotionPolicy(rni, max_d, pre)
+
+
+def _allowed(value: Any, path: tuple[PathPart, ...], d: MetricDef, harmful: str,
+             errors: ErrorCollector) -> tuple[str, float | None] | None:
+    usage = "must be {absolute: X}, {relative: X} (a fraction: 0.10 = 10 %) or auto"
+    if value == "auto":
+        return "auto", None
+    if not isinstance(value, dict):
+        errors.add(path, f"{usage}, got {value!r}" if isinstance(value, (str, int, float)) else
+                   f"{usage}, got {type_name(value)}")
+        return None
+    if len(value) != 1 or next(iter(value)) not in ALLOWED_MODES:
+        keys = ", ".join(map(str, value)) or "nothing"
+        errors.add(path, f"{usage}: exactly one of absolute or relative, got {keys}")
+        return None
+    (mode, _), = value.items()
+    af = Fields(value, path, errors)
+    if mode == "absolute":
+        hi = 1.0 if d.fraction else 1e12
+        what = " (a fraction: 0.01 = 1 point)" if d.fraction else ""
+        x = _number(af, "absolute", None, lo=0.0, hi=hi, what=what, required=True)
+    else:
+        if harmful == "decrease":
+            x = _number(af, "relative", None, lo=0.0, hi=1.0, hi_open=True, required=True,
+                        what=" (a fraction of the baseline: 0.10 = 10 %; a decrease of 100 % or more "
+                             "cannot be allowed)")
+        else:
+            x = _number(af, "relative", None, lo=0.0, hi=MAX_RELATIVE, what=" (a fraction: 0.10 = 10 %)",
+                        required=True)
+    if x is None:
+        return None
+    return mode, x
+
+
+def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warnings: ErrorCollector,
+            require_ni: bool) -> MetricCriterion | None:
+    f = Fields(value, path, errors)
+    _null_required(f, "name")
+    _null_required(f, "allowed")
+    name = f.str("name", required=True)
+    d = BUILTIN_METRICS.get(name) if name is not None else None
+    if name is not None and d is None:
+        close = difflib.get_close_matches(name, list(BUILTIN_METRICS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        errors.add(path + ("name",), f"unknown metric {name!r} ({hint}built-in metrics: "
+                                     f"{', '.join(BUILTIN_METRICS)})")
+    cls = f.raw("class")
+    if d is not None and d.per_class and "class" not in f.data:
+        errors.add(path, f"{d.name} is per class: set class: to the class it watches (e.g. class: fraud)")
+    elif d is not None and not d.per_class and "class" in f.data:
+        errors.add(path + ("class",), f"only class_recall and class_precision take a class, not {d.name}")
+        cls = None
+    elif cls is not None and not isinstance(cls, str):
+        errors.add(path + ("class",), f"must be a string (quote numeric class names: class: \"{cls}\"), "
+                                      f"got {type_name(cls)}")
+        cls = None
+    elif isinstance(cls, str) and not cls.strip():
+        errors.add(path + ("class",), "must not be empty")
+        cls = None
+    gating = f.bool("gating", True)
+    harmful = _choice(f, "harmful", HARMFUL, None)
+    if d is not None and harmful is not None and d.per_class and harmful != "decrease":
+        errors.add(path + ("harmful",), f"{d.name} is harmful when it decreases (it cannot be overridden)")
+        harmful = None
+    if harmful is None:
+        harmful = d.harmful if d is not None else "increase"
+    allowed = None
+    raw_allowed = f.raw("allowed", required=True)
+    if raw_allowed is not None and d is not None:
+        allowed = _allowed(raw_allowed, path + ("allowed",), d, harmful, errors)
+    _finish(f)
+    if d is None or allowed is None or (d.per_class and cls is None):
+        return None
+    mode, x = allowed
+    if gating and require_ni and mode != "auto" and x == 0:
+        warnings.add(path + ("allowed",), f"allowed change 0: promotion needs the canary shown strictly better "
+                                          f"than the baseline on {d.name}")
+    return MetricCriterion(name=d.name, kind=d.kind, harmful=harmful, allowed_mode=mode, allowed=x,
+                           gating=gating, cls=cls if d.per_class else None, quantile=d.quantile,
+                           column=d.column, unit=d.unit)
+
+
+def _metrics(f: Fields, errors: ErrorCollector, warnings: ErrorCollector,
+             require_ni: bool) -> tuple[MetricCriterion, ...]:
+    raw = f.data.get("metrics")
+    _null_required(f, "metrics")
+    items = list(f.list("metrics", required=True))
+    if isinstance(raw, list) and not raw:
+        errors.add(f.path + ("metrics",), "must list at least one metric")
+    out: list[MetricCriterion] = []
+    seen: dict[str, int] = {}
+    for path, item in items:
+        m = _metric(item, path, errors, warnings, require_ni)
+        if m is None:
+            continue
+        if m.key in seen:
+            errors.add(path, f"duplicate metric {m.key} (also metrics[{seen[m.key]}])")
+            continue
+        seen[m.key] = path[-1]  # type: ignore[assignment]
+        out.append(m)
+    return tuple(out)
+
+
+def _check_metric_set(metrics: tuple[MetricCriterion, ...], mpath: tuple[PathPart, ...], n_items: int,
+                      errors: ErrorCollector, warnings: ErrorCollector) -> None:
+    if not metrics or len(metrics) != n_items:
+        return  # the metrics list already has errors; rules on the whole set would only add noise
+    index = {m.key: i for i, m in enumerate(metrics)}
+    if not any(m.gating for m in metrics):
+        errors.add(mpath, "at least one metric must be gating: with none, nothing can show harm (no rollback) "
+                          "and nothing can justify promotion")
+    per_class = [m for m in metrics if m.cls is not None]
+    acc = next((m for m in metrics if m.name == "accuracy"), None)
+    if acc is not None and acc.gating and not any(m.gating for m in per_class):
+        errors.add(mpath + (index["accuracy"],),
+                   "aggregate accuracy must never stand in for per-class metrics: a minority class can lose "
+                   "recall while accuracy rises. Add a gating class_recall (and/or class_precision) for each "
+                   "class that matters, or make accuracy gating: false")
+    recall_cls = {m.cls for m in per_class if m.name == "class_recall"}
+    for m in per_class:
+        if m.name == "class_precision" and m.cls not in recall_cls:
+            warnings.add(mpath + (index[m.key],), f"precision of {m.cls!r} without its recall: a model that "
+                                                  f"stops predicting {m.cls!r} keeps its precision")
+
+
+def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = None) -> RolloutSpec:
+    """Validate parsed YAML into a :class:`RolloutSpec`; raises ConfigError listing every problem."""
+    errors = ErrorCollector(source, smap)
+    warnings = ErrorCollector(source, smap)
+    top = Fields(data, (), errors)
+    if data is None:
+        errors.add(("rollout",), "is required (the file is empty)")
+    f = top.sub("rollout", required=data is not None)
+    _finish(top)
+    if not isinstance(top.data.get("rollout"), dict):
+        _null_required(top, "rollout")
+        errors.raise_if_any()  # no rollout section: "field is required" for each of its fields is noise
+    model = _name(f, "model", "model")
+    canary = _name(f, "canary", "canary")
+    interval = _number(f, "analysis_interval_s", DEFAULT_ANALYSIS_INTERVAL_S, lo=1.0, hi=MAX_ANALYSIS_INTERVAL_S,
+                       what=" seconds")
+    alpha = _number(f, "alpha", DEFAULT_ALPHA, lo=0.0, hi=MAX_ALPHA, lo_open=True,
+                    what=" (the chance of a false rollback over the whole rollout, e.g. 0.01)")
+    steps = _steps(f, errors)
+    promotion = _promotion(f)
+    metrics = _metrics(f, errors, warnings, promotion.require_non_inferiority)
+    _finish(f)
+    raw_metrics = f.data.get("metrics")
+    _check_metric_set(metrics, f.path + ("metrics",), len(raw_metrics) if isinstance(raw_metrics, list) else -1,
+                      errors, warnings)
+
+    min_total = sum(s.min_duration_s for s in steps)
+    if min_total > promotion.max_duration_s:
+        which = "steps'" if "steps" in f.data else "default steps'"
+        errors.add(f.path + ("promotion", "max_duration"),
+                   f"{format_duration(promotion.max_duration_s)} is shorter than the {which} min_duration "
+                   f"together ({format_duration(min_total)}): the rollout could never be promoted")
+    if not promotion.require_non_inferiority:
+        warnings.add(f.path + ("promotion", "require_non_inferiority"),
+                     "false: the canary is promoted to 100 % after the last stage without evidence that it is "
+                     "within the allowed change (only without evidence of harm)")
+
+    if config is not None and model:
+        _check_against_config(config, f, model, canary, errors)
+    errors.raise_if_any()
+    assert interval is not None and alpha is not None
+    spec = RolloutSpec(model=model, canary=canary, analysis_interval_s=interval, alpha=alpha, steps=steps,
+                       promotion=promotion, metrics=metrics, source=source,
+                       warnings=tuple(sorted(warnings.problems, key=lambda p: (p.line or 0, p.column or 0))))
+    return _with_hash(spec)
+
+
+def _with_hash(spec: RolloutSpec) -> RolloutSpec:
+    from dataclasses import replace
+
+    return replace(spec, sha256=_sha256(spec.canonical()))
+
+
+def _check_against_config(config: "LockgateConfig", f: Fields, model: str, canary: str,
+                          errors: ErrorCollector) -> None:
+    try:
+        m = config.model(model)
+    except KeyError:
+        names = ", ".join(x.name for x in config.models) or "none"
+        errors.add(f.path + ("model",), f"model {model!r} is not in {config.source} (models: {names})")
+        return
+    if not canary:
+        return
+    if canary == m.stable:
+        others = [v for v in m.versions if v != m.stable]
+        hint = f"; other versions: {', '.join(others)}" if others else "; add the canary version to it first"
+        errors.add(f.path + ("canary",), f"{canary!r} is {model}'s stable version (the baseline) in "
+                                         f"{config.source}{hint}")
+    elif canary not in m.versions:
+        errors.add(f.path + ("canary",), f"{model} has no version {canary!r} in {config.source} (versions: "
+                                         f"{', '.join(m.versions)}; stable {m.stable})")
+
+
+def spec_from_text(text: str, source: str = "<string>", config: "LockgateConfig | None" = None) -> RolloutSpec:
+    """Parse and validate a rollout spec given as YAML text. Raises ConfigError."""
+    data, smap = load_yaml(text, source)
+    return parse_spec(data, smap, source, config)
+
+
+def load_spec(path: str | Path, config: "LockgateConfig | None" = None) -> RolloutSpec:
+    """Load and validate a rollout spec file; with ``config`` also check model and canary version.
+    Raises ConfigError (file, line, column, field path, message — every problem at once)."""
+    data, smap, source = load_yaml_file(path)
+    return parse_spec(data, smap, source, config)
+
+
+def render_warning(problem: Problem, source: str) -> str:
+    """A warning line: ``file:line:col: path: warning: message``."""
+    return Problem(problem.path, f"warning: {problem.message}", problem.line, problem.column).render(source)
+
+
+__all__ = ["BUILTIN_METRICS", "ConfigError", "DEFAULT_STEPS", "MetricCriterion", "MetricDef", "PromotionPolicy",
+           "RolloutSpec", "SPEC_FORMAT", "Step", "format_path", "load_spec", "parse_duration", "parse_spec",
+           "render_warning", "spec_from_text", "spec_hash"]

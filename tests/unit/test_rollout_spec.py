@@ -1,0 +1,610 @@
+"""Rollout spec (lockgate/controller/spec.py): parsing, defaults, every problem with line and path,
+the lock hash, the JSON Schema and the mapping onto the statistics core."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lockgate.cli import main
+from lockgate.config import config_from_text, load_config
+from lockgate.controller import spec as S
+from lockgate.controller.spec import (
+    BUILTIN_METRICS,
+    DEFAULT_STEPS,
+    ConfigError,
+    MetricCriterion,
+    PromotionPolicy,
+    RolloutSpec,
+    Step,
+    load_spec,
+    parse_duration,
+    spec_from_text,
+    spec_hash,
+)
+from lockgate.controller.spec_schema import rollout_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples" / "rollouts").glob("*.yaml"))
+
+ISSUE_EXAMPLE = """
+rollout:
+  model: chat                 # a model in lockgate.yaml
+  canary: v2
+  analysis_interval_s: 30
+  alpha: 0.01
+  steps:
+    - {weight_percent: 1,  min_duration: 10m, min_canary_samples: 200}
+    - {weight_percent: 5,  min_duration: 30m, min_canary_samples: 1000}
+    - {weight_percent: 20, min_duration: 1h,  min_canary_samples: 3000}
+    - {weight_percent: 50, min_duration: 1h,  min_canary_samples: 5000}
+  promotion:
+    require_non_inferiority: true
+    max_duration: 24h
+    preflight: none
+  metrics:
+    - {name: error_rate, gating: true, harmful: increase, allowed: {absolute: 0.005}}
+    - {name: latency_p95, gating: true, allowed: {relative: 0.10}}
+    - {name: output_tokens, gating: false, allowed: auto}
+    - {name: refusal_rate, gating: true, allowed: {relative: 0.5}}
+    - {name: class_recall, class: fraud, gating: true, allowed: {absolute: 0.02}}
+"""
+
+MINIMAL = """
+rollout:
+  model: chat
+  canary: v2
+  metrics:
+    - {name: error_rate, allowed: {absolute: 0.01}}
+"""
+
+CONFIG = """
+state_dir: /tmp/lg-spec-test
+models:
+  - name: chat
+    stable: v1
+    versions:
+      v1: {endpoints: ["127.0.0.1:8001"]}
+      v2: {endpoints: ["127.0.0.1:8002"]}
+      v3: {endpoints: ["127.0.0.1:8003"]}
+  - name: cls
+    stable: a
+    versions: {a: {endpoints: ["127.0.0.1:9000"]}}
+"""
+
+
+def problems(text: str, config=None) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        spec_from_text(text, "r.yaml", config)
+    return str(exc.value).splitlines()
+
+
+def one_problem(text: str, config=None) -> str:
+    lines = problems(text, config)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- good specs
+
+
+def test_issue_example_parses():
+    spec = spec_from_text(ISSUE_EXAMPLE, "r.yaml")
+    assert (spec.model, spec.canary, spec.alpha, spec.analysis_interval_s) == ("chat", "v2", 0.01, 30.0)
+    assert [s.weight_bp for s in spec.steps] == [100, 500, 2000, 5000]
+    assert spec.steps[1] == Step(500, 1800.0, 1000) and spec.steps[1].weight_percent == 5
+    assert spec.promotion == PromotionPolicy(True, 86400.0, "none")
+    err, p95, tokens, refusal, recall = spec.metrics
+    assert err == MetricCriterion("error_rate", "rate", "increase", "absolute", 0.005, True, None, None, "error", "")
+    assert (p95.kind, p95.quantile, p95.allowed_mode, p95.allowed, p95.unit) == ("quantile", 0.95, "relative", 0.1,
+                                                                                   "ms")
+    assert (tokens.gating, tokens.allowed_mode, tokens.allowed) == (False, "auto", None)
+    assert refusal.harmful == "increase" and refusal.column == "refusal"
+    assert (recall.key, recall.harmful, recall.cls) == ("class_recall[fraud]", "decrease", "fraud")
+    assert len(spec.gating_metrics) == 4 and spec.alpha_per_metric == pytest.approx(0.0025)
+    assert spec.summary() == "model chat, canary v2, 4 stages + promotion, 5 metrics (4 gating)"
+    assert spec.warnings == ()
+    assert len(spec.sha256) == 64 and spec.source == "r.yaml"
+
+
+def test_defaults():
+    spec = spec_from_text(MINIMAL)
+    assert spec.steps == DEFAULT_STEPS
+    assert [s.weight_percent for s in spec.steps] == [1, 5, 20, 50]
+    assert spec.alpha == S.DEFAULT_ALPHA and spec.analysis_interval_s == S.DEFAULT_ANALYSIS_INTERVAL_S
+    assert spec.promotion == PromotionPolicy(True, 86400.0, "drill")
+    (m,) = spec.metrics
+    assert m.gating and m.harmful == "increase"
+
+
+def test_step_defaults_fractional_weights_and_explicit_100_step():
+    spec = spec_from_text("""
+rollout:
+  model: chat
+  canary: v2
+  steps: [{weight_percent: 0.25}, {weight_percent: 12.5, min_duration: 90}, {weight_percent: 100}]
+  metrics: [{name: error_rate, allowed: {absolute: 0.01}}]
+""")
+    assert spec.steps == (Step(25, S.DEFAULT_STEP_MIN_DURATION_S, S.DEFAULT_STEP_MIN_CANARY_SAMPLES),
+                          Step(1250, 90.0, S.DEFAULT_STEP_MIN_CANARY_SAMPLES))
+    assert spec.summary().startswith("model chat, canary v2, 2 stages + promotion")
+    # the explicit 100 % step means exactly what leaving it out means
+    without = spec_from_text("""
+rollout:
+  model: chat
+  canary: v2
+  steps: [{weight_percent: 0.25}, {weight_percent: 12.5, min_duration: 90}]
+  metrics: [{name: error_rate, allowed: {absolute: 0.01}}]
+""")
+    assert without.sha256 == spec.sha256
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("1h30m", 5400), ("45", 45), ("0", 0),
+    (" 10 m ", 600), ("1H", 3600), (120, 120), (2.5, 2.5),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["10", "x", "1x", "-5m", "m", "1.h", True, None, [1], float("inf"), float("nan"),
+                                 -1, "400d", 10**400])
+def test_bad_durations(bad):
+    if bad == "10":
+        assert parse_duration(bad) == 10  # plain seconds as a string are fine
+        return
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_examples_parse_against_the_example_config():
+    config = load_config(ROOT / "examples" / "lockgate.yaml")
+    assert {p.name for p in EXAMPLES} >= {"chat-v2.yaml", "classifier-v2.yaml"}
+    for path in EXAMPLES:
+        spec = load_spec(path, config)
+        assert spec.warnings == (), (path, spec.warnings)
+        model = config.model(spec.model)
+        assert spec.canary in model.versions and spec.canary != model.stable
+    chat = load_spec(ROOT / "examples" / "rollouts" / "chat-v2.yaml")
+    assert {m.name for m in chat.metrics} == {"error_rate", "latency_p95", "ttft_p95", "output_tokens",
+                                              "refusal_rate", "evaluator_score"}
+    cls = load_spec(ROOT / "examples" / "rollouts" / "classifier-v2.yaml")
+    keys = {m.key: m for m in cls.metrics}
+    assert keys["class_recall[fraud]"].gating and keys["class_precision[fraud]"].gating
+    assert not keys["accuracy"].gating
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_every_kind_of_error_with_line_column_and_path():
+    text = """\
+rollout:
+  model: chatt
+  canary: v9
+  alpha: 0
+  analysis_interval_s: 0.5
+  steps:
+    - {weigth_percent: 1, min_duration: 10m}
+    - {weight_percent: 5.005, min_duration: -3}
+    - {weight_percent: 20, min_duration: 1x, min_canary_samples: -1}
+    - {weight_percent: 10}
+    - {weight_percent: 100, min_duration: 1h}
+  promotion:
+    require_non_inferiority: maybe
+    max_duration: 0
+    preflight: dril
+  metrics:
+    - {name: eror_rate, allowed: {absolute: 0.005}}
+    - {name: latency_p95, allowed: {relative: 10%}}
+    - {name: class_recall, allowed: {absolute: 0.02}}
+    - {name: accuracy, class: fraud, allowed: auto}
+    - {name: class_precision, class: fraud, harmful: increase, allowed: {absolute: 2}}
+    - {name: evaluator_score, allowed: {relative: 1.0}}
+    - {name: refusal_rate, allowed: {absolute: 0.1, relative: 0.1}}
+    - {name: refusal_rate, allowed: auto}
+    - {name: refusal_rate, allowed: auto, extra: 1}
+    - {name: entropy}
+    - {name: class_recall, class: 3, allowed: {absolute: .inf}}
+  extra: 3
+"""
+    config = config_from_text(CONFIG, "lg.yaml")
+    lines = problems(text, config)
+    out = "\n".join(lines)
+    expect = [
+        ("r.yaml:2:10: rollout.model: model 'chatt' is not in lg.yaml (models: chat, cls)"),
+        ("r.yaml:4:10: rollout.alpha: must be greater than 0"),
+        ("r.yaml:5:24: rollout.analysis_interval_s: must be at least 1"),
+        ("r.yaml:7:7: rollout.steps[0].weight_percent: is required"),
+        ("r.yaml:7:24: rollout.steps[0].weigth_percent: unknown field (did you mean 'weight_percent'? known: "
+         "min_canary_samples, min_duration, weight_percent)"),
+        ("r.yaml:8:24: rollout.steps[1].weight_percent: resolution is 0.01 %, got 5.005"),
+        ("r.yaml:8:45: rollout.steps[1].min_duration: must not be negative"),
+        ("r.yaml:9:42: rollout.steps[2].min_duration: must be a duration such as 90s"),
+        ("r.yaml:9:66: rollout.steps[2].min_canary_samples: must be between 0 and"),
+        ("r.yaml:10:24: rollout.steps[3].weight_percent: must be greater than the previous step's 20 %"),
+        ("r.yaml:11:7: rollout.steps[4]: the 100 % step is the promotion"),
+        ("r.yaml:13:30: rollout.promotion.require_non_inferiority: must be true or false"),
+        ("r.yaml:14:19: rollout.promotion.max_duration: must be longer than 0"),
+        ("r.yaml:15:16: rollout.promotion.preflight: must be one of none, drill, got 'dril'"),
+        ("r.yaml:17:14: rollout.metrics[0].name: unknown metric 'eror_rate' (did you mean 'error_rate'?"),
+        ("r.yaml:18:47: rollout.metrics[1].allowed.relative: must be a number, got a string (write percentages as "
+         "fractions: 0.1 for 10%)"),
+        ("r.yaml:19:7: rollout.metrics[2]: class_recall is per class: set class:"),
+        ("r.yaml:20:31: rollout.metrics[3].class: only class_recall and class_precision take a class, not accuracy"),
+        ("r.yaml:21:54: rollout.metrics[4].harmful: class_precision is harmful when it decreases"),
+        ("r.yaml:21:84: rollout.metrics[4].allowed.absolute: must be at least 0 and at most 1 (a fraction"),
+        ("r.yaml:22:51: rollout.metrics[5].allowed.relative: must be at least 0 and less than 1"),
+        ("r.yaml:23:37: rollout.metrics[6].allowed: must be {absolute: X}, {relative: X}"),
+        ("r.yaml:25:7: rollout.metrics[8]: duplicate metric refusal_rate (also metrics[7])"),
+        ("r.yaml:25:50: rollout.metrics[8].extra: unknown field (known: allowed, class, gating, harmful, name)"),
+        ("r.yaml:26:7: rollout.metrics[9].allowed: is required"),
+        ("r.yaml:27:35: rollout.metrics[10].class: must be a string (quote numeric class names"),
+        ("r.yaml:27:58: rollout.metrics[10].allowed.absolute: must be a finite number"),
+        ("r.yaml:28:10: rollout.extra: unknown field (known: alpha, analysis_interval_s, canary, metrics, model, "
+         "promotion, steps)"),
+    ]
+    for e in expect:
+        assert any(line.startswith(e) for line in lines), f"missing: {e}\n--- got:\n{out}"
+    assert len(lines) == len(expect), out
+    # sorted by position in the file
+    pos = [tuple(int(x) for x in line.split(":")[1:3]) for line in lines]
+    assert pos == sorted(pos)
+
+
+def test_not_a_mapping_and_empty_files():
+    assert one_problem("") == "r.yaml: rollout: is required (the file is empty)"
+    assert "r.yaml:1:1: <root>: must be a mapping, got a list" in problems("[1, 2]")
+    assert one_problem("rollout: 3\n").startswith("r.yaml:1:10: rollout: must be a mapping, got an integer")
+    assert one_problem("rollout: {model: chat, canary: v2, metrics: []}\n") == \
+        "r.yaml:1:45: rollout.metrics: must list at least one metric"
+    assert "steps: must list at least one step" in one_problem(
+        "rollout: {model: chat, canary: v2, steps: [], metrics: [{name: error_rate, allowed: auto}]}")
+    assert "invalid YAML" in one_problem("rollout: {model: [\n")
+    lines = problems("rolout: {}\n")
+    assert "r.yaml:1:1: rollout: is required" in lines
+    assert "r.yaml:1:9: rolout: unknown field (did you mean 'rollout'? known: rollout)" in lines
+
+
+def test_required_fields():
+    lines = problems("rollout: {}\n")
+    assert [line.split(": ", 2)[1] for line in lines] == ["rollout.model", "rollout.canary", "rollout.metrics"]
+    assert all(line.endswith("is required") for line in lines)
+
+
+def test_model_and_version_checked_against_config():
+    config = config_from_text(CONFIG, "lg.yaml")
+    def base(v):
+        return MINIMAL.replace("canary: v2", f"canary: {v}")
+
+    assert spec_from_text(base("v3"), "r.yaml", config).canary == "v3"
+    line = one_problem(base("v1"), config)
+    assert line == ("r.yaml:4:11: rollout.canary: 'v1' is chat's stable version (the baseline) in lg.yaml; "
+                    "other versions: v2, v3")
+    line = one_problem(base("v7"), config)
+    assert line == "r.yaml:4:11: rollout.canary: chat has no version 'v7' in lg.yaml (versions: v1, v2, v3; stable v1)"
+    line = one_problem(MINIMAL.replace("model: chat", "model: cls").replace("canary: v2", "canary: a"), config)
+    assert "'a' is cls's stable version" in line and "add the canary version to it first" in line
+    # without a config, the same spec is fine
+    assert spec_from_text(base("v7")).canary == "v7"
+
+
+def test_accuracy_gating_needs_per_class_metrics():
+    acc = """
+rollout:
+  model: cls
+  canary: b
+  metrics:
+    - {name: accuracy, allowed: {absolute: 0.01}}
+"""
+    line = one_problem(acc)
+    assert line.startswith("r.yaml:6:7: rollout.metrics[0]: aggregate accuracy must never stand in for "
+                           "per-class metrics")
+    with_recall = acc + "    - {name: class_recall, class: fraud, allowed: {absolute: 0.02}}\n"
+    assert len(spec_from_text(with_recall).gating_metrics) == 2
+    informational = acc.replace("{name: accuracy,", "{name: accuracy, gating: false,") + \
+        "    - {name: error_rate, allowed: {absolute: 0.01}}\n"
+    assert spec_from_text(informational).metric("accuracy").gating is False
+    # but a non-gating per-class metric is not enough
+    nongating = acc + "    - {name: class_recall, class: fraud, gating: false, allowed: {absolute: 0.02}}\n"
+    assert "aggregate accuracy must never stand in" in one_problem(nongating)
+
+
+def test_needs_a_gating_metric_and_budget_for_the_steps():
+    line = one_problem(MINIMAL.replace("allowed:", "gating: false, allowed:"))
+    assert line.startswith("r.yaml:6:5: rollout.metrics: at least one metric must be gating")
+    line = one_problem(MINIMAL + "  promotion: {max_duration: 2h}\n")
+    assert line == ("r.yaml:7:32: rollout.promotion.max_duration: 2h is shorter than the default steps' "
+                    "min_duration together (3.33333h): the rollout could never be promoted") or \
+        "is shorter than the default steps' min_duration together" in line
+
+
+def test_warnings():
+    spec = spec_from_text(MINIMAL.replace("0.01}", "0}") + """\
+    - {name: class_precision, class: fraud, allowed: {absolute: 0.05}}
+  promotion: {require_non_inferiority: false}
+""", "r.yaml")
+    text = [S.render_warning(w, "r.yaml") for w in spec.warnings]
+    assert len(text) == 2
+    assert text[0].startswith("r.yaml:7:7: rollout.metrics[1]: warning: precision of 'fraud' without its recall")
+    assert text[1].startswith("r.yaml:8:40: rollout.promotion.require_non_inferiority: warning: false:")
+    # allowed 0 on a gating metric while non-inferiority is required
+    spec = spec_from_text(MINIMAL.replace("0.01}", "0}"))
+    (w,) = spec.warnings
+    assert w.path == "rollout.metrics[0].allowed" and "strictly better" in w.message
+
+
+def test_yaml_1_1_quirks_are_handled():
+    # 1e-2 is a string in YAML 1.1; accepted as the number it looks like
+    spec = spec_from_text(MINIMAL.replace("canary: v2", "canary: v2\n  alpha: 1e-2"))
+    assert spec.alpha == 0.01
+    # a class that looks like a number must be quoted
+    line = one_problem(MINIMAL + "    - {name: class_recall, class: 1, allowed: {absolute: 0.02}}\n")
+    assert 'quote numeric class names: class: "1"' in line
+
+
+# ----------------------------------------------------------------------------- hash
+
+
+def test_hash_ignores_formatting_and_changes_with_criteria():
+    h = spec_hash(ISSUE_EXAMPLE)
+    assert h == spec_from_text(ISSUE_EXAMPLE).sha256
+    reformatted = yaml.safe_dump(yaml.safe_load(ISSUE_EXAMPLE), default_flow_style=False, sort_keys=True)
+    assert spec_hash(reformatted) == h
+    # comments, flow style, spelling of the same values, explicit defaults
+    same = ISSUE_EXAMPLE.replace("# a model in lockgate.yaml", "# changed comment") \
+        .replace("min_duration: 10m", "min_duration: 600") \
+        .replace("min_duration: 30m", "min_duration: 0.5h") \
+        .replace("{relative: 0.10}", "{relative: 1.0e-1}") \
+        .replace("alpha: 0.01", "alpha: 0.010") \
+        .replace("gating: true, harmful: increase, allowed", "allowed")
+    assert spec_hash(same) == h
+    changes = [
+        ("{absolute: 0.005}", "{absolute: 0.006}"),
+        ("{relative: 0.10}", "{absolute: 0.10}"),
+        ("gating: false", "gating: true"),
+        ("alpha: 0.01", "alpha: 0.02"),
+        ("min_canary_samples: 1000", "min_canary_samples: 1001"),
+        ("weight_percent: 20", "weight_percent: 25"),
+        ("max_duration: 24h", "max_duration: 25h"),
+        ("preflight: none", "preflight: drill"),
+        ("canary: v2", "canary: v3"),
+        ("class: fraud", "class: spam"),
+        ("analysis_interval_s: 30", "analysis_interval_s: 31"),
+        ("{name: latency_p95, gating: true,", "{name: latency_p99, gating: true,"),
+        ("{name: output_tokens, gating: false,", "{name: output_tokens, gating: false, harmful: decrease,"),
+    ]
+    seen = {h}
+    for old, new in changes:
+        assert old in ISSUE_EXAMPLE, old
+        changed = spec_hash(ISSUE_EXAMPLE.replace(old, new, 1))
+        assert changed not in seen, (old, new)
+        seen.add(changed)
+    # metric order is part of the spec (it is the order verdicts are reported in)
+    assert spec_from_text(ISSUE_EXAMPLE).canonical_json() == S.canonical_json(json.loads(
+        spec_from_text(ISSUE_EXAMPLE).canonical_json()))
+
+
+def test_hash_of_invalid_spec_raises():
+    with pytest.raises(ConfigError):
+        spec_hash("rollout: {}")
+
+
+# ----------------------------------------------------------------------------- stats core mapping
+
+
+def test_builtin_metrics_map_onto_stats_core():
+    from lockgate.controller.stats import KINDS, MetricSpec
+
+    for d in BUILTIN_METRICS.values():
+        assert d.kind in KINDS and d.harmful in ("increase", "decrease")
+        assert (d.quantile is not None) == (d.kind == "quantile")
+        assert d.per_class == d.kind.startswith("class_")
+    spec = spec_from_text(ISSUE_EXAMPLE)
+    with pytest.raises(ValueError, match="output_tokens: allowed is auto"):
+        spec.to_stats_specs()
+    specs = spec.to_stats_specs({"output_tokens": (12.5, "allowed = 2.5 x sd ...")})
+    assert all(isinstance(s, MetricSpec) for s in specs)
+    by = {s.name: s for s in specs}
+    assert by["error_rate"] == MetricSpec("error_rate", "rate", "increase", 0.005, "absolute", True, column="error")
+    assert by["error_rate"].label_column == "label"  # not a class metric: the stats core's default
+    assert (by["latency_p95"].quantile, by["latency_p95"].allowed_mode, by["latency_p95"].data_column) == \
+        (0.95, "relative", "latency_ms")
+    assert (by["output_tokens"].allowed, by["output_tokens"].allowed_mode, by["output_tokens"].gating,
+            by["output_tokens"].allowed_derivation) == (12.5, "absolute", False, "allowed = 2.5 x sd ...")
+    r = by["class_recall[fraud]"]
+    assert (r.kind, r.cls, r.harmful, r.data_column, r.label_column, r.label_ts_column) == \
+        ("class_recall", "fraud", "decrease", "predicted_class", "true_class", "label_arrival_ts")
+    # auto resolved with stats.auto_allowed's result
+    from lockgate.controller.stats import AutoAllowed
+
+    a = AutoAllowed(3.0, "derived", 7, 1.2, (1.0,) * 7)
+    assert spec.metric("output_tokens").to_stats_spec(a).allowed_derivation == "derived"
+    assert spec.metric("output_tokens").auto_statistic == ("mean", None)
+    assert spec.metric("latency_p95").auto_statistic == ("quantile", 0.95)
+
+
+def test_every_builtin_metric_becomes_a_valid_stats_spec():
+    def spec_with(items: list[str]) -> RolloutSpec:
+        return spec_from_text("rollout:\n  model: m\n  canary: c\n  metrics:\n" +
+                              "".join(f"    - {{{item}}}\n" for item in items))
+
+    relative, flipped, auto = [], [], []
+    for name, d in BUILTIN_METRICS.items():
+        cls = ", class: c1" if d.per_class else ""
+        relative.append(f"name: {name}{cls}, allowed: {{relative: 0.5}}")
+        other = "increase" if d.harmful == "decrease" else "decrease"
+        flipped.append(f"name: {name}{cls}, gating: false, allowed: {{absolute: 0.5}}" + (
+            "" if d.per_class else f", harmful: {other}"))
+        auto.append(f"name: {name}{cls}, allowed: auto")
+    assert len(spec_with(relative).to_stats_specs()) == len(BUILTIN_METRICS)
+    flipped[0] = flipped[0].replace("gating: false", "gating: true")
+    assert len(spec_with(flipped).to_stats_specs()) == len(BUILTIN_METRICS)
+    spec = spec_with(auto)
+    assert len(spec.to_stats_specs({m.key: 0.1 for m in spec.metrics})) == len(BUILTIN_METRICS)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def test_schema_metric_enum_equals_builtins_and_fields_match_parser():
+    schema = rollout_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    rollout = schema["properties"]["rollout"]
+    metric = rollout["properties"]["metrics"]["items"]
+    assert metric["properties"]["name"]["enum"] == list(BUILTIN_METRICS)
+    assert set(rollout["properties"]) == set(S.ROLLOUT_KEYS)
+    assert set(rollout["properties"]["steps"]["items"]["properties"]) == set(S.STEP_KEYS)
+    assert set(rollout["properties"]["promotion"]["properties"]) == set(S.PROMOTION_KEYS)
+    assert set(metric["properties"]) == set(S.METRIC_KEYS)
+    json.dumps(schema)  # serialisable
+
+
+@pytest.mark.parametrize("level, keys, text", [
+    ("rollout", S.ROLLOUT_KEYS, "rollout: {bogus: 1, model: m, canary: c, metrics: [{name: error_rate, allowed: auto}]}"),
+    ("step", S.STEP_KEYS, "rollout: {model: m, canary: c, steps: [{weight_percent: 1, bogus: 1}], "
+                          "metrics: [{name: error_rate, allowed: auto}]}"),
+    ("promotion", S.PROMOTION_KEYS, "rollout: {model: m, canary: c, promotion: {bogus: 1}, "
+                                    "metrics: [{name: error_rate, allowed: auto}]}"),
+    ("metric", S.METRIC_KEYS, "rollout: {model: m, canary: c, metrics: [{name: error_rate, allowed: auto, bogus: 1}]}"),
+])
+def test_parser_known_fields_equal_the_tables(level, keys, text):
+    line = one_problem(text)
+    assert line.endswith(f"unknown field (known: {', '.join(sorted(keys))})"), line
+
+
+def test_examples_validate_against_schema():
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (optional; not a dependency)")
+    validator = jsonschema.Draft202012Validator(rollout_schema())
+    jsonschema.Draft202012Validator.check_schema(rollout_schema())
+    for path in EXAMPLES:
+        assert list(validator.iter_errors(yaml.safe_load(path.read_text()))) == [], path
+    assert not list(validator.iter_errors(yaml.safe_load(ISSUE_EXAMPLE)))
+    bad = yaml.safe_load(ISSUE_EXAMPLE)
+    bad["rollout"]["metrics"][0]["name"] = "eror_rate"
+    bad["rollout"]["steps"][0]["weigth_percent"] = 1
+    bad["rollout"]["metrics"][4].pop("class")
+    assert len(list(validator.iter_errors(bad))) >= 3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_validate_ok_with_and_without_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    chat = str(ROOT / "examples" / "rollouts" / "chat-v2.yaml")
+    assert main(["validate", chat]) == 0
+    out = capsys.readouterr().out
+    sha = load_spec(chat).sha256
+    assert out.startswith(f"{chat}: ok (model chat, canary v2, 4 stages + promotion, 6 metrics (5 gating), "
+                          f"spec sha256 {sha[:12]}…)")
+    assert "validated standalone" in out
+    cfg = str(ROOT / "examples" / "lockgate.yaml")
+    assert main(["-c", cfg, "validate", chat]) == 0
+    assert "standalone" not in capsys.readouterr().out
+    assert main(["validate", "-c", cfg, "--json", chat]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["sha256"] == sha and report["spec"]["model"] == "chat"
+
+
+def test_cli_validate_reports_every_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ISSUE_EXAMPLE.replace("canary: v2", "canary: v1").replace("weight_percent: 5,", "weigth_percent: 5,")
+                   .replace("name: latency_p95", "name: latency_95"))
+    cfg = str(ROOT / "examples" / "lockgate.yaml")
+    assert main(["-c", cfg, "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: invalid rollout spec (4 problems):" in err
+    assert "rollout.canary: 'v1' is chat's stable version" in err
+    assert "rollout.steps[1].weigth_percent: unknown field (did you mean 'weight_percent'?" in err
+    assert "rollout.steps[1].weight_percent: is required" in err
+    assert "rollout.metrics[1].name: unknown metric 'latency_95' (did you mean 'latency_p95'?" in err
+
+
+def test_cli_schema(capsys):
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == rollout_schema()
+
+
+# ----------------------------------------------------------------------------- robustness
+
+_BASE = yaml.safe_load(ISSUE_EXAMPLE)
+
+_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["auto", "10m", "1.5h", "-1s", "1e-2", "10%", "fraud", "increase", "decrease", "drill",
+                     "absolute", "relative", "class_recall", "accuracy", "100", ""]),
+)
+_value = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["name", "class", "allowed", "absolute", "relative", "weight_percent", "min_duration", "gating", "x"]),
+        inner, max_size=3)), max_leaves=6)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def _mutate(data, path, op, value):
+    if not path:
+        return value if op == "replace" else data
+    parent = data
+    for p in path[:-1]:
+        parent = parent[p]
+    key = path[-1]
+    if op == "replace":
+        parent[key] = value
+    elif op == "delete":
+        del parent[key]
+    elif op == "add" and isinstance(parent[key], dict):
+        parent[key]["zz_" + str(value)[:5]] = value
+    elif op == "add" and isinstance(parent[key], list):
+        parent[key].append(value)
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_mutations_never_crash(data):
+    doc = copy.deepcopy(_BASE)
+    for _ in range(data.draw(st.integers(1, 4))):
+        paths = list(_paths(doc))
+        path = data.draw(st.sampled_from(paths))
+        op = data.draw(st.sampled_from(["replace", "delete", "add"]))
+        value = data.draw(_value)
+        doc = _mutate(doc, path, op, value)
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    try:
+        spec = spec_from_text(text, "m.yaml")
+    except ConfigError as exc:
+        assert exc.problems and all(p.message for p in exc.problems)
+        str(exc)
+        return
+    # whatever is accepted is a consistent spec the statistics core accepts
+    assert isinstance(spec, RolloutSpec) and len(spec.sha256) == 64
+    assert spec.metrics and any(m.gating for m in spec.metrics)
+    bps = [s.weight_bp for s in spec.steps]
+    assert bps == sorted(set(bps)) and all(0 < b < 10000 for b in bps)
+    assert all(math.isfinite(s.min_duration_s) and s.min_duration_s >= 0 for s in spec.steps)
+    assert 0 < spec.alpha <= S.MAX_ALPHA
+    spec.to_stats_specs({m.key: 1.0 for m in spec.metrics if m.allowed_mode == "auto"})
+    json.loads(spec.canonical_json())
+    # nothing in the file was silently dropped
+    raw = doc["rollout"]
+    assert len(spec.metrics) == len(raw["metrics"])
+    if "steps" in raw:
+        assert len(spec.steps) == len([s for s in raw["steps"] if s["weight_percent"] != 100])

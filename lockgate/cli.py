@@ -163,7 +163,11 @@ def cmd_xds(args) -> int:
 def cmd_extproc(args) -> int:
     from lockgate.extproc.server import serve
 
-    asyncio.run(serve(_load(args)))
+    config = _load(args)
+    if not 0 <= args.index < config.extproc_processes:
+        raise CliError(f"--index must be 0..{config.extproc_processes - 1} (extproc_processes: "
+                       f"{config.extproc_processes}), got {args.index}")
+    asyncio.run(serve(config, index=args.index))
     return 0
 
 
@@ -287,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("up", cmd_up, "run Envoy, ext_proc and xDS until Ctrl-C")
     add("xds", cmd_xds, "run the xDS server (and control API) alone")
-    add("extproc", cmd_extproc, "run the ext_proc server alone")
+    sp = add("extproc", cmd_extproc, "run the ext_proc server alone")
+    sp.add_argument("--index", type=int, default=0, help="which of extproc_processes (port = extproc.port + index)")
     add("check-config", cmd_validate_config, "validate lockgate.yaml")
     add("controller", cmd_controller, "run the controller: observation collector, feedback API, metrics")
     sp = add("observations", None, "observations recorded by the controller")

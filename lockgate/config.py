@@ -178,6 +178,15 @@ class LockgateConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    #: ext_proc processes on this host: process i listens on extproc.port + i (metrics: extproc_metrics.port + i);
+    #: Envoy's ext_proc cluster lists them all as endpoints (one HTTP/2 connection each).
+    extproc_processes: int = 1
+
+    def extproc_addresses(self) -> list[Address]:
+        return [Address(self.extproc.host, self.extproc.port + i) for i in range(self.extproc_processes)]
+
+    def extproc_metrics_address(self, index: int) -> Address:
+        return Address(self.extproc_metrics.host, self.extproc_metrics.port + index)
 
     def model(self, name: str) -> Model:
         for m in self.models:
@@ -378,8 +387,9 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     xds = _address(f, "xds", 18000)
     control = _address(f, "control", 18010)
     extproc = _address(f, "extproc", 18080)
-    extproc_metrics = _address(f, "extproc_metrics", 18081)
+    extproc_metrics = _address(f, "extproc_metrics", 18090)
     ep_timeout = f.int("extproc_message_timeout_ms", 200, min=1, max=60000) or 200
+    ep_processes = f.int("extproc_processes", 1, min=1, max=64) or 1
     state_dir = Path(f.str("state_dir", "./lockgate-state") or "./lockgate-state")
     if not state_dir.is_absolute():
         state_dir = (base_dir / state_dir).resolve()
@@ -402,15 +412,18 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
         seen[model.name] = i
     ports: dict[tuple[str, int], str] = {}
     for label, addr in (("listener", listener), ("admin", admin), ("xds", xds), ("control", control),
-                        ("extproc", extproc), ("extproc_metrics", extproc_metrics),
+                        *((("extproc" if i == 0 else f"extproc (process {i})"), Address(extproc.host, extproc.port + i))
+                          for i in range(ep_processes)),
+                        *((("extproc_metrics" if i == 0 else f"extproc_metrics (process {i})"),
+                           Address(extproc_metrics.host, extproc_metrics.port + i)) for i in range(ep_processes)),
                         ("controller.address", controller.address), ("controller.http", controller.http)):
         if (addr.host, addr.port) in ports:
-            errors.add(tuple(label.split(".")) + (() if label.startswith("controller.") else ("port",)),
+            errors.add(tuple(label.split(" ")[0].split(".")) + (() if label.startswith("controller.") else ("port",)),
                        f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
         ports[(addr.host, addr.port)] = label
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
-                          state_dir, qa, tuple(models), controller, capture)
+                          state_dir, qa, tuple(models), controller, capture, ep_processes)
 
 
 def load_config(path: str | Path) -> LockgateConfig:

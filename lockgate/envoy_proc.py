@@ -37,7 +37,7 @@ def envoy_binary() -> str:
 def render_bootstrap(config: LockgateConfig, node_id: str | None = None,
                      admin: Address | None = None, extproc_endpoints: list[Address] | None = None) -> str:
     admin = admin or config.admin
-    eps = extproc_endpoints or [config.extproc]
+    eps = extproc_endpoints or config.extproc_addresses()
     endpoint_lines = "\n".join(
         f"              - endpoint: {{address: {{socket_address: {{address: {a.host}, port_value: {a.port}}}}}}}"
         for a in eps)

@@ -83,7 +83,9 @@ def components(config: LockgateConfig, config_path: str) -> list[Component]:
     return [
         Component("controller", py + ["controller"], logs / "controller.log"),
         Component("xds", py + ["xds"], logs / "xds.log"),
-        Component("extproc", py + ["extproc"], logs / "extproc.log"),
+        *(Component(f"extproc-{i}" if config.extproc_processes > 1 else "extproc", py + ["extproc", "--index", str(i)],
+                    logs / (f"extproc-{i}.log" if config.extproc_processes > 1 else "extproc.log"))
+          for i in range(config.extproc_processes)),
         Component("envoy", envoy_command(bootstrap), logs / "envoy.log", ready_url=f"http://{config.admin}/ready"),
     ]
 

@@ -198,7 +198,9 @@ class ControllerHTTP:
             if st == "expired":
                 return 410, {"error": f"expired request_id {request_id!r}: pruned by retention"}
             return 404, {"error": f"unknown request_id {request_id!r}"}
-        return 200, {"request_id": request_id, "observations": [record_to_json(r) for r in rows]}
+        return 200, {"request_id": request_id,
+                     "observations": [{**record_to_json(r), "source": r.get("source"), "received_ts": r["received_ts"]}
+                                      for r in rows]}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+import sqlite3
 import time
 from typing import Awaitable, Callable, Iterable
 
@@ -39,7 +40,11 @@ class ControllerService:
     def __init__(self, config: LockgateConfig):
         self.config = config
         self.retention_s = config.controller.retention_days * 86400.0
-        self.store = ObservationStore(config.observations_db_path)
+        try:
+            self.store = ObservationStore(config.observations_db_path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ControllerStartError(f"cannot open the observation store {config.observations_db_path}: {exc}") \
+                from None
         self.metrics = ControllerMetrics()
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
         self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer)

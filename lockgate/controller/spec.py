@@ -133,7 +133,6 @@ BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
 
 # --------------------------------------------------------------------------- field names (shared with the schema)
 
-TOP_KEYS = ("rollout",)
 ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics")
 STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples")
 PROMOTION_KEYS = ("require_non_inferiority", "max_duration", "preflight")
@@ -607,7 +606,7 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
         errors.add(path + ("name",), f"unknown metric {name!r} ({hint}built-in metrics: "
                                      f"{', '.join(BUILTIN_METRICS)})")
     cls = f.raw("class")
-    if d is not None and d.per_class and "class" not in f.data:
+    if d is not None and d.per_class and cls is None:
         errors.add(path, f"{d.name} is per class: set class: to the class it watches (e.g. class: fraud)")
     elif d is not None and not d.per_class and "class" in f.data:
         errors.add(path + ("class",), f"only class_recall and class_precision take a class, not {d.name}")

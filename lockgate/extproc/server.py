@@ -155,7 +155,8 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                 self._done(cap, ended)
 
 
-async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> None:
+async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index: int = 0) -> None:
+    """Serve ext_proc process ``index`` (of ``config.extproc_processes``) until SIGTERM/SIGINT."""
     registry = CollectorRegistry()
     metrics = CaptureMetrics(registry)
     cap = config.capture
@@ -164,10 +165,12 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> No
     metrics.queued.set_function(lambda: len(shipper.queue))
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, shipper, metrics), server)
-    server.add_insecure_port(str(config.extproc))
+    address = config.extproc_addresses()[index]
+    metrics_address = config.extproc_metrics_address(index)
+    server.add_insecure_port(str(address))
     await server.start()
     shipper.start()
-    start_http_server(config.extproc_metrics.port, addr=config.extproc_metrics.host, registry=registry)
+    start_http_server(metrics_address.port, addr=metrics_address.host, registry=registry)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,7 +178,7 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> No
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    print(f"ready extproc={config.extproc} metrics={config.extproc_metrics} "
+    print(f"ready extproc={address} metrics={metrics_address} "
           f"controller={config.controller.address}", flush=True)
     await stop.wait()
     await server.stop(0.5)

@@ -468,7 +468,8 @@ def test_schema_metric_enum_equals_builtins_and_fields_match_parser():
 
 
 @pytest.mark.parametrize("level, keys, text", [
-    ("rollout", S.ROLLOUT_KEYS, "rollout: {bogus: 1, model: m, canary: c, metrics: [{name: error_rate, allowed: auto}]}"),
+    ("rollout", S.ROLLOUT_KEYS,
+     "rollout: {bogus: 1, model: m, canary: c, metrics: [{name: error_rate, allowed: auto}]}"),
     ("step", S.STEP_KEYS, "rollout: {model: m, canary: c, steps: [{weight_percent: 1, bogus: 1}], "
                           "metrics: [{name: error_rate, allowed: auto}]}"),
     ("promotion", S.PROMOTION_KEYS, "rollout: {model: m, canary: c, promotion: {bogus: 1}, "

@@ -164,6 +164,24 @@ def extproc_filter_summary(config) -> dict:
     return {}
 
 
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(targets: dict, key: str, fn) -> dict:
+    """Run ``fn()`` (a wrk run) and add each of the target's processes' CPU µs per request."""
+    pids = targets[key]["pids"]
+    before = {n: proc_cpu_s(pid) for n, pid in pids.items()}
+    r = fn()
+    after = {n: proc_cpu_s(pid) for n, pid in pids.items()}
+    n = max(1, r["requests"])
+    r["cpu_us_per_request"] = {name: (after[name] - before[name]) * 1e6 / n for name in pids}
+    r["loadavg1_after"] = os.getloadavg()[0]
+    return r
+
+
 def summarize(runs: list[dict], key: str) -> float:
     return median([r[key] for r in runs])
 
@@ -233,11 +251,14 @@ def main(argv: list[str] | None = None) -> dict:
 
             targets = {
                 "A": {"label": "plain Envoy (static route)", "url": f"http://127.0.0.1:{ports['A'][0]}",
-                      "admin": ports["A"][1]},
+                      "admin": ports["A"][1], "pids": {"envoy": a.pid}},
                 "B": {"label": "lockgate (xDS hash-policy routes + ext_proc response headers)",
-                      "url": f"http://127.0.0.1:{fleet.ports['listener']}", "admin": fleet.admin_ports[0]},
+                      "url": f"http://127.0.0.1:{fleet.ports['listener']}", "admin": fleet.admin_ports[0],
+                      "pids": {"envoy": fleet.procs["envoy-0"].pid, **{n: fleet.procs[n].pid for n in
+                                                                        ("extproc", "controller", "xds")
+                                                                        if n in fleet.procs}}},
                 "C": {"label": "lockgate routes without ext_proc", "url": f"http://127.0.0.1:{ports['C'][0]}",
-                      "admin": ports["C"][1]},
+                      "admin": ports["C"][1], "pids": {"envoy": c.pid}},
             }
             # sanity + warm-up: every path answers 200 and keeps connections warm
             for key, t in targets.items():
@@ -254,18 +275,18 @@ def main(argv: list[str] | None = None) -> dict:
             for rnd in range(args.rounds):
                 rot = order[rnd % len(order):] + order[:rnd % len(order)]
                 for key in rot:
-                    r = run_wrk(targets[key]["url"], lua, duration_s=args.latency_seconds, connections=args.connections,
-                                delay_ms=args.delay_ms, cpus=CLIENT_CPU)
+                    r = measured(targets, key, lambda: run_wrk(
+                        targets[key]["url"], lua, duration_s=args.latency_seconds, connections=args.connections,
+                        delay_ms=args.delay_ms, cpus=CLIENT_CPU))
                     r["round"] = rnd
-                    r["loadavg1_after"] = os.getloadavg()[0]
                     runs[key]["paced"].append(r)
                     print(f"round {rnd} {key} paced: {r['rps']:.0f} rps p50 {r['p50_us'] / 1000:.3f} ms "
                           f"p99 {r['p99_us'] / 1000:.3f} ms errors {r['errors']}", flush=True)
                 for key in rot:
-                    r = run_wrk(targets[key]["url"], lua, duration_s=args.ceiling_seconds,
-                                connections=args.ceiling_connections, cpus=CLIENT_CPU)
+                    r = measured(targets, key, lambda: run_wrk(
+                        targets[key]["url"], lua, duration_s=args.ceiling_seconds,
+                        connections=args.ceiling_connections, cpus=CLIENT_CPU))
                     r["round"] = rnd
-                    r["loadavg1_after"] = os.getloadavg()[0]
                     runs[key]["ceiling"].append(r)
                     print(f"round {rnd} {key} ceiling: {r['rps']:.0f} rps errors {r['error_pct']:.2f}% "
                           f"p99 {r['p99_us'] / 1000:.2f} ms", flush=True)
@@ -297,7 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "ceiling_rps": summarize(ceil, "rps"),
                         "ceiling_rps_min_max": [min(r["rps"] for r in ceil), max(r["rps"] for r in ceil)],
                         "ceiling_error_pct": max(r["error_pct"] for r in ceil),
-                        "ceiling_p99_ms": summarize(ceil, "p99_us") / 1000}
+                        "ceiling_p99_ms": summarize(ceil, "p99_us") / 1000,
+                        "cpu_us_per_request_at_load": {n: median([r["cpu_us_per_request"][n] for r in paced])
+                                                       for n in paced[0]["cpu_us_per_request"]},
+                        "cpu_us_per_request_at_ceiling": {n: median([r["cpu_us_per_request"][n] for r in ceil])
+                                                          for n in ceil[0]["cpu_us_per_request"]}}
     for key in ("B", "C"):
         for q in ("p50", "p99"):
             diffs = [(b[f"{q}_us"] - a[f"{q}_us"]) / 1000 for a, b in zip(runs["A"]["paced"], runs[key]["paced"])]

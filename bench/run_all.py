@@ -48,11 +48,12 @@ def yes(ok: bool) -> str:
 
 
 def machine_lines(m: dict, command: str) -> list[str]:
+    wrk = m["wrk"].split(" Copyright")[0]
     return [f"- Machine: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}; Envoy {m['envoy']}; "
-            f"{m['wrk']}; {m['nginx']}; Python {m['python']}",
+            f"{wrk}; {m['nginx']}; Python {m['python']}",
             f"- Date: {m['date_utc']} (load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}: "
             "the machine is shared, other jobs were running)",
-            f"- Command: `.venv/bin/python {command}` (via `.venv/bin/python bench/run_all.py`)"]
+            f"- Command: `.venv/bin/python {command.strip()}` (via `.venv/bin/python bench/run_all.py`)"]
 
 
 def render_routing(d: dict) -> str:
@@ -85,6 +86,14 @@ def render_routing(d: dict) -> str:
         lines.append(f"| {key}: {r['label']} | {r['rps_at_load']:.0f} | {fmt(r['p50_ms'], 3)} | {fmt(r['p90_ms'], 3)} | "
                      f"{fmt(r['p99_ms'], 3)} | {fmt(r['p999_ms'], 3)} | {r['ceiling_rps']:,.0f} ({lo:,.0f}–{hi:,.0f}) | "
                      f"{r['ceiling_error_pct']:.2f} % |")
+    lines += ["", "CPU per request (median over rounds; user + system time of each process / requests served):", "",
+              "| path | at ~500 rps | at ceiling |", "|---|---|---|"]
+    for key in ("A", "B", "C"):
+        r = s[key]
+        if "cpu_us_per_request_at_load" in r:
+            def cpu(dct):
+                return ", ".join(f"{n} {v:.0f} µs" for n, v in dct.items())
+            lines.append(f"| {key} | {cpu(r['cpu_us_per_request_at_load'])} | {cpu(r['cpu_us_per_request_at_ceiling'])} |")
     b, c = s["B"], s["C"]
     lines += [
         "",
@@ -161,8 +170,11 @@ def render_weight_push(d: dict) -> str:
     lines += [
         "",
         f"Requests sent after a rollback push that still reached the canary, over all trials: "
-        f"{s['rollback_canary_sent_after_push_total']} (they were sent within the ACK window, before Envoy "
-        f"applied the new routes; a negative \"last request\" means the last canary request was sent before the push).",
+        f"{s['rollback_canary_sent_after_push_total']}; a negative \"last request\" means the last canary request "
+        f"was sent before the push. "
+        + (f"In {s['rollback_trials_last_canary_before_last_ack']} of {st['trials']} trials the last canary request was "
+           f"sent before the rollback's last ACK (new routes apply to the next request, also on open keep-alive "
+           f"connections)." if "rollback_trials_last_canary_before_last_ack" in s else ""),
         "",
         f"Targets (`lockgate rollback` → every Envoy ACKed): median ≤ 50 ms — {yes(s['targets']['median_met'])} "
         f"({fmt(rb['median'])} ms); max ≤ 250 ms — {yes(s['targets']['max_met'])} ({fmt(rb['max'])} ms). "

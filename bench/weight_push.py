@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rollback_per_envoy_ack_ms": stats(per_envoy_rb),
         "rollback_last_canary_sent_ms": stats(col("rollback", "last_canary_sent_ms")),
         "rollback_canary_sent_after_push_total": sum(t["rollback"]["canary_sent_after_push"] for t in trials),
+        "rollback_trials_last_canary_before_last_ack": sum(
+            1 for t in trials if t["rollback"].get("last_canary_sent_ms") is not None
+            and t["rollback"]["last_canary_sent_ms"] <= t["rollback"]["elapsed_ms"]),
         "set_weight_cli_wall_ms": stats(col("set_weight", "cli_wall_ms")),
         "rollback_cli_wall_ms": stats(col("rollback", "cli_wall_ms")),
         "all_trials_all_acked": all(t["set_weight"]["all_acked"] and t["rollback"]["all_acked"] and

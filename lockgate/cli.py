@@ -174,9 +174,11 @@ def cmd_extproc(args) -> int:
 def cmd_controller(args) -> int:
     from lockgate.controller.service import ControllerStartError, serve
 
+    from lockgate.controller.promoter import promotion_task
+
     config = _load(args)
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, tasks=[("promotion", promotion_task)]))
     except ControllerStartError as exc:
         raise CliError(str(exc)) from None
 
@@ -276,6 +278,128 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _controller_http(args, method: str, path: str, payload: dict | None = None, timeout: float = 90.0):
+    """Call the controller's HTTP API; returns (status, JSON)."""
+    import urllib.error
+    import urllib.request
+
+    config = _load(args)
+    url = f"http://{config.controller.http}{path}"
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+    except OSError as exc:
+        raise CliError(f"cannot reach the lockgate controller at {config.controller.http} "
+                       f"(is `lockgate up` running?): {exc}") from None
+
+
+def _fail(status: int, body: dict) -> None:
+    detail = body.get("detail")
+    msg = body.get("error", f"HTTP {status}")
+    if isinstance(detail, list):
+        msg += ":\n" + "\n".join(str(d) for d in detail)
+    raise CliError(msg)
+
+
+def cmd_rollout_start(args) -> int:
+    from pathlib import Path
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    status, body = _controller_http(args, "POST", "/v1/rollouts/start",
+                                    {"spec": text, "source": args.file, "actor": _actor()})
+    if status != 200:
+        _fail(status, body)
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    r = body["rollout"]
+    print(f"rollout #{r['id']}: {r['model']} {r['baseline']} → {r['canary']} {r['status']} "
+          f"(spec sha256 {r['spec_hash'][:12]}…)")
+    drill = body.get("start", {}).get("drill")
+    if drill:
+        print(f"  preflight drill: {'every Envoy ACKed' if drill['all_acked'] else 'FAILED'} in "
+              f"{drill['elapsed_ms']:.1f} ms")
+    for w in body.get("warnings", []):
+        print(f"  warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _verdict_table(last_eval: dict) -> list[str]:
+    rows = [("metric", "verdict", "baseline", "canary", "interval (canary-baseline)", "allowed", "n base/canary")]
+    for v in last_eval.get("verdicts", []):
+        def f(x):
+            return "-" if x is None else f"{x:.4g}"
+        lo, hi = v.get("interval") or (None, None)
+        rows.append((v["metric"] + ("" if v.get("gating") else " (info)"), v["verdict"], f(v.get("baseline")),
+                     f(v.get("canary")), f"[{f(lo)}, {f(hi)}]", f(v.get("allowed")),
+                     f"{v.get('n_baseline', 0)}/{v.get('n_canary', 0)}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+
+def cmd_rollout_status(args) -> int:
+    path = "/v1/rollouts" + (f"?model={args.model}" if args.model else "")
+    status, body = _controller_http(args, "GET", path)
+    if status != 200:
+        _fail(status, body)
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    if not body["rollouts"]:
+        print("no rollouts yet")
+    for r in body["rollouts"]:
+        ev = r.get("last_eval") or {}
+        print(f"rollout #{r['id']} {r['model']}: {r['baseline']} → {r['canary']}: {r['status'].upper()}, "
+              f"stage {r['stage'] + 1}, spec {r['spec_hash'][:12]}…")
+        if ev:
+            sd = ev.get("stage_decision", {})
+            print(f"  decision: {ev.get('decision')} → {sd.get('action', '-')}: {'; '.join(sd.get('reasons', []))}")
+            print(f"  samples: baseline {ev.get('n_baseline', 0)}, canary {ev.get('n_canary', 0)} "
+                  f"({ev.get('canary_samples_in_stage', 0)} in this stage); "
+                  f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
+            print("\n".join(_verdict_table(ev)))
+            for p in ev.get("plan", []):
+                print(f"  ETA {p}")
+            print(f"  {ev.get('alpha_statement', '')}")
+    return 0
+
+
+def cmd_rollout_action(args) -> int:
+    status, body = _controller_http(args, "POST", f"/v1/rollouts/{args.model}/{args.action}", {"actor": _actor()})
+    if status != 200:
+        _fail(status, body)
+    r = body["rollout"]
+    print(f"rollout #{r['id']} {r['model']}: {r['status']}")
+    t = body.get("timings")
+    if t and t.get("push_to_ack_ms") is not None:
+        print(f"  reverted to {r['baseline']} in {t['push_to_ack_ms']:.1f} ms")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from lockgate.controller.replay import analyze_file
+
+    try:
+        result = analyze_file(args.spec, args.observations, config_path=args.config if os.path.exists(args.config)
+                              else None)
+    except ConfigError as exc:
+        raise CliError(f"invalid rollout spec:\n{exc}") from None
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lockgate", description="Progressive canary rollouts for models behind Envoy.")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="lockgate.yaml (default: %(default)s)")
@@ -329,6 +453,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--json", action="store_true", help="print the normalised spec and its full sha256")
     add("schema", cmd_schema, "print the JSON Schema of rollout spec files (for editors)")
+    sp = add("rollout", None, "progressive rollouts driven by the controller")
+    rsub = sp.add_subparsers(dest="rollout_cmd", required=True)
+    r = rsub.add_parser("start", help="start a rollout from a spec file")
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.add_argument("file")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_rollout_start)
+    r = rsub.add_parser("status", help="stage, weight, per-metric verdicts and ETA")
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.add_argument("model", nargs="?")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_rollout_status)
+    for action, help_ in (("pause", "hold at the current stage (harm still rolls back)"),
+                          ("resume", "continue a paused rollout"),
+                          ("promote", "promote to 100% now (a human decision, recorded as such)"),
+                          ("abort", "weights to 0 and stop the rollout")):
+        r = rsub.add_parser(action, help=help_)
+        r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        r.add_argument("model")
+        r.set_defaults(fn=cmd_rollout_action, action=action)
+    sp = add("analyze", cmd_analyze, "replay the controller's decisions offline on recorded observations")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--observations", required=True, help="JSONL from `lockgate observations export`")
     return p
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,38 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """An OpenAI-compatible chat endpoint used as the evaluator (``evaluator: http``).
+
+    ``api_key_env`` names an environment variable holding a bearer token (never the token itself)."""
+
+    url: str
+    model: str
+    timeout_s: float = 10.0
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Per-model response evaluation (see ``docs/evaluation.md``).
+
+    ``sample_rate`` of the model's sticky-route requests are mirrored by Envoy to the controller's
+    sampler, stored (bodies up to ``max_body_bytes``, kept ``retention_hours`` and at most
+    ``max_samples`` rows), replayed out of band to the stable and the canary version, and each
+    answer is scored by ``evaluator`` (``heuristic``, ``http`` = the ``judge``, or ``pkg.module:Class``);
+    ``similarity`` (None = off) compares the two answers (``char3``, ``jaccard`` or ``pkg.module:Class``)."""
+
+    sample_rate: float
+    evaluator: str = "heuristic"
+    judge: JudgeConfig | None = None
+    similarity: str | None = "char3"
+    retention_hours: float = 24.0
+    max_samples: int = 10000
+    max_body_bytes: int = 256 * 1024
+    replay_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     match: ModelMatch
@@ -96,6 +129,7 @@ class Model:
     sticky_keys: tuple[KeySource, ...]
     timeout_s: float
     analyzer: str | None = None
+    evaluation: EvaluationConfig | None = None
 
     def cluster_name(self, version: str) -> str:
         """Envoy cluster of one version: ``<model>.<version>`` (names cannot contain dots)."""
@@ -105,12 +139,16 @@ class Model:
 @dataclass(frozen=True)
 class ControllerConfig:
     """The controller process (``lockgate controller``): observation collector (gRPC, ``address``),
-    feedback + metrics HTTP API (``http``), and how long observations are kept."""
+    feedback + metrics HTTP API (``http``), and how long observations are kept. ``sampler`` receives
+    the requests Envoy mirrors for evaluation (listened on only when a model has ``evaluation``);
+    ``evaluation_concurrency`` bounds the replays (and judge calls) in flight."""
 
     address: Address = Address("127.0.0.1", 18020)
     http: Address = Address("127.0.0.1", 18021)
     retention_days: float = 30.0
     prune_interval_s: float = 3600.0
+    sampler: Address = Address("127.0.0.1", 18022)
+    evaluation_concurrency: int = 2
 
 
 @dataclass(frozen=True)
@@ -241,9 +279,88 @@ def _controller(f: Fields) -> ControllerConfig:
     http = _host_port(sub, "http", d.http)
     retention = sub.float("retention_days", d.retention_days, min=0.0001, max=36500.0)
     prune = sub.float("prune_interval_s", d.prune_interval_s, min=0.1, max=86400.0)
+    sampler = _host_port(sub, "sampler", d.sampler)
+    concurrency = sub.int("evaluation_concurrency", d.evaluation_concurrency, min=1, max=64)
     sub.finish()
     return ControllerConfig(address, http, d.retention_days if retention is None else retention,
-                            d.prune_interval_s if prune is None else prune)
+                            d.prune_interval_s if prune is None else prune, sampler,
+                            concurrency or d.evaluation_concurrency)
+
+
+#: ``package.module:Class`` (a plug-in evaluator or similarity, imported by the controller).
+PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _judge(f: Fields) -> JudgeConfig | None:
+    sub = f.sub("judge")
+    url = sub.str("url", required=True)
+    model = sub.str("model", required=True)
+    timeout = sub.float("timeout_s", 10.0, min=0.001, max=3600.0)
+    key_env = sub.str("api_key_env")
+    sub.finish()
+    if url is not None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            f.errors.add(sub.path + ("url",), f"must be an http:// or https:// URL, got {url!r}")
+            url = None
+    if model == "":
+        f.errors.add(sub.path + ("model",), "must not be empty")
+    if key_env is not None and not ENV_RE.match(key_env):
+        f.errors.add(sub.path + ("api_key_env",), f"must be an environment variable name, got {key_env!r}")
+    if url is None or not model:
+        return None
+    return JudgeConfig(url, model, 10.0 if timeout is None else timeout, key_env)
+
+
+def _evaluation(f: Fields) -> EvaluationConfig | None:
+    """``evaluation:`` of one model (absent = off: nothing mirrored, nothing stored)."""
+    if "evaluation" not in f.data:
+        f.raw("evaluation")
+        return None
+    sub = f.sub("evaluation")
+    d = EvaluationConfig(0.0)
+    rate = sub.float("sample_rate", required=True, min=0.0, max=1.0)
+    evaluator = sub.str("evaluator", d.evaluator) or d.evaluator
+    if evaluator not in ("heuristic", "http") and not PLUGIN_RE.match(evaluator):
+        sub.errors.add(sub.path + ("evaluator",),
+                       f"must be heuristic, http or a plug-in 'package.module:Class', got {evaluator!r}")
+    judge = None
+    if "judge" in sub.data:
+        judge = _judge(sub)
+        if evaluator != "http":
+            sub.errors.add(sub.path + ("judge",), "is only used with evaluator: http")
+    else:
+        sub.raw("judge")
+        if evaluator == "http":
+            sub.errors.add(sub.path + ("judge",), "is required with evaluator: http")
+    similarity: str | None = d.similarity
+    sim_raw = sub.raw("similarity")
+    if isinstance(sim_raw, bool):
+        similarity = d.similarity if sim_raw else None
+    elif isinstance(sim_raw, dict):
+        sf = sub.sub("similarity")
+        impl = sf.str("impl", required=True)
+        sf.finish()
+        if impl is not None:
+            if impl not in ("char3", "jaccard") and not PLUGIN_RE.match(impl):
+                sub.errors.add(sf.path + ("impl",),
+                               f"must be char3, jaccard or a plug-in 'package.module:Class', got {impl!r}")
+            similarity = impl
+    elif sim_raw is not None:
+        sub.errors.add(sub.path + ("similarity",),
+                       "must be true, false or {impl: char3 | jaccard | package.module:Class}")
+    retention = sub.float("retention_hours", d.retention_hours, min=0.0001, max=24.0 * 3650)
+    max_samples = sub.int("max_samples", d.max_samples, min=1, max=10_000_000)
+    max_body = sub.int("max_body_bytes", d.max_body_bytes, min=1, max=64 << 20)
+    replay_timeout = sub.float("replay_timeout_s", d.replay_timeout_s, min=0.001, max=3600.0)
+    sub.finish()
+    if rate is None:
+        return None
+    return EvaluationConfig(rate, evaluator, judge, similarity,
+                            d.retention_hours if retention is None else retention,
+                            max_samples or d.max_samples, max_body or d.max_body_bytes,
+                            d.replay_timeout_s if replay_timeout is None else replay_timeout)
 
 
 def _endpoint(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> Address | None:
@@ -372,9 +489,10 @@ def _model(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector,
     analyzer = f.str("analyzer")
     if analyzer is not None and analyzer not in ("auto", "openai", "sse", "classifier", "none"):
         errors.add(path + ("analyzer",), f"must be auto, openai, sse, classifier or none, got {analyzer!r}")
+    evaluation = _evaluation(f)
     f.finish()
     return Model(name, ModelMatch(prefix, header_name, header_value), stable, versions, keys, timeout,
-                 None if analyzer in (None, "auto") else analyzer)
+                 None if analyzer in (None, "auto") else analyzer, evaluation)
 
 
 def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig:
@@ -411,12 +529,14 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
             errors.add(("models", i, "name"), f"duplicate model name {model.name!r} (also models[{seen[model.name]}])")
         seen[model.name] = i
     ports: dict[tuple[str, int], str] = {}
+    sampler = (("controller.sampler", controller.sampler),) if any(m.evaluation for m in models) else ()
     for label, addr in (("listener", listener), ("admin", admin), ("xds", xds), ("control", control),
                         *((("extproc" if i == 0 else f"extproc (process {i})"), Address(extproc.host, extproc.port + i))
                           for i in range(ep_processes)),
                         *((("extproc_metrics" if i == 0 else f"extproc_metrics (process {i})"),
                            Address(extproc_metrics.host, extproc_metrics.port + i)) for i in range(ep_processes)),
-                        ("controller.address", controller.address), ("controller.http", controller.http)):
+                        ("controller.address", controller.address), ("controller.http", controller.http),
+                        *sampler):
         if (addr.host, addr.port) in ports:
             errors.add(tuple(label.split(" ")[0].split(".")) + (() if label.startswith("controller.") else ("port",)),
                        f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
@@ -437,5 +557,5 @@ def config_from_text(text: str, source: str = "<string>", base_dir: Path | None 
     return parse_config(data, smap, source, base_dir or Path.cwd())
 
 
-__all__ = ["Address", "ConfigError", "ControllerConfig", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
+__all__ = ["Address", "ConfigError", "ControllerConfig", "EvaluationConfig", "JudgeConfig", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
            "QAOverride", "load_config", "config_from_text"]

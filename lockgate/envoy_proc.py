@@ -41,9 +41,12 @@ def render_bootstrap(config: LockgateConfig, node_id: str | None = None,
     endpoint_lines = "\n".join(
         f"              - endpoint: {{address: {{socket_address: {{address: {a.host}, port_value: {a.port}}}}}}}"
         for a in eps)
+    sampler = config.controller.sampler  # a STATIC cluster needs an IP; a wildcard bind is reached on loopback
+    sampler_host = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(sampler.host, sampler.host)
     return string.Template(TEMPLATE.read_text()).substitute(
         NODE_ID=node_id or config.node_id, ADMIN_HOST=admin.host, ADMIN_PORT=admin.port, XDS_HOST=config.xds.host,
-        XDS_PORT=config.xds.port, EXTPROC_ENDPOINTS=endpoint_lines)
+        XDS_PORT=config.xds.port, EXTPROC_ENDPOINTS=endpoint_lines, SAMPLER_HOST=sampler_host,
+        SAMPLER_PORT=sampler.port)
 
 
 def envoy_command(bootstrap_path: Path, concurrency: int = 1, log_level: str = "warning") -> list[str]:

@@ -169,6 +169,9 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         self.metrics = metrics
         # one writer thread: SQLite serializes writers anyway, and the event loop never blocks on disk
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
+        #: called on the event loop with the set of models a stored batch had new observations for
+        #: (the promotion loop re-checks for harm at once: rollback is event-driven, not polled).
+        self.on_stored: list = []
 
     def _store(self, batch: pb.ObservationBatch) -> pb.ReportAck:
         now = time.time()
@@ -200,7 +203,12 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
     async def Report(self, request: pb.ObservationBatch, context) -> pb.ReportAck:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, self._store, request)
+            ack = await loop.run_in_executor(self.executor, self._store, request)
+            if self.on_stored and ack.stored:
+                models = {o.model for o in request.observations if o.model and not o.replay}
+                for fn in self.on_stored:
+                    fn(models)
+            return ack
         except Exception as exc:  # the store failed: the sender keeps (or drops and counts) the batch
             log.exception("storing a batch of %d observations from %s failed", len(request.observations),
                           request.source or "?")

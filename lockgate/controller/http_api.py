@@ -124,6 +124,9 @@ class ControllerHTTP:
         self.metrics = metrics
         self.retention_s = retention_s
         self.unknown_grace_s = unknown_grace_s
+        #: (method, path prefix) → fn(path, query: dict, body: bytes) -> (status, JSON object); added by
+        #: other parts of the controller (e.g. the rollout API), checked before the built-in 404.
+        self.routes: dict[tuple[str, str], Any] = {}
         api = self
 
         class Handler(_Handler):
@@ -148,6 +151,17 @@ class ControllerHTTP:
         self.server.server_close()
         if self.thread is not None:
             self.thread.join(5)
+
+    def add_route(self, method: str, prefix: str, fn) -> None:
+        self.routes[(method, prefix)] = fn
+
+    def route(self, method: str, path: str):
+        best = None
+        for (m, prefix), fn in self.routes.items():
+            if m == method and (path == prefix or path.startswith(prefix.rstrip("/") + "/")):
+                if best is None or len(prefix) > len(best[0]):
+                    best = (prefix, fn)
+        return best[1] if best else None
 
     # ----- handlers' logic (no HTTP here) -----
     def feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -257,12 +271,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(*self.api.observation(rid))
         elif path == "/v1/feedback":
             self._json(405, {"error": "use POST"})
+        elif (fn := self.api.route("GET", path)) is not None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+            self._json(*fn(path, query, b""))
         else:
             self._json(404, {"error": f"no such endpoint {path}"})
 
     def _post(self) -> None:
         path = self._path()
-        if path != "/v1/feedback":
+        extra = self.api.route("POST", path) if path != "/v1/feedback" else None
+        if path != "/v1/feedback" and extra is None:
             self._discard_body()
             self._json(404 if not path.startswith("/v1/observations/") and path != "/metrics" else 405,
                        {"error": f"no POST endpoint {path}"})
@@ -285,6 +303,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(413, {"error": f"body larger than {MAX_BODY} bytes"})
             return
         body = self.rfile.read(length)
+        if extra is not None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+            self._json(*extra(path, query, body))
+            return
         self._json(*self.api.feedback(body))
 
     def _discard_body(self) -> None:

@@ -22,6 +22,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -31,6 +32,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_m
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
 
 from lockgate.config import LockgateConfig, Model
 from lockgate.extproc.keys import canary_salt, hash_policy, route_header_matcher
@@ -48,6 +50,9 @@ WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
 LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
+SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
+SAMPLE_MODEL_HEADER = "x-lockgate-sample-model"    #: set on mirrored requests only: the model
+SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set on mirrored requests only: canary at sampling
 
 
 
@@ -184,6 +189,33 @@ def _match(model: Model, extra: list[rc.HeaderMatcher]) -> rc.RouteMatch:
     return rc.RouteMatch(prefix=model.match.path_prefix, headers=headers)
 
 
+def mirror_policies(model: Model, weight: CanaryWeight) -> list[rc.RouteAction.RequestMirrorPolicy]:
+    """Evaluation sampling: ``evaluation.sample_rate`` of a sticky route's requests are mirrored
+    (fire and forget, the response ignored) to the controller's sampler — only while the model has
+    a canary, since there is nothing to compare otherwise. The mirror alone carries the model and
+    canary in ``x-lockgate-sample-*`` headers (overwriting any a client sent)."""
+    ev = model.evaluation
+    if ev is None or weight.canary is None or weight.canary == model.stable:
+        return []
+    numerator = round(ev.sample_rate * 1_000_000)
+    if numerator <= 0:
+        return []
+
+    def header(name: str, value: str) -> base_pb2.HeaderValueOption:
+        return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                          append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+    return [rc.RouteAction.RequestMirrorPolicy(
+        cluster=SAMPLER_CLUSTER,
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(
+            numerator=numerator, denominator=percent_pb2.FractionalPercent.MILLION)),
+        trace_sampled=wrappers_pb2.BoolValue(value=False),
+        request_headers_mutations=[
+            mutation_rules_pb2.HeaderMutation(append=header(SAMPLE_MODEL_HEADER, model.name)),
+            mutation_rules_pb2.HeaderMutation(append=header(SAMPLE_CANARY_HEADER, weight.canary)),
+        ])]
+
+
 def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> route_pb2.RouteConfiguration:
     routes: list[rc.Route] = []
     for model in config.models:
@@ -200,17 +232,19 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
                     ]),
                     route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
         salt = canary_salt(model.name, weight.canary or model.stable)
+        mirrors = mirror_policies(model, weight)
         for i, source in enumerate(model.sticky_keys):
             cond = route_header_matcher(source)
             routes.append(rc.Route(
                 name=route_name(model.name, f"key/{i}", weight),
                 match=_match(model, [cond] if cond is not None else []),
                 route=rc.RouteAction(weighted_clusters=_split(model, weight), hash_policy=[hash_policy(source, salt)],
-                                     timeout=timeout)))
+                                     timeout=timeout, request_mirror_policies=mirrors)))
         if model.sticky_keys[-1].kind != "client_ip":
             # No key at all: still split by weight (random per request), never unrouted.
             routes.append(rc.Route(name=route_name(model.name, "key/none", weight), match=_match(model, []),
-                                   route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout)))
+                                   route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout,
+                                                        request_mirror_policies=mirrors)))
     strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
     vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip)
     return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=[vhost])

@@ -1,0 +1,422 @@
+"""The promotion controller: the imperative shell around the stage machine.
+
+Runs as a task of the controller process. For every active rollout it holds the lease of, it
+evaluates the locked spec on the stored observations (:func:`analysis.evaluate_at`, in a worker
+thread), asks :func:`stages.decide` what to do, moves weights through the xDS control API, and
+records every evaluation and transition (:mod:`.rollouts`). Evaluations run every
+``analysis_interval_s`` and also as soon as new observations of the model are stored (at most
+one per ``MIN_SPACING_S``): a breach rolls back when the evidence arrives, not at the next poll.
+
+The HTTP routes for the CLI (``lockgate rollout …``) are registered on the controller's HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from lockgate.config import ConfigError
+from lockgate.controller import analysis
+from lockgate.controller.rollouts import Rollout, RolloutConflict, RolloutStore
+from lockgate.controller.spec import RolloutSpec, spec_from_text
+from lockgate.controller.stages import StageDecision, StageState, decide, stage_label
+from lockgate.proto.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger("lockgate.controller.promoter")
+
+MIN_SPACING_S = 1.0        #: at most one data-triggered evaluation per model per second
+LEASE_TTL_S = 15.0
+AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
+EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "latency_ms",
+                "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key", "upstream_host",
+                "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
+                "task_success_arrival_ts", "evaluator_score", "evaluator_score_arrival_ts")
+
+
+class RolloutError(Exception):
+    """A rollout request that cannot be honoured; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400, detail: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+def load_spec_of(rollout: Rollout, config) -> RolloutSpec:
+    return spec_from_text(rollout.spec_text, rollout.spec_source, config)
+
+
+class Promoter:
+    def __init__(self, service):
+        self.service = service
+        self.config = service.config
+        self.rollouts = RolloutStore(self.config.state_dir / "rollouts.db")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._channel = grpc.aio.insecure_channel(str(self.config.control))
+        self.control = control_pb2_grpc.WeightControlStub(self._channel)
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ evaluation
+    def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
+        cols = [c for c in EVAL_COLUMNS]
+        return self.service.store.fetch(rollout.model, since_ts=rollout.started_at if since is None else since,
+                                        versions=[rollout.baseline, rollout.canary], columns=cols)
+
+    def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float) -> tuple[Any, dict, int]:
+        data = self._columns(rollout)
+        judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
+        ts = np.asarray(data.get("ts", []), dtype=float)
+        role = np.asarray(data.get("role", []), dtype=object)
+        in_stage = int(np.count_nonzero((ts >= rollout.stage_started_at) & (role == "canary")))
+        rate = analysis.request_rate_per_hour(ts, now)
+        share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / 10000
+        plans = analysis.plan(judgement, rate, share)
+        label = stage_label(spec, rollout.stage)
+        summary = judgement.to_dict()
+        summary["plan"] = [p.text(label, rate) for p in plans]
+        summary["plan_hours"] = {p.metric: p.hours for p in plans}
+        summary["requests_per_hour"] = rate
+        summary["canary_samples_in_stage"] = in_stage
+        summary["n_baseline"] = int(np.count_nonzero(role == "baseline"))
+        summary["n_canary"] = int(np.count_nonzero(role == "canary"))
+        return judgement, summary, in_stage
+
+    async def evaluate_and_act(self, rollout: Rollout, now: float | None = None) -> StageDecision | None:
+        lock = self._locks.setdefault(rollout.id, asyncio.Lock())
+        async with lock:
+            rollout = self.rollouts.get(rollout.id)
+            if rollout is None or rollout.status not in ("running", "paused"):
+                return None
+            spec = load_spec_of(rollout, self.config)
+            now = time.time() if now is None else now
+            loop = asyncio.get_running_loop()
+            judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
+            detected_at = time.time()
+            decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
+                                               rollout.stage_started_at), judgement, now, in_stage)
+            summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
+            if decision.action == "rollback":
+                await self._rollback(rollout, spec, decision, summary, detected_at, actor="controller")
+            else:
+                self.rollouts.record_evaluation(rollout.id, now, rollout.stage,
+                                                spec.steps[rollout.stage].weight_bp, summary)
+                if decision.action in ("advance", "promote"):
+                    await self._move(rollout, spec, decision, summary)
+                elif decision.action == "inconclusive":
+                    self.rollouts.transition(rollout.id, expect=("running",), status="inconclusive",
+                                             kind="inconclusive", actor="controller",
+                                             weight_bp=decision.weight_bp,
+                                             detail={"reasons": list(decision.reasons), "verdicts": summary["verdicts"]})
+                    log.warning("rollout #%d %s inconclusive: %s", rollout.id, rollout.model, decision.reasons)
+            return decision
+
+    async def _push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
+                    ) -> control_pb2.SetWeightResponse:
+        return await self.control.SetWeight(control_pb2.SetWeightRequest(
+            model=model, version=version, weight_bp=weight_bp, timeout_s=5.0, actor="controller", reason=reason,
+            stage=stage), timeout=10.0)
+
+    async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
+        label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
+        resp = await self._push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
+                                "; ".join(decision.reasons))
+        if not resp.all_acked:
+            self.rollouts.event(rollout.id, "push_incomplete", "controller",
+                                {"wanted_bp": decision.weight_bp, "not_acked": list(resp.not_acked),
+                                 "message": resp.message}, rollout.stage)
+            log.error("rollout #%d: weight push not ACKed by %s; will retry", rollout.id, list(resp.not_acked))
+            return
+        detail = {"reasons": list(decision.reasons), "ack_ms": resp.elapsed_ms,
+                  "verdicts": summary["verdicts"], "alpha_statement": summary.get("alpha_statement")}
+        if decision.action == "promote":
+            self.rollouts.transition(rollout.id, expect=("running",), status="promoted", stage=decision.stage,
+                                     kind="promoted", actor="controller", weight_bp=decision.weight_bp, detail=detail)
+            log.info("rollout #%d %s %s promoted to 100%%", rollout.id, rollout.model, rollout.canary)
+        else:
+            self.rollouts.transition(rollout.id, expect=("running",), status="running", stage=decision.stage,
+                                     kind="advanced", actor="controller", weight_bp=decision.weight_bp, detail=detail)
+            log.info("rollout #%d %s advanced to %s", rollout.id, rollout.model, stage_label(spec, decision.stage))
+
+    async def _rollback(self, rollout: Rollout, spec: RolloutSpec | None, decision: StageDecision | None,
+                        summary: dict | None, detected_at: float, actor: str, final_status: str = "rolled_back",
+                        reason: str | None = None) -> dict:
+        """Weights to 0 first (nothing waits on bookkeeping), then the record with the three timestamps."""
+        why = reason or "; ".join(decision.reasons if decision else ())
+        try:
+            resp = await self.control.Rollback(control_pb2.RollbackRequest(
+                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0)
+            envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms} for e in resp.model.envoys]
+            timings = {"detected_at": detected_at, "pushed_at": resp.pushed_at,
+                       "acked_at": resp.pushed_at + resp.elapsed_ms / 1000 if resp.all_acked else None,
+                       "push_to_ack_ms": resp.elapsed_ms, "all_acked": resp.all_acked, "envoys": envoys,
+                       "not_acked": list(resp.not_acked)}
+        except grpc.aio.AioRpcError as exc:
+            timings = {"detected_at": detected_at, "error": f"control API: {exc.code().name}: {exc.details()}"}
+            log.error("rollout #%d: rollback push failed: %s", rollout.id, timings["error"])
+        if summary is not None:
+            self.rollouts.record_evaluation(rollout.id, time.time(), rollout.stage,
+                                            spec.steps[rollout.stage].weight_bp if spec else 0, summary)
+        detail = {"reasons": [why], "timings": timings}
+        if summary is not None:
+            detail["verdicts"] = summary["verdicts"]
+        self.rollouts.transition(rollout.id, expect=("pending", "running", "paused"), status=final_status,
+                                 kind=final_status, actor=actor, weight_bp=0, detail=detail)
+        log.warning("rollout #%d %s %s: %s (%s)", rollout.id, rollout.model, final_status, why, timings)
+        return timings
+
+    # ------------------------------------------------------------------ loop
+    def notify(self, models: set[str]) -> None:
+        """Collector callback: new observations stored for ``models``."""
+        self._dirty |= models
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.service.collector.on_stored.append(self.notify)
+        last: dict[int, float] = {}
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                dirty, self._dirty = self._dirty, set()
+                for rollout in self.rollouts.active():
+                    if not self.rollouts.acquire(rollout.model, LEASE_TTL_S):
+                        continue
+                    if rollout.status == "pending":
+                        await self._begin(rollout)
+                        continue
+                    spec = load_spec_of(rollout, self.config)
+                    now = time.time()
+                    since = now - last.get(rollout.id, 0.0)
+                    due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= MIN_SPACING_S)
+                    if not due:
+                        if rollout.model in dirty:
+                            self._dirty.add(rollout.model)  # look again once the spacing allows
+                        continue
+                    last[rollout.id] = now
+                    try:
+                        await self.evaluate_and_act(rollout)
+                    except RolloutConflict as exc:
+                        log.info("rollout #%d changed while evaluating: %s", rollout.id, exc)
+                    except grpc.aio.AioRpcError as exc:
+                        log.error("rollout #%d: control API unreachable (%s); weights unchanged, will retry",
+                                  rollout.id, exc.code().name)
+        finally:
+            self.service.collector.on_stored.remove(self.notify)
+            await self._channel.close()
+
+    # ------------------------------------------------------------------ starting
+    async def start(self, spec_text: str, source: str, actor: str) -> dict:
+        try:
+            spec = spec_from_text(spec_text, source, self.config)
+        except ConfigError as exc:
+            raise RolloutError("invalid rollout spec", 400, [p.render(exc.source) for p in exc.problems]) from None
+        model = self.config.model(spec.model)
+        owner = self.rollouts.lease_owner(spec.model)
+        if owner and owner[0] != self.rollouts.owner and owner[1] > time.time():
+            raise RolloutError(f"model {spec.model!r} is driven by another controller ({owner[0]})", 409)
+        now = time.time()
+        history = self.service.store.fetch(spec.model, since_ts=now - AUTO_HISTORY_S, versions=[model.stable],
+                                           columns=list(EVAL_COLUMNS))
+        try:
+            auto = analysis.resolve_auto(spec, history, now)
+        except ValueError as exc:
+            raise RolloutError(f"cannot derive allowed: auto: {exc}", 400) from None
+        auto_json = {k: {"value": a.value, "derivation": a.derivation} for k, a in auto.items()}
+        warnings = list(spec.warnings) + self._planning_warnings(spec, history, auto, now)
+        try:
+            rollout = self.rollouts.create(model=spec.model, canary=spec.canary, baseline=model.stable,
+                                           spec_text=spec_text, spec_source=source, spec_hash=spec.sha256,
+                                           created_by=actor, auto=auto_json)
+        except RolloutConflict as exc:
+            raise RolloutError(str(exc), 409) from None
+        if warnings:
+            self.rollouts.event(rollout.id, "warnings", actor, {"warnings": warnings})
+        self.rollouts.acquire(spec.model, LEASE_TTL_S)
+        started = await self._begin(rollout)
+        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "start": started}
+
+    async def _begin(self, rollout: Rollout) -> dict:
+        """pending → running: optional drill, then the first stage's weight."""
+        spec = load_spec_of(rollout, self.config)
+        out: dict[str, Any] = {}
+        if spec.promotion.preflight == "drill":
+            drill = await self.control.Drill(control_pb2.DrillRequest(model=rollout.model, timeout_s=5.0,
+                                                                      actor=f"rollout#{rollout.id}"), timeout=10.0)
+            out["drill"] = {"all_acked": drill.all_acked, "elapsed_ms": drill.elapsed_ms,
+                            "envoys": [{"node_id": e.node_id, "ack_ms": e.ack_ms, "acked": e.acked}
+                                       for e in drill.model.envoys], "not_acked": list(drill.not_acked)}
+            self.rollouts.event(rollout.id, "drill", "controller", out["drill"])
+            if not drill.all_acked:
+                self.rollouts.transition(rollout.id, expect=("pending",), status="aborted", kind="aborted",
+                                         actor="controller", weight_bp=0,
+                                         detail={"reasons": ["preflight drill failed: not every Envoy ACKed "
+                                                             f"({', '.join(drill.not_acked) or drill.message})"]})
+                raise RolloutError("preflight drill failed: not every Envoy ACKed the route re-push "
+                                   f"({', '.join(drill.not_acked) or drill.message}); rollout aborted", 409, out)
+        first = spec.steps[0]
+        resp = await self._push(rollout.model, rollout.canary, first.weight_bp, f"#{rollout.id}:stage-1",
+                                f"rollout #{rollout.id} start")
+        if not resp.all_acked:
+            self.rollouts.event(rollout.id, "push_incomplete", "controller",
+                                {"wanted_bp": first.weight_bp, "not_acked": list(resp.not_acked),
+                                 "message": resp.message}, 0)
+            out["push"] = {"all_acked": False, "not_acked": list(resp.not_acked), "message": resp.message}
+            return out  # stays pending; the loop retries
+        self.rollouts.transition(rollout.id, expect=("pending",), status="running", stage=0, kind="started",
+                                 actor="controller", weight_bp=first.weight_bp,
+                                 detail={"ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
+        out["push"] = {"all_acked": True, "elapsed_ms": resp.elapsed_ms}
+        return out
+
+    def _planning_warnings(self, spec: RolloutSpec, history: dict, auto: dict, now: float) -> list[str]:
+        """Warn when a stage's minimum duration is too short to ever decide at today's traffic."""
+        out: list[str] = []
+        rate = analysis.request_rate_per_hour(np.asarray(history.get("ts", []), dtype=float), now, 86400.0)
+        if rate <= 0:
+            return ["no baseline traffic recorded in the last 14 days: cannot estimate how long stages take"]
+        prepared = analysis.prepare(history, now)
+        from lockgate.controller.stats import samples_needed
+
+        specs = spec.to_stats_specs(auto)
+        per_alpha = spec.alpha / max(1, sum(1 for s in specs if s.gating))
+        for s in specs:
+            if not s.gating or s.data_column not in prepared:
+                continue
+            vals = np.asarray(prepared[s.data_column], dtype=float) if s.kind in ("rate", "mean") else None
+            if vals is None:
+                continue
+            vals = vals[np.isfinite(vals)]
+            if vals.size < 30:
+                continue
+            delta = s.allowed * (abs(float(vals.mean())) if s.allowed_mode == "relative" else 1.0)
+            sd = float(vals.std()) or 1e-9
+            for i, step in enumerate(spec.steps):
+                share = step.weight_bp / 10000
+                if share >= 1:
+                    continue
+                n = samples_needed(delta, per_alpha, sd_canary=sd, share=share)
+                if n is None:
+                    continue
+                hours = n / (rate * share)
+                if step.min_duration_s > 0 and hours * 3600 > 10 * step.min_duration_s and i == len(spec.steps) - 1:
+                    out.append(f"{s.name}: showing non-inferiority needs ~{n:,} canary requests ≈ {hours:.1f} h at "
+                               f"{step.weight_bp / 100:g}% of {rate:,.0f} req/h, far beyond the last stage's "
+                               f"{step.min_duration_s / 3600:.2f} h minimum")
+        return out
+
+    # ------------------------------------------------------------------ manual actions
+    async def action(self, model: str, action: str, actor: str) -> dict:
+        active = self.rollouts.active(model)
+        if not active:
+            raise RolloutError(f"model {model!r} has no active rollout", 404)
+        rollout = active[0]
+        if action == "pause":
+            r = self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="paused", actor=actor)
+        elif action == "resume":
+            r = self.rollouts.transition(rollout.id, expect=("paused",), status="running", kind="resumed",
+                                         actor=actor)
+        elif action == "abort":
+            timings = await self._rollback(rollout, None, None, None, time.time(), actor, "aborted",
+                                           f"aborted by {actor}")
+            return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings}
+        elif action == "promote":
+            resp = await self._push(model, rollout.canary, 10000, f"#{rollout.id}:promoted", f"manual promote by {actor}")
+            if not resp.all_acked:
+                raise RolloutError(f"promotion push not ACKed by {', '.join(resp.not_acked) or resp.message}", 502)
+            spec = load_spec_of(rollout, self.config)
+            r = self.rollouts.transition(rollout.id, expect=("running", "paused", "inconclusive"), status="promoted",
+                                         stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=10000,
+                                         detail={"reasons": [f"manual promotion by {actor} (not by evidence)"]})
+        else:
+            raise RolloutError(f"unknown action {action!r}", 400)
+        return {"rollout": rollout_json(r)}
+
+    def status(self, model: str | None = None) -> list[dict]:
+        models = [model] if model else [m.name for m in self.config.models]
+        out = []
+        for name in models:
+            r = self.rollouts.latest(name)
+            if r is not None:
+                out.append(rollout_json(r, with_eval=True))
+        return out
+
+
+def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
+    if r is None:
+        return {}
+    d = {"id": r.id, "model": r.model, "canary": r.canary, "baseline": r.baseline, "status": r.status,
+         "stage": r.stage, "started_at": r.started_at, "stage_started_at": r.stage_started_at,
+         "ended_at": r.ended_at, "spec_hash": r.spec_hash, "spec_source": r.spec_source, "created_by": r.created_by,
+         "auto": r.auto}
+    if with_eval:
+        d["last_eval"] = r.last_eval
+        d["last_eval_at"] = r.last_eval_at
+    return d
+
+
+def register_http(promoter: Promoter, http) -> None:
+    """Rollout routes on the controller's HTTP API (called from its threads)."""
+    loop = promoter.loop or asyncio.get_event_loop()
+
+    def call(coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    def guard(fn):
+        def inner(path, query, body):
+            try:
+                return fn(path, query, body)
+            except RolloutError as exc:
+                return exc.status, {"error": str(exc), "detail": exc.detail}
+            except RolloutConflict as exc:
+                return 409, {"error": str(exc)}
+        return inner
+
+    def start(path, query, body):
+        try:
+            req = json.loads(body)
+            spec_text, source, actor = req["spec"], req.get("source", "<request>"), req.get("actor", "unknown")
+        except (ValueError, KeyError, TypeError):
+            return 400, {"error": "body must be JSON {\"spec\": <YAML text>, \"source\": <file name>, \"actor\": …}"}
+        return 200, call(promoter.start(spec_text, source, actor))
+
+    def status(path, query, body):
+        model = query.get("model")
+        if model and model not in {m.name for m in promoter.config.models}:
+            return 404, {"error": f"unknown model {model!r}"}
+        return 200, {"rollouts": promoter.status(model)}
+
+    def act(path, query, body):
+        parts = path.strip("/").split("/")  # v1/rollouts/<model>/<action>
+        if len(parts) != 4:
+            return 404, {"error": f"no such endpoint {path}"}
+        try:
+            actor = json.loads(body or b"{}").get("actor", "unknown")
+        except ValueError:
+            actor = "unknown"
+        return 200, call(promoter.action(parts[2], parts[3], actor))
+
+    http.add_route("POST", "/v1/rollouts/start", guard(start))
+    http.add_route("GET", "/v1/rollouts", guard(status))
+    http.add_route("POST", "/v1/rollouts", guard(act))
+
+
+async def promotion_task(service, stop: asyncio.Event) -> None:
+    """Controller task: run the promotion loop (registered by ``lockgate controller``)."""
+    promoter = Promoter(service)
+    promoter.loop = asyncio.get_running_loop()
+    register_http(promoter, service.http)
+    service.promoter = promoter
+    await promoter.run(stop)

@@ -108,7 +108,9 @@ class EvaluationConfig:
     sampler, stored (bodies up to ``max_body_bytes``, kept ``retention_hours`` and at most
     ``max_samples`` rows), replayed out of band to the stable and the canary version, and each
     answer is scored by ``evaluator`` (``heuristic``, ``http`` = the ``judge``, or ``pkg.module:Class``);
-    ``similarity`` (None = off) compares the two answers (``char3``, ``jaccard`` or ``pkg.module:Class``)."""
+    ``similarity`` (None = off) compares the two answers (``char3``, ``jaccard`` or ``pkg.module:Class``).
+    ``replay_headers``: request headers besides content-type/accept stored with a sample and replayed
+    (e.g. ``authorization`` when the model servers need it — stored in the sample database)."""
 
     sample_rate: float
     evaluator: str = "heuristic"
@@ -118,6 +120,7 @@ class EvaluationConfig:
     max_samples: int = 10000
     max_body_bytes: int = 256 * 1024
     replay_timeout_s: float = 60.0
+    replay_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -354,13 +357,26 @@ def _evaluation(f: Fields) -> EvaluationConfig | None:
     max_samples = sub.int("max_samples", d.max_samples, min=1, max=10_000_000)
     max_body = sub.int("max_body_bytes", d.max_body_bytes, min=1, max=64 << 20)
     replay_timeout = sub.float("replay_timeout_s", d.replay_timeout_s, min=0.001, max=3600.0)
+    replay_headers: list[str] = []
+    for hpath, name in sub.list("replay_headers"):
+        if not isinstance(name, str) or not HEADER_RE.match(name):
+            sub.errors.add(hpath, f"must be a lower-case header name, got {name!r}")
+        elif name.startswith(RESERVED_HEADER_PREFIX) or name in _NOT_REPLAYED:
+            sub.errors.add(hpath, f"{name!r} cannot be replayed (set by lockgate or the HTTP client)")
+        elif name not in replay_headers:
+            replay_headers.append(name)
     sub.finish()
     if rate is None:
         return None
     return EvaluationConfig(rate, evaluator, judge, similarity,
                             d.retention_hours if retention is None else retention,
                             max_samples or d.max_samples, max_body or d.max_body_bytes,
-                            d.replay_timeout_s if replay_timeout is None else replay_timeout)
+                            d.replay_timeout_s if replay_timeout is None else replay_timeout, tuple(replay_headers))
+
+
+#: headers a replay sets itself (``replay_headers`` may not name them)
+_NOT_REPLAYED = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+                           "te", "trailer", "expect", "content-type", "accept", "x-request-id"})
 
 
 def _endpoint(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> Address | None:

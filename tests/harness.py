@@ -169,7 +169,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.ports = {k: free_port() for k in ("listener", "xds", "control", "extproc", "extproc_metrics",
-                                               "controller", "controller_http")}
+                                               "controller", "controller_http", "sampler")}
         self.admin_ports = [free_port() for _ in range(self.n_envoys)]
         cfg = {
             "node_id": "envoy-0",
@@ -180,7 +180,8 @@ class Fleet:
             "extproc": {"port": self.ports["extproc"]},
             "extproc_metrics": {"port": self.ports["extproc_metrics"]},
             "controller": {"address": f"127.0.0.1:{self.ports['controller']}",
-                           "http": f"127.0.0.1:{self.ports['controller_http']}"},
+                           "http": f"127.0.0.1:{self.ports['controller_http']}",
+                           "sampler": f"127.0.0.1:{self.ports['sampler']}"},
             "state_dir": str(self.tmp / "state"),
             "models": self.models,
         }

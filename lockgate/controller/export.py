@@ -11,6 +11,9 @@ The format is documented in ``docs/observations.md``. In short, one JSON object 
 * a label (``"kind": "label"``): ``request_id``, ``ts`` (arrival time) and one or more of
   ``true_class``, ``thumbs``, ``task_success``, ``evaluator_score``.
 
+An observation whose request was sampled for evaluation (``docs/evaluation.md``) also carries
+``evaluator``, ``similarity`` and, unless feedback set one, ``evaluator_score`` (+ its arrival time).
+
 A field that is absent or ``null`` was not measured (never 0).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from datetime import datetime, timezone
 from typing import IO, Any, Iterable, Iterator
 
@@ -87,15 +91,61 @@ def parse_time(text: str) -> float:
     return dt.timestamp()
 
 
+def add_evaluation(obj: dict[str, Any], ev: dict[str, Any] | None) -> dict[str, Any]:
+    """Attach an evaluation (docs/evaluation.md) of the observation's request id and version:
+    ``evaluator``, ``similarity`` and — unless feedback already set it — ``evaluator_score`` with
+    ``evaluator_score_arrival_ts`` = the evaluation time."""
+    if ev is None:
+        return obj
+    obj["evaluator"] = ev["evaluator"]
+    if ev.get("score") is not None and obj.get("evaluator_score") is None:
+        obj["evaluator_score"] = ev["score"]
+        obj["evaluator_score_arrival_ts"] = ev["ts"]
+    if ev.get("similarity") is not None:
+        obj["similarity"] = ev["similarity"]
+    return obj
+
+
+def _evaluations_beside(store: ObservationStore) -> Any:
+    """The evaluation store in the observation store's state directory, or None."""
+    from lockgate.controller.evaluation import EvaluationStore
+
+    try:
+        return EvaluationStore(store.path.parent / "evaluation.db", read_only=True)
+    except (FileNotFoundError, sqlite3.Error):
+        return None
+
+
 def export_jsonl(store: ObservationStore, out: IO[str], model: str | None = None, since_ts: float | None = None,
                  until_ts: float | None = None, versions: list[str] | None = None,
-                 include_replay: bool = True) -> int:
-    """Write observations (ordered by ts) as JSON lines; returns the number of lines."""
+                 include_replay: bool = True, evaluations: Any = "auto") -> int:
+    """Write observations (ordered by ts) as JSON lines; returns the number of lines. Observations
+    (not replays) with an evaluation of their request id and version carry it (:func:`add_evaluation`);
+    ``evaluations``: an ``EvaluationStore``, None, or "auto" (the one beside ``store``, if any)."""
+    ev_store = _evaluations_beside(store) if evaluations == "auto" else evaluations
     n = 0
-    for rec in store.iter_records(model, since_ts, until_ts, versions, include_replay=include_replay):
-        out.write(json.dumps(record_to_json(rec), separators=(",", ":"), allow_nan=False))
-        out.write("\n")
-        n += 1
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        found = ev_store.lookup([r["request_id"] for r in batch if not r.get("replay")]) if ev_store else {}
+        for rec in batch:
+            obj = record_to_json(rec)
+            if not rec.get("replay"):
+                add_evaluation(obj, found.get((rec["request_id"], rec["version"])))
+            out.write(json.dumps(obj, separators=(",", ":"), allow_nan=False))
+            out.write("\n")
+        batch.clear()
+
+    try:
+        for rec in store.iter_records(model, since_ts, until_ts, versions, include_replay=include_replay):
+            batch.append(rec)
+            n += 1
+            if len(batch) >= 500:
+                flush()
+        flush()
+    finally:
+        if evaluations == "auto" and ev_store is not None:
+            ev_store.close()
     return n
 
 

@@ -195,7 +195,13 @@ class Promoter:
                     if not self.rollouts.acquire(rollout.model, LEASE_TTL_S):
                         continue
                     if rollout.status == "pending":
-                        await self._begin(rollout)
+                        try:
+                            await self._begin(rollout)
+                        except (RolloutConflict, RolloutError) as exc:
+                            log.info("rollout #%d start: %s", rollout.id, exc)
+                        except grpc.aio.AioRpcError as exc:
+                            log.error("rollout #%d: control API unreachable (%s); will retry", rollout.id,
+                                      exc.code().name)
                         continue
                     spec = load_spec_of(rollout, self.config)
                     now = time.time()
@@ -213,6 +219,8 @@ class Promoter:
                     except grpc.aio.AioRpcError as exc:
                         log.error("rollout #%d: control API unreachable (%s); weights unchanged, will retry",
                                   rollout.id, exc.code().name)
+                    except Exception:  # one broken rollout must not stop the others (or the safety net)
+                        log.exception("rollout #%d: evaluation failed; will retry", rollout.id)
         finally:
             self.service.collector.on_stored.remove(self.notify)
             await self._channel.close()
@@ -249,7 +257,14 @@ class Promoter:
         return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "start": started}
 
     async def _begin(self, rollout: Rollout) -> dict:
-        """pending → running: optional drill, then the first stage's weight."""
+        """pending → running: optional drill, then the first stage's weight (once, under the rollout's lock)."""
+        async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+            current = self.rollouts.get(rollout.id)
+            if current is None or current.status != "pending":
+                return {"already": current.status if current else "gone"}
+            return await self._begin_locked(current)
+
+    async def _begin_locked(self, rollout: Rollout) -> dict:
         spec = load_spec_of(rollout, self.config)
         out: dict[str, Any] = {}
         if spec.promotion.preflight == "drill":

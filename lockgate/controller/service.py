@@ -21,6 +21,7 @@ import grpc
 
 from lockgate.config import LockgateConfig
 from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.evaluation import EvaluationService, evaluation_enabled, evaluation_task
 from lockgate.controller.http_api import ControllerHTTP
 from lockgate.controller.observations import ObservationStore
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
@@ -51,6 +52,14 @@ class ControllerService:
         self.server: grpc.aio.Server | None = None
         self.http: ControllerHTTP | None = None
         self.tasks: list[tuple[str, TaskFn]] = [("retention", prune_loop)]
+        # response evaluation (docs/evaluation.md): only when a model has an `evaluation` section
+        self.evaluation: EvaluationService | None = None
+        if evaluation_enabled(config):
+            try:
+                self.evaluation = EvaluationService(config, self.metrics.registry)
+            except Exception as exc:  # unreadable state dir, broken evaluator/similarity plug-in, ...
+                raise ControllerStartError(f"cannot start evaluation: {exc}") from None
+            self.tasks.append(("evaluation", evaluation_task))
         self.stop_event = asyncio.Event()
 
     def add_task(self, name: str, fn: TaskFn) -> None:
@@ -72,6 +81,12 @@ class ControllerService:
             raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
         await self.server.start()
         self.http.start()
+        if self.evaluation is not None:
+            try:
+                await self.evaluation.start()
+            except OSError as exc:
+                raise ControllerStartError(f"cannot listen on controller.sampler {cc.sampler}: "
+                                           f"{exc.strerror or exc}") from None
 
     async def run(self) -> int:
         """Run every background task until ``stop_event``; returns the exit status."""
@@ -100,6 +115,8 @@ class ControllerService:
             await self.server.stop(1.0)  # in-flight Reports finish (they are stored before the ack)
         if self.http is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.http.stop)
+        if self.evaluation is not None:
+            await self.evaluation.close()
         self.writer.shutdown(wait=True)
         self.store.close()
 
@@ -144,7 +161,8 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, tasks
         except (NotImplementedError, RuntimeError):
             pass
     cc = config.controller
-    print(f"ready controller={cc.address} http={cc.http}", flush=True)
+    print(f"ready controller={cc.address} http={cc.http}"
+          + (f" sampler={cc.sampler}" if service.evaluation is not None else ""), flush=True)
     try:
         return await service.run()
     finally:

@@ -106,6 +106,11 @@ def render_routing(d: dict) -> str:
         f"{', '.join(fmt(x, 3) for x in c['added_p50_ms_per_round'])} | "
         f"{', '.join(fmt(x, 2) for x in c['added_p99_ms_per_round'])} |",
         "",
+        ("1-minute load average after each round's B run (2 CPUs; > 1 means other jobs competed): "
+         + ", ".join(f"{r.get('loadavg1_after', float('nan')):.1f}" for r in d["runs"]["B"]["paced"])
+         + f". The runs are closed-loop with paced connections, so a slower path is offered slightly less "
+           f"than 500 rps (achieved rates above)."),
+        "",
         f"Targets (added latency of the routing path at 500 rps): p50 ≤ 0.5 ms — {yes(s['targets']['p50_met'])} "
         f"({fmt(b['added_p50_ms'], 3)} ms); p99 ≤ 1.5 ms — {yes(s['targets']['p99_met'])} "
         f"({fmt(b['added_p99_ms'], 3)} ms).",

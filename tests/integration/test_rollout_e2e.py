@@ -156,3 +156,36 @@ def test_controller_killed_mid_stage_resumes_same_stage_same_evidence(tmp_path):
     advanced = [s for k, s in kinds if k == "advanced"]
     assert advanced == [1, 2], kinds  # each stage entered once: none skipped, none repeated
     assert kinds[-1] == ("promoted", 3)
+
+
+def test_manual_pause_resume_abort_and_one_rollout_per_model(tmp_path):
+    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
+    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 5m"))
+    try:
+        with Fleet(tmp_path, models, with_controller=True) as fleet, Traffic(fleet.ports["listener"], max_s=30):
+            assert fleet.cli("rollout", "start", str(spec)).returncode == 0
+            again = fleet.cli("rollout", "start", str(spec))
+            assert again.returncode == 2 and "already has rollout #1" in again.stderr
+            assert fleet.route_weights(0)["chat/key/0"][0] == ("chat.v2", 1000)
+            r = fleet.cli("rollout", "pause", "chat")
+            assert r.returncode == 0 and "paused" in r.stdout
+            assert status(fleet)["status"] == "paused"
+            assert fleet.cli("rollout", "resume", "chat").returncode == 0
+            assert status(fleet)["status"] == "running"
+            r = fleet.cli("rollout", "abort", "chat")
+            assert r.returncode == 0 and "aborted" in r.stdout and "reverted to v1 in" in r.stdout, r.stdout
+            assert status(fleet)["status"] == "aborted"
+            assert fleet.route_weights(0)["chat/key/0"][0] == ("chat.v2", 0)
+            r = fleet.cli("rollout", "pause", "chat")
+            assert r.returncode == 2 and "no active rollout" in r.stderr
+            bad = tmp_path / "bad.yaml"
+            bad.write_text("rollout:\n  model: chat\n  canary: v9\n  metrics: []\n")
+            r = fleet.cli("rollout", "start", str(bad))
+            assert r.returncode == 2 and "bad.yaml:3" in r.stderr and "v9" in r.stderr, r.stderr
+    finally:
+        v1.stop()
+        v2.stop()

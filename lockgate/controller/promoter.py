@@ -64,6 +64,11 @@ class Promoter:
         self._channel = grpc.aio.insecure_channel(str(self.config.control))
         self.control = control_pb2_grpc.WeightControlStub(self._channel)
         self._locks: dict[int, asyncio.Lock] = {}
+        #: Called (as background tasks, after the weights moved and the record was written) with every
+        #: outcome event: {"kind": rolled_back|promoted|inconclusive|aborted|advanced|started, "rollout": …,
+        #: "detail": …}. Alerts and registry updates subscribe here; nothing here can delay a rollback.
+        self.listeners: list = []
+        self._background: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ evaluation
     def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
@@ -117,6 +122,8 @@ class Promoter:
                                              weight_bp=decision.weight_bp,
                                              detail={"reasons": list(decision.reasons), "verdicts": summary["verdicts"]})
                     log.warning("rollout #%d %s inconclusive: %s", rollout.id, rollout.model, decision.reasons)
+                    self.emit("inconclusive", rollout.id, {"reasons": list(decision.reasons),
+                                                           "verdicts": summary["verdicts"]})
             return decision
 
     async def _push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
@@ -141,10 +148,12 @@ class Promoter:
             self.rollouts.transition(rollout.id, expect=("running",), status="promoted", stage=decision.stage,
                                      kind="promoted", actor="controller", weight_bp=decision.weight_bp, detail=detail)
             log.info("rollout #%d %s %s promoted to 100%%", rollout.id, rollout.model, rollout.canary)
+            self.emit("promoted", rollout.id, detail)
         else:
             self.rollouts.transition(rollout.id, expect=("running",), status="running", stage=decision.stage,
                                      kind="advanced", actor="controller", weight_bp=decision.weight_bp, detail=detail)
             log.info("rollout #%d %s advanced to %s", rollout.id, rollout.model, stage_label(spec, decision.stage))
+            self.emit("advanced", rollout.id, detail)
 
     async def _rollback(self, rollout: Rollout, spec: RolloutSpec | None, decision: StageDecision | None,
                         summary: dict | None, detected_at: float, actor: str, final_status: str = "rolled_back",
@@ -171,7 +180,24 @@ class Promoter:
         self.rollouts.transition(rollout.id, expect=("pending", "running", "paused"), status=final_status,
                                  kind=final_status, actor=actor, weight_bp=0, detail=detail)
         log.warning("rollout #%d %s %s: %s (%s)", rollout.id, rollout.model, final_status, why, timings)
+        self.emit(final_status, rollout.id, detail)
         return timings
+
+    def emit(self, kind: str, rollout_id: int, detail: dict) -> None:
+        """Tell listeners about an outcome, in the background (never awaited by the caller)."""
+        if not self.listeners:
+            return
+        event = {"kind": kind, "rollout": rollout_json(self.rollouts.get(rollout_id)), "detail": detail,
+                 "ts": time.time()}
+        for fn in self.listeners:
+            async def run(fn=fn):
+                try:
+                    await fn(event)
+                except Exception:
+                    log.exception("rollout listener %r failed on %s", fn, kind)
+            task = asyncio.ensure_future(run())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ loop
     def notify(self, models: set[str]) -> None:
@@ -318,18 +344,20 @@ class Promoter:
                 continue
             delta = s.allowed * (abs(float(vals.mean())) if s.allowed_mode == "relative" else 1.0)
             sd = float(vals.std()) or 1e-9
-            for i, step in enumerate(spec.steps):
-                share = step.weight_bp / 10000
-                if share >= 1:
-                    continue
-                n = samples_needed(delta, per_alpha, sd_canary=sd, share=share)
-                if n is None:
-                    continue
-                hours = n / (rate * share)
-                if step.min_duration_s > 0 and hours * 3600 > 10 * step.min_duration_s and i == len(spec.steps) - 1:
-                    out.append(f"{s.name}: showing non-inferiority needs ~{n:,} canary requests ≈ {hours:.1f} h at "
-                               f"{step.weight_bp / 100:g}% of {rate:,.0f} req/h, far beyond the last stage's "
-                               f"{step.min_duration_s / 3600:.2f} h minimum")
+            last = spec.steps[-1]
+            share = last.weight_bp / 10000
+            n = samples_needed(delta, per_alpha, sd_canary=sd, share=share) if 0 < share < 1 else None
+            if n is None:
+                continue
+            hours = n / (rate * share)
+            where = (f"{s.name}: showing it within its allowed change needs ~{n:,} canary requests ≈ "
+                     f"{hours:.1f} h at {last.weight_bp / 100:g}% of today's {rate:,.0f} req/h")
+            if hours * 3600 > spec.promotion.max_duration_s:
+                out.append(f"{where}, longer than max_duration ({spec.promotion.max_duration_s / 3600:.1f} h): "
+                           f"the rollout will end inconclusive unless traffic grows or the allowed change widens")
+            elif hours * 3600 > last.min_duration_s:
+                out.append(f"{where}: the last stage's minimum duration ({last.min_duration_s / 3600:.2f} h) is "
+                           f"too short to decide; it will hold there until the evidence is in")
         return out
 
     # ------------------------------------------------------------------ manual actions
@@ -355,6 +383,7 @@ class Promoter:
             r = self.rollouts.transition(rollout.id, expect=("running", "paused", "inconclusive"), status="promoted",
                                          stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=10000,
                                          detail={"reasons": [f"manual promotion by {actor} (not by evidence)"]})
+            self.emit("promoted", rollout.id, {"reasons": [f"manual promotion by {actor} (not by evidence)"]})
         else:
             raise RolloutError(f"unknown action {action!r}", 400)
         return {"rollout": rollout_json(r)}

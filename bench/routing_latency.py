@@ -140,6 +140,11 @@ def extproc_seen(metrics_port: int) -> int:
     return int(total)
 
 
+def history_name(result: dict) -> str:
+    stamp = result["machine"]["date_utc"].replace(" UTC", "").replace("-", "").replace(":", "").replace(" ", "T")
+    return f"routing_latency_{stamp}.json"
+
+
 def make_fleet(Fleet, tmp: Path, models: list, n_envoys: int):
     """A lockgate fleet as deployed: xds + extproc (+ the observation controller when this lockgate has one)."""
     import dataclasses
@@ -335,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["runs"] = runs
     result["loadavg_at_end"] = os.getloadavg()
     out = save_json(args.out, result)
+    if args.out == "routing_latency.json":  # keep every run: docs list run-to-run variation
+        save_json(history_name(result), result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
     return result

@@ -125,6 +125,23 @@ def render_routing(d: dict) -> str:
             f"{sum(s[k]['errors_at_load'] for k in 'ABC')} errors in "
             f"{sum(s[k]['requests_at_load'] for k in 'ABC'):,} paced requests.")
         lines.append("")
+    history = sorted(RESULTS.glob("routing_latency_2*.json"))
+    if len(history) > 1:
+        lines += ["All runs on record (`bench/results/routing_latency_*.json`; same machine, shared with other jobs):", "",
+                  "| run (UTC) | ext_proc body mode | load avg (B runs, median) | A p50 / p99 ms | B − A p50 / p99 ms | "
+                  "C − A p50 / p99 ms | ceiling A / B / C rps |", "|---|---|---|---|---|---|---|"]
+        for h in history:
+            hd = json.loads(h.read_text())
+            hs = hd["summary"]
+            mode = hd["setup"].get("extproc_filter", {}).get("processing_mode", {}).get("response_body_mode", "?")
+            loads = sorted(r.get("loadavg1_after", float("nan")) for r in hd["runs"]["B"]["paced"])
+            lines.append(
+                f"| {hd['machine']['date_utc'].replace(' UTC', '')} | {mode} | {loads[len(loads) // 2]:.1f} | "
+                f"{fmt(hs['A']['p50_ms'], 3)} / {fmt(hs['A']['p99_ms'], 2)} | "
+                f"{fmt(hs['B']['added_p50_ms'], 3)} / {fmt(hs['B']['added_p99_ms'], 2)} | "
+                f"{fmt(hs['C']['added_p50_ms'], 3)} / {fmt(hs['C']['added_p99_ms'], 2)} | "
+                f"{hs['A']['ceiling_rps']:,.0f} / {hs['B']['ceiling_rps']:,.0f} / {hs['C']['ceiling_rps']:,.0f} |")
+        lines.append("")
     lines += [
         "Reading: C − A is what Envoy's own sticky split costs (regex-rewritten header hash + weighted "
         "clusters): next to nothing. Nearly all of B − A is the ext_proc exchange per response (the "

@@ -5,7 +5,8 @@ Flow (in the controller process, only for models with an ``evaluation`` section)
 1. Envoy mirrors ``sample_rate`` of a model's sticky-route requests to the sampler
    (:mod:`lockgate.controller.sampler`), which stores them in ``samples`` (:class:`EvaluationStore`).
 2. :class:`EvaluationWorker` takes each new sample and, while the model still has the canary it had
-   when sampled (desired weights read from the xDS state DB, ``state_dir/lockgate.db``, read-only),
+   when sampled (desired weights read from the xDS state DB, ``state_dir/lockgate.db``, read-only;
+   without that file, the canary named by the mirror's ``x-lockgate-sample-canary`` header),
    replays it directly to one endpoint of the stable version (role ``baseline``) and one of the
    canary (role ``canary``) — never through Envoy, so replays are never observations or traffic —
    with ``x-lockgate-replay: 1`` and the original ``x-request-id``; JSON bodies with a ``stream``
@@ -356,6 +357,9 @@ class WeightsReader:
         self._cache = (now, out)
         return out
 
+    def available(self) -> bool:
+        return self.path.exists()
+
     def canary(self, model: Model) -> str | None:
         c = self.canaries().get(model.name)
         return c if c and c != model.stable and c in model.versions else None
@@ -514,7 +518,11 @@ class EvaluationWorker:
             if model is None:
                 await self._skip(sample, "not_enabled")
                 return []
-            canary = self.weights.canary(model)
+            if self.weights.available():
+                canary = self.weights.canary(model)
+            else:  # a controller without the xDS state (another host): trust the mirror's header
+                c = sample.canary
+                canary = c if c and c != model.stable and c in model.versions else None
             if canary is None:
                 await self._skip(sample, "no_canary")
                 return []

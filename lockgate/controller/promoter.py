@@ -393,8 +393,21 @@ class Promoter:
         out = []
         for name in models:
             r = self.rollouts.latest(name)
-            if r is not None:
-                out.append(rollout_json(r, with_eval=True))
+            if r is None:
+                continue
+            d = rollout_json(r, with_eval=True)
+            try:
+                spec = load_spec_of(r, self.config)
+                d["stages"] = len(spec.steps)
+                d["stage_label"] = stage_label(spec, r.stage)
+                d["weight_bp"] = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0}.get(
+                    r.status, spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
+            except ConfigError:
+                d["weight_bp"] = None  # config changed since the rollout started
+            outcome = [e for e in self.rollouts.events(r.id)
+                       if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
+            d["outcome"] = outcome[-1] if outcome else None
+            out.append(d)
         return out
 
 

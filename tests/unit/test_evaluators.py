@@ -462,3 +462,100 @@ def test_sampler_stores_mirrored_requests(tmp_path):
         assert metrics.dropped.labels(reason)._value.get() == n, reason
     assert metrics.stored.labels("chat")._value.get() == 2
     store.close()
+
+
+# ----- worker (in process, stdlib model servers) -----
+class _Model(BaseHTTPRequestHandler):
+    answers: dict = {}
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        port = self.server.server_address[1]
+        type(self).seen.append((port, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        out = json.dumps({"choices": [{"message": {"content": type(self).answers[port]}}]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_worker_replays_evaluates_and_skips(tmp_path):
+    import concurrent.futures
+    import sqlite3
+
+    from prometheus_client import CollectorRegistry
+
+    from lockgate.controller.evaluation import EvaluationWorker
+    from tests.harness import free_port
+
+    servers = [_QuietServer(("127.0.0.1", 0), _Model) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    p1, p2 = (s.server_address[1] for s in servers)
+    dead = free_port()
+    _Model.answers = {p1: GOOD, p2: "I'm sorry, but I can't help with that."}
+    _Model.seen = []
+    text = f"""
+state_dir: {tmp_path}
+models:
+  - name: chat
+    stable: v1
+    versions: {{v1: {{endpoints: ["127.0.0.1:{p1}"]}}, v2: {{endpoints: ["127.0.0.1:{p2}"]}},
+               v3: {{endpoints: ["127.0.0.1:{dead}"]}}}}
+    evaluation: {{sample_rate: 1, replay_timeout_s: 2}}
+"""
+    cfg = config_from_text(text)
+    store = EvaluationStore(tmp_path / "evaluation.db")
+    db = concurrent.futures.ThreadPoolExecutor(1)
+    worker = EvaluationWorker(cfg, store, EvaluationMetrics(CollectorRegistry()), db)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True}).encode()
+
+    def sample(rid: str, canary: str | None) -> Sample:
+        store.insert_sample(Sample(rid, "chat", time.time(), "POST", "/v1/chat/completions", "application/json",
+                                   "text/event-stream", body, canary, headers={"x-seed": "1"}), 3600, 100)
+        return next(s for s in store.pending(100) if s.request_id == rid)
+
+    def weights(canary: str | None) -> None:
+        db_ = sqlite3.connect(tmp_path / "lockgate.db")
+        db_.execute("CREATE TABLE IF NOT EXISTS weights (model TEXT PRIMARY KEY, canary TEXT, weight_bp INTEGER, "
+                    "stage TEXT, updated_at REAL)")
+        db_.execute("INSERT OR REPLACE INTO weights VALUES ('chat', ?, 500, '', 0)", (canary,))
+        db_.commit()
+        db_.close()
+        worker.weights._cache = None
+
+    try:
+        # no xDS state file: the mirror's canary header is trusted
+        rows = asyncio.run(worker.process(sample("r1", "v2")))
+        assert [(r.role, r.version) for r in rows] == [("baseline", "v1"), ("canary", "v2")]
+        assert rows[0].score > 0.9 and rows[1].score <= 0.2 and rows[0].similarity == rows[1].similarity < 0.5
+        assert {(port, path) for port, path, _, _ in _Model.seen} == {(p1, "/v1/chat/completions"),
+                                                                       (p2, "/v1/chat/completions")}
+        for _, _, headers, sent in _Model.seen:
+            assert headers["x-lockgate-replay"] == "1" and headers["x-request-id"] == "r1"
+            assert headers["x-seed"] == "1" and headers["accept"] == "application/json"
+            assert sent["stream"] is False
+        assert store.samples()[0]["state"] == "done"
+        # the xDS state says the canary is v3 (dead): a sample from v2's time is skipped
+        weights("v3")
+        assert asyncio.run(worker.process(sample("r2", "v2"))) == []
+        assert {s["request_id"]: s["state"] for s in store.samples()}["r2"] == "canary_changed"
+        rows = asyncio.run(worker.process(sample("r3", "v3")))
+        assert rows[0].score > 0.9 and rows[0].error is None
+        assert rows[1].score is None and rows[1].error == "replay_connection" and rows[1].similarity is None
+        weights(None)  # rolled back
+        assert asyncio.run(worker.process(sample("r4", "v3"))) == []
+        assert {s["request_id"]: s["state"] for s in store.samples()}["r4"] == "no_canary"
+        assert set(store.lookup(["r1", "r3"])) == {("r1", "v1"), ("r1", "v2"), ("r3", "v1"), ("r3", "v3")}
+    finally:
+        worker.close()
+        db.shutdown()
+        store.close()
+        for s in servers:
+            s.shutdown()
+            s.server_close()

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             targets = {
                 "A": {"label": "plain Envoy (static route)", "url": f"http://127.0.0.1:{ports['A'][0]}",
                       "admin": ports["A"][1], "pids": {"envoy": a.pid}},
-                "B": {"label": "lockgate (xDS hash-policy routes + ext_proc response headers)",
+                "B": {"label": "lockgate (xDS hash-policy routes + lockgate ext_proc)",
                       "url": f"http://127.0.0.1:{fleet.ports['listener']}", "admin": fleet.admin_ports[0],
                       "pids": {"envoy": fleet.procs["envoy-0"].pid, **{n: fleet.procs[n].pid for n in
                                                                         ("extproc", "controller", "xds")

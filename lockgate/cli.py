@@ -400,6 +400,87 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _log_state_dir(args):
+    """state_dir of ``-c lockgate.yaml`` (the deployment-log commands read rollouts.db directly)."""
+    return _load(args).state_dir
+
+
+def _log_call(fn):
+    from lockgate.controller.history import LogError
+
+    try:
+        return fn()
+    except LogError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_history(args) -> int:
+    from lockgate.controller import history as h
+
+    state_dir = _log_state_dir(args)
+
+    def run():
+        store = h.open_log(state_dir)
+        try:
+            return h.history(store, args.model, args.limit)
+        finally:
+            store.close()
+
+    rows = _log_call(run)
+    if args.causes:
+        c = h.causes(rows, args.recent)
+        print(json.dumps(c, indent=2) if args.json else h.render_causes(c))
+    else:
+        print(json.dumps(rows, indent=2) if args.json else h.render_history(rows))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from lockgate.controller import history as h
+
+    state_dir = _log_state_dir(args)
+
+    def run():
+        store = h.open_log(state_dir)
+        try:
+            return h.describe(*h.load(store, args.id))
+        finally:
+            store.close()
+
+    d = _log_call(run)
+    print(json.dumps(d, indent=2) if args.json else h.render_show(d))
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from lockgate.controller import history as h
+
+    state_dir = _log_state_dir(args)
+    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor()))
+    print(f"rollout #{args.id}: root cause recorded [{detail['category']}] {detail['root_cause']}")
+    return 0
+
+
+def cmd_rollout_diagnose(args) -> int:
+    from lockgate.controller import diagnose as dg
+
+    config = _load(args)
+    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit))
+    print(json.dumps(d, indent=2) if args.json else dg.render(d))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from lockgate.controller.report import write_report
+
+    state_dir = _log_state_dir(args)
+    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png))
+    print(f"wrote {html}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lockgate", description="Progressive canary rollouts for models behind Envoy.")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="lockgate.yaml (default: %(default)s)")
@@ -473,6 +554,29 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         r.add_argument("model")
         r.set_defaults(fn=cmd_rollout_action, action=action)
+    r = rsub.add_parser("diagnose", help="evidence per metric, per upstream host, first failing canary requests")
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.add_argument("id", type=int, help="rollout id (see `lockgate history`)")
+    r.add_argument("--limit", type=int, default=10, help="failing requests to list (default: %(default)s)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_rollout_diagnose)
+    sp = add("history", cmd_history, "the deployment log: one line per attempted rollout")
+    sp.add_argument("--model")
+    sp.add_argument("--limit", type=int, default=100, help="most recent rollouts (default: %(default)s)")
+    sp.add_argument("--causes", action="store_true", help="summarise failure causes (annotations) instead")
+    sp.add_argument("--recent", type=int, default=5, help="with --causes: examples to list (default: %(default)s)")
+    sp.add_argument("--json", action="store_true")
+    sp = add("show", cmd_show, "everything about one rollout: spec, stages, decision, timings, actions")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--json", action="store_true")
+    sp = add("annotate", cmd_annotate, "record a rollout's root cause (appended to the log; latest wins)")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--root-cause", required=True, metavar="TEXT")
+    sp.add_argument("--category", required=True, choices=("data", "preprocessing", "tokenizer", "hardware", "other"))
+    sp = add("report", cmd_report, "write a self-contained HTML report of a rollout (+ PNG of the main chart)")
+    sp.add_argument("id", type=int)
+    sp.add_argument("-o", "--output", required=True, help="HTML file to write (the PNG goes next to it)")
+    sp.add_argument("--no-png", action="store_true", help="write only the HTML")
     sp = add("analyze", cmd_analyze, "replay the controller's decisions offline on recorded observations")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--observations", required=True, help="JSONL from `lockgate observations export`")

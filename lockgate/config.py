@@ -203,6 +203,69 @@ def _capture(f: Fields) -> CaptureConfig:
                          flush or d.flush_interval_s)
 
 
+#: outcome kinds an alert sink can subscribe to (``trouble`` = component trouble, docs/alerts-and-registry.md)
+ALERT_EVENTS = ("rolled_back", "aborted", "inconclusive", "promoted", "advanced", "trouble")
+DEFAULT_ALERT_EVENTS = ("rolled_back", "aborted", "inconclusive", "promoted", "trouble")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delivery retries: exponential backoff from ``initial_backoff_s`` doubling up to ``max_backoff_s``,
+    at most ``max_attempts`` tries in all (then the item is given up, logged and recorded)."""
+
+    max_attempts: int = 12
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AlertSink:
+    """One alert receiver (``alerts:`` list item). ``url`` may come from ``url_env`` (Slack webhook
+    URLs are secrets); ``bearer_token_env`` names a variable holding a bearer token. ``name`` (default
+    ``<type>-<n>``) identifies the sink in logs and the deployment log — the URL never appears there."""
+
+    type: str                      #: webhook | slack | alertmanager
+    url: str
+    name: str
+    on: tuple[str, ...] = DEFAULT_ALERT_EVENTS
+    timeout_s: float = 5.0
+    bearer_token_env: str | None = None
+    retry: RetryPolicy = RetryPolicy()
+    generator_url: str | None = None   #: alertmanager generatorURL (default: the controller's rollout API)
+    resolve_after_s: float = 3600.0    #: alertmanager endsAt of one-shot outcome alerts
+
+
+@dataclass(frozen=True)
+class MlflowModelMap:
+    """Which MLflow registered model (and version numbers) a lockgate model's versions are."""
+
+    registered_model: str | None = None
+    versions: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Model registry feedback after promotion / rollback / inconclusive (``registry:``).
+
+    ``file`` (default): ``path`` (default ``<state_dir>/registry``), one JSON file per model.
+    ``mlflow``: ``tracking_uri``, ``registered_model`` (default: the lockgate model name), ``versions``
+    (lockgate version → MLflow version number), ``version_tag`` (else looked up by this model-version tag),
+    ``alias`` set on promotion, per-model overrides in ``models``. ``webhook``: ``url`` (or ``url_env``)."""
+
+    type: str = "file"
+    path: Path | None = None
+    url: str | None = None
+    tracking_uri: str | None = None
+    registered_model: str | None = None
+    versions: tuple[tuple[str, str], ...] = ()
+    version_tag: str = "lockgate.version"
+    alias: str | None = "production"
+    models: tuple[tuple[str, MlflowModelMap], ...] = ()
+    bearer_token_env: str | None = None
+    timeout_s: float = 10.0
+    retry: RetryPolicy = RetryPolicy()
+
+
 @dataclass(frozen=True)
 class LockgateConfig:
     source: str
@@ -222,6 +285,8 @@ class LockgateConfig:
     #: ext_proc processes on this host: process i listens on extproc.port + i (metrics: extproc_metrics.port + i);
     #: Envoy's ext_proc cluster lists them all as endpoints (one HTTP/2 connection each).
     extproc_processes: int = 1
+    alerts: tuple[AlertSink, ...] = ()
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def extproc_addresses(self) -> list[Address]:
         return [Address(self.extproc.host, self.extproc.port + i) for i in range(self.extproc_processes)]
@@ -377,6 +442,209 @@ def _evaluation(f: Fields) -> EvaluationConfig | None:
 #: headers a replay sets itself (``replay_headers`` may not name them)
 _NOT_REPLAYED = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
                            "te", "trailer", "expect", "content-type", "accept", "x-request-id"})
+
+
+def _url(f: Fields, required: bool = True) -> str | None:
+    """``url`` or ``url_env`` (exactly one): an http(s) URL."""
+    url = f.str("url")
+    url_env = f.str("url_env")
+    if url is not None and url_env is not None:
+        f.errors.add(f.path + ("url",), "set url or url_env, not both")
+        return None
+    key = "url"
+    if url_env is not None:
+        key = "url_env"
+        if not ENV_RE.match(url_env):
+            f.errors.add(f.path + ("url_env",), f"must be an environment variable name, got {url_env!r}")
+            return None
+        url = os.environ.get(url_env)
+        if not url:
+            f.errors.add(f.path + ("url_env",), f"environment variable {url_env} is not set")
+            return None
+    if url is None:
+        if required:
+            f.errors.add(f.path + ("url",), "is required (or url_env)")
+        return None
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        shown = url if key == "url" else f"${url_env}"
+        f.errors.add(f.path + (key,), f"must be an http:// or https:// URL, got {shown!r}")
+        return None
+    return url
+
+
+def _retry(f: Fields) -> RetryPolicy:
+    d = RetryPolicy()
+    if "retry" not in f.data:
+        f.raw("retry")
+        return d
+    sub = f.sub("retry")
+    attempts = sub.int("max_attempts", d.max_attempts, min=1, max=1000)
+    initial = sub.float("initial_backoff_s", d.initial_backoff_s, min=0.01, max=86400.0)
+    maximum = sub.float("max_backoff_s", d.max_backoff_s, min=0.01, max=86400.0)
+    sub.finish()
+    initial = d.initial_backoff_s if initial is None else initial
+    maximum = d.max_backoff_s if maximum is None else maximum
+    if maximum < initial:
+        f.errors.add(sub.path + ("max_backoff_s",), f"must be at least initial_backoff_s ({initial:g})")
+    return RetryPolicy(attempts or d.max_attempts, initial, maximum)
+
+
+def _token_env(f: Fields) -> str | None:
+    env = f.str("bearer_token_env")
+    if env is not None and not ENV_RE.match(env):
+        f.errors.add(f.path + ("bearer_token_env",), f"must be an environment variable name, got {env!r}")
+        return None
+    return env
+
+
+def _alerts(f: Fields) -> tuple[AlertSink, ...]:
+    """``alerts:`` — a list of sinks (absent = no alerts)."""
+    out: list[AlertSink] = []
+    names: dict[str, int] = {}
+    for path, item in f.list("alerts"):
+        if isinstance(item, dict) and "True" in item and "on" not in item:
+            # YAML 1.1 reads a bare `on:` key as the boolean true: take it back as "on" (and its line numbers)
+            item = {("on" if k == "True" else k): v for k, v in item.items()}
+            marks = f.errors.smap._marks
+            for mpath in [m for m in marks if m[:len(path) + 1] == path + ("True",)]:
+                marks[path + ("on",) + mpath[len(path) + 1:]] = marks[mpath]
+        sub = Fields(item, path, f.errors)
+        kind = sub.str("type", required=True)
+        if kind is not None and kind not in ("webhook", "slack", "alertmanager"):
+            f.errors.add(path + ("type",), f"must be webhook, slack or alertmanager, got {kind!r}")
+            kind = None
+        url = _url(sub)
+        name = sub.str("name")
+        if name is not None and not NAME_RE.match(name):
+            f.errors.add(path + ("name",), f"must match {NAME_RE.pattern}, got {name!r}")
+        on: list[str] = []
+        if "on" in sub.data:
+            for opath, ev in sub.list("on"):
+                if ev not in ALERT_EVENTS:
+                    f.errors.add(opath, f"must be one of {', '.join(ALERT_EVENTS)}, got {ev!r}")
+                elif ev not in on:
+                    on.append(ev)
+            if isinstance(sub.data.get("on"), list) and not sub.data["on"]:
+                f.errors.add(path + ("on",), "must list at least one event")
+        else:
+            sub.raw("on")
+        timeout = sub.float("timeout_s", 5.0, min=0.01, max=600.0)
+        token_env = _token_env(sub)
+        retry = _retry(sub)
+        generator_url = sub.str("generator_url")
+        resolve_after = sub.float("resolve_after_s", 3600.0, min=1.0, max=30 * 86400.0)
+        sub.finish()
+        if generator_url is not None and kind != "alertmanager":
+            f.errors.add(path + ("generator_url",), "is only used with type: alertmanager")
+        if kind is None or url is None:
+            continue
+        name = name or f"{kind}-{len(out)}"
+        if name in names:
+            f.errors.add(path + ("name",), f"duplicate alert name {name!r} (also alerts[{names[name]}])")
+        names[name] = path[-1] if isinstance(path[-1], int) else 0
+        out.append(AlertSink(kind, url, name, tuple(on) or DEFAULT_ALERT_EVENTS,
+                             5.0 if timeout is None else timeout, token_env, retry, generator_url,
+                             3600.0 if resolve_after is None else resolve_after))
+    return tuple(out)
+
+
+def _version_map(f: Fields, key: str) -> tuple[tuple[str, str], ...]:
+    if key not in f.data:
+        f.raw(key)
+        return ()
+    sub = f.sub(key)
+    out = []
+    for name, value in sub.data.items():
+        sub.raw(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.isdigit():
+            f.errors.add(sub.path + (name,), f"must be an MLflow version number, got {value!r}")
+            continue
+        out.append((str(name), value))
+    return tuple(out)
+
+
+def _registry(f: Fields, base_dir: Path, models: list["Model"]) -> RegistryConfig:
+    """``registry:`` (absent = the file registry in ``<state_dir>/registry``)."""
+    d = RegistryConfig()
+    if "registry" not in f.data:
+        f.raw("registry")
+        return d
+    sub = f.sub("registry")
+    kind = sub.str("type", "file") or "file"
+    if kind not in ("file", "mlflow", "webhook"):
+        f.errors.add(sub.path + ("type",), f"must be file, mlflow or webhook, got {kind!r}")
+    timeout = sub.float("timeout_s", d.timeout_s, min=0.01, max=600.0)
+    retry = _retry(sub)
+    allowed = {"type", "timeout_s", "retry"}
+    path = url = tracking_uri = registered_model = token_env = None
+    versions: tuple[tuple[str, str], ...] = ()
+    per_model: list[tuple[str, MlflowModelMap]] = []
+    version_tag, alias = d.version_tag, d.alias
+    known = {m.name: m for m in models}
+
+    def check_versions(vmap, where, model_names):
+        for vname, _ in vmap:
+            if model_names and not any(vname in known[m].versions for m in model_names if m in known):
+                f.errors.add(where + (vname,), f"{vname!r} is not a version of {', '.join(model_names)}")
+
+    if kind == "file":
+        allowed |= {"path"}
+        p = sub.str("path")
+        if p is not None:
+            path = Path(p) if Path(p).is_absolute() else (base_dir / p).resolve()
+    elif kind == "webhook":
+        allowed |= {"url", "url_env", "bearer_token_env"}
+        url = _url(sub)
+        token_env = _token_env(sub)
+    elif kind == "mlflow":
+        allowed |= {"tracking_uri", "registered_model", "versions", "version_tag", "alias", "models",
+                    "bearer_token_env"}
+        tracking_uri = sub.str("tracking_uri", required=True)
+        if tracking_uri is not None:
+            parsed = urllib.parse.urlsplit(tracking_uri)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                f.errors.add(sub.path + ("tracking_uri",),
+                             f"must be the http:// or https:// URL of an MLflow tracking server, got {tracking_uri!r}")
+                tracking_uri = None
+        registered_model = sub.str("registered_model")
+        versions = _version_map(sub, "versions")
+        check_versions(versions, sub.path + ("versions",), list(known))
+        version_tag = sub.str("version_tag", d.version_tag) or d.version_tag
+        alias_raw = sub.raw("alias")
+        if alias_raw is False:
+            alias = None
+        elif isinstance(alias_raw, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$", alias_raw):
+            alias = alias_raw
+        elif alias_raw is not None:
+            f.errors.add(sub.path + ("alias",), f"must be an alias name (letters, digits, _ and -) or false, "
+                                                f"got {alias_raw!r}")
+        token_env = _token_env(sub)
+        if "models" in sub.data:
+            msub = sub.sub("models")
+            for mname, mdata in msub.data.items():
+                msub.raw(mname)
+                mpath = msub.path + (mname,)
+                if known and mname not in known:
+                    f.errors.add(mpath, f"{mname!r} is not a model in this file ({', '.join(known)})")
+                mf = Fields(mdata, mpath, f.errors)
+                rm = mf.str("registered_model")
+                vm = _version_map(mf, "versions")
+                mf.finish()
+                check_versions(vm, mpath + ("versions",), [mname])
+                per_model.append((mname, MlflowModelMap(rm, vm)))
+        else:
+            sub.raw("models")
+    for key in list(sub.data):
+        if key not in allowed:
+            sub.raw(key)
+            f.errors.add(sub.path + (key,), f"unknown field for registry type {kind} "
+                                            f"(known: {', '.join(sorted(allowed))})")
+    sub.finish()
+    return RegistryConfig(kind, path, url, tracking_uri, registered_model, versions, version_tag, alias,
+                          tuple(per_model), token_env, d.timeout_s if timeout is None else timeout, retry)
 
 
 def _endpoint(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> Address | None:
@@ -536,6 +804,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
         model = _model(item, path, errors, default_keys)
         if model is not None:
             models.append(model)
+    alerts = _alerts(f)
+    registry = _registry(f, base_dir, models)
     f.finish()
     if "models" in f.data and not models and not errors.problems:
         errors.add(("models",), "must list at least one model")
@@ -559,7 +829,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
         ports[(addr.host, addr.port)] = label
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
-                          state_dir, qa, tuple(models), controller, capture, ep_processes)
+                          state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry)
 
 
 def load_config(path: str | Path) -> LockgateConfig:
@@ -573,5 +843,5 @@ def config_from_text(text: str, source: str = "<string>", base_dir: Path | None 
     return parse_config(data, smap, source, base_dir or Path.cwd())
 
 
-__all__ = ["Address", "ConfigError", "ControllerConfig", "EvaluationConfig", "JudgeConfig", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
+__all__ = ["AlertSink", "Address", "ConfigError", "RegistryConfig", "RetryPolicy", "ControllerConfig", "EvaluationConfig", "JudgeConfig", "KeySource", "LockgateConfig", "Model", "ModelMatch", "ModelVersion",
            "QAOverride", "load_config", "config_from_text"]

@@ -71,6 +71,48 @@ def prepare(data: Mapping[str, np.ndarray], now: float) -> dict[str, np.ndarray]
     return out
 
 
+def merge_evaluations(data: Mapping[str, np.ndarray], ev: Mapping[str, np.ndarray], baseline: str,
+                      canary: str) -> dict[str, np.ndarray]:
+    """Append replay evaluations (see :mod:`lockgate.controller.evaluation`) as extra rows.
+
+    Each evaluation row carries only ``evaluator_score`` (arrived at its evaluation time) and
+    ``similarity`` (canary rows: similarity of the canary's answer to the baseline's on the same
+    prompt; baseline rows: 1.0, the baseline compared with itself); every other metric is NaN, so
+    these rows count for those two metrics only. Their share is 0.5 (replays go to both versions).
+    """
+    ev_ts = np.asarray(ev.get("ts", np.zeros(0)), dtype=float)
+    versions = np.asarray(ev.get("version", np.zeros(0, dtype=object)), dtype=object)
+    errors = np.asarray(ev.get("error", np.full(ev_ts.size, None)), dtype=object)
+    keep = ((versions == baseline) | (versions == canary)) & np.array([not e for e in errors], dtype=bool)
+    k = int(keep.sum())
+    n = int(np.asarray(data.get("ts", np.zeros(0))).size)
+    if k == 0:
+        return dict(data)
+    role = np.where(versions[keep] == canary, "canary", "baseline").astype(object)
+    rid = np.asarray(ev["request_id"], dtype=object)[keep]
+    extra: dict[str, np.ndarray] = {
+        "ts": ev_ts[keep], "role": role, "version": versions[keep],
+        "request_id": np.array([f"eval:{r}:{v}" for r, v in zip(rid, role)], dtype=object),
+        "user_key": np.array([f"eval:{r}:{v}" for r, v in zip(rid, role)], dtype=object),
+        "weight": np.full(k, 0.5),
+        "evaluator_score": np.asarray(ev["score"], dtype=float)[keep],
+        "evaluator_score_arrival_ts": ev_ts[keep],
+        "similarity": np.where(role == "canary", np.asarray(ev["similarity"], dtype=float)[keep], 1.0),
+    }
+    out: dict[str, np.ndarray] = {}
+    for name in set(data) | set(extra):
+        base = np.asarray(data[name]) if name in data else None
+        add = extra.get(name)
+        if base is None:
+            base = np.full(n, np.nan) if add is not None and add.dtype.kind == "f" else np.full(n, None, dtype=object)
+        if add is None:
+            add = np.full(k, np.nan) if base.dtype.kind == "f" else (
+                np.zeros(k, dtype=bool) if base.dtype.kind == "b" else np.full(k, None, dtype=object))
+        out[name] = np.concatenate([base, add.astype(base.dtype) if base.dtype.kind in "fb" else add])
+    order = np.argsort(out["ts"], kind="stable")
+    return {name: col[order] for name, col in out.items()}
+
+
 def resolve_auto(spec: RolloutSpec, history: Mapping[str, np.ndarray], now: float) -> dict[str, Any]:
     """Derive every ``allowed: auto`` from the *baseline's* stored history (before the rollout).
 

@@ -60,8 +60,9 @@ def _mean(values: np.ndarray) -> float | None:
 def per_host(data: Mapping[str, np.ndarray]) -> list[dict]:
     """Per (role, version, upstream host): requests, errors, error rate, latency p50/p95, mean output tokens.
 
-    ``errors`` counts 5xx and timeouts (the ``error_rate`` metric's definition); ``failed`` adds
-    unparseable responses. Rows are ordered baseline first, then canary, then by host."""
+    ``errors`` counts 5xx and timeouts (the ``error_rate`` metric's definition); ``parse_errors``
+    counts the other responses the analyzer could not parse (a 200 with a broken body).
+    Rows are ordered baseline first, then canary, then by version and host."""
     ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
     n = ts.size
     role = _col(data, "role", n, object)
@@ -86,7 +87,7 @@ def per_host(data: Mapping[str, np.ndarray]) -> list[dict]:
         out.append({
             "role": r, "version": v, "host": h, "requests": int(idx.size), "errors": errors,
             "error_rate": errors / n_known if n_known else None,
-            "parse_errors": int(parse[idx].sum()),
+            "parse_errors": int((parse & ~error)[idx].sum()),
             "latency_p50_ms": _q(latency[idx], 0.5), "latency_p95_ms": _q(latency[idx], 0.95),
             "output_tokens_mean": _mean(tokens[idx]),
             "first_ts": float(ts[idx].min()), "last_ts": float(ts[idx].max()),
@@ -163,7 +164,7 @@ def _f(x, fmt: str = "{:.4g}") -> str:
 
 def host_rows(hosts: Sequence[dict]) -> list[str]:
     rows = [("role", "version", "host", "requests", "errors", "error rate", "p50 ms", "p95 ms", "tokens mean",
-             "parse errors")]
+             "parse errors (non-5xx)")]
     for h in hosts:
         rows.append((h["role"], h["version"], h["host"], str(h["requests"]), str(h["errors"]),
                      _f(h["error_rate"], "{:.2%}"), _f(h["latency_p50_ms"], "{:.1f}"),

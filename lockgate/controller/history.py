@@ -174,6 +174,21 @@ def _action_summary(e: dict) -> str:
     return "; ".join(parts)
 
 
+def _reason_summary(outcome: dict | None) -> str:
+    """Short decision reason for one history line: the failing metrics with their values, else the first reason."""
+    if outcome is None:
+        return ""
+    d = outcome["detail"]
+    fails = [v for v in d.get("verdicts") or [] if v.get("verdict") == "fail"]
+    if fails:
+        def f(x):
+            return "-" if x is None else f"{x:.4g}"
+        return "harm: " + "; ".join(f"{v['metric']} canary {f(v.get('canary'))} vs baseline {f(v.get('baseline'))}"
+                                    for v in fails)
+    reasons = d.get("reasons") or []
+    return _short(reasons[0], 90) if reasons else ""
+
+
 # ---------------------------------------------------------------------------------------- summaries
 def summarize(r: Rollout, events: Sequence[dict], now: float | None = None) -> dict:
     """One rollout as a history row (plain JSON data)."""
@@ -201,7 +216,7 @@ def summarize(r: Rollout, events: Sequence[dict], now: float | None = None) -> d
         "started_at": r.started_at, "ended_at": r.ended_at, "duration_s": end - r.started_at,
         "created_by": r.created_by, "spec_hash": r.spec_hash,
         "decided_by": outcome["actor"] if outcome else None,
-        "reason": "; ".join(reasons), "revert_ms": timings.get("push_to_ack_ms") if timings else None,
+        "reason": "; ".join(reasons), "reason_summary": _reason_summary(outcome), "revert_ms": timings.get("push_to_ack_ms") if timings else None,
         "detect_to_ack_ms": timings.get("detect_to_ack_ms") if timings else None,
         "annotation": ann,
     }
@@ -216,7 +231,7 @@ def render_history(rows: Sequence[dict]) -> str:
         return "no rollouts yet"
     table = [("ID", "MODEL", "CHANGE", "STATUS", "STAGES", "STARTED", "ENDED", "DURATION", "REVERT", "REASON")]
     for s in rows:
-        reason = _short(s["reason"], 80) if s["reason"] else ("(running)" if s["ended_at"] is None else "-")
+        reason = s["reason_summary"] or ("(running)" if s["ended_at"] is None else "-")
         if s["annotation"]:
             reason += f"  [cause: {s['annotation']['category']}]"
         table.append((f"#{s['id']}", s["model"], f"{s['baseline']}→{s['canary']}", s["status"].upper(),
@@ -328,8 +343,9 @@ def render_show(d: dict) -> str:
             out.extend("    " + line for line in verdict_rows(le["verdicts"]))
     out.append("  actions:")
     for a in d["actions"]:
-        where = "" if a["stage"] is None else f" stage {a['stage'] + 1}"
-        weight = "" if a["weight_bp"] is None else f" {_pct(a['weight_bp'])}"
+        moved = a["kind"] in MOVES or a["kind"] in OUTCOMES
+        where = "" if a["stage"] is None or not moved or a["kind"] == "promoted" else f" stage {a['stage'] + 1}"
+        weight = "" if a["weight_bp"] is None or not moved else f" {_pct(a['weight_bp'])}"
         text = f"    {fmt_ts(a['ts'])}  {a['kind']}{where}{weight} by {a['actor']}"
         if a["summary"]:
             text += f": {_short(a['summary'], 160)}"

@@ -72,9 +72,15 @@ class Promoter:
 
     # ------------------------------------------------------------------ evaluation
     def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
-        cols = [c for c in EVAL_COLUMNS]
-        return self.service.store.fetch(rollout.model, since_ts=rollout.started_at if since is None else since,
-                                        versions=[rollout.baseline, rollout.canary], columns=cols)
+        since = rollout.started_at if since is None else since
+        data = self.service.store.fetch(rollout.model, since_ts=since, versions=[rollout.baseline, rollout.canary],
+                                        columns=list(EVAL_COLUMNS))
+        if self.config.model(rollout.model).evaluation is not None:
+            from lockgate.controller.evaluation import fetch_evaluations
+
+            ev = fetch_evaluations(self.config, rollout.model, since_ts=since)
+            data = analysis.merge_evaluations(data, ev, rollout.baseline, rollout.canary)
+        return data
 
     def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float) -> tuple[Any, dict, int]:
         data = self._columns(rollout)
@@ -476,4 +482,5 @@ async def promotion_task(service, stop: asyncio.Event) -> None:
     promoter.loop = asyncio.get_running_loop()
     register_http(promoter, service.http)
     service.promoter = promoter
+    from lockgate.controller.notify import install; install(promoter)  # alerts + registry feedback
     await promoter.run(stop)

@@ -246,6 +246,7 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
                                    route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout,
                                                         request_mirror_policies=mirrors)))
     strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
+    strip.append("x-lockgate-replay")  # only the controller's out-of-band replays carry it
     vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip)
     return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=[vhost])
 

@@ -83,7 +83,8 @@ def test_canary_first_total_fixed_and_salted_per_canary():
     qa = rs["chat/qa/v2"]
     assert {h.name: h.string_match.exact for h in qa.match.headers} == {
         "x-lockgate-qa-token": "0123456789abcdef-token", "x-lockgate-version": "v2"}
-    assert set(rc.virtual_hosts[0].request_headers_to_remove) == {"x-lockgate-qa-token", "x-lockgate-version"}
+    assert set(rc.virtual_hosts[0].request_headers_to_remove) == {"x-lockgate-qa-token", "x-lockgate-version",
+                                                                 "x-lockgate-replay"}
 
 
 def test_weight_change_touches_routes_only():

@@ -91,3 +91,23 @@ def test_only_one_controller_holds_a_model(tmp_path):
     assert not a.acquire("chat", 10, now=112.0)
     a.close()
     b.close()
+
+
+def test_replay_evaluations_join_the_columns_for_score_and_similarity_only():
+    import numpy as np
+
+    from lockgate.controller.analysis import merge_evaluations, prepare
+
+    data = {"ts": np.array([1.0, 2.0]), "role": np.array(["baseline", "canary"], dtype=object),
+            "status_code": np.array([200.0, 500.0]), "weight": np.array([0.1, 0.1]),
+            "user_key": np.array(["a", "b"], dtype=object), "request_id": np.array(["r1", "r2"], dtype=object)}
+    ev = {"ts": np.array([1.5, 1.5, 3.0]), "version": np.array(["v1", "v2", "v3"], dtype=object),
+          "request_id": np.array(["x", "x", "y"], dtype=object), "score": np.array([0.9, 0.4, 0.5]),
+          "similarity": np.array([0.6, 0.6, 0.1]), "error": np.array([None, None, None], dtype=object)}
+    merged = merge_evaluations(data, ev, "v1", "v2")
+    assert list(merged["ts"]) == [1.0, 1.5, 1.5, 2.0]  # v3 is neither arm: dropped
+    p = prepare(merged, now=10.0)
+    assert list(np.isnan(p["error"])) == [False, True, True, False]
+    assert list(p["evaluator_score"][1:3]) == [0.9, 0.4]
+    assert list(p["similarity"][1:3]) == [1.0, 0.6]
+    assert list(p["is_canary"]) == [False, False, True, True]

@@ -73,7 +73,8 @@ class ReportData:
         self.r, self.events, self.evaluations = r, list(events), list(evaluations)
         self.t0 = r.started_at
         end = r.ended_at if r.ended_at is not None else (time.time() if now is None else now)
-        last_ts = max([e["ts"] for e in self.events] + [e["ts"] for e in self.evaluations] + [end])
+        last_ts = max([e["ts"] for e in self.events if e["kind"] != "annotation"]
+                      + [e["ts"] for e in self.evaluations] + [end])
         self.t1 = max(last_ts - self.t0, 1.0) * 1.02
         self.metrics = _metric_names(self.evaluations)
         self.markers = [Marker(e["ts"] - self.t0, e["kind"], self._marker_label(e))

@@ -322,7 +322,7 @@ def layout(fig: Figure) -> tuple[int, int, list[Primitive]]:
     # stage labels and decision markers across all panels
     plot_bottom = top - GAP
     for sp in fig.spans:
-        out.append(Text((sx(sp.x0) + sx(sp.x1)) / 2, plot_top - 4, sp.label, 10, "#718096", anchor="middle",
+        out.append(Text((sx(sp.x0) + sx(sp.x1)) / 2, plot_top + 13, sp.label, 10, "#718096", anchor="middle",
                         cls="stage-label"))
     for k, m in enumerate(fig.markers):
         color = MARKER_COLORS.get(m.kind, AXIS)

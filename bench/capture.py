@@ -1,0 +1,591 @@
+"""Inline response capture: what lockgate's ext_proc capture costs, how far one process goes, and loss.
+
+    .venv/bin/python bench/capture.py [--quick]
+
+Processes (all on 127.0.0.1, stopped by PID): one nginx (single worker) answering a 330-byte OpenAI
+chat completion; ``lockgate.examples.chat_server`` streaming SSE; a plain Envoy **A** (static routes to
+the same upstreams, router only); lockgate fleet **B** (``lockgate xds`` + ``lockgate extproc`` +
+``lockgate controller`` + Envoy; full capture = response headers with attributes + STREAMED body, every
+response stored as an observation); fleet **B2**, the same with ``extproc_processes: 2`` (two ext_proc
+processes as two endpoints of Envoy's ext_proc cluster). Envoys run ``--concurrency 1``.
+
+Pinning (``taskset -a -cp``, every thread): the ext_proc process(es) alone on CPU 1; everything else
+(Envoys, nginx, chat_server, xds, controller, the load generators) on CPU 0 — the layout of the
+ext_proc speed study in ENVOY_NOTES. The "unpinned" ceiling runs re-pin every process to CPUs 0-1.
+
+Parts:
+(a) added latency at 500 rps: open-loop load (``bench/_loadgen.py``: fixed schedule, keep-alive
+    connections, lateness recorded) on A and B in interleaved rounds (A B, B A, …); per-round p50/p99 and
+    the median of the paired differences B − A.
+(b) SSE time to first chunk (first body byte after the request is written), chat_server ``stream: true``
+    (``--ttft-ms 2 --inter-token-ms 1``, 10 tokens), A vs B interleaved, open-loop 100 rps.
+(c)(d) ceiling rps: wrk closed loop (1 thread, 32 connections) on B (one ext_proc) and B2 (two), pinned
+    and unpinned, interleaved; per run: throughput, non-2xx, the share of responses ext_proc observed,
+    Envoy's ext_proc message timeouts, CPU of each process.
+(loss) 1,000 rps open-loop for 300 s on B: requests sent vs observations stored (by request id), the
+    ext_proc drop counter, Envoy's ext_proc message timeouts.
+(e) ext_proc RSS while ~1M requests go through B (wrk closed loop, 8 connections, in 20 s chunks,
+    bounded to 8 min): RSS after warm-up, after 100k and after 1M requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (NGINX_CONF, REPO, Proc, free_port, machine, median, need, pin, run_wrk,  # noqa: E402
+                     save_json, wait_port, write_wrk_lua)
+from _loadgen import CHAT_BODY, OpenLoop, percentile  # noqa: E402
+from routing_latency import (HCM_TYPE, ROUTER, _admin, _static_cluster, envoy_counter,  # noqa: E402
+                             extproc_filter_summary, proc_cpu_s, start_static_envoy)
+
+EXTPROC_CPU = "1"
+OTHER_CPU = "0"
+ALL_CPUS = "0-1"
+PY = sys.executable
+
+OPENAI_JSON = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "chat-v1",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "the canary answer is stable and fine"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}, separators=(",", ":"))
+NGINX_OPENAI = """\
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      default_type application/json;
+      add_header x-model-version v1 always;
+      return 200 '{body}';
+    }}
+  }}
+"""
+SSE_BODY = json.dumps({"model": "sse", "prompt": "hello", "stream": True, "max_tokens": 10}).encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# processes
+# ----------------------------------------------------------------------------------------------
+def start_nginx(tmp: Path) -> tuple[Proc, int]:
+    binary = need("nginx", "nginx-light")
+    port = free_port()
+    d = tmp / "nginx"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=d, servers=NGINX_OPENAI.format(port=port, body=OPENAI_JSON)))
+    p = Proc([binary, "-c", str(conf), "-p", str(d)], d / "nginx.log", ready_line=None)
+    wait_port(port)
+    return p, port
+
+
+def start_chat_server(tmp: Path) -> tuple[Proc, int]:
+    p = Proc([PY, "-m", "lockgate.examples.chat_server", "--port", "0", "--version", "v1", "--seed", "1",
+              "--latency-ms", "0", "--latency-jitter-ms", "0", "--ttft-ms", "2", "--inter-token-ms", "1",
+              "--tokens-mean", "10", "--tokens-sd", "0"], tmp / "chat_server.log")
+    return p, int(p.ready_text.split()[1])
+
+
+def plain_bootstrap(listen_port: int, admin_port: int, chat_port: int, sse_port: int) -> dict:
+    """A: Envoy without lockgate, the same two routes (SSE completions → chat_server, rest → nginx)."""
+    hcm = {"@type": HCM_TYPE, "stat_prefix": "plain", "codec_type": "AUTO", "use_remote_address": True,
+           "route_config": {"name": "plain", "virtual_hosts": [{"name": "plain", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/v1/completions"}, "route": {"cluster": "sse", "timeout": "300s"}},
+               {"match": {"prefix": "/"}, "route": {"cluster": "chat", "timeout": "300s"}}]}]},
+           "http_filters": [ROUTER]}
+    return {"node": {"id": "bench-plain", "cluster": "bench"}, "admin": _admin(admin_port),
+            "static_resources": {
+                "listeners": [{"name": "plain", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                               "port_value": listen_port}},
+                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                               "typed_config": hcm}]}]}],
+                "clusters": [_static_cluster("chat", chat_port), _static_cluster("sse", sse_port)]}}
+
+
+def free_port_run(n: int) -> int:
+    """A port p with p .. p+n-1 all free (ext_proc process i listens on port + i, metrics on port + i)."""
+    import socket
+
+    for _ in range(200):
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int):
+    from tests.harness import Fleet
+
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{chat_port}"]}}},
+              {"name": "sse", "match": {"path_prefix": "/v1/completions"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{sse_port}"]}}}]
+    tmp.mkdir()
+    ep_port = free_port_run(processes)
+    metrics_port = free_port_run(processes)
+    while metrics_port <= ep_port + processes and ep_port <= metrics_port + processes:
+        metrics_port = free_port_run(processes)
+    fleet = Fleet(tmp, models, with_controller=True,
+                  extra={"extproc_processes": processes, "extproc": {"port": ep_port},
+                         "extproc_metrics": {"port": metrics_port}})
+    fleet.start()
+    extprocs = {"extproc": fleet.procs["extproc"]}
+    for i in range(1, processes):
+        p = Proc([PY, "-m", "lockgate", "-c", str(fleet.config_path), "extproc", "--index", str(i)],
+                 tmp / f"extproc-{i}.log")
+        fleet.procs[f"extproc-{i}"] = p
+        extprocs[f"extproc-{i}"] = p
+    fleet.extprocs = extprocs
+    fleet.metrics_ports = [metrics_port + i for i in range(processes)]
+    return fleet
+
+
+def pin_layout(fleet_procs: dict[str, Proc], pinned: bool) -> None:
+    for name, p in fleet_procs.items():
+        if not p.alive():
+            continue
+        pin(p.pid, (EXTPROC_CPU if name.startswith("extproc") else OTHER_CPU) if pinned else ALL_CPUS)
+
+
+# ----------------------------------------------------------------------------------------------
+# measurements
+# ----------------------------------------------------------------------------------------------
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_sum(ports: list[int], prefix: str) -> float:
+    total = 0.0
+    for port in ports:
+        for line in metrics_text(port).splitlines():
+            if line.startswith(prefix) and not line.startswith("#"):
+                name = line.split("{")[0].split(" ")[0]
+                if name == prefix:
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def extproc_stats(admin_port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc", timeout=5) as r:
+        out = {}
+        for line in r.read().decode().splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().isdigit():
+                out[k.replace("http.lockgate.ext_proc.lockgate.", "")] = int(v)
+        return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_times() -> dict[str, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat (busy = all but idle and iowait)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = [int(x) for x in vals]
+            out[name] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+
+
+class Snapshot:
+    """Counters and CPU of a fleet before/after a run."""
+
+    def __init__(self, fleet, pids: dict[str, int]):
+        self.fleet, self.pids = fleet, pids
+        self.cpu = {n: proc_cpu_s(p) for n, p in pids.items()}
+        self.seen = metric_sum(fleet.metrics_ports, "lockgate_requests_total")
+        self.dropped = metric_sum(fleet.metrics_ports, "lockgate_observations_dropped_total")
+        self.ep = extproc_stats(fleet.admin_ports[0])
+        self.cpus = cpu_times()
+        self.t = time.monotonic()
+
+    def delta(self, requests: int) -> dict:
+        now = Snapshot(self.fleet, self.pids)
+        wall = now.t - self.t
+        n = max(1, requests)
+        streams = now.ep.get("streams_started", 0) - self.ep.get("streams_started", 0)
+        sent = now.ep.get("stream_msgs_sent", 0) - self.ep.get("stream_msgs_sent", 0)
+        return {"observed": now.seen - self.seen, "observed_pct": 100.0 * (now.seen - self.seen) / n,
+                "dropped": now.dropped - self.dropped,
+                "message_timeouts": now.ep.get("message_timeouts", 0) - self.ep.get("message_timeouts", 0),
+                "failure_mode_allowed": now.ep.get("failure_mode_allowed", 0) - self.ep.get("failure_mode_allowed", 0),
+                "extproc_msgs_per_request": sent / max(1, streams),
+                "machine_cpu_busy_pct": {c: round(100 * (now.cpus[c][0] - b0) / max(1, now.cpus[c][1] - t0), 1)
+                                         for c, (b0, t0) in self.cpus.items()},
+                "cpu_us_per_request": {k: round((now.cpu[k] - self.cpu[k]) * 1e6 / n, 1) for k in self.pids},
+                "cpu_pct": {k: round(100 * (now.cpu[k] - self.cpu[k]) / wall, 1) for k in self.pids}}
+
+
+def stored_count(fleet, prefix: str) -> int:
+    db = sqlite3.connect(f"file:{fleet.tmp / 'state' / 'observations.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute("SELECT COUNT(*) FROM observations WHERE request_id LIKE ?", (prefix + "-%",)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def stored_ids(fleet, prefix: str) -> set[str]:
+    db = sqlite3.connect(f"file:{fleet.tmp / 'state' / 'observations.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return {r for (r,) in db.execute("SELECT request_id FROM observations WHERE request_id LIKE ?",
+                                         (prefix + "-%",))}
+    finally:
+        db.close()
+
+
+def wait_stored(fleet, prefix: str, want: int, timeout: float = 60) -> int:
+    deadline, last, last_t = time.monotonic() + timeout, -1, time.monotonic()
+    n = 0
+    while time.monotonic() < deadline:
+        try:
+            n = stored_count(fleet, prefix)
+        except sqlite3.OperationalError:
+            n = 0
+        if n >= want:
+            return n
+        if n != last:
+            last, last_t = n, time.monotonic()
+        elif time.monotonic() - last_t > 10:
+            return n
+        time.sleep(0.5)
+    return n
+
+
+class RssSampler:
+    """Every 5 s: responses the ext_proc process has seen since start, its RSS, the controller's RSS."""
+
+    def __init__(self, fleet, pid: int, every_s: float = 5.0):
+        import threading
+
+        self.fleet, self.pid, self.every_s = fleet, pid, every_s
+        self.base = metric_sum(fleet.metrics_ports, "lockgate_requests_total")
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def seen(self) -> float:
+        return metric_sum(self.fleet.metrics_ports, "lockgate_requests_total") - self.base
+
+    def sample(self) -> None:
+        self.samples.append({"t_s": round(time.monotonic() - self._t0, 1), "requests": int(self.seen()),
+                             "extproc_rss_mb": round(rss_mb(self.pid), 2),
+                             "controller_rss_mb": round(rss_mb(self.fleet.procs["controller"].pid), 2),
+                             "queued": metric_sum(self.fleet.metrics_ports, "lockgate_observations_queued")})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - a sample missed is not a result
+                pass
+
+    def start(self) -> None:
+        self.sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(10)
+            self.sample()
+
+
+def run_open_loop(port: int, rps: float, seconds: float, prefix: str, **kw) -> OpenLoop:
+    """Run the open-loop generator in a child process pinned to ``OTHER_CPU`` (it is this process's
+    event loop otherwise, and this process is not pinned)."""
+    return OpenLoop("127.0.0.1", port, rps, seconds, id_prefix=prefix, **kw).run()
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the script, not results)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--sse-rounds", type=int, default=4)
+    ap.add_argument("--sse-seconds", type=float, default=8.0)
+    ap.add_argument("--sse-rps", type=float, default=100.0)
+    ap.add_argument("--ceiling-rounds", type=int, default=3)
+    ap.add_argument("--ceiling-seconds", type=float, default=5.0)
+    ap.add_argument("--loss-rps", type=float, default=1000.0)
+    ap.add_argument("--loss-seconds", type=float, default=300.0)
+    ap.add_argument("--rss-requests", type=int, default=1_000_000)
+    ap.add_argument("--rss-max-seconds", type=float, default=480.0)
+    ap.add_argument("--skip", action="append", default=[], choices=["latency", "sse", "ceiling", "loss", "rss"])
+    ap.add_argument("--out", default="capture.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.latency_seconds, args.sse_rounds, args.sse_seconds = 2, 2.0, 2, 2.0
+        args.ceiling_rounds, args.ceiling_seconds, args.loss_seconds = 1, 2.0, 5.0
+        args.rss_requests, args.rss_max_seconds = 30_000, 40.0
+        if args.out == "capture.json":
+            args.out = "capture_quick.json"
+    need("wrk", "wrk")
+    # this process runs the open-loop generator: pin it with the Envoys (ext_proc keeps CPU 1 alone)
+    pin(os.getpid(), OTHER_CPU)
+    result: dict = {"benchmark": "capture", "machine": machine(),
+                    "command": "bench/capture.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "setup": {"extproc_cpu": EXTPROC_CPU, "other_cpu": OTHER_CPU, "args": vars(args),
+                              "openai_json_bytes": len(OPENAI_JSON)}}
+    procs: list[Proc] = []
+    fleets = []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lockgate-bench-capture-") as tmp_s:
+        tmp = Path(tmp_s)
+        try:
+            nginx, chat_port = start_nginx(tmp)
+            procs.append(nginx)
+            chat, sse_port = start_chat_server(tmp)
+            procs.append(chat)
+            b = start_fleet(tmp / "b", chat_port, sse_port, 1)
+            fleets.append(b)
+            b2 = start_fleet(tmp / "b2", chat_port, sse_port, 2)
+            fleets.append(b2)
+            from lockgate.config import load_config
+
+            result["setup"]["extproc_filter"] = extproc_filter_summary(load_config(b.config_path))
+            a_port, a_admin = free_port(), free_port()
+            a = start_static_envoy(tmp, "envoy-plain", plain_bootstrap(a_port, a_admin, chat_port, sse_port),
+                                   a_admin, a_port)
+            procs.append(a)
+            upstreams = {"nginx": nginx, "chat_server": chat, "envoy-plain": a}
+            for p in upstreams.values():
+                pin(p.pid, OTHER_CPU)
+            pin_layout(b.procs, True)
+            pin_layout(b2.procs, True)
+            b_port, b2_port = b.ports["listener"], b2.ports["listener"]
+            b_pids = {"envoy": b.procs["envoy-0"].pid, "extproc": b.procs["extproc"].pid,
+                      "controller": b.procs["controller"].pid, "nginx": nginx.pid}
+            a_pids = {"envoy": a.pid, "nginx": nginx.pid}
+
+            # warm-up and sanity: every path answers 200 (JSON and SSE) and B stores what it sees
+            for name, port in (("A", a_port), ("B", b_port), ("B2", b2_port)):
+                for path, body in (("/v1/chat/completions", CHAT_BODY), ("/v1/completions", SSE_BODY)):
+                    w = OpenLoop("127.0.0.1", port, 200, 1, path=path, body=body, id_prefix=f"warm{name}{path[4]}").run()
+                    if w.status_counts != {200: w.sent}:
+                        raise RuntimeError(f"warm-up {name} {path}: {w.summary()}")
+            result["rss_mb_after_warmup"] = {"extproc": rss_mb(b.procs["extproc"].pid)}
+
+            # (a) added latency at 500 rps, interleaved
+            if "latency" not in args.skip:
+                runs = {"A": [], "B": []}
+                for rnd in range(args.rounds):
+                    for key in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
+                        port, pids = (a_port, a_pids) if key == "A" else (b_port, b_pids)
+                        snap = Snapshot(b, pids)
+                        r = run_open_loop(port, 500, args.latency_seconds, f"lat{key}{rnd}")
+                        d = {**r.summary(), **snap.delta(r.sent), "round": rnd, "loadavg1": os.getloadavg()[0]}
+                        runs[key].append(d)
+                        print(f"(a) round {rnd} {key}: {d['achieved_rps']:.0f} rps p50 {d['latency_ms']['p50']:.3f} "
+                              f"p99 {d['latency_ms']['p99']:.3f} ms late p99 {d['lateness_ms']['p99']:.2f} ms "
+                              f"non200 {d['sent'] - d['status_counts'].get('200', 0)} load {d['loadavg1']:.1f}", flush=True)
+                result["latency"] = {"runs": runs, "summary": paired(runs, "latency_ms")}
+
+            # (b) SSE time to first chunk, interleaved
+            if "sse" not in args.skip:
+                runs = {"A": [], "B": []}
+                for rnd in range(args.sse_rounds):
+                    for key in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
+                        port, pids = (a_port, a_pids) if key == "A" else (b_port, b_pids)
+                        snap = Snapshot(b, pids)
+                        r = run_open_loop(port, args.sse_rps, args.sse_seconds, f"sse{key}{rnd}",
+                                          path="/v1/completions", body=SSE_BODY)
+                        d = {**r.summary(), **snap.delta(r.sent), "round": rnd, "loadavg1": os.getloadavg()[0]}
+                        runs[key].append(d)
+                        print(f"(b) round {rnd} {key}: TTFT p50 {d['ttfb_ms']['p50']:.3f} p99 {d['ttfb_ms']['p99']:.3f} "
+                              f"ms; complete p50 {d['latency_ms']['p50']:.2f} ms; msgs/req "
+                              f"{d['extproc_msgs_per_request']:.1f}", flush=True)
+                result["sse"] = {"runs": runs, "summary": paired(runs, "ttfb_ms"),
+                                 "complete": paired(runs, "latency_ms")}
+
+            # (c)(d) ceilings
+            if "ceiling" not in args.skip:
+                lua = write_wrk_lua(tmp)
+                b2_pids = {"envoy": b2.procs["envoy-0"].pid, "extproc": b2.procs["extproc"].pid,
+                           "extproc-1": b2.procs["extproc-1"].pid, "controller": b2.procs["controller"].pid,
+                           "nginx": nginx.pid}
+                configs = {"1 ext_proc, pinned": (b, b_pids, True), "2 ext_proc, pinned (both on CPU 1)": (b2, b2_pids, True),
+                           "1 ext_proc, unpinned": (b, b_pids, False), "2 ext_proc, unpinned": (b2, b2_pids, False)}
+                runs = {k: [] for k in configs}
+                for rnd in range(args.ceiling_rounds):
+                    keys = list(configs)
+                    keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+                    for key in keys:
+                        fl, pids, pinned = configs[key]
+                        pin_layout(fl.procs, pinned)
+                        for p in upstreams.values():
+                            pin(p.pid, OTHER_CPU if pinned else ALL_CPUS)
+                        pin(os.getpid(), OTHER_CPU if pinned else ALL_CPUS)
+                        snap = Snapshot(fl, pids)
+                        w = run_wrk(f"http://127.0.0.1:{fl.ports['listener']}", lua, duration_s=args.ceiling_seconds,
+                                    connections=32, cpus=OTHER_CPU if pinned else ALL_CPUS,
+                                    path="/v1/chat/completions")
+                        d = {**w, **snap.delta(w["requests"]), "round": rnd, "loadavg1": os.getloadavg()[0]}
+                        runs[key].append(d)
+                        print(f"(c/d) round {rnd} {key}: {d['rps']:.0f} rps errors {d['error_pct']:.2f}% observed "
+                              f"{d['observed_pct']:.1f}% timeouts {d['message_timeouts']} cpu% {d['cpu_pct']}", flush=True)
+                time.sleep(1)
+                for fl in (b, b2):
+                    pin_layout(fl.procs, True)
+                for p in upstreams.values():
+                    pin(p.pid, OTHER_CPU)
+                pin(os.getpid(), OTHER_CPU)
+                result["ceiling"] = {"runs": runs, "summary": {
+                    k: {"rps_median": median([r["rps"] for r in v]), "rps_min": min(r["rps"] for r in v),
+                        "rps_max": max(r["rps"] for r in v), "error_pct_max": max(r["error_pct"] for r in v),
+                        "observed_pct_median": median([r["observed_pct"] for r in v]),
+                        "message_timeouts": sum(r["message_timeouts"] for r in v),
+                        "p99_ms_median": median([r["p99_us"] / 1000 for r in v]),
+                        "cpu_pct_median": {n: median([r["cpu_pct"][n] for r in v]) for n in v[0]["cpu_pct"]},
+                        "cpu_us_per_request_median": {n: median([r["cpu_us_per_request"][n] for r in v])
+                                                      for n in v[0]["cpu_us_per_request"]}}
+                    for k, v in runs.items()}}
+
+            ep_pid = b.procs["extproc"].pid
+            sampler = RssSampler(b, ep_pid)
+            sampler.start()
+
+            # loss check: 1,000 rps open loop for 5 min
+            if "loss" not in args.skip:
+                b2.stop()  # idle, but free its memory and sockets
+                fleets.remove(b2)
+                snap = Snapshot(b, b_pids)
+                r = run_open_loop(b_port, args.loss_rps, args.loss_seconds, "loss", timeout_s=10)
+                d = {**r.summary(), **snap.delta(r.sent)}
+                stored = wait_stored(b, "loss", r.sent)
+                d["stored"] = stored
+                d["lost"] = r.sent - stored
+                if d["lost"]:
+                    missing = sorted(set(r.ids) - stored_ids(b, "loss"), key=lambda s: int(s.split("-")[1]))
+                    d["missing_examples"] = missing[:20]
+                d["loadavg"] = os.getloadavg()
+                result["loss"] = d
+                print(f"(loss) sent {r.sent} at {r.achieved_rps:.1f} rps, non200 {r.sent - r.ok}, stored {stored}, "
+                      f"lost {d['lost']}, dropped {d['dropped']}, message timeouts {d['message_timeouts']}, "
+                      f"p50 {d['latency_ms']['p50']:.2f} p99 {d['latency_ms']['p99']:.2f} ms", flush=True)
+
+            # (e) RSS: keep going (wrk closed loop, unpinned for throughput) until the ext_proc process has
+            # seen rss_requests responses since the sampler started (the loss check's count included)
+            if "rss" not in args.skip:
+                lua = write_wrk_lua(tmp)
+                pin_layout(b.procs, False)
+                for p in upstreams.values():
+                    pin(p.pid, ALL_CPUS)
+                t0 = time.monotonic()
+                errors = wrk_requests = 0
+                while sampler.seen() < args.rss_requests and time.monotonic() - t0 < args.rss_max_seconds:
+                    chunk = int(min(20.0, args.rss_max_seconds - (time.monotonic() - t0)))
+                    if chunk < 1:
+                        break
+                    w = run_wrk(f"http://127.0.0.1:{b_port}", lua, duration_s=chunk, connections=16, cpus=ALL_CPUS,
+                                path="/v1/chat/completions")
+                    errors += w["errors"]
+                    wrk_requests += w["requests"]
+                    print(f"(e) {sampler.seen():,.0f} responses seen by ext_proc, RSS {rss_mb(ep_pid):.1f} MB, "
+                          f"{w['rps']:.0f} rps", flush=True)
+                time.sleep(3)
+                sampler.stop()
+                samples = sampler.samples
+
+                def at(n):
+                    return next((x for x in samples if x["requests"] >= n), None)
+
+                s100k, s1m = at(100_000), at(args.rss_requests)
+                end = samples[-1]
+                result["rss"] = {"samples": samples, "wrk_errors": errors, "wrk_requests": wrk_requests,
+                                 "requests": end["requests"], "base": samples[0], "at_100k": s100k, "at_1m": s1m,
+                                 "end": end, "max_mb": max(x["extproc_rss_mb"] for x in samples),
+                                 "growth_100k_to_end_mb": end["extproc_rss_mb"] - (s100k or samples[0])["extproc_rss_mb"],
+                                 "growth_base_to_end_mb": end["extproc_rss_mb"] - samples[0]["extproc_rss_mb"],
+                                 "wrk_seconds": round(time.monotonic() - t0, 1)}
+            sampler.stop()
+        finally:
+            for fl in fleets:
+                fl.stop()
+            for p in reversed(procs):
+                p.stop()
+    result["loadavg_at_end"] = os.getloadavg()
+    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    result["summary"] = summarize(result)
+    out = save_json(args.out, result)
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {out.relative_to(REPO)}")
+    return result
+
+
+def paired(runs: dict, field: str) -> dict:
+    out = {}
+    for key in ("A", "B"):
+        out[key] = {q: median([r[field][q] for r in runs[key]]) for q in ("p50", "p99")}
+        out[key]["achieved_rps"] = median([r["achieved_rps"] for r in runs[key]])
+        out[key]["non_200"] = sum(r["sent"] - r["status_counts"].get("200", 0) for r in runs[key])
+        out[key]["failures"] = sum(r["failures"] for r in runs[key])
+    for q in ("p50", "p99"):
+        diffs = [b[field][q] - a[field][q] for a, b in zip(runs["A"], runs["B"])]
+        out[f"added_{q}_ms"] = median(diffs)
+        out[f"added_{q}_ms_per_round"] = diffs
+    out["extproc_msgs_per_request"] = median([r["extproc_msgs_per_request"] for r in runs["B"]])
+    out["cpu_us_per_request_B"] = {n: median([r["cpu_us_per_request"][n] for r in runs["B"]])
+                                   for n in runs["B"][0]["cpu_us_per_request"]}
+    out["cpu_us_per_request_A"] = {n: median([r["cpu_us_per_request"][n] for r in runs["A"]])
+                                   for n in runs["A"][0]["cpu_us_per_request"]}
+    out["observed_pct_B"] = median([r["observed_pct"] for r in runs["B"]])
+    out["message_timeouts_B"] = sum(r["message_timeouts"] for r in runs["B"])
+    return out
+
+
+def summarize(res: dict) -> dict:
+    s: dict = {}
+    if "latency" in res:
+        lat = res["latency"]["summary"]
+        s["added_p50_ms"], s["added_p99_ms"] = lat["added_p50_ms"], lat["added_p99_ms"]
+        s["latency_target_p50_met"] = lat["added_p50_ms"] <= 0.8
+        s["latency_target_p99_met"] = lat["added_p99_ms"] <= 1.5
+    if "sse" in res:
+        s["sse_ttft_added_p50_ms"] = res["sse"]["summary"]["added_p50_ms"]
+        s["sse_target_met"] = s["sse_ttft_added_p50_ms"] <= 1.5
+    if "ceiling" in res:
+        c = res["ceiling"]["summary"]
+        s["ceiling_rps"] = {k: v["rps_median"] for k, v in c.items()}
+        s["one_extproc_ceiling_target_met"] = c["1 ext_proc, pinned"]["rps_median"] >= 3000
+    if "loss" in res:
+        lo = res["loss"]
+        s["loss"] = {"sent": lo["sent"], "stored": lo["stored"], "lost": lo["lost"], "achieved_rps": lo["achieved_rps"],
+                     "dropped": lo["dropped"], "message_timeouts": lo["message_timeouts"]}
+        s["loss_target_met"] = lo["lost"] == 0 and abs(lo["achieved_rps"] - lo["target_rps"]) <= 0.05 * lo["target_rps"]
+    if "rss" in res:
+        r = res["rss"]
+        s["rss"] = {"base_mb": r["base"]["extproc_rss_mb"], "at_100k_mb": (r["at_100k"] or {}).get("extproc_rss_mb"),
+                    "at_1m_mb": (r["at_1m"] or {}).get("extproc_rss_mb"), "end_mb": r["end"]["extproc_rss_mb"],
+                    "max_mb": r["max_mb"], "requests": r["requests"]}
+        s["rss_target_met"] = r["at_1m"] is not None and abs(r["growth_100k_to_end_mb"]) <= 20
+    return s
+
+
+if __name__ == "__main__":
+    main()

@@ -143,7 +143,7 @@ def test_history(deployment):
     good = next(line for line in lines if line.startswith(f"#{deployment['good']} "))
     bad = next(line for line in lines if line.startswith(f"#{deployment['bad']} "))
     assert "v1→v2" in good and "PROMOTED" in good and "3/3 → 100%" in good and "promoting to 100%" in good
-    assert "v1→v3" in bad and "ROLLED_BACK" in bad and "harm shown" in bad and " ms " in bad
+    assert "v1→v3" in bad and "ROLLED_BACK" in bad and "harm: error_rate canary" in bad and " ms " in bad
     only = fleet.cli("history", "--model", "chat", "--json", check=True)
     rows = json.loads(only.stdout)
     assert [x["model"] for x in rows] == ["chat"]

@@ -13,7 +13,7 @@ install: $(STAMP) $(PB2)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,mlflow]'
 	touch $@
 
 # lockgate's own protos, compiled by grpcio-tools at install (generated code is never edited).

@@ -589,3 +589,145 @@ def summarize(res: dict) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/benchmarks.md section (called by bench/run_all.py)
+# ----------------------------------------------------------------------------------------------
+def _f(x, nd=2) -> str:
+    return "–" if x is None else f"{x:,.{nd}f}"
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def render(d: dict) -> str:
+    from run_all import machine_lines
+
+    s, st, m = d["summary"], d["setup"], d["machine"]
+    lines = ["## Inline response capture: added latency, SSE time to first token, ceiling, loss, memory", ""]
+    lines += machine_lines(m, d["command"])
+    pm = st.get("extproc_filter", {}).get("processing_mode", {})
+    lines += [
+        f"- Setup: nginx (1 worker) answering a {st['openai_json_bytes']}-byte OpenAI chat completion; "
+        "`lockgate.examples.chat_server` for SSE (`stream: true`, `--ttft-ms 2 --inter-token-ms 1`, 10 tokens); "
+        "**A** = plain Envoy (static routes to the same upstreams, router only); **B** = lockgate "
+        "(`lockgate xds` + `lockgate extproc` + `lockgate controller` + Envoy): full capture, i.e. ext_proc "
+        f"`{json.dumps(pm)}` with {len(st.get('extproc_filter', {}).get('response_attributes', []))} response "
+        "attributes, every response stored by the controller; **B2** = B with `extproc_processes: 2` (two ext_proc "
+        "processes, two endpoints of Envoy's ext_proc cluster). Envoys run `--concurrency 1`.",
+        f"- Pinning (`taskset -a -cp`, all threads): ext_proc process(es) alone on CPU {st['extproc_cpu']}; Envoys, "
+        f"nginx, chat_server, xds, controller, wrk and the load generator on CPU {st['other_cpu']} (ENVOY_NOTES' "
+        "layout). \"Unpinned\" runs re-pin everything to CPUs 0-1. Other jobs on the shared machine are not "
+        "pinned and ran on both CPUs during the whole run (load averages and per-CPU busy % are recorded per run "
+        "in the JSON).",
+        "- Load: `bench/_loadgen.py`, open loop (request *i* due at *i*/rate; keep-alive connections, more opened "
+        "when all are busy; lateness, failures and achieved rate recorded), unique `x-request-id` and random "
+        "`x-user-id` per request. Latency = request written → response complete; SSE time to first token = "
+        "request written → first body chunk. Ceilings: wrk closed loop, 1 thread, 32 connections.",
+        "",
+        "### Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    if "latency" in d:
+        lat = d["latency"]["summary"]
+        lines.append(f"| full capture at 500 rps adds ≤ 0.8 ms p50 | {_f(lat['added_p50_ms'], 3)} ms | "
+                     f"{_met(s['latency_target_p50_met'])} |")
+        lines.append(f"| … and ≤ 1.5 ms p99 | {_f(lat['added_p99_ms'], 3)} ms | {_met(s['latency_target_p99_met'])} |")
+    if "sse" in d:
+        lines.append(f"| SSE time to first token added ≤ 1.5 ms p50 | {_f(s['sse_ttft_added_p50_ms'], 3)} ms | "
+                     f"{_met(s['sse_target_met'])} |")
+    if "loss" in d:
+        lo = d["loss"]
+        lines.append(f"| 0 observations lost at 1,000 rps for {lo['duration_s']:g} s | {lo['lost']:,} of "
+                     f"{lo['sent']:,} lost (achieved {lo['achieved_rps']:.1f} rps) | {_met(s['loss_target_met'])} |")
+    if "ceiling" in d:
+        c = d["ceiling"]["summary"]["1 ext_proc, pinned"]
+        lines.append(f"| one ext_proc ≥ 3,000 rps | {_f(c['rps_median'], 0)} rps (pinned; unpinned "
+                     f"{_f(d['ceiling']['summary']['1 ext_proc, unpinned']['rps_median'], 0)}) | "
+                     f"{_met(s['one_extproc_ceiling_target_met'])} |")
+    if "rss" in d:
+        r = s["rss"]
+        lines.append(f"| ext_proc RSS flat ±20 MB from 100k to 1M requests | {_f(r['at_100k_mb'], 1)} MB at 100k, "
+                     f"{_f(r['at_1m_mb'], 1)} MB at 1M ({r['requests']:,} reached; start {_f(r['base_mb'], 1)} MB, "
+                     f"max {_f(r['max_mb'], 1)} MB) | {_met(s['rss_target_met'])} |")
+
+    if "latency" in d:
+        lat = d["latency"]["summary"]
+        runs = d["latency"]["runs"]
+        lines += ["", f"### (a) Added latency at 500 rps ({len(runs['A'])} interleaved rounds of "
+                      f"{st['args']['latency_seconds']:g} s each, A B / B A)", "",
+                  "| path | achieved rps | p50 ms | p99 ms | non-200 | ext_proc msgs / request | CPU µs / request |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, label in (("A", "A: plain Envoy"), ("B", "B: lockgate full capture")):
+            x = lat[key]
+            cpu = lat[f"cpu_us_per_request_{key}"]
+            lines.append(f"| {label} | {x['achieved_rps']:.1f} | {_f(x['p50'], 3)} | {_f(x['p99'], 3)} | "
+                         f"{x['non_200'] + x['failures']} | {_f(lat['extproc_msgs_per_request'], 2) if key == 'B' else '0'} | "
+                         f"{', '.join(f'{n} {v:.0f}' for n, v in cpu.items())} |")
+        loads = ", ".join("%.1f" % r["loadavg1"] for r in runs["B"])
+        busy = ", ".join("%.0f %%" % r["machine_cpu_busy_pct"].get("cpu" + st["extproc_cpu"], 0) for r in runs["B"])
+        ep_pct = ", ".join("%.0f %%" % r["cpu_pct"]["extproc"] for r in runs["B"])
+        lines += ["", f"B − A per round, p50: {', '.join(_f(x, 3) for x in lat['added_p50_ms_per_round'])} ms; "
+                      f"p99: {', '.join(_f(x, 2) for x in lat['added_p99_ms_per_round'])} ms. "
+                      f"Load average (1 min) per B run: {loads}; CPU {st['extproc_cpu']} busy per B run: {busy} "
+                      f"(of which ext_proc: {ep_pct}). "
+                      f"Observations: ext_proc saw {lat['observed_pct_B']:.1f} % of B's responses (median), Envoy "
+                      f"counted {lat['message_timeouts_B']} ext_proc message timeouts."]
+    if "sse" in d:
+        sse = d["sse"]["summary"]
+        comp = d["sse"]["complete"]
+        lines += ["", f"### (b) SSE time to first token ({st['args']['sse_rps']:g} rps open loop, "
+                      f"{len(d['sse']['runs']['A'])} interleaved rounds of {st['args']['sse_seconds']:g} s)", "",
+                  "| path | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | ext_proc msgs / request |",
+                  "|---|---|---|---|---|"]
+        for key, label in (("A", "A: plain Envoy"), ("B", "B: lockgate full capture")):
+            lines.append(f"| {label} | {_f(sse[key]['p50'], 3)} | {_f(sse[key]['p99'], 3)} | {_f(comp[key]['p50'], 2)} | "
+                         f"{_f(sse['extproc_msgs_per_request'], 1) if key == 'B' else '0'} |")
+        lines += ["", f"Added TTFT B − A per round, p50: {', '.join(_f(x, 3) for x in sse['added_p50_ms_per_round'])} ms."]
+    if "ceiling" in d:
+        c = d["ceiling"]["summary"]
+        lines += ["", f"### (c)(d) Ceiling (wrk closed loop, 32 connections, {st['args']['ceiling_seconds']:g} s, "
+                      f"{st['args']['ceiling_rounds']} interleaved rounds)", "",
+                  "| config | rps median (min–max) | errors | responses observed by ext_proc | message timeouts | "
+                  "CPU % per process (median) |", "|---|---|---|---|---|---|"]
+        for k, v in c.items():
+            lines.append(f"| {k} | {_f(v['rps_median'], 0)} ({_f(v['rps_min'], 0)}–{_f(v['rps_max'], 0)}) | "
+                         f"{v['error_pct_max']:.2f} % | {v['observed_pct_median']:.1f} % | {v['message_timeouts']} | "
+                         f"{', '.join(f'{n} {p:.0f}' for n, p in v['cpu_pct_median'].items())} |")
+    if "loss" in d:
+        lo = d["loss"]
+        lines += ["", f"### Loss check: {lo['target_rps']:g} rps for {lo['duration_s']:g} s (open loop)", "",
+                  f"Sent {lo['sent']:,} (achieved {lo['achieved_rps']:.1f} rps, lateness p99 {lo['lateness_ms']['p99']:.1f} ms, "
+                  f"{lo['failures']} client failures, statuses {lo['status_counts']}); stored observations "
+                  f"{lo['stored']:,}; lost {lo['lost']:,}; ext_proc dropped counter {lo['dropped']:.0f}; Envoy ext_proc "
+                  f"message timeouts {lo['message_timeouts']:,} (failure_mode_allowed {lo['failure_mode_allowed']:,}); "
+                  f"latency p50 {lo['latency_ms']['p50']:.2f} ms, p99 {lo['latency_ms']['p99']:.2f} ms; CPU % "
+                  f"{', '.join(f'{n} {p:.0f}' for n, p in lo['cpu_pct'].items())}; machine CPUs busy "
+                  f"{', '.join(f'{n} {p:.0f} %' for n, p in lo['machine_cpu_busy_pct'].items())}."]
+    if "rss" in d:
+        r = d["rss"]
+        smp = r["samples"]
+        marks = [0, 100_000, 200_000, 300_000, 500_000, 750_000, 1_000_000]
+        picked = []
+        for mk in marks:
+            x = next((x for x in smp if x["requests"] >= mk), None)
+            if x is not None and x not in picked:
+                picked.append(x)
+        if smp[-1] not in picked:
+            picked.append(smp[-1])
+        lines += ["", f"### (e) ext_proc memory over {r['requests']:,} responses (the loss check's, then wrk closed loop "
+                      f"unpinned for {r['wrk_seconds']:g} s, bounded to {st['args']['rss_max_seconds']:g} s)", "",
+                  "| responses seen by ext_proc | t (s) | ext_proc RSS MB | controller RSS MB | shipper queue |",
+                  "|---|---|---|---|---|"]
+        for x in picked:
+            lines.append(f"| {x['requests']:,} | {x['t_s']:g} | {x['extproc_rss_mb']:.1f} | {x['controller_rss_mb']:.1f} | "
+                         f"{x['queued']:.0f} |")
+        lines += ["", f"RSS after warm-up (before the sampled phase): {d.get('rss_mb_after_warmup', {}).get('extproc', float('nan')):.1f} MB."]
+    notes = d.get("notes")
+    if notes:
+        lines += ["", "### Reading", ""] + [notes]
+    return "\n".join(lines) + "\n"

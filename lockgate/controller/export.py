@@ -237,24 +237,25 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
             continue
         obs.append(o)
     obs.sort(key=lambda o: o["ts"])  # stable: file order among equal timestamps
-    rows = []
-    for o in obs:
-        lab = labels.get(o["request_id"], {})
-        row = []
-        for c in FETCH_COLUMNS:
-            if c == "is_canary":
-                v: Any = o.get("role") == "canary"
-            elif c in LABEL_KINDS:
-                v = lab[c][1] if c in lab else None
-                if c == "thumbs" and v is not None:
-                    v = 1.0 if v == "up" else 0.0
-            elif c in LABEL_TS_COLUMN.values():
-                k = next(k for k, t in LABEL_TS_COLUMN.items() if t == c)
-                v = lab[k][0] if k in lab else None
-            else:
-                v = o.get(c)
-            row.append(v)
-        rows.append(tuple(row))
+    # Column by column (one pass per column, no per-cell dispatch): 1M lines in a few seconds.
+    no_label: dict = {}
+    labs = [labels.get(o["request_id"], no_label) for o in obs]
+    ts_kind = {t: k for k, t in LABEL_TS_COLUMN.items()}
+    columns: list[list] = []
+    for c in FETCH_COLUMNS:
+        if c == "is_canary":
+            columns.append([o.get("role") == "canary" for o in obs])
+        elif c in LABEL_KINDS:
+            vals = [lab[c][1] if c in lab else None for lab in labs]
+            if c == "thumbs":
+                vals = [None if v is None else (1.0 if v == "up" else 0.0) for v in vals]
+            columns.append(vals)
+        elif c in ts_kind:
+            k = ts_kind[c]
+            columns.append([lab[k][0] if k in lab else None for lab in labs])
+        else:
+            columns.append([o.get(c) for o in obs])
+    rows = list(zip(*columns))
     out = _columnar(rows, FETCH_COLUMNS)
     out["label"] = out["true_class"]
     out["label_ts"] = out["label_arrival_ts"]

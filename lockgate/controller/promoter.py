@@ -136,7 +136,7 @@ class Promoter:
                     ) -> control_pb2.SetWeightResponse:
         return await self.control.SetWeight(control_pb2.SetWeightRequest(
             model=model, version=version, weight_bp=weight_bp, timeout_s=5.0, actor="controller", reason=reason,
-            stage=stage), timeout=10.0)
+            stage=stage), timeout=10.0, wait_for_ready=True)
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
@@ -168,7 +168,7 @@ class Promoter:
         why = reason or "; ".join(decision.reasons if decision else ())
         try:
             resp = await self.control.Rollback(control_pb2.RollbackRequest(
-                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0)
+                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0, wait_for_ready=True)
             envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms} for e in resp.model.envoys]
             timings = {"detected_at": detected_at, "pushed_at": resp.pushed_at,
                        "acked_at": resp.pushed_at + resp.elapsed_ms / 1000 if resp.all_acked else None,
@@ -301,7 +301,8 @@ class Promoter:
         out: dict[str, Any] = {}
         if spec.promotion.preflight == "drill":
             drill = await self.control.Drill(control_pb2.DrillRequest(model=rollout.model, timeout_s=5.0,
-                                                                      actor=f"rollout#{rollout.id}"), timeout=10.0)
+                                                                      actor=f"rollout#{rollout.id}"), timeout=10.0,
+                                            wait_for_ready=True)
             out["drill"] = {"all_acked": drill.all_acked, "elapsed_ms": drill.elapsed_ms,
                             "envoys": [{"node_id": e.node_id, "ack_ms": e.ack_ms, "acked": e.acked}
                                        for e in drill.model.envoys], "not_acked": list(drill.not_acked)}

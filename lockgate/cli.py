@@ -174,11 +174,12 @@ def cmd_extproc(args) -> int:
 def cmd_controller(args) -> int:
     from lockgate.controller.service import ControllerStartError, serve
 
+    from lockgate.controller.envoy_watch import envoy_watch_task
     from lockgate.controller.promoter import promotion_task
 
     config = _load(args)
     try:
-        return asyncio.run(serve(config, tasks=[("promotion", promotion_task)]))
+        return asyncio.run(serve(config, tasks=[("promotion", promotion_task), ("envoy-watch", envoy_watch_task)]))
     except ControllerStartError as exc:
         raise CliError(str(exc)) from None
 

@@ -790,7 +790,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     control = _address(f, "control", 18010)
     extproc = _address(f, "extproc", 18080)
     extproc_metrics = _address(f, "extproc_metrics", 18090)
-    ep_timeout = f.int("extproc_message_timeout_ms", 200, min=1, max=60000) or 200
+    ep_timeout = f.int("extproc_message_timeout_ms", 500, min=1, max=60000) or 500
     ep_processes = f.int("extproc_processes", 1, min=1, max=64) or 1
     state_dir = Path(f.str("state_dir", "./lockgate-state") or "./lockgate-state")
     if not state_dir.is_absolute():

@@ -9,11 +9,12 @@ request or response: the ext_proc server always answers "continue unchanged".
 
 from __future__ import annotations
 
+import calendar
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from lockgate.config import LockgateConfig, Model
 from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyzer
@@ -37,22 +38,32 @@ def _str(fields, key: str) -> str:
 
 
 def _epoch(value: struct_pb2.Value | None) -> float | None:
-    """``request.time`` arrives as an RFC 3339 string; returns epoch seconds."""
+    """``request.time`` arrives as an RFC 3339 string (``2026-11-27T11:02:03.123456Z``); epoch seconds.
+
+    Envoy's fixed UTC layout is parsed by hand (≈20x faster than ``Timestamp.FromJsonString``, which
+    goes through strptime); anything else falls back to the protobuf parser."""
     if value is None:
         return None
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         return value.number_value
-    if kind == "string_value":
-        from google.protobuf import timestamp_pb2
-
-        ts = timestamp_pb2.Timestamp()
+    if kind != "string_value":
+        return None
+    s = value.string_value
+    if len(s) >= 20 and s[-1] == "Z" and s[4] == "-" and s[10] == "T" and s[13] == ":" and s[16] == ":":
         try:
-            ts.FromJsonString(value.string_value)
+            secs = calendar.timegm((int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]), int(s[14:16]),
+                                    int(s[17:19])))
+            frac = s[19:-1]
+            return secs + (float("0" + frac) if frac else 0.0)
         except ValueError:
-            return None
-        return ts.seconds + ts.nanos / 1e9
-    return None
+            pass
+    ts = timestamp_pb2.Timestamp()
+    try:
+        ts.FromJsonString(s)
+    except ValueError:
+        return None
+    return ts.seconds + ts.nanos / 1e9
 
 
 @dataclass

@@ -76,18 +76,26 @@ class CaptureMetrics:
         self.queued = Gauge("lockgate_observations_queued", "Observations waiting for the controller",
                             registry=registry)
         self._seen_classes: dict[str, set[str]] = {}
+        self._children: dict[tuple, tuple] = {}
 
     def record(self, o: obs_pb2.Observation) -> None:
         lv = (o.model, o.version, o.role)
-        self.requests.labels(*lv, f"{o.status_code // 100}xx").inc()
+        key = (lv, o.status_code // 100)
+        children = self._children.get(key)
+        if children is None:  # label lookups once per (model, version, role, status class)
+            children = self._children[key] = (
+                self.requests.labels(*lv, f"{o.status_code // 100}xx"), self.latency.labels(*lv),
+                self.ttfb.labels(*lv), self.tokens.labels(*lv), self.refusals.labels(*lv))
+        requests, latency, ttfb, tokens, refusals = children
+        requests.inc()
         if o.HasField("duration_ms"):
-            self.latency.labels(*lv).observe(o.duration_ms / 1000)
+            latency.observe(o.duration_ms / 1000)
         if o.HasField("ttfb_ms"):
-            self.ttfb.labels(*lv).observe(o.ttfb_ms / 1000)
+            ttfb.observe(o.ttfb_ms / 1000)
         if o.HasField("output_tokens"):
-            self.tokens.labels(*lv).inc(o.output_tokens)
+            tokens.inc(o.output_tokens)
         if o.HasField("refusal") and o.refusal:
-            self.refusals.labels(*lv).inc()
+            refusals.inc()
         if o.predicted_class:
             seen = self._seen_classes.setdefault(o.model, set())
             cls = o.predicted_class

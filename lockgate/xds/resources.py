@@ -15,6 +15,7 @@ Every model's split lists the canary first with the total fixed at :data:`TOTAL_
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from dataclasses import dataclass
 
@@ -284,6 +285,7 @@ def route_name(model: str, path: str, weight: CanaryWeight) -> str:
     return f"{model}/{path}?{query}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_route_name(name: str) -> RouteInfo | None:
     """Inverse of the names :func:`build_routes` gives; None for routes that are not lockgate's."""
     base, _, query = name.partition("?")
@@ -300,6 +302,7 @@ def parse_route_name(name: str) -> RouteInfo | None:
     return RouteInfo(model, "sticky", q.get("canary", [""])[0] or None, weight_bp, q.get("stage", [""])[0])
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_cluster_name(name: str) -> tuple[str, str] | None:
     """``chat.v2`` → (model, version); None for clusters that are not lockgate model versions."""
     model, sep, version = name.partition(".")

@@ -148,8 +148,16 @@ def test_feedback_joins_and_metrics_parse(fixture_fleet):
     assert classes.get("fraud", 0) >= 20
     assert all("user" not in k for s in fams["lockgate_requests"].samples for k in s.labels)
     assert [s.value for s in fams["lockgate_observations_dropped"].samples if s.name.endswith("_total")] == [0.0]
-    ctl = urllib.request.urlopen(f"{base}/metrics").read().decode()
-    assert list(text_string_to_metric_families(ctl))
+    deadline = time.monotonic() + 12  # the controller reads Envoy's ext_proc counters every 5 s
+    while True:
+        ctl = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        fams = {fam.name: fam for fam in text_string_to_metric_families(ctl)}
+        unobserved = {s.labels["counter"]: s.value for s in fams.get("lockgate_envoy_extproc_unobserved",
+                                                                     type("F", (), {"samples": []})).samples}
+        if "message_timeouts" in unobserved or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert unobserved.get("message_timeouts") == 0.0, unobserved
 
 
 def test_controller_down_observations_are_kept_and_delivered_later(fixture_fleet):

@@ -111,3 +111,12 @@ def test_replay_evaluations_join_the_columns_for_score_and_similarity_only():
     assert list(p["evaluator_score"][1:3]) == [0.9, 0.4]
     assert list(p["similarity"][1:3]) == [1.0, 0.6]
     assert list(p["is_canary"]) == [False, False, True, True]
+
+
+def test_envoy_unobserved_counters_parse():
+    from lockgate.controller.envoy_watch import parse_stats
+
+    text = ("http.lockgate.ext_proc.lockgate.message_timeouts: 3\nhttp.lockgate.ext_proc.lockgate.streams_started: 9\n"
+            "http.lockgate.ext_proc.lockgate.failure_mode_allowed: 4\n")
+    assert parse_stats(text) == {"http.lockgate.ext_proc.lockgate.message_timeouts": 3,
+                                 "http.lockgate.ext_proc.lockgate.failure_mode_allowed": 4}

@@ -12,7 +12,8 @@ requests, 1/5/20/50 % ramp, 45 min per stage, looks every 9 minutes):
                 harmful direction; rollback when any metric is significant.
 
 Run:  python3 bench/decision_quality.py [--sims N] [--rph R]
-Writes bench/results/decision_quality.md.
+Writes bench/results/decision_quality.md and the `decision_quality` section of docs/benchmarks.md
+(``--doc-only``: only the section, from the existing results file).
 """
 
 from __future__ import annotations
@@ -172,13 +173,77 @@ def write_md(out: dict, n_sims: int, rph: float, seed: int, elapsed: float, cmd:
     return "\n".join(lines)
 
 
+DOC = ROOT / "docs" / "benchmarks.md"
+LOCKGATE_RULE = "lockgate (anytime-valid)"
+NO_HARM = ("A/A (no change)", "benign improvement")
+
+
+def doc_section(md: str) -> str:
+    """The ``decision_quality`` section of docs/benchmarks.md, built from the results file's text."""
+    bullets = {ln[2:].split(":", 1)[0]: ln[2:].split(":", 1)[1].strip() for ln in md.splitlines()
+               if ln.startswith("- ") and ":" in ln}
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    reading = next((ln for ln in md.splitlines() if ln.startswith("Reading:")), "")
+    rates = {}
+    for ln in table[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rates[(cells[0], cells[1])] = float(cells[2].rstrip("%"))
+    ours = {sc: r for (sc, rule), r in rates.items() if rule == LOCKGATE_RULE}
+    false_rb = max(ours[sc] for sc in NO_HARM if sc in ours)
+    detect = min(r for sc, r in ours.items() if sc not in NO_HARM)
+    met = lambda ok: "**met**" if ok else "**NOT met**"  # noqa: E731
+    lines = [
+        "## Decision quality: lockgate vs Flagger-style thresholds and Kayenta-style repeated tests",
+        "",
+        "A simulation (no processes): the same rollout streams judged by three rules. Written by "
+        "`bench/decision_quality.py` from its results file, "
+        "[`bench/results/decision_quality.md`](../bench/results/decision_quality.md) (definitions and full text there).",
+        "",
+        f"- Machine: {bullets.get('machine', '?')}",
+        f"- Date: {bullets.get('date', '?')}",
+        f"- Command: {bullets.get('command', '?')}",
+        f"- Streams: {bullets.get('streams', '?')}",
+        f"- Rules: lockgate: {bullets.get('lockgate', '?')}",
+        "",
+        "Rollback rate = fraction of rollouts rolled back at any look (on A/A and benign = false rollbacks; on "
+        "regressions = detection). Canary requests = median canary requests served before the rollback (among "
+        "rolled-back rollouts).",
+        "",
+        *table,
+        "",
+        f"Targets (lockgate rule): false rollbacks on unchanged and benign canaries ≤ alpha (5 %) — "
+        f"{met(false_rb <= 100 * ALPHA)} (at most {false_rb:.1f} %); every simulated regression detected — "
+        f"{met(detect >= 99.95)} (lowest detection rate {detect:.1f} %).",
+        "",
+        reading,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_doc_section(md: str) -> None:
+    import re
+
+    start, end = "<!-- decision_quality:start -->", "<!-- decision_quality:end -->"
+    block = f"{start}\n{doc_section(md).rstrip()}\n{end}"
+    text = DOC.read_text() if DOC.exists() else "# lockgate benchmarks\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)} section decision_quality")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sims", type=int, default=150)
     ap.add_argument("--rph", type=float, default=20000.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decision_quality.md"))
+    ap.add_argument("--doc-only", action="store_true",
+                    help="no simulation: write the docs/benchmarks.md section from the existing --out file")
     a = ap.parse_args()
+    if a.doc_only:
+        write_doc_section(Path(a.out).read_text())
+        return
     t0 = time.perf_counter()
     out = run(a.sims, a.rph, a.seed)
     elapsed = time.perf_counter() - t0
@@ -187,6 +252,7 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(md)
     print(md)
+    write_doc_section(md)
 
 
 if __name__ == "__main__":

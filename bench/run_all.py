@@ -35,6 +35,7 @@ BENCHMARKS = {
     "routing_latency": ("routing_latency.py", "routing_latency.json", []),
     "weight_push": ("weight_push.py", "weight_push.json", []),
     "capture": ("capture.py", "capture.json", []),  # ~20 min (5-min loss check, ~1M-request memory run)
+    "auto_rollback": ("auto_rollback.py", "auto_rollback.json", ["--no-doc"]),  # ~4 min, 24 automatic rollbacks
 }
 
 
@@ -233,7 +234,14 @@ def render_capture(d: dict) -> str:
     return render(d)
 
 
-RENDERERS = {"routing_latency": render_routing, "weight_push": render_weight_push, "capture": render_capture}
+def render_auto_rollback(d: dict) -> str:
+    from auto_rollback import render  # the automatic-rollback benchmark renders its own section
+
+    return render(d)
+
+
+RENDERERS = {"routing_latency": render_routing, "weight_push": render_weight_push, "capture": render_capture,
+             "auto_rollback": render_auto_rollback}
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -5,18 +5,24 @@ message (Envoy's attributes say which cluster and route served the request, its 
 time, upstream host and the request headers lockgate keys on); body chunks are fed to the
 model's analyzer as they stream past; ``finish`` builds the observation. Nothing here mutates a
 request or response: the ext_proc server always answers "continue unchanged".
+
+Opt-in body retention (``capture.retain_bodies``): :class:`BodySampler` decides once, at response
+headers, from a hash of the request id; a sampled response is a :class:`SampledCapture`, which also
+appends the raw body bytes (up to ``max_bytes``) to a bytearray. Unsampled responses are plain
+:class:`ResponseCapture`\ s: their per-chunk path is unchanged.
 """
 
 from __future__ import annotations
 
 import calendar
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from lockgate.config import LockgateConfig, Model
+from lockgate.config import LockgateConfig, Model, RetainBodies
 from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyzer
 from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
 from lockgate.extproc.keys import extract_key, hash_key
@@ -30,6 +36,31 @@ def analyzer_config(config: LockgateConfig) -> AnalyzerConfig:
     cap = config.capture
     base = DEFAULT_REFUSAL_PATTERNS if cap.refusal_patterns is None else cap.refusal_patterns
     return AnalyzerConfig(max_body_bytes=cap.max_body_bytes, refusal_patterns=tuple(base) + cap.extra_refusal_patterns)
+
+
+class BodySampler:
+    """Which responses keep a body sample: ``roles`` only, and a request id whose 64-bit blake2b hash
+    is below ``sample_rate`` × 2⁶⁴ — deterministic (every ext_proc process and every retry of the same
+    request id decides alike), uniform, and computed only for responses of a sampled role."""
+
+    __slots__ = ("roles", "threshold", "max_bytes")
+
+    def __init__(self, rb: RetainBodies):
+        self.roles = frozenset(rb.roles)
+        self.threshold = int(rb.sample_rate * (1 << 64))  # 1.0 → 2⁶⁴: above every hash
+        self.max_bytes = rb.max_bytes
+
+    def sampled(self, request_id: str) -> bool:
+        if not request_id:
+            return False
+        h = hashlib.blake2b(request_id.encode("utf-8", "surrogateescape"), digest_size=8, person=b"lg-body")
+        return int.from_bytes(h.digest(), "big") < self.threshold
+
+
+def body_sampler(config: LockgateConfig) -> BodySampler | None:
+    """None when ``capture.retain_bodies`` is off (or its rate is 0): then nothing is even hashed."""
+    rb = config.capture.retain_bodies
+    return BodySampler(rb) if rb is not None and rb.sample_rate > 0 else None
 
 
 def _str(fields, key: str) -> str:
@@ -108,7 +139,8 @@ class ResponseCapture:
 
     @classmethod
     def start(cls, headers_msg, attrs: struct_pb2.Struct | None, now: float, models: dict[str, Model],
-              analyzer_cfg: AnalyzerConfig, key_secret: bytes, header_names: list[str]) -> "ResponseCapture | None":
+              analyzer_cfg: AnalyzerConfig, key_secret: bytes, header_names: list[str],
+              sampler: BodySampler | None = None) -> "ResponseCapture | None":
         """None when the response is not a lockgate model's (then nothing is captured)."""
         if attrs is None:
             return None
@@ -145,6 +177,10 @@ class ResponseCapture:
         if size is not None and size.WhichOneof("kind") == "number_value" and size.number_value >= 0:
             obs.request_bytes = int(size.number_value)
         analyzer = make_analyzer(who.model.analyzer, content_type, content_encoding, analyzer_cfg)
+        if sampler is not None and who.role in sampler.roles and sampler.sampled(obs.request_id):
+            obs.body_sample_content_type = content_type or ""
+            obs.body_sample_content_encoding = content_encoding or ""
+            return SampledCapture(obs, analyzer, start_ts, sampler.max_bytes)
         return cls(obs, analyzer, start_ts)
 
     def feed(self, chunk: bytes) -> None:
@@ -170,6 +206,35 @@ class ResponseCapture:
         _set(obs, "confidence", a.confidence)
         _set(obs, "class_entropy", a.class_entropy)
         _set(obs, "events", a.events)
+        return obs
+
+
+class SampledCapture(ResponseCapture):
+    """A sampled response: also keeps its first ``max_bytes`` raw body bytes (as Envoy passed them,
+    still compressed if the upstream compressed them) for ``Observation.body_sample``."""
+
+    __slots__ = ("sample", "sample_max", "sample_truncated")
+
+    def __init__(self, obs: obs_pb2.Observation, analyzer: BodyAnalyzer, start_ts: float | None, max_bytes: int):
+        super().__init__(obs, analyzer, start_ts)
+        self.sample = bytearray()
+        self.sample_max = max_bytes
+        self.sample_truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.analyzer.feed(chunk)
+        room = self.sample_max - len(self.sample)
+        if len(chunk) <= room:
+            self.sample += chunk
+        else:
+            if room > 0:
+                self.sample += chunk[:room]
+            self.sample_truncated = True
+
+    def finish(self, now: float, end_of_stream: bool) -> obs_pb2.Observation:
+        obs = super().finish(now, end_of_stream)
+        obs.body_sample = bytes(self.sample)
+        obs.body_sample_truncated = self.sample_truncated
         return obs
 
 

@@ -24,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from lockgate.config import LockgateConfig
-from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config
+from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.xds.resources import key_headers
@@ -115,6 +115,7 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.analyzer_cfg = analyzer_config(config)
         self.key_secret = load_key_secret(config.state_dir)
         self.header_names = key_headers(config)
+        self.sampler = body_sampler(config)  #: capture.retain_bodies; None = off
         self.shipper = shipper
         self.metrics = metrics
 
@@ -142,7 +143,7 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                     try:
                         cap = ResponseCapture.start(req.response_headers, req.attributes.get(ATTR_NS), time.time(),
                                                     self.models, self.analyzer_cfg, self.key_secret,
-                                                    self.header_names)
+                                                    self.header_names, self.sampler)
                     except Exception:  # never let capture break the stream
                         log.exception("capture failed to start")
                         cap = None
@@ -158,6 +159,8 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                 if ended and cap is not None:
                     self._done(cap, True)
                     cap = None
+                if ended:
+                    return  # nothing more will come: end the RPC ourselves, don't wait for Envoy
         finally:
             if cap is not None:  # closed at a yield, or the client went away mid-body
                 self._done(cap, ended)

@@ -256,3 +256,20 @@ def test_cli_errors_change_nothing(fleet, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("reverted chat to v1 on 1/1 Envoys in "), r.stdout
     r = fleet.cli("weights", "chat")
     assert "chat: stable v1, canary v2 at 0%" in r.stdout and "in sync" in r.stdout, r.stdout
+
+
+def test_invalid_config_starts_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, _env
+
+    bad = tmp_path / "lockgate.yaml"
+    bad.write_text(f"state_dir: {tmp_path / 'state'}\nmodels:\n  - name: chat\n    stable: v3\n"
+                   "    versions: {v1: {endpoints: ['127.0.0.1:1']}}\n")
+    for cmd in ("up", "xds", "extproc", "controller"):
+        r = subprocess.run([sys.executable, "-m", "lockgate", "-c", str(bad), cmd], capture_output=True, text=True,
+                           cwd=REPO, env=_env(), timeout=30)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert f"{bad}:4:13: models[0].stable: 'v3' is not one of the versions (v1)" in r.stderr, r.stderr
+    assert not (tmp_path / "state").exists()  # nothing started, nothing written

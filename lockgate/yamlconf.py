@@ -166,6 +166,8 @@ class Fields:
             if required:
                 self.errors.add(self.path + (key,), "is required")
             return None
+        if self.data[key] is None and required:
+            self.errors.add(self.path + (key,), "is required but empty")
         return self.data[key]
 
     def str(self, key: str, default: str | None = None, required: bool = False) -> str | None:

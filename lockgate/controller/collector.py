@@ -12,6 +12,9 @@ Metrics (own registry; labels ``model``, ``version``, ``role`` — never per-use
   (model, version, role), ``..._rejected_total`` (reason);
   ``lockgate_controller_source_dropped_observations_total`` (source): what each ext_proc reported it
   dropped before sending; ``lockgate_controller_source_last_report_timestamp_seconds`` (source).
+* ``lockgate_controller_response_samples_stored_total`` / ``..._failed_total``: retained response bodies
+  (``capture.retain_bodies``, :mod:`lockgate.controller.samples`); a failed sample write is logged and
+  counted but never fails the batch (the observations are stored).
 * traffic (replays excluded): ``lockgate_requests_total`` (+ ``status`` class 2xx/4xx/5xx/none),
   ``lockgate_request_errors_total`` (5xx or upstream timeout), ``lockgate_request_timeouts_total``,
   ``lockgate_request_duration_seconds`` and ``lockgate_time_to_first_byte_seconds`` histograms,
@@ -104,6 +107,10 @@ class ControllerMetrics:
                               registry=r)
         self.feedback = Counter("lockgate_controller_feedback", "Feedback items by kind and result",
                                 ["kind", "result"], registry=r)
+        self.samples_stored = Counter("lockgate_controller_response_samples_stored",
+                                      "Response body samples stored (capture.retain_bodies)", registry=r)
+        self.samples_failed = Counter("lockgate_controller_response_samples_failed",
+                                      "Batches whose response body samples could not be stored", registry=r)
         self.sources = _SourceStats()
         r.register(self.sources)
         # traffic, as observed by the ext_proc processes (replays excluded)
@@ -164,9 +171,14 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
     """``Report``: store the batch (in the store's writer thread), then ack with counts."""
 
     def __init__(self, store: ObservationStore, metrics: ControllerMetrics,
-                 executor: concurrent.futures.Executor | None = None):
+                 executor: concurrent.futures.Executor | None = None, samples: Any = None,
+                 sample_roles: tuple[str, ...] | None = None):
         self.store = store
         self.metrics = metrics
+        #: :class:`~lockgate.controller.samples.SampleStore` when capture.retain_bodies is on (else None:
+        #: body samples that arrive anyway are not kept); only samples of ``sample_roles`` are stored
+        self.samples = samples
+        self.sample_roles = sample_roles
         # one writer thread: SQLite serializes writers anyway, and the event loop never blocks on disk
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
         #: called on the event loop with the set of models a stored batch had new observations for
@@ -198,6 +210,14 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
                 self.metrics.duplicate.labels(o.model, o.version, o.role or "other").inc()
             else:
                 self.metrics.rejected.labels("no request_id" if not o.request_id else "no model").inc()
+        if self.samples is not None and result.new:
+            try:  # best effort, after the observations are durable
+                n = self.samples.insert((obs[i] for i in result.new), now, self.sample_roles)
+                if n:
+                    self.metrics.samples_stored.inc(n)
+            except Exception:
+                log.exception("storing response body samples failed (observations are stored)")
+                self.metrics.samples_failed.inc()
         return pb.ReportAck(stored=result.stored, duplicates=result.duplicates, rejected=result.rejected)
 
     async def Report(self, request: pb.ObservationBatch, context) -> pb.ReportAck:

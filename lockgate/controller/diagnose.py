@@ -8,7 +8,10 @@ Three views of one rollout:
    p50/p95, mean output tokens, parse errors — computed from the stored observations of the
    rollout's window (a canary replica on a different GPU type, a bad node, shows up here);
 3. the canary's first failing requests (5xx, timeouts, responses the analyzer could not parse) with
-   request id, time, status, host and parse error, to look up in logs and traces.
+   request id, time, status, host and parse error, to look up in logs and traces;
+4. when ``capture.retain_bodies`` is on, the canary's first sampled responses of the window — what the
+   model actually answered (decoded as UTF-8 with replacement, shortened for the terminal; ``--json``
+   has the whole sample, also byte-exact as base64).
 
 A rolled-back canary keeps its observations until the store's retention (``controller.retention_days``)
 prunes them; diagnosing an older rollout says so instead of showing empty tables.
@@ -24,11 +27,15 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lockgate.controller.history import LogError, fmt_ts, load, open_log, verdict_rows
+from lockgate.controller.samples import SampleStore, sample_json, samples_path
 
 COLUMNS = ("ts", "request_id", "version", "role", "upstream_host", "status_code", "timeout", "latency_ms",
            "output_tokens", "parse_error")
 #: observations this long after the rollout ended still belong to it (requests in flight at the revert)
 END_SLACK_S = 5.0
+#: sampled canary responses shown, and characters of each shown by the text view
+SAMPLES_SHOWN = 5
+SAMPLE_CHARS = 300
 
 
 def _col(data: Mapping[str, np.ndarray], name: str, n: int, dtype=float) -> np.ndarray:
@@ -114,8 +121,22 @@ def first_failures(data: Mapping[str, np.ndarray], role: str = "canary", limit: 
              "latency_ms": None if math.isnan(latency[i]) else float(latency[i])} for i in sel]
 
 
+def canary_samples(state_dir: Path, model: str, canary: str, since: float, until: float,
+                   limit: int = SAMPLES_SHOWN) -> list[dict] | None:
+    """The first ``limit`` retained canary responses of the window (None: no sample store at all)."""
+    path = samples_path(state_dir)
+    if not path.exists():
+        return None
+    store = SampleStore(path, read_only=True)
+    try:
+        recs = store.window(model, since, until, versions=[canary], role="canary", limit=limit)
+    finally:
+        store.close()
+    return [sample_json(r) for r in recs]
+
+
 def diagnose(state_dir: Path, rollout_id: int, retention_days: float | None = None, limit: int = 10,
-             now: float | None = None) -> dict:
+             now: float | None = None, samples: int = SAMPLES_SHOWN) -> dict:
     """Everything ``lockgate rollout diagnose`` shows, as JSON data."""
     from lockgate.controller.observations import ObservationStore
 
@@ -136,6 +157,9 @@ def diagnose(state_dir: Path, rollout_id: int, retention_days: float | None = No
         "verdicts": last.get("verdicts", []),
         "hosts": [], "first_failures": [], "observations": 0, "note": None,
     }
+    got = canary_samples(Path(state_dir), r.model, r.canary, r.started_at, until, samples) if samples > 0 else []
+    out["samples"] = got or []
+    out["samples_kept"] = got is not None  # False: no response body was ever retained (retain_bodies off)
     obs_path = Path(state_dir) / "observations.db"
     if not obs_path.exists():
         out["note"] = f"no observation store at {obs_path}"
@@ -201,7 +225,22 @@ def render(d: dict) -> str:
         status = "timeout" if f["timeout"] else (str(f["status"]) if f["status"] is not None else "-")
         out.append(f"  {fmt_ts(f['ts'])}  {f['request_id']}  status {status}  host {f['host'] or '-'}"
                    + (f"  parse_error {f['parse_error']}" if f["parse_error"] else ""))
+    out.append("sampled canary responses:")
+    if not d.get("samples"):
+        out.append("  none in this window" if d.get("samples_kept") else
+                   "  none (capture.retain_bodies is off: no response body is kept)")
+    for smp in d.get("samples") or []:
+        size = f"{smp['bytes']} B" + (" (cut at max_bytes)" if smp["truncated"] else "")
+        out.append(f"  {fmt_ts(smp['ts'])}  {smp['request_id']}  status {smp['status'] or '-'}  "
+                   f"host {smp['host'] or '-'}  {smp['content_type'] or '-'}  {size}")
+        out.append(f"    {display_text(smp['text'])}")
     return "\n".join(out)
 
 
-__all__ = ["COLUMNS", "LogError", "diagnose", "failed_mask", "first_failures", "host_rows", "per_host", "render"]
+def display_text(text: str, limit: int = SAMPLE_CHARS) -> str:
+    """One terminal-safe line: control characters (newlines, escape sequences) escaped, cut at ``limit``."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown + (f"… (+{len(text) - limit} chars)" if len(text) > limit else "")
+
+
+__all__ = ["COLUMNS", "LogError", "canary_samples", "diagnose", "display_text", "failed_mask", "first_failures", "host_rows", "per_host", "render"]

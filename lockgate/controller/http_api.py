@@ -12,7 +12,8 @@
   stored), then every known id is stored: 200 if all were, else 207 with a per-item ``results`` list.
   An unknown id is re-checked for a short grace period (``unknown_grace_s``) before 404, since
   observations reach the controller in batches shortly after the response.
-* ``GET /v1/observations/{request_id}`` — the stored observation(s) and labels, for debugging.
+* ``GET /v1/observations/{request_id}`` — the stored observation(s) and labels, for debugging; with
+  ``body_sample`` when the response body was retained (``capture.retain_bodies``).
 
 Handlers never raise into the server: any unexpected error is a 500 JSON answer, logged.
 """
@@ -33,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lockgate.controller.collector import ControllerMetrics
 from lockgate.controller.export import record_to_json
 from lockgate.controller.observations import LABEL_KINDS, ObservationStore
+from lockgate.controller.samples import sample_json
 
 log = logging.getLogger("lockgate.controller.http")
 
@@ -119,8 +121,9 @@ class ControllerHTTP:
     """The HTTP API; ``start()`` serves in a background thread, ``stop()`` shuts down."""
 
     def __init__(self, host: str, port: int, store: ObservationStore, metrics: ControllerMetrics,
-                 retention_s: float, unknown_grace_s: float = 2.0):
+                 retention_s: float, unknown_grace_s: float = 2.0, samples: Any = None):
         self.store = store
+        self.samples = samples  #: SampleStore (capture.retain_bodies) or None
         self.metrics = metrics
         self.retention_s = retention_s
         self.unknown_grace_s = unknown_grace_s
@@ -212,9 +215,13 @@ class ControllerHTTP:
             if st == "expired":
                 return 410, {"error": f"expired request_id {request_id!r}: pruned by retention"}
             return 404, {"error": f"unknown request_id {request_id!r}"}
-        return 200, {"request_id": request_id,
-                     "observations": [{**record_to_json(r), "source": r.get("source"), "received_ts": r["received_ts"]}
-                                      for r in rows]}
+        out = {"request_id": request_id,
+               "observations": [{**record_to_json(r), "source": r.get("source"), "received_ts": r["received_ts"]}
+                                for r in rows]}
+        sample = self.samples.get(request_id) if self.samples is not None else None
+        if sample is not None:
+            out["body_sample"] = sample_json(sample)
+        return 200, out
 
 
 class _Handler(BaseHTTPRequestHandler):

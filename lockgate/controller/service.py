@@ -24,6 +24,7 @@ from lockgate.controller.collector import ControllerMetrics, ObservationCollecto
 from lockgate.controller.evaluation import EvaluationService, evaluation_enabled, evaluation_task
 from lockgate.controller.http_api import ControllerHTTP
 from lockgate.controller.observations import ObservationStore
+from lockgate.controller.samples import SampleStore, samples_path
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lockgate.controller")
@@ -48,7 +49,16 @@ class ControllerService:
                 from None
         self.metrics = ControllerMetrics()
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
-        self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer)
+        # retained response bodies (capture.retain_bodies); a store left from before is still pruned when off
+        rb = config.capture.retain_bodies
+        self.samples: SampleStore | None = None
+        if rb is not None or samples_path(config.state_dir).exists():
+            try:
+                self.samples = SampleStore(samples_path(config.state_dir), max_count=rb.max_count if rb else None)
+            except (OSError, sqlite3.Error) as exc:
+                raise ControllerStartError(f"cannot open the response sample store: {exc}") from None
+        self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer,
+                                                      self.samples if rb else None, rb.roles if rb else None)
         self.server: grpc.aio.Server | None = None
         self.http: ControllerHTTP | None = None
         self.tasks: list[tuple[str, TaskFn]] = [("retention", prune_loop)]
@@ -76,7 +86,8 @@ class ControllerService:
         if port == 0:
             raise ControllerStartError(f"cannot listen on controller.address {cc.address}")
         try:
-            self.http = ControllerHTTP(cc.http.host, cc.http.port, self.store, self.metrics, self.retention_s)
+            self.http = ControllerHTTP(cc.http.host, cc.http.port, self.store, self.metrics, self.retention_s,
+                                       samples=self.samples)
         except OSError as exc:
             raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
         await self.server.start()
@@ -119,6 +130,8 @@ class ControllerService:
             await self.evaluation.close()
         self.writer.shutdown(wait=True)
         self.store.close()
+        if self.samples is not None:
+            self.samples.close()
 
 
 async def prune_loop(service: ControllerService, stop: asyncio.Event) -> None:
@@ -135,6 +148,11 @@ async def prune_loop(service: ControllerService, stop: asyncio.Event) -> None:
                 log.info("pruned %d observations older than %.1f days", n, service.retention_s / 86400)
         except Exception:
             log.exception("pruning observations failed")
+        if service.samples is not None:
+            try:
+                await loop.run_in_executor(service.writer, lambda: service.samples.prune(cutoff))
+            except Exception:
+                log.exception("pruning response samples failed")
         try:
             await asyncio.wait_for(stop.wait(), interval)
         except asyncio.TimeoutError:

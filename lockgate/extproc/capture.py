@@ -9,7 +9,7 @@ request or response: the ext_proc server always answers "continue unchanged".
 Opt-in body retention (``capture.retain_bodies``): :class:`BodySampler` decides once, at response
 headers, from a hash of the request id; a sampled response is a :class:`SampledCapture`, which also
 appends the raw body bytes (up to ``max_bytes``) to a bytearray. Unsampled responses are plain
-:class:`ResponseCapture`\ s: their per-chunk path is unchanged.
+:class:`ResponseCapture` objects: their per-chunk path is unchanged.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,mlflow]'
+	# xds-protos and opentelemetry-proto both ship opentelemetry/proto/...; whichever installs last owns the
+	# files, and mlflow needs opentelemetry-proto's (TracesData). Envoy's protos import fine from either.
+	v=$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))' 2>/dev/null) && \
+	  $(PY) -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$v" || true
 	touch $@
 
 # lockgate's own protos, compiled by grpcio-tools at install (generated code is never edited).

@@ -8,7 +8,6 @@ import gzip
 import json
 import os
 import stat
-import time
 
 import pytest
 from google.protobuf import struct_pb2

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import signal
 import sqlite3
 import time
 from typing import Awaitable, Callable, Iterable
 
 import grpc
 
+from lockgate.aio import stop_on_signals
 from lockgate.config import LockgateConfig
 from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
 from lockgate.controller.evaluation import EvaluationService, evaluation_enabled, evaluation_task
@@ -172,12 +172,7 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, tasks
     except BaseException:
         await service.close()
         raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, service.stop_event.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(service.stop_event)
     cc = config.controller
     print(f"ready controller={cc.address} http={cc.http}"
           + (f" sampler={cc.sampler}" if service.evaluation is not None else ""), flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from lockgate.aio import stop_on_signals
 from lockgate.config import LockgateConfig
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
 from lockgate.extproc.shipper import ObservationShipper
@@ -182,13 +182,7 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
     await server.start()
     shipper.start()
     start_http_server(metrics_address.port, addr=metrics_address.host, registry=registry)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop or asyncio.Event())
     print(f"ready extproc={address} metrics={metrics_address} "
           f"controller={config.controller.address}", flush=True)
     await stop.wait()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from lockgate.aio import stop_on_signals
 from lockgate.config import LockgateConfig
 from lockgate.proto.v1 import control_pb2_grpc
 from lockgate.xds.ads import AdsServer
@@ -36,13 +36,7 @@ async def serve(config: LockgateConfig, ready: asyncio.Event | None = None,
     control_server.add_insecure_port(str(config.control))
     await xds_server.start()
     await control_server.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop or asyncio.Event())
     log.info("xDS on %s, control API on %s, routes version %s, state %s", config.xds, config.control,
              service.cache.snapshot.version, config.db_path)
     print(f"ready xds={config.xds} control={config.control}", flush=True)

@@ -175,11 +175,12 @@ def _action_summary(e: dict) -> str:
 
 
 def _reason_summary(outcome: dict | None) -> str:
-    """Short decision reason for one history line: the failing metrics with their values, else the first reason."""
+    """Short decision reason for one history line: the failing *gating* metrics with their values (what
+    rolled it back), else the first recorded reason. Informational metrics never decide, so never show here."""
     if outcome is None:
         return ""
     d = outcome["detail"]
-    fails = [v for v in d.get("verdicts") or [] if v.get("verdict") == "fail"]
+    fails = [v for v in d.get("verdicts") or [] if v.get("verdict") == "fail" and v.get("gating", True)]
     if fails:
         def f(x):
             return "-" if x is None else f"{x:.4g}"

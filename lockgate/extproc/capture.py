@@ -69,7 +69,7 @@ def _str(fields, key: str) -> str:
 
 
 def _epoch(value: struct_pb2.Value | None) -> float | None:
-    """``request.time`` arrives as an RFC 3339 string (``2026-11-27T11:02:03.123456Z``); epoch seconds.
+    """``request.time`` arrives as an RFC 3339 string (``2026-11-27T11:02:03.123456+00:00``); epoch seconds.
 
     Envoy's fixed UTC layout is parsed by hand (≈20x faster than ``Timestamp.FromJsonString``, which
     goes through strptime); anything else falls back to the protobuf parser."""
@@ -81,11 +81,13 @@ def _epoch(value: struct_pb2.Value | None) -> float | None:
     if kind != "string_value":
         return None
     s = value.string_value
-    if len(s) >= 20 and s[-1] == "Z" and s[4] == "-" and s[10] == "T" and s[13] == ":" and s[16] == ":":
+    # Envoy 1.40 writes UTC as "+00:00" (e.g. 2026-11-27T13:08:42.827874+00:00); "Z" is accepted too.
+    zone = 1 if s.endswith("Z") else 6 if s.endswith("+00:00") else 0
+    if zone and len(s) >= 19 + zone and s[4] == "-" and s[10] == "T" and s[13] == ":" and s[16] == ":":
         try:
             secs = calendar.timegm((int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]), int(s[14:16]),
                                     int(s[17:19])))
-            frac = s[19:-1]
+            frac = s[19:-zone]
             return secs + (float("0" + frac) if frac else 0.0)
         except ValueError:
             pass

@@ -110,3 +110,18 @@ def test_route_names_carry_the_split():
 def test_parse_cluster_name():
     assert parse_cluster_name("chat.v2") == ("chat", "v2")
     assert parse_cluster_name("lockgate_extproc") is None
+
+
+def test_request_time_parsing_matches_protobuf_for_envoy_and_other_layouts():
+    from google.protobuf import struct_pb2, timestamp_pb2
+
+    from lockgate.extproc.capture import _epoch
+
+    for text in ("2026-11-27T13:08:42.827874+00:00", "2026-11-27T13:08:42+00:00", "2026-11-27T11:02:03.5Z",
+                 "2026-11-27T11:02:03.25+01:00", "1999-12-31T23:59:59.999999+00:00"):
+        ts = timestamp_pb2.Timestamp()
+        ts.FromJsonString(text)
+        assert abs(_epoch(struct_pb2.Value(string_value=text)) - (ts.seconds + ts.nanos / 1e9)) < 1e-6, text
+    assert _epoch(struct_pb2.Value(string_value="not a time")) is None
+    assert _epoch(struct_pb2.Value(number_value=12.5)) == 12.5
+    assert _epoch(None) is None

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -215,6 +214,7 @@ class Promoter:
         self.loop = asyncio.get_running_loop()
         self.service.collector.on_stored.append(self.notify)
         last: dict[int, float] = {}
+        cost: dict[int, float] = {}  #: seconds the last evaluation of each rollout took
         try:
             while not stop.is_set():
                 try:
@@ -238,7 +238,10 @@ class Promoter:
                     spec = load_spec_of(rollout, self.config)
                     now = time.time()
                     since = now - last.get(rollout.id, 0.0)
-                    due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= MIN_SPACING_S)
+                    # Data-triggered looks at most every MIN_SPACING_S, and never more than half the time:
+                    # at 1M observations one evaluation takes seconds, and back-to-back ones would eat a core.
+                    spacing = max(MIN_SPACING_S, 2 * cost.get(rollout.id, 0.0))
+                    due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= spacing)
                     if not due:
                         if rollout.model in dirty:
                             self._dirty.add(rollout.model)  # look again once the spacing allows
@@ -246,6 +249,7 @@ class Promoter:
                     last[rollout.id] = now
                     try:
                         await self.evaluate_and_act(rollout)
+                        cost[rollout.id] = time.time() - now
                     except RolloutConflict as exc:
                         log.info("rollout #%d changed while evaluating: %s", rollout.id, exc)
                     except grpc.aio.AioRpcError as exc:

@@ -46,6 +46,7 @@ from lockgate.config import Address, LockgateConfig, Model
 from lockgate.controller.evaluators import Evaluator, make_evaluator, run_score
 from lockgate.controller.similarity import Similarity, make_similarity, safe_compare
 from lockgate.controller.texts import extract_prompt, extract_text, replay_body
+from lockgate.sqlite_util import open_store
 
 log = logging.getLogger("lockgate.controller.evaluation")
 
@@ -147,18 +148,7 @@ class EvaluationStore:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.Lock()
-        if read_only:
-            if not self.path.exists():
-                raise FileNotFoundError(f"no evaluation store at {self.path}")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA query_only=1")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        self._db = open_store(self.path, SCHEMA, read_only=read_only, what="evaluation store")
 
     def close(self) -> None:
         with self._lock:

@@ -509,18 +509,7 @@ class ObservationStore:
             with self._reader() as db:
                 rows = db.execute(sql, p).fetchall()
             for row in rows:
-                rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
-                for c in _BOOL_COLUMNS:
-                    rec[c] = bool(rec[c])
-                if rec["refusal"] is not None:
-                    rec["refusal"] = bool(rec["refusal"])
-                labels = row[1 + len(OBS_COLUMN_NAMES):]
-                for j, kind in enumerate(LABEL_KINDS):
-                    value, ts = labels[2 * j], labels[2 * j + 1]
-                    if ts is not None:
-                        rec[kind] = _label_py_value(kind, value)
-                        rec[LABEL_TS_COLUMN[kind]] = ts
-                yield rec
+                yield _record(row)
             if len(rows) < batch:
                 return
             last = (rows[-1][1 + OBS_COLUMN_NAMES.index("ts")], rows[-1][0])
@@ -533,21 +522,7 @@ class ObservationStore:
         with self._reader() as db:
             rows = db.execute(f"SELECT o.id, {obs_cols}, {label_cols} FROM observations o {_LABEL_JOINS} "
                               f"WHERE {where} ORDER BY o.replay, o.id", (request_id,)).fetchall()
-        out = []
-        for row in rows:
-            rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
-            for c in _BOOL_COLUMNS:
-                rec[c] = bool(rec[c])
-            if rec["refusal"] is not None:
-                rec["refusal"] = bool(rec["refusal"])
-            labels = row[1 + len(OBS_COLUMN_NAMES):]
-            for j, kind in enumerate(LABEL_KINDS):
-                value, ts = labels[2 * j], labels[2 * j + 1]
-                if ts is not None:
-                    rec[kind] = _label_py_value(kind, value)
-                    rec[LABEL_TS_COLUMN[kind]] = ts
-            out.append(rec)
-        return out
+        return [_record(row) for row in rows]
 
     def count(self, model: str | None = None) -> int:
         with self._reader() as db:
@@ -558,6 +533,22 @@ class ObservationStore:
     def models(self) -> list[str]:
         with self._reader() as db:
             return [m for (m,) in db.execute("SELECT DISTINCT model FROM observations ORDER BY model")]
+
+
+def _record(row: tuple) -> dict[str, Any]:
+    """One ``SELECT o.id, <OBS_COLUMN_NAMES>, <label value, ts per kind>`` row as an export dict."""
+    rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
+    for c in _BOOL_COLUMNS:
+        rec[c] = bool(rec[c])
+    if rec["refusal"] is not None:
+        rec["refusal"] = bool(rec["refusal"])
+    labels = row[1 + len(OBS_COLUMN_NAMES):]
+    for j, kind in enumerate(LABEL_KINDS):
+        value, ts = labels[2 * j], labels[2 * j + 1]
+        if ts is not None:
+            rec[kind] = _label_py_value(kind, value)
+            rec[LABEL_TS_COLUMN[kind]] = ts
+    return rec
 
 
 def _label_db_value(kind: str, value: Any) -> Any:

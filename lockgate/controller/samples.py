@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
-import sqlite3
 import threading
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from lockgate.sqlite_util import open_store
 
 FILENAME = "response_samples.db"
 
@@ -74,20 +74,8 @@ class SampleStore:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}  #: rows per model, known after the first insert for it
-        if read_only:
-            if not self.path.exists():
-                raise FileNotFoundError(f"no response sample store at {self.path}")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA query_only=1")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # user data: readable by the owner only
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        # response bodies are user data: the file is readable by its owner only
+        self._db = open_store(self.path, SCHEMA, read_only=read_only, what="response sample store", private=True)
 
     def close(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyz
 from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
 from lockgate.extproc.keys import extract_key, hash_key
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import key_headers, parse_cluster_name, parse_route_name
+from lockgate.xds.resources import parse_cluster_name, parse_route_name
 
 ATTR_NS = "envoy.filters.http.ext_proc"
 

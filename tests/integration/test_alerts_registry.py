@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -23,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.harness import Fleet, PY, Proc, free_port, requires_envoy
-from tests.integration.test_rollout_e2e import SPEC, Traffic, chat_server, status, wait_status
+from tests.harness import Fleet, Proc, free_port, requires_envoy
+from tests.integration.test_rollout_e2e import SPEC, Traffic, chat_server, wait_status
 
 
 class Receiver:

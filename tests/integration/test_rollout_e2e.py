@@ -143,7 +143,6 @@ def test_controller_killed_mid_stage_resumes_same_stage_same_evidence(tmp_path):
             assert (again["stage"], again["stage_started_at"], again["started_at"]) == \
                 (st["stage"], st["stage_started_at"], st["started_at"])
             final = wait_status(fleet, ("promoted", "rolled_back", "inconclusive", "aborted"), 60)
-            events = fleet.cli("rollout", "status", "chat", "--json", check=True)
     finally:
         v1.stop()
         v2.stop()

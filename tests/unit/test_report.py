@@ -13,7 +13,7 @@ from lockgate.controller.report import ReportData, main_figure, main_metric, ren
 from lockgate.controller.report.charts import (Band, Figure, HLine, Marker, Panel, Series, Span, fmt_elapsed, layout,
                                                nice_ticks, to_svg)
 from lockgate.controller.report.raster import Canvas, _GLYPHS, read_png_size, to_png
-from tests.unit.test_history import T0, build
+from tests.unit.test_history import build
 
 
 def decode_own_png(data: bytes) -> tuple[int, int, bytes]:

@@ -161,13 +161,14 @@ def cmd_xds(args) -> int:
 
 
 def cmd_extproc(args) -> int:
+    from lockgate.aio import run_fast
     from lockgate.extproc.server import serve
 
     config = _load(args)
     if not 0 <= args.index < config.extproc_processes:
         raise CliError(f"--index must be 0..{config.extproc_processes - 1} (extproc_processes: "
                        f"{config.extproc_processes}), got {args.index}")
-    asyncio.run(serve(config, index=args.index))
+    run_fast(serve(config, index=args.index, demote_threads=True))
     return 0
 
 

@@ -179,15 +179,16 @@ class CaptureConfig:
 
     ``refusal_patterns`` None = the analyzers' built-in list; ``extra_refusal_patterns`` are added
     to whichever list is in force. ``queue_size`` bounds observations waiting for the controller
-    (beyond it they are dropped and counted); ``batch_size`` is the most sent in one call.
-    ``retain_bodies`` None = no response body is kept (the default)."""
+    (beyond it they are dropped and counted); ``batch_size`` is the most sent in one call;
+    ``flush_interval_s`` is how long the ext_proc collects a batch before sending it (seconds; a full
+    batch goes at once). ``retain_bodies`` None = no response body is kept (the default)."""
 
     max_body_bytes: int = 1 << 20
     refusal_patterns: tuple[str, ...] | None = None
     extra_refusal_patterns: tuple[str, ...] = ()
     queue_size: int = 100_000
     batch_size: int = 500
-    flush_interval_s: float = 0.2
+    flush_interval_s: float = 0.01
     retain_bodies: RetainBodies | None = None
 
 

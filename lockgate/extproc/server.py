@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from lockgate.aio import stop_on_signals
+from lockgate.aio import keep_helper_threads_demoted, stop_on_signals
 from lockgate.config import LockgateConfig
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
 from lockgate.extproc.shipper import ObservationShipper
@@ -35,6 +35,7 @@ _CONTINUE_RESPONSE_HEADERS = ep.ProcessingResponse(response_headers=ep.HeadersRe
 _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CONTINUE_RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+_EOF = grpc.aio.EOF
 MAX_CLASS_LABELS = 64  #: distinct predicted-class label values per model on /metrics; beyond: "other"
 LATENCY_BUCKETS_S = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -125,20 +126,26 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.metrics.record(obs)
 
     async def Process(self, request_iterator, context):
-        # Feed before answering (cheap: a buffer append or an incremental SSE parse), finish after:
-        # gRPC may close this generator at any ``yield`` once Envoy has its last answer, and then
-        # ``finally`` completes the observation with what was fed.
+        # The read/write API, not an async generator: measured ~1.2x less CPU per message on grpcio
+        # 1.85 (bench/capture.py). Each message is fed first (cheap: a buffer append or an
+        # incremental SSE parse), then answered "continue unchanged"; the observation is finished
+        # after the last answer is written. If the RPC is cancelled at an ``await`` (Envoy or the
+        # client went away mid-body), ``finally`` completes the observation with what was fed.
         cap: ResponseCapture | None = None
         ended = False  # end of stream seen (the body is complete)
+        read, write = context.read, context.write
         try:
-            async for req in request_iterator:
+            while True:
+                req = await read()
+                if req is _EOF:
+                    return
                 which = req.WhichOneof("request")
                 if which == "response_body":
+                    body = req.response_body
                     if cap is not None:
-                        body = req.response_body
                         cap.feed(body.body)
-                        ended = body.end_of_stream
-                    yield _CONTINUE_RESPONSE_BODY
+                    ended = body.end_of_stream
+                    await write(_CONTINUE_RESPONSE_BODY)
                 elif which == "response_headers":
                     try:
                         cap = ResponseCapture.start(req.response_headers, req.attributes.get(ATTR_NS), time.time(),
@@ -148,26 +155,30 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                         log.exception("capture failed to start")
                         cap = None
                     ended = req.response_headers.end_of_stream
-                    yield _CONTINUE_RESPONSE_HEADERS
+                    await write(_CONTINUE_RESPONSE_HEADERS)
                 elif which == "request_headers":
-                    yield _CONTINUE_REQUEST_HEADERS
+                    await write(_CONTINUE_REQUEST_HEADERS)
                 elif which == "response_trailers":
                     ended = True
-                    yield _CONTINUE_RESPONSE_TRAILERS
+                    await write(_CONTINUE_RESPONSE_TRAILERS)
                 else:
                     log.debug("unexpected ext_proc message %s", which)
-                if ended and cap is not None:
-                    self._done(cap, True)
-                    cap = None
                 if ended:
+                    if cap is not None:
+                        self._done(cap, True)
+                        cap = None
                     return  # nothing more will come: end the RPC ourselves, don't wait for Envoy
         finally:
-            if cap is not None:  # closed at a yield, or the client went away mid-body
+            if cap is not None:  # cancelled at an await, or the stream ended mid-body
                 self._done(cap, ended)
 
 
-async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index: int = 0) -> None:
-    """Serve ext_proc process ``index`` (of ``config.extproc_processes``) until SIGTERM/SIGINT."""
+async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index: int = 0,
+                demote_threads: bool = False) -> None:
+    """Serve ext_proc process ``index`` (of ``config.extproc_processes``) until SIGTERM/SIGINT.
+
+    ``demote_threads``: this process is the ext_proc alone (``lockgate extproc``): put gRPC's helper
+    threads under SCHED_BATCH so they stop preempting the event loop (:func:`demote_helper_threads`)."""
     registry = CollectorRegistry()
     metrics = CaptureMetrics(registry)
     cap = config.capture
@@ -182,9 +193,12 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
     await server.start()
     shipper.start()
     start_http_server(metrics_address.port, addr=metrics_address.host, registry=registry)
+    demoter = asyncio.ensure_future(keep_helper_threads_demoted()) if demote_threads else None
     stop = stop_on_signals(stop or asyncio.Event())
     print(f"ready extproc={address} metrics={metrics_address} "
           f"controller={config.controller.address}", flush=True)
     await stop.wait()
+    if demoter is not None:
+        demoter.cancel()
     await server.stop(0.5)
     await shipper.close()

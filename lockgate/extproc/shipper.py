@@ -55,7 +55,11 @@ class ObservationShipper:
         return True
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        # gRPC's own reconnect back-off grows to 120 s by default: cap it near the retry back-off
+        # below, so a controller that comes back is reached within seconds, not minutes.
+        self._channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000)])
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,15 @@ NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/bin/nginx")
 
 class MissingTool(RuntimeError):
     pass
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+# A benchmark stopped with SIGTERM (``timeout``, ``kill PID``) unwinds like Ctrl-C: its ``finally``
+# blocks stop every process it started, instead of leaving Envoys and lockgate servers running.
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def need(tool: str, apt_package: str) -> str:

@@ -164,8 +164,10 @@ def extproc_filter_summary(config) -> dict:
     for f in hcm["http_filters"]:
         if f["name"] == "envoy.filters.http.ext_proc":
             tc = f["typed_config"]
+            timeout = tc.get("message_timeout")  # Duration as JSON: "0.500s"
             return {"processing_mode": tc.get("processing_mode", {}),
-                    "response_attributes": tc.get("response_attributes", [])}
+                    "response_attributes": tc.get("response_attributes", []),
+                    "message_timeout_ms": float(timeout.rstrip("s")) * 1000 if timeout else None}
     return {}
 
 

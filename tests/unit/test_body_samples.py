@@ -9,6 +9,7 @@ import json
 import os
 import stat
 
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 
@@ -205,11 +206,22 @@ def test_server_wires_the_sampler(tmp_path):
     config = config_from_text(text + "capture:\n  retain_bodies: {sample_rate: 1.0, max_bytes: 64}\n")
     srv = ExtProcServer(config, Sink(), CaptureMetrics(CollectorRegistry()))
 
+    class Context:  # the grpc.aio read/write API the handler uses
+        def __init__(self, msgs):
+            self.incoming, self.answers = list(msgs), []
+
+        async def read(self):
+            return self.incoming.pop(0) if self.incoming else grpc.aio.EOF
+
+        async def write(self, answer):
+            self.answers.append(answer)
+
     async def go(msgs):
-        async def gen():
-            for m in msgs:
-                yield m
-        return [r async for r in srv.Process(gen(), None)]
+        ctx = Context(msgs)
+        await srv.Process(None, ctx)
+        await asyncio.sleep(0)  # the last answer's send and the observation's finish run after return
+        await asyncio.sleep(0)
+        return ctx.answers
 
     answers = asyncio.run(go(messages("v2", "r-srv", BODY, 5)))
     assert all(a.WhichOneof("response") in ("response_headers", "response_body") for a in answers)

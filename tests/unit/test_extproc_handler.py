@@ -1,0 +1,111 @@
+"""The ext_proc handler (``ExtProcServer.Process``) over the grpc.aio read/write API it uses.
+
+Envoy's real behaviour is covered by tests/integration/test_capture.py; these pin the handler's own
+contract: every message answered "continue unchanged", in order; the RPC ends after the last answer
+without waiting for Envoy; exactly one observation per response — also when the stream is cancelled
+mid-body (what was fed is kept, marked cut off)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from lockgate.config import config_from_text
+from lockgate.extproc.server import CaptureMetrics, ExtProcServer
+from tests.unit.test_body_samples import BASE, messages
+
+BODY = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hello there"},
+                                "finish_reason": "stop"}], "usage": {"completion_tokens": 2}}).encode()
+
+
+class Sink:
+    def __init__(self):
+        self.got = []
+
+    def offer(self, o):
+        self.got.append(o)
+        return True
+
+
+class Context:
+    """``read`` returns the queued messages then EOF; ``cancel_after`` reads: raises CancelledError
+    (what grpc.aio does when Envoy resets the stream while the handler waits)."""
+
+    def __init__(self, msgs, cancel_after=None):
+        self.incoming, self.answers, self.reads, self.cancel_after = list(msgs), [], 0, cancel_after
+
+    async def read(self):
+        if self.cancel_after is not None and self.reads >= self.cancel_after:
+            raise asyncio.CancelledError
+        self.reads += 1
+        return self.incoming.pop(0) if self.incoming else grpc.aio.EOF
+
+    async def write(self, answer):
+        self.answers.append(answer)
+
+
+def server(tmp_path) -> tuple[ExtProcServer, Sink]:
+    config = config_from_text(BASE.replace("/tmp/lockgate-unit-state", str(tmp_path / "state")))
+    sink = Sink()
+    return ExtProcServer(config, sink, CaptureMetrics(CollectorRegistry())), sink
+
+
+async def run(srv, ctx) -> bool:
+    """Run the handler; True if it ended by itself. Then let the loop finish what it scheduled."""
+    try:
+        await srv.Process(None, ctx)
+        ended = True
+    except asyncio.CancelledError:
+        ended = False
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return ended
+
+
+def test_json_response_answers_each_message_and_yields_one_observation(tmp_path):
+    srv, sink = server(tmp_path)
+    msgs = messages("v2", "r1", BODY, 3)
+    ctx = Context(msgs + [msgs[1]])  # a message after end of stream must never be read
+    assert asyncio.run(run(srv, ctx))
+    assert [a.WhichOneof("response") for a in ctx.answers] == ["response_headers"] + ["response_body"] * 3
+    assert all(a == ep.ProcessingResponse(response_headers=ep.HeadersResponse()) or
+               a == ep.ProcessingResponse(response_body=ep.BodyResponse()) for a in ctx.answers)  # unchanged
+    assert ctx.reads == 4  # ended itself after the last body chunk, did not wait for Envoy's EOF
+    (o,) = sink.got
+    assert (o.request_id, o.version, o.role, o.status_code) == ("r1", "v2", "canary", 200)
+    assert o.output_tokens == 2 and o.finish_reason == "stop" and not o.parse_error
+
+
+def test_bodiless_response_is_one_message(tmp_path):
+    srv, sink = server(tmp_path)
+    (h,) = messages("v1", "r-204", b"", 1)[:1]
+    h.response_headers.headers.headers[0].CopyFrom(base_pb2.HeaderValue(key=":status", raw_value=b"204"))
+    h.response_headers.end_of_stream = True
+    ctx = Context([h])
+    assert asyncio.run(run(srv, ctx))
+    assert [a.WhichOneof("response") for a in ctx.answers] == ["response_headers"] and ctx.reads == 1
+    (o,) = sink.got
+    assert (o.request_id, o.status_code, o.role, o.response_bytes) == ("r-204", 204, "baseline", 0)
+
+
+def test_cancelled_mid_body_keeps_what_was_fed(tmp_path):
+    srv, sink = server(tmp_path)
+    ctx = Context(messages("v2", "r-cut", BODY, 4), cancel_after=3)  # headers + 2 of 4 chunks, then reset
+    assert not asyncio.run(run(srv, ctx))
+    assert len(ctx.answers) == 3
+    (o,) = sink.got
+    assert o.request_id == "r-cut" and o.response_bytes == 2 * -(-len(BODY) // 4)
+    assert o.parse_error  # a cut-off JSON body is counted, not guessed
+
+
+def test_envoy_eof_before_end_of_stream_still_observes(tmp_path):
+    srv, sink = server(tmp_path)
+    ctx = Context(messages("v2", "r-eof", BODY, 4)[:2])  # Envoy half-closes after one chunk
+    assert asyncio.run(run(srv, ctx))
+    (o,) = sink.got
+    assert o.request_id == "r-eof" and o.parse_error

@@ -3,9 +3,11 @@
 It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`)
 and Envoy runs it with ``failure_mode_allow``: if this process dies, requests flow, split and sticky.
 Envoy sends it response headers (with attributes naming what it routed) and the response body in
-STREAMED chunks; every message is answered "continue unchanged" *before* any analysis runs, so
-the client gets byte-identical responses and streamed tokens are not held back. Each response
-becomes one :class:`Observation`, shipped in batches to the controller (:mod:`.shipper`).
+STREAMED chunks; every message is answered "continue unchanged" (nothing is ever mutated, so the
+client gets byte-identical responses), and the analysis runs after the answers except a body
+chunk's feed (a buffer append or an incremental SSE parse), so streamed tokens are not held back.
+Each response becomes one :class:`Observation`, shipped in batches to the controller
+(:mod:`.shipper`).
 """
 
 from __future__ import annotations

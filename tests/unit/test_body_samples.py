@@ -9,7 +9,6 @@ import json
 import os
 import stat
 
-import grpc
 import pytest
 from google.protobuf import struct_pb2
 
@@ -187,47 +186,6 @@ def test_empty_sampled_body_is_present_and_encoding_kept():
     gz = gzip.compress(BODY, mtime=0)
     _, o = capture(config, messages("v1", "r2", gz, 4, content_encoding="gzip"))
     assert o.body_sample == gz and o.body_sample_content_encoding == "gzip"
-
-
-def test_server_wires_the_sampler(tmp_path):
-    from prometheus_client import CollectorRegistry
-
-    from lockgate.extproc.server import CaptureMetrics, ExtProcServer
-
-    class Sink:
-        def __init__(self):
-            self.got = []
-
-        def offer(self, o):
-            self.got.append(o)
-            return True
-
-    text = BASE.replace("/tmp/lockgate-unit-state", str(tmp_path / "state"))
-    config = config_from_text(text + "capture:\n  retain_bodies: {sample_rate: 1.0, max_bytes: 64}\n")
-    srv = ExtProcServer(config, Sink(), CaptureMetrics(CollectorRegistry()))
-
-    class Context:  # the grpc.aio read/write API the handler uses
-        def __init__(self, msgs):
-            self.incoming, self.answers = list(msgs), []
-
-        async def read(self):
-            return self.incoming.pop(0) if self.incoming else grpc.aio.EOF
-
-        async def write(self, answer):
-            self.answers.append(answer)
-
-    async def go(msgs):
-        ctx = Context(msgs)
-        await srv.Process(None, ctx)
-        await asyncio.sleep(0)  # the last answer's send and the observation's finish run after return
-        await asyncio.sleep(0)
-        return ctx.answers
-
-    answers = asyncio.run(go(messages("v2", "r-srv", BODY, 5)))
-    assert all(a.WhichOneof("response") in ("response_headers", "response_body") for a in answers)
-    assert all(not a.response_body.HasField("response") for a in answers if a.HasField("response_body"))
-    (o,) = srv.shipper.got
-    assert o.body_sample == BODY[:64] and o.body_sample_truncated
 
 
 # ------------------------------------------------------------------------------------------ storage

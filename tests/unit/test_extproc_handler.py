@@ -49,8 +49,8 @@ class Context:
         self.answers.append(answer)
 
 
-def server(tmp_path) -> tuple[ExtProcServer, Sink]:
-    config = config_from_text(BASE.replace("/tmp/lockgate-unit-state", str(tmp_path / "state")))
+def server(tmp_path, extra: str = "") -> tuple[ExtProcServer, Sink]:
+    config = config_from_text(BASE.replace("/tmp/lockgate-unit-state", str(tmp_path / "state")) + extra)
     sink = Sink()
     return ExtProcServer(config, sink, CaptureMetrics(CollectorRegistry())), sink
 
@@ -109,3 +109,13 @@ def test_envoy_eof_before_end_of_stream_still_observes(tmp_path):
     assert asyncio.run(run(srv, ctx))
     (o,) = sink.got
     assert o.request_id == "r-eof" and o.parse_error
+
+
+def test_server_wires_the_sampler(tmp_path):
+    srv, sink = server(tmp_path, "capture:\n  retain_bodies: {sample_rate: 1.0, max_bytes: 64}\n")
+    ctx = Context(messages("v2", "r-srv", BODY, 5))
+    assert asyncio.run(run(srv, ctx))
+    assert all(a.WhichOneof("response") in ("response_headers", "response_body") for a in ctx.answers)
+    assert all(not a.response_body.HasField("response") for a in ctx.answers if a.HasField("response_body"))
+    (o,) = sink.got
+    assert o.body_sample == BODY[:64] and o.body_sample_truncated

@@ -9,6 +9,7 @@ Timing bounds are generous (seconds) — they only separate "promptly" from "aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -98,6 +99,18 @@ class Recorder:
         return ObservationShipper(address, on_drop=self.drops.append, on_sent=self.sent.append, **kw)
 
 
+@contextlib.asynccontextmanager
+async def shipping(port: int, **kw):
+    """A started shipper to 127.0.0.1:``port`` with its Recorder; closed on exit."""
+    rec = Recorder()
+    sh = rec.make(f"127.0.0.1:{port}", **kw)
+    sh.start()
+    try:
+        yield sh, rec
+    finally:
+        await sh.close()
+
+
 def run(scenario):
     """Run ``scenario(collector, server)`` on a fresh loop; the server is always stopped."""
 
@@ -120,10 +133,7 @@ def run(scenario):
 def test_full_batch_is_sent_at_once_not_after_flush_interval():
     async def scenario(collector, server):
         port = await server.start()
-        rec = Recorder()
-        sh = rec.make(f"127.0.0.1:{port}", queue_size=100, batch_size=5, flush_interval_s=5.0)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=100, batch_size=5, flush_interval_s=5.0) as (sh, rec):
             t0 = time.monotonic()
             assert all(sh.offer(obs(i)) for i in range(5))
             assert await wait_until(lambda: collector.batches, 2.0), "full batch not sent promptly"
@@ -136,8 +146,6 @@ def test_full_batch_is_sent_at_once_not_after_flush_interval():
             assert batch.dropped_total == 0
             assert batch.source == sh.source and batch.source
             assert sh.sent_total == 5 and rec.sent == [5] and not sh.queue
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -147,10 +155,7 @@ def test_batch_filling_up_during_flush_wait_is_sent_at_once():
 
     async def scenario(collector, server):
         port = await server.start()
-        rec = Recorder()
-        sh = rec.make(f"127.0.0.1:{port}", queue_size=100, batch_size=5, flush_interval_s=5.0)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=100, batch_size=5, flush_interval_s=5.0) as (sh, rec):
             assert sh.offer(obs(0))
             await asyncio.sleep(0.2)  # the shipper is now inside its 5 s flush wait
             assert collector.attempts == 0
@@ -160,8 +165,6 @@ def test_batch_filling_up_during_flush_wait_is_sent_at_once():
             assert collector.batches[0][0] - t0 < 2.0
             assert collector.ids() == [f"r{i}" for i in range(5)]
             assert len(collector.batches) == 1
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -174,10 +177,7 @@ def test_batch_filling_up_during_flush_wait_is_sent_at_once():
 def test_partial_batch_is_sent_after_flush_interval():
     async def scenario(collector, server):
         port = await server.start()
-        rec = Recorder()
-        sh = rec.make(f"127.0.0.1:{port}", queue_size=1000, batch_size=500, flush_interval_s=0.05)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=1000, batch_size=500, flush_interval_s=0.05) as (sh, rec):
             t0 = time.monotonic()
             assert all(sh.offer(obs(i)) for i in range(3))
             assert await wait_until(lambda: collector.batches, 2.0), "partial batch never flushed"
@@ -187,8 +187,6 @@ def test_partial_batch_is_sent_after_flush_interval():
             assert len(collector.batches) == 1, "3 observations split over several batches"
             assert collector.ids() == ["r0", "r1", "r2"]
             assert sh.sent_total == 3 and rec.sent == [3]
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -201,10 +199,7 @@ def test_partial_batch_is_sent_after_flush_interval():
 def test_no_calls_while_idle_before_and_after_a_batch():
     async def scenario(collector, server):
         port = await server.start()
-        sh = Recorder().make(f"127.0.0.1:{port}", queue_size=100, batch_size=10,
-                             flush_interval_s=0.05)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=100, batch_size=10, flush_interval_s=0.05) as (sh, rec):
             await asyncio.sleep(0.3)
             assert collector.attempts == 0, "shipper called the collector with nothing queued"
             sh.offer(obs(0))
@@ -212,8 +207,6 @@ def test_no_calls_while_idle_before_and_after_a_batch():
             await asyncio.sleep(0.3)
             assert collector.attempts == 1, "shipper kept calling after the queue emptied"
             assert all(len(b.observations) > 0 for _, b in collector.batches)
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -227,10 +220,7 @@ def test_queue_bound_drops_excess_and_reports_dropped_total():
     async def scenario(collector, server):
         port = await server.start()
         collector.mode = "unavailable"
-        rec = Recorder()
-        sh = rec.make(f"127.0.0.1:{port}", queue_size=3, batch_size=10, flush_interval_s=0.02)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=3, batch_size=10, flush_interval_s=0.02) as (sh, rec):
             accepted = [sh.offer(obs(i)) for i in range(5)]
             assert accepted == [True, True, True, False, False]
             assert sh.dropped_total == 2 and rec.drops == [1, 1]
@@ -246,8 +236,6 @@ def test_queue_bound_drops_excess_and_reports_dropped_total():
             assert batch.dropped_total == 3
             assert sh.sent_total == 3 and rec.sent == [3] and not sh.queue
             assert sh.offer(obs(5)) is True  # room again
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -260,10 +248,7 @@ def test_queue_bound_drops_excess_and_reports_dropped_total():
 def test_observations_offered_while_controller_down_are_delivered_when_it_comes_up():
     async def scenario(collector, server):
         port = reserve_port()  # nothing listens yet
-        rec = Recorder()
-        sh = rec.make(f"127.0.0.1:{port}", queue_size=100, batch_size=4, flush_interval_s=0.02)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=100, batch_size=4, flush_interval_s=0.02) as (sh, rec):
             for i in range(6):
                 assert sh.offer(obs(i))
             await asyncio.sleep(0.3)  # several failed attempts + back-off
@@ -279,8 +264,6 @@ def test_observations_offered_while_controller_down_are_delivered_when_it_comes_
             assert all(len(b.observations) <= 4 for _, b in collector.batches)
             assert all(b.dropped_total == 0 for _, b in collector.batches)
             assert sh.sent_total == 10 and sum(rec.sent) == 10 and rec.drops == []
-        finally:
-            await sh.close()
 
     run(scenario)
 
@@ -288,10 +271,7 @@ def test_observations_offered_while_controller_down_are_delivered_when_it_comes_
 def test_controller_restart_loses_and_duplicates_nothing():
     async def scenario(collector, server):
         port = await server.start()
-        sh = Recorder().make(f"127.0.0.1:{port}", queue_size=100, batch_size=4,
-                             flush_interval_s=0.02)
-        sh.start()
-        try:
+        async with shipping(port, queue_size=100, batch_size=4, flush_interval_s=0.02) as (sh, rec):
             sh.offer(obs(0))
             sh.offer(obs(1))
             assert await wait_until(lambda: len(collector.ids()) == 2, 2.0)
@@ -305,8 +285,6 @@ def test_controller_restart_loses_and_duplicates_nothing():
             await asyncio.sleep(0.2)
             assert collector.ids() == [f"r{i}" for i in range(7)]
             assert sh.dropped_total == 0 and sh.sent_total == 7
-        finally:
-            await sh.close()
 
     run(scenario)
 

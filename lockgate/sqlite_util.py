@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any, Sequence
 
 
 def open_store(path: Path, schema: str, *, read_only: bool, what: str, private: bool = False) -> sqlite3.Connection:
@@ -31,3 +32,27 @@ def open_store(path: Path, schema: str, *, read_only: bool, what: str, private: 
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(schema)
     return db
+
+
+def window_where(*, model: str | None = None, since_ts: float | None = None, until_ts: float | None = None,
+                 versions: Sequence[str] | None = None, prefix: str = "") -> tuple[list[str], list[Any]]:
+    """The row filters lockgate's stores share, as WHERE clauses (the caller ANDs them, adding its
+    own) and their parameters: ``model``; ``since_ts <= ts < until_ts`` (epoch seconds, None =
+    unbounded); ``version IN versions`` (an empty list matches nothing). ``prefix``: a table alias
+    with its dot, e.g. ``"o."``."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if model is not None:
+        clauses.append(f"{prefix}model = ?")
+        params.append(model)
+    if since_ts is not None:
+        clauses.append(f"{prefix}ts >= ?")
+        params.append(float(since_ts))
+    if until_ts is not None:
+        clauses.append(f"{prefix}ts < ?")
+        params.append(float(until_ts))
+    if versions is not None:
+        versions = list(versions)
+        clauses.append(f"{prefix}version IN ({','.join('?' * len(versions))})" if versions else "0")
+        params.extend(versions)
+    return clauses, params

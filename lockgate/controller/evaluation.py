@@ -46,7 +46,7 @@ from lockgate.config import Address, LockgateConfig, Model
 from lockgate.controller.evaluators import Evaluator, make_evaluator, run_score
 from lockgate.controller.similarity import Similarity, make_similarity, safe_compare
 from lockgate.controller.texts import extract_prompt, extract_text, replay_body
-from lockgate.sqlite_util import open_store
+from lockgate.sqlite_util import open_store, window_where
 
 log = logging.getLogger("lockgate.controller.evaluation")
 
@@ -274,13 +274,7 @@ class EvaluationStore:
         ordered by ts: float64 ``ts``, ``sample_ts``, ``score``, ``similarity`` (NaN = none), bool
         ``is_canary``, object ``request_id``, ``model``, ``version``, ``role``, ``evaluator``, ``error``.
         Both rows of one request carry the same ``similarity``."""
-        clauses, params = ["model = ?"], [model]
-        if since_ts is not None:
-            clauses.append("ts >= ?")
-            params.append(float(since_ts))
-        if until_ts is not None:
-            clauses.append("ts < ?")
-            params.append(float(until_ts))
+        clauses, params = window_where(model=model, since_ts=since_ts, until_ts=until_ts)
         sql = (f"SELECT ts, sample_ts, score, similarity, role = 'canary', request_id, model, version, role, evaluator, "
                f"error FROM evaluations WHERE {' AND '.join(clauses)} ORDER BY ts, request_id, role")
         with self._lock:

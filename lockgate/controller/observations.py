@@ -32,6 +32,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lockgate.sqlite_util import window_where
+
 LABEL_KINDS = ("true_class", "thumbs", "task_success", "evaluator_score")
 
 # (column, SQL type, proto field or None, how "not measured" is encoded in the proto)
@@ -439,24 +441,8 @@ class ObservationStore:
     @staticmethod
     def _where(model: str | None, since_ts: float | None, until_ts: float | None,
                versions: Sequence[str] | None, stage: str | None, include_replay: bool) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if model is not None:
-            clauses.append("o.model = ?")
-            params.append(model)
-        if since_ts is not None:
-            clauses.append("o.ts >= ?")
-            params.append(float(since_ts))
-        if until_ts is not None:
-            clauses.append("o.ts < ?")
-            params.append(float(until_ts))
-        if versions is not None:
-            versions = list(versions)
-            if not versions:
-                clauses.append("0")
-            else:
-                clauses.append(f"o.version IN ({','.join('?' * len(versions))})")
-                params.extend(versions)
+        clauses, params = window_where(model=model, since_ts=since_ts, until_ts=until_ts, versions=versions,
+                                       prefix="o.")
         if stage is not None:
             clauses.append("o.stage = ?" if stage else "o.stage IS NULL")
             if stage:

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lockgate.sqlite_util import open_store
+from lockgate.sqlite_util import open_store, window_where
 
 FILENAME = "response_samples.db"
 
@@ -140,16 +140,7 @@ class SampleStore:
                versions: Sequence[str] | None = None, role: str | None = None, limit: int = 10
                ) -> list[dict[str, Any]]:
         """The first ``limit`` samples of ``model`` with ``since_ts <= ts < until_ts``, ordered by ts."""
-        where, params = ["model = ?"], [model]
-        if since_ts is not None:
-            where.append("ts >= ?")
-            params.append(float(since_ts))
-        if until_ts is not None:
-            where.append("ts < ?")
-            params.append(float(until_ts))
-        if versions is not None:
-            where.append(f"version IN ({','.join('?' * len(versions))})" if versions else "0")
-            params.extend(versions)
+        where, params = window_where(model=model, since_ts=since_ts, until_ts=until_ts, versions=versions)
         if role is not None:
             where.append("role = ?")
             params.append(role)

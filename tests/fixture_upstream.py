@@ -2,7 +2,8 @@
 
 ``GET|POST /fixture/<name>`` answers ``FIXTURES[name]`` (status, headers, body). Streams:
 ``/sse/<name>?interval_ms=N`` sends ``SSE[name]`` events as separate chunks N ms apart (chunked
-encoding); ``/cut-sse`` sends three events 50 ms apart and closes the connection without finishing the body.
+encoding); ``/empty-chunked`` a chunked body with no chunks; ``HEAD /fixture/<name>`` the headers of
+``GET``; ``/cut-sse`` sends three events 50 ms apart and closes the connection without finishing the body.
 ``python -m tests.fixture_upstream --port 0`` prints ``ready <port>``.
 """
 
@@ -62,6 +63,7 @@ FIXTURES: dict[str, tuple[int, dict[str, str], bytes]] = {
         "role": "assistant", "content": "word " * 600_000}, "finish_reason": "stop"}],
         "usage": {"completion_tokens": 600_000}}).encode()),
     "empty": (204, {}, b""),
+    "empty-200": (200, {"content-type": JSON}, b""),
 }
 SSE = {"stream": _sse_events("streamed tokens arrive one by one".split(), usage=6)}
 
@@ -93,6 +95,8 @@ def main() -> None:
             elif parts[0] == "sse" and len(parts) == 2 and parts[1] in SSE:
                 interval = float(urllib.parse.parse_qs(url.query).get("interval_ms", ["0"])[0]) / 1000
                 self._chunked(SSE[parts[1]], interval, finish=True)
+            elif parts[0] == "empty-chunked":  # headers, then the last chunk: an empty body that is not none
+                self._chunked([], 0, finish=True)
             elif parts[0] == "cut-sse":
                 self._chunked(SSE["stream"][:3], 0.05, finish=False)
                 self.close_connection = True
@@ -114,6 +118,15 @@ def main() -> None:
                 self.wfile.flush()
             if finish:
                 self.wfile.write(b"0\r\n\r\n")
+
+        def do_HEAD(self) -> None:
+            parts = urllib.parse.urlsplit(self.path).path.strip("/").split("/")
+            status, headers, body = FIXTURES.get(parts[-1], (404, {}, b""))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
 
         do_GET = do_POST = _answer
 

@@ -32,10 +32,11 @@ def fixture_fleet(tmp_path):
     up.stop()
 
 
-def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+def get(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+        ) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, headers=headers or {})
         r = conn.getresponse()
         try:
             body = r.read()
@@ -87,6 +88,34 @@ def test_every_analyzer_field_and_byte_identity(fixture_fleet):
     sse = obs["req-sse"]
     assert sse["analyzer"] == "sse" and sse["output_tokens"] == 6 and sse["finish_reason"] == "stop"
     assert obs["req-cut"]["parse_error"] in ("cut_off", "incomplete")
+
+
+def test_bodiless_responses_are_observed_once(fixture_fleet):
+    """ext_proc gets no message for a response whose headers end the stream; Envoy's access log
+    reports those, and a response with an empty body ext_proc did see is stored once, not twice."""
+    f = fixture_fleet
+    cases = {  # request id: (method, path, status)
+        "b-head": ("HEAD", "/fixture/chat", 200),
+        "b-empty-200": ("GET", "/fixture/empty-200", 200),
+        "b-204": ("GET", "/fixture/empty", 204),
+        "b-404": ("GET", "/no/such/fixture", 404),
+        "b-chunked": ("GET", "/empty-chunked", 200),
+        "b-chat": ("GET", "/fixture/chat", 200),
+    }
+    for rid, (method, path, status) in cases.items():
+        st, _, body = get(f.ports["listener"], path, {"x-request-id": rid, "x-user-id": "bob"}, method)
+        assert st == status and (body == b"" or rid == "b-chat"), rid
+    obs = f.wait_observations(len(cases))
+    time.sleep(0.5)  # an access log entry that would duplicate one arrives after it
+    obs = f.observations()
+    assert sorted(o["request_id"] for o in obs) == sorted(cases)  # each exactly once
+    for o in obs:
+        method, path, status = cases[o["request_id"]]
+        assert (o["model"], o["version"], o["role"], o["status_code"]) == ("fx", "v1", "baseline", status)
+        assert o["user_key"] and o["upstream_host"] == f"127.0.0.1:{f.upstream_port}"
+        assert o["duration_ms"] >= o["ttfb_ms"] >= 0
+        if o["request_id"] != "b-chat":
+            assert o["response_bytes"] == 0, o
 
 
 def test_sse_first_chunk_reaches_client_before_upstream_sends_the_last(fixture_fleet):

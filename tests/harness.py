@@ -47,6 +47,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class Proc:
     """A child process started by a test; ``stop()`` ends it by PID (its own process group)."""
 
@@ -168,9 +180,11 @@ class Fleet:
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ports = {k: free_port() for k in ("listener", "xds", "control", "extproc", "extproc_metrics",
-                                               "controller", "controller_http", "sampler")}
-        self.admin_ports = [free_port() for _ in range(self.n_envoys)]
+        names = ("listener", "xds", "control", "extproc", "extproc_metrics", "controller", "controller_http",
+                 "sampler")
+        ports = free_ports(len(names) + self.n_envoys)
+        self.ports = dict(zip(names, ports))
+        self.admin_ports = ports[len(names):]
         cfg = {
             "node_id": "envoy-0",
             "listener": {"address": "127.0.0.1", "port": self.ports["listener"]},
@@ -191,13 +205,18 @@ class Fleet:
 
     # ----- lifecycle -----
     def start(self) -> "Fleet":
-        if self.with_controller:
-            self.start_controller()
-        self.start_xds()
-        self.start_extproc()
-        for i in range(self.n_envoys):
-            self.start_envoy(i)
-        self.wait_routes()
+        """Start every process; if one fails, stop those already started (nothing leaks) and raise."""
+        try:
+            if self.with_controller:
+                self.start_controller()
+            self.start_xds()
+            self.start_extproc()
+            for i in range(self.n_envoys):
+                self.start_envoy(i)
+            self.wait_routes()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def start_xds(self) -> None:

@@ -25,11 +25,13 @@ def fixture_fleet(tmp_path):
                "versions": {"v1": {"endpoints": [f"127.0.0.1:{port}"]}}}]
     fleet = Fleet(tmp_path, models, with_controller=True,
                   extra={"capture": {"max_body_bytes": 65536, "extra_refusal_patterns": ["computer says no"]}})
-    fleet.start()
-    fleet.upstream_port = port
-    yield fleet
-    fleet.stop()
-    up.stop()
+    try:
+        fleet.start()
+        fleet.upstream_port = port
+        yield fleet
+        fleet.stop()
+    finally:
+        up.stop()
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET"

@@ -308,7 +308,7 @@ def test_close_flushes_queued_observations_without_waiting_for_flush_interval():
         assert time.monotonic() - t0 < 2.0
         assert collector.ids() == ["r0", "r1", "r2"]
         assert sh.sent_total == 3 and sh.dropped_total == 0 and rec.drops == []
-        assert sh._task.done()
+        assert not sh._thread.is_alive()
 
     run(scenario)
 
@@ -328,7 +328,7 @@ def test_close_counts_unsendable_observations_as_dropped_when_controller_fails()
         assert collector.batches == []
         assert sh.dropped_total == 4 and rec.drops == [4]
         assert not sh.queue and sh.sent_total == 0
-        assert sh._task.done()
+        assert not sh._thread.is_alive()
 
     run(scenario)
 
@@ -350,6 +350,6 @@ def test_close_gives_up_after_timeout_when_controller_hangs():
         assert sh.dropped_total == 2 and rec.drops == [2]
         assert not sh.queue and sh.sent_total == 0
         await asyncio.sleep(0)
-        assert sh._task.done()
+        assert not sh._thread.is_alive()
 
     run(scenario)

@@ -153,8 +153,7 @@ class ResponseStart:
 def ext_proc_response_start(req, header_names: list[str]) -> ResponseStart | None:
     """From the first ext_proc message of a response; None without lockgate's attributes.
 
-    lockgate's listener skips the response-headers message (one message per single-chunk response):
-    the first body chunk then carries the attributes (status in ``response.code``) and the
+    lockgate's listener skips the response-headers message: the first body chunk then carries the attributes (status in ``response.code``) and the
     ``lockgate.response`` dynamic metadata that Envoy's header_to_metadata filter filled with the
     content type and encoding. A response-headers message (a hand-written filter config with
     ``response_header_mode: SEND``) is read as well."""

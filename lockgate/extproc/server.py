@@ -3,7 +3,7 @@
 It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`)
 and Envoy runs it with ``failure_mode_allow``: if this process dies, requests flow, split and sticky.
 Envoy sends it the response body in STREAMED chunks, the first one with attributes naming what it
-routed (response headers are skipped: a single-chunk response costs one message); every message is
+routed (response headers are skipped, so they pass at once); every message is
 answered "continue unchanged" (nothing is ever mutated, so the client gets byte-identical responses),
 and the analysis runs after the answers except a body chunk's feed (a buffer append or an incremental
 SSE parse), so streamed tokens are not held back. Responses with no body send no ext_proc message;
@@ -144,7 +144,7 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
             return None
 
     def _capture_whole(self, req: ep.ProcessingRequest, now: float) -> None:
-        """A response that came in one message (the common single-chunk body), after its answer."""
+        """A response whose whole body (and end of stream) came in its first message, after its answer."""
         cap = self._start(req, now)
         if cap is not None:
             cap.feed(req.response_body.body)

@@ -754,8 +754,9 @@ def reading(d: dict) -> list[str]:
         out.append(
             f"- Spread over rounds: added p50 {min(p50s):.2f}–{max(p50s):.2f} ms, added p99 {min(p99s):.2f}–"
             f"{max(p99s):.2f} ms; during B's runs CPU {d['setup']['extproc_cpu']} was {busy:.0f} % busy (median), "
-            f"ext_proc {ep_cpu:.0f} % of it. The p99 is the tail of two round trips through grpcio's threads; "
-            f"docs/observations.md (\"How the ext_proc server keeps its cost down\") has what was cut and what is left.")
+            f"ext_proc {ep_cpu:.0f} % of it. The p99 is the tail of the round trips through grpcio's threads plus the "
+            f"controller storing every observation on the same 2 CPUs; docs/observations.md (\"How the ext_proc server "
+            f"keeps its cost down\") has the A/Bs: what was cut and what is left.")
     if "loss" in d:
         lo = d["loss"]
         timeout_ms = d["setup"].get("extproc_filter", {}).get("message_timeout_ms")

@@ -3,7 +3,7 @@
 ``GET|POST /fixture/<name>`` answers ``FIXTURES[name]`` (status, headers, body). Streams:
 ``/sse/<name>?interval_ms=N`` sends ``SSE[name]`` events as separate chunks N ms apart (chunked
 encoding); ``/empty-chunked`` a chunked body with no chunks; ``HEAD /fixture/<name>`` the headers of
-``GET``; ``/cut-sse`` sends three events 50 ms apart and closes the connection without finishing the body.
+``GET``; ``/slow`` answers an empty 200 after 1 s; ``/cut-sse`` sends three events 50 ms apart and closes the connection without finishing the body.
 ``python -m tests.fixture_upstream --port 0`` prints ``ready <port>``.
 """
 
@@ -95,6 +95,11 @@ def main() -> None:
             elif parts[0] == "sse" and len(parts) == 2 and parts[1] in SSE:
                 interval = float(urllib.parse.parse_qs(url.query).get("interval_ms", ["0"])[0]) / 1000
                 self._chunked(SSE[parts[1]], interval, finish=True)
+            elif parts[0] == "slow":  # nothing for a second: a client can give up before any response
+                time.sleep(1.0)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
             elif parts[0] == "empty-chunked":  # headers, then the last chunk: an empty body that is not none
                 self._chunked([], 0, finish=True)
             elif parts[0] == "cut-sse":

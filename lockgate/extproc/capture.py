@@ -1,15 +1,13 @@
 """Per-response capture: from Envoy's ext_proc messages to one :class:`Observation`.
 
-Pure apart from the clock values passed in. A :class:`ResponseStart` says what Envoy knows when a
-response starts passing (which cluster and route served it, its id, status, content type, start time,
-upstream host and the request headers lockgate keys on), read from the first ext_proc message of the
-response or, for a bodiless response, from Envoy's access log entry. ``ResponseCapture.start`` turns it
-into a capture; body chunks are fed to the model's analyzer as they stream past; ``finish`` builds the
-observation. Nothing here mutates a
+Pure apart from the clock values passed in. ``ResponseCapture.start`` reads the response-headers
+message (Envoy's attributes say which cluster and route served the request, its id, status, start
+time, upstream host and the request headers lockgate keys on); body chunks are fed to the
+model's analyzer as they stream past; ``finish`` builds the observation. Nothing here mutates a
 request or response: the ext_proc server always answers "continue unchanged".
 
-Opt-in body retention (``capture.retain_bodies``): :class:`BodySampler` decides once, when the
-response starts, from a hash of the request id; a sampled response is a :class:`SampledCapture`, which also
+Opt-in body retention (``capture.retain_bodies``): :class:`BodySampler` decides once, at response
+headers, from a hash of the request id; a sampled response is a :class:`SampledCapture`, which also
 appends the raw body bytes (up to ``max_bytes``) to a bytearray. Unsampled responses are plain
 :class:`ResponseCapture` objects: their per-chunk path is unchanged.
 """
@@ -29,7 +27,7 @@ from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyz
 from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
 from lockgate.extproc.keys import extract_key, hash_key
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import RESPONSE_METADATA_NS, parse_cluster_name, parse_route_name
+from lockgate.xds.resources import parse_cluster_name, parse_route_name
 
 ATTR_NS = "envoy.filters.http.ext_proc"
 
@@ -131,109 +129,6 @@ def attribute(config_models: dict[str, Model], cluster_name: str, route_name: st
                        info.stage if info else "")
 
 
-@dataclass(frozen=True)
-class ResponseStart:
-    """What Envoy says about a response when it starts passing: from the ext_proc message that opens
-    the response (:func:`ext_proc_response_start`) or, for a bodiless response ext_proc never sees,
-    from Envoy's access log entry (:func:`access_log_response_start`)."""
-
-    cluster_name: str
-    route_name: str
-    request_id: str
-    start_ts: float | None        #: epoch seconds the request started (Envoy's clock)
-    request_bytes: int | None     #: request body bytes
-    upstream_host: str            #: host:port of the upstream that answered, "" if none
-    code_details: str             #: Envoy's response code details (``upstream_response_timeout`` …)
-    status: int                   #: HTTP status, 0 if unknown
-    content_type: str | None
-    content_encoding: str | None
-    request_headers: dict[str, str]  #: the sticky-key request headers that were present
-
-
-def ext_proc_response_start(req, header_names: list[str]) -> ResponseStart | None:
-    """From the first ext_proc message of a response; None without lockgate's attributes.
-
-    lockgate's listener skips the response-headers message: the first body chunk then carries the attributes (status in ``response.code``) and the
-    ``lockgate.response`` dynamic metadata that Envoy's header_to_metadata filter filled with the
-    content type and encoding. A response-headers message (a hand-written filter config with
-    ``response_header_mode: SEND``) is read as well."""
-    attrs = req.attributes.get(ATTR_NS)
-    if attrs is None:
-        return None
-    fields = attrs.fields
-    status = 0
-    content_type = content_encoding = None
-    if req.HasField("response_headers"):
-        for h in req.response_headers.headers.headers:
-            key = h.key
-            if key == ":status":
-                status = _int(h.raw_value)
-            elif key == "content-type":
-                content_type = h.raw_value.decode("latin-1")
-            elif key == "content-encoding":
-                content_encoding = h.raw_value.decode("latin-1")
-    else:
-        code = fields.get("response.code")
-        if code is not None and code.WhichOneof("kind") == "number_value":
-            status = int(code.number_value)
-        meta = req.metadata_context.filter_metadata.get(RESPONSE_METADATA_NS)
-        if meta is not None:
-            content_type = _str(meta.fields, "content_type") or None
-            content_encoding = _str(meta.fields, "content_encoding") or None
-    request_headers = {}
-    for name in header_names:
-        v = _str(fields, f"request.headers['{name}']")
-        if v:
-            request_headers[name] = v
-    size = fields.get("request.size")
-    request_bytes = None
-    if size is not None and size.WhichOneof("kind") == "number_value" and size.number_value >= 0:
-        request_bytes = int(size.number_value)
-    return ResponseStart(
-        cluster_name=_str(fields, "xds.cluster_name"), route_name=_str(fields, "xds.route_name"),
-        request_id=_str(fields, "request.id"), start_ts=_epoch(fields.get("request.time")),
-        request_bytes=request_bytes, upstream_host=_str(fields, "upstream.address"),
-        code_details=_str(fields, "response.code_details"), status=status, content_type=content_type,
-        content_encoding=content_encoding, request_headers=request_headers)
-
-
-def _int(raw: bytes) -> int:
-    try:
-        return int(raw or b"0")
-    except ValueError:
-        return 0
-
-
-def _seconds(d) -> float:
-    return d.seconds + d.nanos / 1e9
-
-
-def access_log_response_start(entry, header_names: list[str]) -> tuple[ResponseStart, float, float]:
-    """From one Envoy ``HTTPAccessLogEntry`` (a bodiless response lockgate's access log reports):
-    the start, and the epoch seconds its headers left Envoy and its stream ended."""
-    cp = entry.common_properties
-    start_ts = _seconds(cp.start_time)
-    headers_at = start_ts + (_seconds(cp.time_to_first_downstream_tx_byte)
-                             if cp.HasField("time_to_first_downstream_tx_byte") else 0.0)
-    ended_at = start_ts + (_seconds(cp.duration) if cp.HasField("duration") else
-                           _seconds(cp.time_to_last_downstream_tx_byte)
-                           if cp.HasField("time_to_last_downstream_tx_byte") else 0.0)
-    upstream = ""
-    if cp.HasField("upstream_remote_address") and cp.upstream_remote_address.HasField("socket_address"):
-        sa = cp.upstream_remote_address.socket_address
-        upstream = f"{sa.address}:{sa.port_value}"
-    req, resp = entry.request, entry.response
-    request_headers = {name: req.request_headers[name] for name in header_names if req.request_headers.get(name)}
-    rs = ResponseStart(
-        cluster_name=cp.upstream_cluster, route_name=cp.route_name, request_id=req.request_id,
-        start_ts=start_ts, request_bytes=req.request_body_bytes, upstream_host=upstream,
-        code_details=resp.response_code_details, status=resp.response_code.value,
-        content_type=resp.response_headers.get("content-type") or None,
-        content_encoding=resp.response_headers.get("content-encoding") or None,
-        request_headers=request_headers)
-    return rs, max(headers_at, start_ts), max(ended_at, headers_at, start_ts)
-
-
 class ResponseCapture:
     """State of one response between its headers and its last body chunk."""
 
@@ -245,30 +140,50 @@ class ResponseCapture:
         self.start_ts = start_ts
 
     @classmethod
-    def start(cls, rs: ResponseStart, now: float, models: dict[str, Model], analyzer_cfg: AnalyzerConfig,
-              key_secret: bytes, sampler: BodySampler | None = None) -> "ResponseCapture | None":
-        """None when the response is not a lockgate model's (then nothing is captured).
-
-        ``now``: epoch seconds when the response started passing Envoy (the observation's ``ts``)."""
-        who = attribute(models, rs.cluster_name, rs.route_name)
+    def start(cls, headers_msg, attrs: struct_pb2.Struct | None, now: float, models: dict[str, Model],
+              analyzer_cfg: AnalyzerConfig, key_secret: bytes, header_names: list[str],
+              sampler: BodySampler | None = None) -> "ResponseCapture | None":
+        """None when the response is not a lockgate model's (then nothing is captured)."""
+        if attrs is None:
+            return None
+        fields = attrs.fields
+        who = attribute(models, _str(fields, "xds.cluster_name"), _str(fields, "xds.route_name"))
         if who is None:
             return None
-        key = extract_key(who.model.sticky_keys, rs.request_headers)
+        status = 0
+        content_type = content_encoding = None
+        for h in headers_msg.headers.headers:
+            key = h.key
+            if key == ":status":
+                status = int(h.raw_value or b"0")
+            elif key == "content-type":
+                content_type = h.raw_value.decode("latin-1")
+            elif key == "content-encoding":
+                content_encoding = h.raw_value.decode("latin-1")
+        start_ts = _epoch(fields.get("request.time"))
+        req_headers = {}
+        for name in header_names:
+            v = _str(fields, f"request.headers['{name}']")
+            if v:
+                req_headers[name] = v
+        key = extract_key(who.model.sticky_keys, req_headers)
         obs = obs_pb2.Observation(
-            request_id=rs.request_id, ts=now, model=who.model.name, version=who.version, role=who.role,
-            weight_bp=who.weight_bp, stage=who.stage, route=who.route, upstream_host=rs.upstream_host,
-            status_code=rs.status, user_key=hash_key(key[1], key_secret) if key else "",
-            timeout=rs.code_details == "upstream_response_timeout")
-        if rs.start_ts is not None:
-            obs.ttfb_ms = max(0.0, (now - rs.start_ts) * 1000)
-        if rs.request_bytes is not None:
-            obs.request_bytes = rs.request_bytes
-        analyzer = make_analyzer(who.model.analyzer, rs.content_type, rs.content_encoding, analyzer_cfg)
+            request_id=_str(fields, "request.id"), ts=now, model=who.model.name, version=who.version, role=who.role,
+            weight_bp=who.weight_bp, stage=who.stage, route=who.route,
+            upstream_host=_str(fields, "upstream.address"), status_code=status,
+            user_key=hash_key(key[1], key_secret) if key else "",
+            timeout=_str(fields, "response.code_details") == "upstream_response_timeout")
+        if start_ts is not None:
+            obs.ttfb_ms = max(0.0, (now - start_ts) * 1000)
+        size = fields.get("request.size")
+        if size is not None and size.WhichOneof("kind") == "number_value" and size.number_value >= 0:
+            obs.request_bytes = int(size.number_value)
+        analyzer = make_analyzer(who.model.analyzer, content_type, content_encoding, analyzer_cfg)
         if sampler is not None and who.role in sampler.roles and sampler.sampled(obs.request_id):
-            obs.body_sample_content_type = rs.content_type or ""
-            obs.body_sample_content_encoding = rs.content_encoding or ""
-            return SampledCapture(obs, analyzer, rs.start_ts, sampler.max_bytes)
-        return cls(obs, analyzer, rs.start_ts)
+            obs.body_sample_content_type = content_type or ""
+            obs.body_sample_content_encoding = content_encoding or ""
+            return SampledCapture(obs, analyzer, start_ts, sampler.max_bytes)
+        return cls(obs, analyzer, start_ts)
 
     def feed(self, chunk: bytes) -> None:
         self.analyzer.feed(chunk)

@@ -2,12 +2,10 @@
 
 It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`)
 and Envoy runs it with ``failure_mode_allow``: if this process dies, requests flow, split and sticky.
-Envoy sends it the response body in STREAMED chunks, the first one with attributes naming what it
-routed (response headers are skipped, so they pass at once); every message is
-answered "continue unchanged" (nothing is ever mutated, so the client gets byte-identical responses),
-and the analysis runs after the answers except a body chunk's feed (a buffer append or an incremental
-SSE parse), so streamed tokens are not held back. Responses with no body send no ext_proc message;
-Envoy's access log reports them to this server's AccessLogService instead (:class:`BodilessLog`).
+Envoy sends it response headers (with attributes naming what it routed) and the response body in
+STREAMED chunks; every message is answered "continue unchanged" (nothing is ever mutated, so the
+client gets byte-identical responses), and the analysis runs after the answers except a body
+chunk's feed (a buffer append or an incremental SSE parse), so streamed tokens are not held back.
 Each response becomes one :class:`Observation`, shipped in batches to the controller
 (:mod:`.shipper`).
 """
@@ -23,15 +21,12 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from envoy.service.accesslog.v3 import als_pb2
-from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from lockgate.aio import keep_helper_threads_demoted, stop_on_signals
 from lockgate.config import LockgateConfig
-from lockgate.extproc.capture import (ResponseCapture, access_log_response_start, analyzer_config, body_sampler,
-                                      ext_proc_response_start)
+from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.xds.resources import key_headers
@@ -133,48 +128,22 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.metrics.record(obs)
 
     def _start(self, req: ep.ProcessingRequest, now: float) -> ResponseCapture | None:
-        """A capture from the response's first message (None: not a lockgate model's response)."""
         try:
-            rs = ext_proc_response_start(req, self.header_names)
-            if rs is None:
-                return None
-            return ResponseCapture.start(rs, now, self.models, self.analyzer_cfg, self.key_secret, self.sampler)
+            return ResponseCapture.start(req.response_headers, req.attributes.get(ATTR_NS), now, self.models,
+                                         self.analyzer_cfg, self.key_secret, self.header_names, self.sampler)
         except Exception:  # never let capture break the stream
             log.exception("capture failed to start")
             return None
 
-    def _capture_whole(self, req: ep.ProcessingRequest, now: float) -> None:
-        """A response whose whole body (and end of stream) came in its first message, after its answer."""
-        cap = self._start(req, now)
-        if cap is not None:
-            cap.feed(req.response_body.body)
-            self._done(cap, True)
-
-    def observe_bodiless(self, entry) -> None:
-        """One observation from an access log entry of a response ext_proc saw no message of."""
-        try:
-            rs, headers_at, ended_at = access_log_response_start(entry, self.header_names)
-            cap = ResponseCapture.start(rs, headers_at, self.models, self.analyzer_cfg, self.key_secret, self.sampler)
-            if cap is None:
-                return
-            obs = cap.finish(ended_at, True)
-        except Exception:  # a malformed entry is logged, never fatal
-            log.exception("access log entry not observed")
-            return
-        self.shipper.offer(obs)
-        self.metrics.record(obs)
-
     async def Process(self, request_iterator, context):
         # The read/write API, not an async generator: measured ~1.2x less CPU per message on grpcio
         # 1.85 (bench/capture.py). Envoy waits for each answer, so the answer goes first where the
-        # work is not cheap: the first message (attributes, ~17 us to read) is answered, then read;
-        # later body chunks are fed first (a buffer append or an incremental SSE parse) so a
-        # cancelled write loses nothing. The last answer goes out through _send_last and the
-        # observation is finished after the handler returned. If the RPC is cancelled at an
-        # ``await`` (Envoy or the client went away mid-body), ``finally`` completes the observation
-        # with what was fed.
+        # work is not cheap: response headers are answered, then read (~17 us); a body chunk is fed
+        # first (a buffer append or an incremental SSE parse) so a cancelled write loses nothing.
+        # The last answer goes out through _send_last and the observation is finished after the
+        # handler returned. If the RPC is cancelled at an ``await`` (Envoy or the client went away
+        # mid-body), ``finally`` completes the observation with what was fed.
         cap: ResponseCapture | None = None
-        started = False  # the response's first message (the one with Envoy's attributes) was seen
         ended = False  # end of stream seen (the body is complete)
         read, write = context.read, context.write
         try:
@@ -185,29 +154,13 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                 which = req.WhichOneof("request")
                 if which == "response_body":
                     body = req.response_body
-                    if not started:  # the first body chunk opens the response (headers are skipped)
-                        started = True
-                        now = time.time()
-                        if body.end_of_stream:  # the whole body in one message: answer, then capture
-                            ended = True
-                            await _send_last(write, _CONTINUE_RESPONSE_BODY)
-                            asyncio.get_running_loop().call_soon(self._capture_whole, req, now)
-                            return
-                        try:
-                            await write(_CONTINUE_RESPONSE_BODY)
-                        finally:  # also when cancelled at the write: the chunk passed Envoy
-                            cap = self._start(req, now)
-                            if cap is not None:
-                                cap.feed(body.body)
-                        continue
                     if cap is not None:
                         cap.feed(body.body)
                     if not body.end_of_stream:
                         await write(_CONTINUE_RESPONSE_BODY)
                         continue
                     last = _CONTINUE_RESPONSE_BODY
-                elif which == "response_headers":  # a filter config with response_header_mode: SEND
-                    started = True
+                elif which == "response_headers":
                     now = time.time()
                     if not req.response_headers.end_of_stream:
                         try:
@@ -236,21 +189,6 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         finally:
             if cap is not None:  # cancelled at an await, or the stream ended mid-body
                 self._done(cap, ended)
-
-
-class BodilessLog(als_pb2_grpc.AccessLogServiceServicer):
-    """Envoy's gRPC access log stream of bodiless responses (see
-    :func:`lockgate.xds.resources.build_access_log`): one observation per entry. Off the request
-    path: Envoy batches entries (every 100 ms) and never waits for this service."""
-
-    def __init__(self, extproc: ExtProcServer):
-        self.extproc = extproc
-
-    async def StreamAccessLogs(self, request_iterator, context):
-        async for message in request_iterator:
-            for entry in message.http_logs.log_entry:
-                self.extproc.observe_bodiless(entry)
-        return als_pb2.StreamAccessLogsResponse()
 
 
 async def _send_last(write, answer: ep.ProcessingResponse) -> None:
@@ -288,9 +226,7 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
                                  cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc)
     metrics.queued.set_function(lambda: len(shipper.queue))
     server = grpc.aio.server()
-    extproc = ExtProcServer(config, shipper, metrics)
-    ep_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(BodilessLog(extproc), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, shipper, metrics), server)
     address = config.extproc_addresses()[index]
     metrics_address = config.extproc_metrics_address(index)
     server.add_insecure_port(str(address))

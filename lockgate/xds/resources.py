@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
@@ -30,10 +29,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
-from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
-from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
@@ -56,10 +52,6 @@ LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
 SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
-#: dynamic metadata namespace Envoy's header_to_metadata filter fills with each response's content type
-#: and encoding; the ext_proc filter forwards it with the first body chunk (see :func:`build_listener`)
-RESPONSE_METADATA_NS = "lockgate.response"
-ACCESS_LOG_NAME = "lockgate-bodiless"  #: Envoy's gRPC access log of bodiless responses, to the ext_proc server
 SAMPLE_MODEL_HEADER = "x-lockgate-sample-model"    #: set on mirrored requests only: the model
 SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set on mirrored requests only: canary at sampling
 
@@ -111,42 +103,11 @@ def key_headers(config: LockgateConfig) -> list[str]:
 
 
 def response_attributes(config: LockgateConfig) -> list[str]:
-    """Attributes Envoy attaches to the first ext_proc message of each response: who served the
-    request (cluster, route), its id, start time, size, upstream host, status, and the request
+    """Attributes Envoy attaches to the response-headers message sent to lockgate's ext_proc: who
+    served the request (cluster, route), its id, start time, size, upstream host, and the request
     headers the sticky-key policy reads (hashed into the observation, never stored raw)."""
     return ["xds.cluster_name", "xds.route_name", "request.id", "request.time", "request.size",
-            "upstream.address", "response.code", "response.code_details"] + [
-        f"request.headers['{h}']" for h in key_headers(config)]
-
-
-#: Response headers copied into :data:`RESPONSE_METADATA_NS` for the ext_proc server (metadata key,
-#: header). Attributes cannot carry them: ``response.headers[...]`` is empty when Envoy skips the
-#: response-headers message (checked on Envoy 1.40).
-RESPONSE_METADATA_HEADERS = (("content_type", "content-type"), ("content_encoding", "content-encoding"))
-BODILESS_FILTER = "response.size == 0"  #: CEL: the responses that reach ext_proc with no message
-
-
-def build_access_log(config: LockgateConfig) -> accesslog_pb2.AccessLog:
-    """Envoy's gRPC access log of responses with no body, to the ext_proc server.
-
-    With the response-headers message skipped, ext_proc gets only body messages — and none at all
-    for a response whose headers end the stream (204, 304, HEAD, an empty local reply). Those come
-    from here instead, so every request still becomes an observation. A response whose empty body does
-    reach ext_proc is logged too; the controller stores one observation per request id."""
-    return accesslog_pb2.AccessLog(
-        name="envoy.access_loggers.http_grpc",
-        filter=accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
-            name="envoy.access_loggers.extension_filters.cel",
-            typed_config=_any(cel_pb2.ExpressionFilter(expression=BODILESS_FILTER)))),
-        typed_config=_any(grpc_als_pb2.HttpGrpcAccessLogConfig(
-            common_config=grpc_als_pb2.CommonGrpcAccessLogConfig(
-                log_name=ACCESS_LOG_NAME,
-                transport_api_version=config_source_pb2.ApiVersion.V3,
-                grpc_service=grpc_service_pb2.GrpcService(
-                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
-                buffer_flush_interval=_duration(0.1)),
-            additional_request_headers_to_log=key_headers(config),
-            additional_response_headers_to_log=[h for _, h in RESPONSE_METADATA_HEADERS])))
+            "upstream.address", "response.code_details"] + [f"request.headers['{h}']" for h in key_headers(config)]
 
 
 def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
@@ -155,28 +116,16 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
         failure_mode_allow=True,  # a dead ext_proc never fails a request
         message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
-        # Response headers SKIP: they pass at once, and the first body chunk carries the attributes and
-        # the content type (metadata). A body from an HTTP/1.1 upstream still takes two messages (the
-        # data, then an empty end of stream), but Envoy sends both without waiting for the first
-        # answer: p50 ~0.05 ms lower and ~60 us less ext_proc CPU per response than headers SEND
-        # (bench A/B, docs/observations.md). Bodiless responses come from the access log.
         processing_mode=processing_mode_pb2.ProcessingMode(
             request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
-            response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
             request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
             # STREAMED: each chunk passes on as soon as ext_proc answers; SSE is never held back.
             response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
             request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
             response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP),
         response_attributes=response_attributes(config),
-        metadata_options=ext_proc_pb2.MetadataOptions(
-            forwarding_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(untyped=[RESPONSE_METADATA_NS])),
         stat_prefix="lockgate")
-    # Encoder filters run in reverse order: listed after ext_proc, this one sees the response first.
-    response_metadata = header_to_metadata_pb2.Config(response_rules=[
-        header_to_metadata_pb2.Config.Rule(header=header, on_header_present=header_to_metadata_pb2.Config.KeyValuePair(
-            metadata_namespace=RESPONSE_METADATA_NS, key=key, type=header_to_metadata_pb2.Config.STRING))
-        for key, header in RESPONSE_METADATA_HEADERS])
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -186,10 +135,8 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
         # the id Envoy generated otherwise (a response header; the body is never touched).
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
-        access_log=[build_access_log(config)],
         http_filters=[
             hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc)),
-            hcm.HttpFilter(name="envoy.filters.http.header_to_metadata", typed_config=_any(response_metadata)),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ])
     return listener_pb2.Listener(

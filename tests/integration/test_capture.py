@@ -107,6 +107,11 @@ def test_bodiless_responses_are_observed_once(fixture_fleet):
     for rid, (method, path, status) in cases.items():
         st, _, body = get(f.ports["listener"], path, {"x-request-id": rid, "x-user-id": "bob"}, method)
         assert st == status and (body == b"" or rid == "b-chat"), rid
+    abandoned = socket.create_connection(("127.0.0.1", f.ports["listener"]), timeout=5)
+    abandoned.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nx-request-id: b-abandoned\r\n\r\n")
+    time.sleep(0.2)
+    abandoned.close()  # before any response: no status, not an observation
+    time.sleep(1.2)
     obs = f.wait_observations(len(cases))
     time.sleep(0.5)  # an access log entry that would duplicate one arrives after it
     obs = f.observations()

@@ -22,10 +22,8 @@ from lockgate.controller.observations import OBS_COLUMN_NAMES, ObservationStore
 from lockgate.controller.rollouts import RolloutStore
 from lockgate.controller.samples import SampleStore, decoded_text, sample_json, samples_path
 from lockgate.extproc.analyzers import AnalyzerConfig
-from lockgate.extproc.capture import (ATTR_NS, BodySampler, ResponseCapture, SampledCapture, body_sampler,
-                                      ext_proc_response_start)
+from lockgate.extproc.capture import ATTR_NS, BodySampler, ResponseCapture, SampledCapture, body_sampler
 from lockgate.proto.v1 import observations_pb2 as pb
-from lockgate.xds.resources import RESPONSE_METADATA_NS
 
 NOW = 1_800_000_000.0
 BASE = """listener: {address: 127.0.0.1, port: 10000}
@@ -112,48 +110,38 @@ def test_sampling_rate_one_takes_everything():
 
 # ------------------------------------------------------------------------------------------ capture
 def messages(version: str, rid: str, body: bytes, chunks: int, content_type: str = "application/json",
-             content_encoding: str | None = None, headers_first: bool = False) -> list[ep.ProcessingRequest]:
-    """The ext_proc messages of one response as lockgate's listener sends them: body chunks, the first
-    with the attributes and the ``lockgate.response`` metadata (content type and encoding). With
-    ``headers_first``, a response-headers message (``response_header_mode: SEND``) opens it instead."""
+             content_encoding: str | None = None) -> list[ep.ProcessingRequest]:
     attrs = struct_pb2.Struct()
     attrs.update({"xds.cluster_name": f"chat.{version}", "xds.route_name": "chat/sticky?canary=v2&w=500&stage=",
                   "request.id": rid, "request.time": "2026-01-01T00:00:00.000000Z",
-                  "upstream.address": "127.0.0.1:1", "response.code": 200})
-    out = []
-    if headers_first:
-        h = ep.ProcessingRequest()
-        h.response_headers.headers.headers.extend([base_pb2.HeaderValue(key=":status", raw_value=b"200"),
-                                                   base_pb2.HeaderValue(key="content-type",
-                                                                        raw_value=content_type.encode())])
-        if content_encoding:
-            h.response_headers.headers.headers.append(base_pb2.HeaderValue(key="content-encoding",
-                                                                           raw_value=content_encoding.encode()))
-        out.append(h)
+                  "upstream.address": "127.0.0.1:1"})
+    h = ep.ProcessingRequest()
+    h.response_headers.headers.headers.extend([base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                                               base_pb2.HeaderValue(key="content-type",
+                                                                    raw_value=content_type.encode())])
+    if content_encoding:
+        h.response_headers.headers.headers.append(base_pb2.HeaderValue(key="content-encoding",
+                                                                       raw_value=content_encoding.encode()))
+    h.attributes[ATTR_NS].CopyFrom(attrs)
+    out = [h]
     step = max(1, -(-len(body) // chunks))
     for i in range(chunks):
         m = ep.ProcessingRequest()
         m.response_body.body = body[i * step:(i + 1) * step]
         m.response_body.end_of_stream = i == chunks - 1
         out.append(m)
-    first = out[0]
-    first.attributes[ATTR_NS].CopyFrom(attrs)
-    if not headers_first:
-        meta = {"content_type": content_type}
-        if content_encoding:
-            meta["content_encoding"] = content_encoding
-        first.metadata_context.filter_metadata[RESPONSE_METADATA_NS].update(meta)
     return out
 
 
 def capture(config, msgs, sampler="auto") -> tuple[ResponseCapture, pb.Observation]:
     models = {m.name: m for m in config.models}
+    h = msgs[0]
     s = body_sampler(config) if sampler == "auto" else sampler
-    cap = ResponseCapture.start(ext_proc_response_start(msgs[0], []), NOW, models,
-                                AnalyzerConfig(max_body_bytes=1 << 20, refusal_patterns=()), b"k" * 32, sampler=s)
-    for m in msgs:
-        if m.HasField("response_body"):
-            cap.feed(m.response_body.body)
+    cap = ResponseCapture.start(h.response_headers, h.attributes.get(ATTR_NS), NOW, models,
+                                AnalyzerConfig(max_body_bytes=1 << 20, refusal_patterns=()), b"k" * 32,
+                                [], sampler=s)
+    for m in msgs[1:]:
+        cap.feed(m.response_body.body)
     return cap, cap.finish(NOW + 0.1, True)
 
 

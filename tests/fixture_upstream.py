@@ -3,7 +3,8 @@
 ``GET|POST /fixture/<name>`` answers ``FIXTURES[name]`` (status, headers, body). Streams:
 ``/sse/<name>?interval_ms=N`` sends ``SSE[name]`` events as separate chunks N ms apart (chunked
 encoding); ``/empty-chunked`` a chunked body with no chunks; ``HEAD /fixture/<name>`` the headers of
-``GET``; ``/slow`` answers an empty 200 after 1 s; ``/cut-sse`` sends three events 50 ms apart and closes the connection without finishing the body.
+``GET``; ``/slow`` answers an empty 200 after 1 s; ``/cut-sse`` sends three events 50 ms apart and
+closes the connection without finishing the body.
 ``python -m tests.fixture_upstream --port 0`` prints ``ready <port>``.
 """
 

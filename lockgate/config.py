@@ -188,7 +188,7 @@ class CaptureConfig:
     extra_refusal_patterns: tuple[str, ...] = ()
     queue_size: int = 100_000
     batch_size: int = 500
-    flush_interval_s: float = 0.01
+    flush_interval_s: float = 0.1
     retain_bodies: RetainBodies | None = None
 
 

@@ -167,41 +167,71 @@ class ControllerMetrics:
             self.classes.labels(*lv, self._class_label(obs.model, obs.predicted_class)).inc()
 
 
+#: a batch is stored in at most this many slices (one transaction each)...
+MAX_SLICES = 10
+#: ...of at least this many observations
+MIN_SLICE = 5
+#: while a batch is stored, the writer thread works at most this share of the time: after each slice
+#: it pauses ``elapsed × (1 − duty) / duty`` (at most :data:`MAX_PAUSE_S`) before the next one
+STORE_DUTY = 0.25
+MAX_PAUSE_S = 0.005
+
+
+def slice_bounds(n: int, min_slice: int = MIN_SLICE, max_slices: int = MAX_SLICES) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges cutting a batch of ``n`` observations into at most ``max_slices`` slices
+    of at least ``min_slice`` (the last one may be shorter), in order."""
+    if n <= 0:
+        return []
+    size = max(min_slice, -(-n // max_slices))
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
+
+
 class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
-    """``Report``: store the batch (in the store's writer thread), then ack with counts."""
+    """``Report``: store the batch (in the store's writer thread, paced), then ack with counts.
+
+    Pacing: the controller usually shares its host with an Envoy and the data path, and storing
+    costs tens of µs of CPU per observation. Stored in one go, a batch is a burst of several ms that
+    delays the requests arriving meanwhile; on the 2-CPU benchmark machine no scheduling priority
+    or CPU placement of the controller prevented that (docs/observations.md). So a batch is stored in
+    slices (:func:`slice_bounds`, one transaction each), with a pause after each slice that keeps the
+    writer thread busy at most ``duty`` of the time. The ack still comes only when every slice is
+    durable; a slice that fails answers ``UNAVAILABLE`` and the retried batch stores the rest (the
+    slices already stored count as duplicates). Other batches' slices and feedback writes run
+    in the pauses, so a busy controller catches up at full speed.
+    """
 
     def __init__(self, store: ObservationStore, metrics: ControllerMetrics,
                  executor: concurrent.futures.Executor | None = None, samples: Any = None,
-                 sample_roles: tuple[str, ...] | None = None):
+                 sample_roles: tuple[str, ...] | None = None, *, min_slice: int = MIN_SLICE,
+                 max_slices: int = MAX_SLICES, duty: float = STORE_DUTY):
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty must be in (0, 1], got {duty}")
         self.store = store
         self.metrics = metrics
         #: :class:`~lockgate.controller.samples.SampleStore` when capture.retain_bodies is on (else None:
         #: body samples that arrive anyway are not kept); only samples of ``sample_roles`` are stored
         self.samples = samples
         self.sample_roles = sample_roles
+        self.min_slice = min_slice
+        self.max_slices = max_slices
+        self.duty = duty
         # one writer thread: SQLite serializes writers anyway, and the event loop never blocks on disk
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
         #: called on the event loop with the set of models a stored batch had new observations for
         #: (the promotion loop re-checks for harm at once: rollback is event-driven, not polled).
         self.on_stored: list = []
 
-    def _store(self, batch: pb.ObservationBatch) -> pb.ReportAck:
-        now = time.time()
-        self.metrics.sources.update(batch.source or "unknown", batch.dropped_total, now)
-        obs = batch.observations
-        if not obs:
-            self.metrics.batches.labels("ok").inc()
-            return pb.ReportAck()
+    def _store_slice(self, obs: Any, source: str, now: float) -> tuple[pb.ReportAck, float]:
+        """Store one slice durably (one transaction) and count it; returns its ack and the seconds it
+        took. Raises if the store failed (its observations counted as failed)."""
         t0 = time.perf_counter()
         try:
-            result = self.store.insert(obs, source=batch.source, received_ts=now)
+            result = self.store.insert(obs, source=source, received_ts=now)
         except Exception:
             for o in obs:
                 self.metrics.failed.labels(o.model, o.version, o.role or "other").inc()
-            self.metrics.batches.labels("error").inc()
             raise
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
-        self.metrics.batches.labels("ok").inc()
         new = set(result.new)
         for i, o in enumerate(obs):
             if i in new:
@@ -218,22 +248,37 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
             except Exception:
                 log.exception("storing response body samples failed (observations are stored)")
                 self.metrics.samples_failed.inc()
-        return pb.ReportAck(stored=result.stored, duplicates=result.duplicates, rejected=result.rejected)
+        ack = pb.ReportAck(stored=result.stored, duplicates=result.duplicates, rejected=result.rejected)
+        return ack, time.perf_counter() - t0
 
     async def Report(self, request: pb.ObservationBatch, context) -> pb.ReportAck:
         loop = asyncio.get_running_loop()
+        now = time.time()
+        self.metrics.sources.update(request.source or "unknown", request.dropped_total, now)
+        obs = request.observations
+        ack = pb.ReportAck()
         try:
-            ack = await loop.run_in_executor(self.executor, self._store, request)
-            if self.on_stored and ack.stored:
-                models = {o.model for o in request.observations if o.model and not o.replay}
-                for fn in self.on_stored:
-                    fn(models)
-            return ack
+            bounds = slice_bounds(len(obs), self.min_slice, self.max_slices)
+            for k, (start, end) in enumerate(bounds):
+                part, elapsed = await loop.run_in_executor(self.executor, self._store_slice, obs[start:end],
+                                                           request.source, now)
+                ack.stored += part.stored
+                ack.duplicates += part.duplicates
+                ack.rejected += part.rejected
+                if k + 1 < len(bounds):
+                    await asyncio.sleep(min(MAX_PAUSE_S, elapsed * (1 - self.duty) / self.duty))
         except Exception as exc:  # the store failed: the sender keeps (or drops and counts) the batch
-            log.exception("storing a batch of %d observations from %s failed", len(request.observations),
-                          request.source or "?")
+            self.metrics.batches.labels("error").inc()
+            log.exception("storing a batch of %d observations from %s failed", len(obs), request.source or "?")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"observation store failed: {exc}")
             raise  # unreachable: abort raises
+        finally:
+            if self.on_stored and ack.stored:
+                models = {o.model for o in obs if o.model and not o.replay}
+                for fn in self.on_stored:
+                    fn(models)
+        self.metrics.batches.labels("ok").inc()
+        return ack
 
 
-__all__ = ["ControllerMetrics", "LABELS", "MAX_CLASSES", "ObservationCollectorServicer"]
+__all__ = ["ControllerMetrics", "LABELS", "MAX_CLASSES", "ObservationCollectorServicer", "slice_bounds"]

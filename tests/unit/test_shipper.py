@@ -234,7 +234,9 @@ def test_queue_bound_drops_excess_and_reports_dropped_total():
             batch = collector.batches[0][1]
             assert [o.request_id for o in batch.observations] == ["r0", "r1", "r2"]
             assert batch.dropped_total == 3
-            assert sh.sent_total == 3 and rec.sent == [3] and not sh.queue
+            # the collector records the batch before its ack reaches the sender thread
+            assert await wait_until(lambda: sh.sent_total == 3, 5.0)
+            assert rec.sent == [3] and not sh.queue
             assert sh.offer(obs(5)) is True  # room again
 
     run(scenario)

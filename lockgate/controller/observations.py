@@ -240,6 +240,11 @@ class ObservationStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        #: the ``synchronous`` of a durable commit, and of one whose fsync a later durable commit does
+        #: (in WAL mode a commit at FULL syncs the whole WAL file, frames of earlier commits included)
+        self._sync_durable = synchronous.upper()
+        self._sync_deferred = "NORMAL" if self._sync_durable in ("FULL", "EXTRA") else self._sync_durable
+        self._sync_now = self._sync_durable
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no observation store at {self.path}")
@@ -283,10 +288,17 @@ class ObservationStore:
                 conn.close()
 
     @contextlib.contextmanager
-    def _writer(self) -> Iterator[sqlite3.Connection]:
+    def _writer(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable=False``: its commit is not synced to disk by itself, only
+        by the next durable commit (or checkpoint); a crash of the process loses nothing, a power loss
+        may lose it."""
         if self._db is None:
             raise RuntimeError("observation store opened read-only")
         with self._write_lock:
+            sync = self._sync_durable if durable else self._sync_deferred
+            if sync != self._sync_now:
+                self._db.execute(f"PRAGMA synchronous={sync}")
+                self._sync_now = sync
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -308,12 +320,14 @@ class ObservationStore:
                 self._db = None
 
     # ----- writes -----
-    def insert(self, observations: Iterable[Any], source: str = "", received_ts: float | None = None
-               ) -> InsertResult:
+    def insert(self, observations: Iterable[Any], source: str = "", received_ts: float | None = None,
+               *, durable: bool = True) -> InsertResult:
         """Store a batch of proto Observations in one transaction; idempotent on (request_id, replay).
 
         Returns which of them are new (indexes into the input), how many were already stored, and how
         many were rejected (no request id / model). Raises sqlite3.Error if nothing could be stored.
+        ``durable=False`` leaves the fsync to the next durable write (see :meth:`_writer`): for all but
+        the last part of a batch stored in parts.
         """
         now = time.time() if received_ts is None else received_ts
         rows: list[tuple] = []
@@ -325,17 +339,18 @@ class ObservationStore:
                 index.append(i)
             except ObservationRejected:
                 rejected += 1
-        return self._insert_rows(rows, index, rejected)
+        return self._insert_rows(rows, index, rejected, durable)
 
     def insert_rows(self, rows: Sequence[tuple]) -> InsertResult:
         """Store already-converted rows (see :func:`observation_row`)."""
         return self._insert_rows(list(rows), list(range(len(rows))), 0)
 
-    def _insert_rows(self, rows: list[tuple], index: list[int], rejected: int) -> InsertResult:
+    def _insert_rows(self, rows: list[tuple], index: list[int], rejected: int, durable: bool = True
+                     ) -> InsertResult:
         if not rows:
             return InsertResult([], 0, rejected)
         keys = [(r[0], r[OBS_COLUMN_NAMES.index("replay")]) for r in rows]
-        with self._writer() as db:
+        with self._writer(durable) as db:
             existing: set[tuple[str, int]] = set()
             ids = list({k[0] for k in keys})
             for start in range(0, len(ids), 900):

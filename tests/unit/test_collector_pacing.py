@@ -42,15 +42,17 @@ class CountingStore(ObservationStore):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.inserts: list[int] = []
+        self.durable: list[bool] = []
         self.fail_on: int | None = None
 
-    def insert(self, observations, source="", received_ts=None):
+    def insert(self, observations, source="", received_ts=None, *, durable=True):
         observations = list(observations)
         self.inserts.append(len(observations))
+        self.durable.append(durable)
         if self.fail_on is not None and len(self.inserts) == self.fail_on:
             self.fail_on = None
             raise sqlite3.OperationalError("disk I/O error (injected)")
-        return super().insert(observations, source, received_ts)
+        return super().insert(observations, source, received_ts, durable=durable)
 
 
 def mk(i: int) -> pb.Observation:
@@ -87,6 +89,7 @@ def test_a_batch_is_stored_in_slices_and_acked_once_all_are_durable(tmp_path):
             await server.stop(None)
         assert (ack.stored, ack.duplicates, ack.rejected) == (37, 0, 0)
         assert store.inserts == [5, 5, 5, 5, 5, 5, 5, 2]  # one transaction per slice
+        assert store.durable == [False] * 7 + [True]  # one fsync per batch, before the ack
         assert store.count("chat") == 37  # every slice durable before the ack
         assert _stored(metrics) == 37
         assert notified == [{"chat"}]  # the promotion loop is told once per batch
@@ -129,4 +132,23 @@ def test_duty_must_be_a_fraction(tmp_path):
     store = ObservationStore(tmp_path / "obs.db")
     with pytest.raises(ValueError, match="duty"):
         ObservationCollectorServicer(store, ControllerMetrics(), duty=0)
+    store.close()
+
+
+def test_a_deferred_commit_is_synced_by_the_next_durable_one(tmp_path):
+    """``durable=False`` commits at synchronous=NORMAL (no fsync); every other write is at FULL."""
+    store = ObservationStore(tmp_path / "obs.db")
+
+    def sync_level() -> int:
+        return store._db.execute("PRAGMA synchronous").fetchone()[0]
+
+    assert sync_level() == 2  # FULL
+    store.insert([mk(1)], durable=False)
+    assert sync_level() == 1  # NORMAL
+    store.add_labels([("req-1", "thumbs", "up")])  # feedback is always durable
+    assert sync_level() == 2
+    store.insert([mk(2)], durable=False)
+    store.insert([mk(3)])
+    assert sync_level() == 2
+    assert store.count("chat") == 3
     store.close()

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["summary"] = summarize(result)
     out = save_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     return result
 
 

@@ -131,6 +131,15 @@ class ControllerMetrics:
                                LABELS + ("class",), registry=r)
         self._classes_seen: dict[str, set[str]] = {}
         self._classes_lock = threading.Lock()
+        #: (metric id, label values) -> child: ``labels()`` costs ~1 µs per call (a lock and a dict)
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _class_label(self, model: str, cls: str) -> str:
         with self._classes_lock:
@@ -143,28 +152,29 @@ class ControllerMetrics:
             return cls
 
     def observe(self, obs: Any) -> None:
-        """Count one newly stored observation."""
+        """Count one newly stored observation (from one thread at a time: the store's writer)."""
         lv = (obs.model, obs.version, obs.role or "other")
-        self.stored.labels(*lv).inc()
+        child = self._child
+        child(self.stored, *lv).inc()
         if obs.replay:
             return
         code = obs.status_code
         status = f"{code // 100}xx" if 100 <= code < 600 else "none"
-        self.requests.labels(*lv, status).inc()
+        child(self.requests, *lv, status).inc()
         if obs.timeout:
-            self.timeouts.labels(*lv).inc()
+            child(self.timeouts, *lv).inc()
         if code >= 500 or obs.timeout:
-            self.errors.labels(*lv).inc()
+            child(self.errors, *lv).inc()
         if obs.HasField("duration_ms") and math.isfinite(obs.duration_ms):
-            self.duration.labels(*lv).observe(obs.duration_ms / 1000.0)
+            child(self.duration, *lv).observe(obs.duration_ms / 1000.0)
         if obs.HasField("ttfb_ms") and math.isfinite(obs.ttfb_ms):
-            self.ttft.labels(*lv).observe(obs.ttfb_ms / 1000.0)
+            child(self.ttft, *lv).observe(obs.ttfb_ms / 1000.0)
         if obs.HasField("output_tokens"):
-            self.output_tokens.labels(*lv).observe(obs.output_tokens)
+            child(self.output_tokens, *lv).observe(obs.output_tokens)
         if obs.HasField("refusal") and obs.refusal:
-            self.refusals.labels(*lv).inc()
+            child(self.refusals, *lv).inc()
         if obs.predicted_class:
-            self.classes.labels(*lv, self._class_label(obs.model, obs.predicted_class)).inc()
+            child(self.classes, *lv, self._class_label(obs.model, obs.predicted_class)).inc()
 
 
 #: a batch is stored in at most this many slices (one transaction each)...

@@ -1,7 +1,8 @@
 """The controller's ``ObservationCollector`` gRPC service and its Prometheus metrics.
 
-Each ext_proc process sends ``ObservationBatch``es to ``Report``; a batch is stored durably (one SQLite
-transaction, see :class:`~lockgate.controller.observations.ObservationStore`) before the ack. Report is
+Each ext_proc process sends ``ObservationBatch``es to ``Report``; a batch is stored durably (in paced
+slices, one SQLite transaction each, see :class:`ObservationCollectorServicer` and
+:class:`~lockgate.controller.observations.ObservationStore`) before the ack. Report is
 idempotent on request id: a retried batch is acknowledged again and stored once, and counted once in
 the metrics. If the store fails, Report answers ``UNAVAILABLE`` so the sender retries or drops (and
 counts) the batch — the controller never affects traffic.

@@ -81,9 +81,9 @@ class ObservationShipper:
         last_warning = 0.0
         while True:
             # Idle until the first observation; then collect for flush_interval_s (or until a full
-            # batch) and send. Small steady batches: sending whatever arrived during the last call
-            # costs a call every few responses, and big batches hit the controller in bursts that
-            # stall an Envoy sharing its CPU (both measured in bench/capture.py).
+            # batch) and send. Steady batches (default every 100 ms): sending whatever arrived during
+            # the last call costs a call every few responses; the controller paces the storing of a
+            # batch, so a bigger one is not a burst on a CPU an Envoy shares (docs/observations.md).
             if not queue:
                 if self._closing:
                     return

@@ -202,7 +202,9 @@ def test_collector_end_to_end(controller, tmp_path):
     assert p2.proc.wait(10) == 0
 
 
-def test_collector_keeps_up_with_2000_obs_per_second(controller):
+def test_collector_stores_40_concurrent_batches_completely(controller):
+    """40 batches of 250 in flight at once (paced slices interleave on the writer): every one stored
+    and counted once. The rate is printed, not asserted (timing belongs in bench/)."""
     start, ports, _ = controller
     start()
     now = time.time()
@@ -219,7 +221,7 @@ def test_collector_keeps_up_with_2000_obs_per_second(controller):
         rate = n_batches * size / (time.perf_counter() - t)
     assert sum(a.stored for a in acks) == n_batches * size
     print(f"collector: {rate:.0f} observations/s stored durably over gRPC")
-    assert rate > 2000, f"{rate:.0f} obs/s"
+    assert all(a.stored == size and a.duplicates == 0 for a in acks)
     m = metrics(ports["http"])
     base = frozenset({"model": "chat", "role": "baseline", "version": "v1"}.items())
     assert m[("lockgate_controller_observations_stored_total", base)] == n_batches * size

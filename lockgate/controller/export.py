@@ -28,7 +28,7 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 
 from lockgate.controller.observations import (
-    FETCH_COLUMNS, LABEL_KINDS, LABEL_TS_COLUMN, ObservationStore, _columnar,
+    FETCH_COLUMNS, LABEL_KINDS, LABEL_TS_COLUMN, ObservationStore, columns_to_arrays,
 )
 
 #: store column → JSONL field (in output order); label fields follow.
@@ -158,20 +158,28 @@ _STRINGS = {"request_id", "model", "version", "role", "stage", "route", "upstrea
             "parse_error", "finish_reason", "predicted_class", "true_class"}
 
 
+#: field -> what its value must be (fields not listed are not checked)
+_KIND = {**{k: "number" for k in _NUMERIC}, **{k: "bool" for k in _BOOLS}, **{k: "string" for k in _STRINGS},
+         "thumbs": "thumbs"}
+#: value types that pass each check without a closer look
+_FAST_OK = {"number": (int, float), "bool": (bool,), "string": (str,)}
+
+
 def _check(obj: dict[str, Any], lineno: int) -> None:
     for k, v in obj.items():
-        if v is None:
+        kind = _KIND.get(k)
+        if kind is None or v is None or type(v) in _FAST_OK.get(kind, ()):
             continue
         where = f"line {lineno}: {k}"
-        if k in _NUMERIC and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if kind == "number" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ValueError(f"{where}: must be a number, got {v!r}")
-        if k in _BOOLS and not isinstance(v, bool):
+        if kind == "bool" and not isinstance(v, bool):
             raise ValueError(f"{where}: must be true or false, got {v!r}")
-        if k in _STRINGS and not isinstance(v, str):
+        if kind == "string" and not isinstance(v, str):
             if k == "true_class" and isinstance(v, int):
                 continue
             raise ValueError(f"{where}: must be a string, got {v!r}")
-        if k == "thumbs" and v not in ("up", "down"):
+        if kind == "thumbs" and v not in ("up", "down"):
             raise ValueError(f"{where}: must be \"up\" or \"down\", got {v!r}")
 
 
@@ -237,26 +245,33 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
             continue
         obs.append(o)
     obs.sort(key=lambda o: o["ts"])  # stable: file order among equal timestamps
-    # Column by column (one pass per column, no per-cell dispatch): 1M lines in a few seconds.
+    # Column by column (one pass per column, no per-cell dispatch; a field no line has is all None
+    # without a pass): 1M lines in a few seconds.
+    n = len(obs)
+    present: set[str] = set().union(*(o.keys() for o in obs)) if obs else set()
     no_label: dict = {}
-    labs = [labels.get(o["request_id"], no_label) for o in obs]
+    labs = [labels.get(o["request_id"], no_label) for o in obs] if labels else [no_label] * n
     ts_kind = {t: k for k, t in LABEL_TS_COLUMN.items()}
     columns: list[list] = []
     for c in FETCH_COLUMNS:
         if c == "is_canary":
             columns.append([o.get("role") == "canary" for o in obs])
         elif c in LABEL_KINDS:
+            if not labels:
+                columns.append([None] * n)
+                continue
             vals = [lab[c][1] if c in lab else None for lab in labs]
             if c == "thumbs":
                 vals = [None if v is None else (1.0 if v == "up" else 0.0) for v in vals]
             columns.append(vals)
         elif c in ts_kind:
             k = ts_kind[c]
-            columns.append([lab[k][0] if k in lab else None for lab in labs])
+            columns.append([lab[k][0] if k in lab else None for lab in labs] if labels else [None] * n)
+        elif c not in present:
+            columns.append([None] * n)
         else:
             columns.append([o.get(c) for o in obs])
-    rows = list(zip(*columns))
-    out = _columnar(rows, FETCH_COLUMNS)
+    out = columns_to_arrays(columns, FETCH_COLUMNS, n)
     out["label"] = out["true_class"]
     out["label_ts"] = out["label_arrival_ts"]
     return out

@@ -205,8 +205,13 @@ def observation_row(obs: Any, source: str = "", received_ts: float | None = None
 
 
 def _columnar(rows: Sequence[tuple], names: Sequence[str]) -> dict[str, np.ndarray]:
-    n = len(rows)
     cols = list(zip(*rows)) if rows else [() for _ in names]
+    return columns_to_arrays(cols, names, len(rows))
+
+
+def columns_to_arrays(cols: Sequence[Sequence[Any]], names: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """Value lists (one per name, each of length ``n``) → the typed columns of :meth:`ObservationStore.fetch`:
+    bool, float64 with NaN for ``None``, or object with ``None`` (non-strings turned into strings)."""
     out: dict[str, np.ndarray] = {}
     for name, values in zip(names, cols):
         if name in BOOL_COLUMNS:
@@ -577,4 +582,4 @@ def _label_py_value(kind: str, value: Any) -> Any:
 
 __all__ = ["BOOL_COLUMNS", "FETCH_COLUMNS", "FLOAT_COLUMNS", "InsertResult", "LABEL_KINDS", "LABEL_TS_COLUMN",
            "LabelResult", "OBJECT_COLUMNS", "OBS_COLUMN_NAMES", "ObservationRejected", "ObservationStore",
-           "empty_columns", "observation_row"]
+           "columns_to_arrays", "empty_columns", "observation_row"]

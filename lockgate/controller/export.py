@@ -250,23 +250,20 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
     n = len(obs)
     present: set[str] = set().union(*(o.keys() for o in obs)) if obs else set()
     no_label: dict = {}
-    labs = [labels.get(o["request_id"], no_label) for o in obs] if labels else [no_label] * n
+    labs = [labels.get(o["request_id"], no_label) for o in obs]
     ts_kind = {t: k for k, t in LABEL_TS_COLUMN.items()}
     columns: list[list] = []
     for c in FETCH_COLUMNS:
         if c == "is_canary":
             columns.append([o.get("role") == "canary" for o in obs])
         elif c in LABEL_KINDS:
-            if not labels:
-                columns.append([None] * n)
-                continue
             vals = [lab[c][1] if c in lab else None for lab in labs]
             if c == "thumbs":
                 vals = [None if v is None else (1.0 if v == "up" else 0.0) for v in vals]
             columns.append(vals)
         elif c in ts_kind:
             k = ts_kind[c]
-            columns.append([lab[k][0] if k in lab else None for lab in labs] if labels else [None] * n)
+            columns.append([lab[k][0] if k in lab else None for lab in labs])
         elif c not in present:
             columns.append([None] * n)
         else:

@@ -13,13 +13,18 @@ the row is dropped for that metric (never treated as zero).
 
 Verdicts (see :class:`MetricVerdict`):
 
-* ``fail``    -- harm shown: canary worse than baseline beyond 0 in the harmful
-                 direction (one-sided, time-uniform, level ``alpha``).
-* ``pass``    -- non-inferiority shown: canary within the allowed change of the
-                 baseline (one-sided, time-uniform, level ``alpha``).
+* ``fail``    -- shown worse than the baseline by *more than* the allowed change
+                 ``delta`` in the harmful direction (one-sided, time-uniform, level
+                 ``alpha``; null hypothesis: degradation <= delta).
+* ``pass``    -- shown worse by *less than* ``delta`` (non-inferiority; one-sided,
+                 time-uniform, level ``alpha``; null: degradation >= delta).
 * ``not-yet`` -- neither (yet).
 
-``fail`` takes precedence: rollback needs only harm.
+Both questions are asked of one contrast and one confidence sequence, on either
+side of the same line (the allowance): ``fail`` when the whole sequence is beyond
+it, ``pass`` when it is entirely within it.  ``delta = 0`` keeps "any harm".
+A canary that is worse but within its allowance is therefore never rolled back
+(beyond the ``alpha`` chance), however much traffic accumulates.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .planning import samples_needed
 
 __all__ = [
     "KINDS",
+    "ALLOWED_MODES",
     "MetricSpec",
     "MetricVerdict",
     "evaluate_rate",
@@ -46,6 +52,7 @@ __all__ = [
 ]
 
 KINDS = ("rate", "mean", "quantile", "class_recall", "class_precision")
+ALLOWED_MODES = ("absolute", "relative", "exceedance_ratio")
 DEFAULT_MIN_CLUSTERS = 20
 
 
@@ -64,7 +71,17 @@ class MetricSpec:
     ``allowed`` / ``allowed_mode``: the change users accept, in the harmful
     direction.  ``absolute`` -- in the metric's units (for ``quantile`` in the
     quantile's units, e.g. ms; for rates and class metrics as a fraction, 0.01 =
-    1 point).  ``relative`` -- a fraction of the baseline value (0.1 = 10 %).
+    1 point).  ``relative`` -- a fraction of the baseline value (0.1 = 10 %):
+    a ratio of rates for rates, of means for means, of quantiles for quantiles.
+    ``exceedance_ratio`` (quantile metrics only) -- ``allowed`` is a ratio >= 1
+    on the share of canary requests beyond the baseline's quantile: p95 with
+    ratio 1.2 allows up to 1.2 x 5 % = 6 % of canary requests above the
+    baseline's p95.
+
+    ``alpha``: an explicit per-metric share of the family-wise alpha (``None``:
+    an even split, see ``decision.split_alpha``).  ``family``: metrics with the
+    same family name (e.g. the classes of ``class_recall``) share one metric's
+    share of alpha, split evenly among them.
     Use :func:`lockgate.controller.stats.planning.auto_allowed` to derive it
     from the baseline history and store the text in ``allowed_derivation``.
 
@@ -89,14 +106,23 @@ class MetricSpec:
     label_ts_column: str = "label_ts"
     allowed_derivation: str | None = None
     unit: str = ""
+    alpha: float | None = None
+    family: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {KINDS}")
         if self.harmful not in ("increase", "decrease"):
             raise ValueError(f"{self.name}: harmful must be 'increase' or 'decrease'")
-        if self.allowed_mode not in ("absolute", "relative"):
-            raise ValueError(f"{self.name}: allowed_mode must be 'absolute' or 'relative' (resolve 'auto' first)")
+        if self.allowed_mode not in ALLOWED_MODES:
+            raise ValueError(f"{self.name}: allowed_mode must be one of {ALLOWED_MODES} (resolve 'auto' first)")
+        if self.allowed_mode == "exceedance_ratio":
+            if self.kind != "quantile":
+                raise ValueError(f"{self.name}: allowed_mode exceedance_ratio is for quantile metrics only")
+            if not (self.allowed >= 1.0):
+                raise ValueError(f"{self.name}: an exceedance ratio must be >= 1 (1 = no change allowed)")
+        if self.alpha is not None and not (0.0 < self.alpha < 1.0):
+            raise ValueError(f"{self.name}: alpha must be in (0, 1)")
         if not (self.allowed >= 0.0) or not math.isfinite(self.allowed):
             raise ValueError(f"{self.name}: allowed must be a finite number >= 0")
         if self.allowed_mode == "relative" and self.harmful == "decrease" and self.allowed >= 1.0:
@@ -131,6 +157,8 @@ class MetricSpec:
             "column": self.data_column,
             "allowed_derivation": self.allowed_derivation,
             "unit": self.unit,
+            "alpha": self.alpha,
+            "family": self.family,
         }
 
 
@@ -331,6 +359,8 @@ def _empty_verdict(spec: MetricSpec, alpha: float, reason: str, p: _Prepared | N
 
 def _allowed_text(spec: MetricSpec, delta_abs: float) -> str:
     sgn = "+" if spec.sign > 0 else "-"
+    if spec.allowed_mode == "exceedance_ratio":
+        return f"exceedance ratio {spec.allowed:.4g}"
     if spec.allowed_mode == "relative":
         return f"{sgn}{_f(delta_abs, spec.unit)} ({spec.allowed * 100:.4g}% of baseline)"
     if spec.allowed_derivation:
@@ -349,53 +379,72 @@ def _variance_verdict(
     extra_ni: tuple[bool, str] | None = None,
     details: dict | None = None,
 ) -> MetricVerdict:
-    """Shared logic for rate, mean and class metrics (difference of means)."""
+    """Shared logic for rate, mean and class metrics (difference of means).
+
+    One contrast, one confidence sequence, one line.  ``absolute``: the contrast
+    is ``theta = canary - baseline`` and the line is ``+delta`` (harmful
+    increase) or ``-delta`` (harmful decrease).  ``relative``: the contrast is
+    ``canary - (1 + h rel) x baseline`` (a ratio of means / rates, tested exactly,
+    not by plugging in the baseline estimate) and the line is 0.  ``fail`` when
+    the sequence lies entirely beyond the line in the harmful direction,
+    ``pass`` when it lies entirely on the other side.  The reported interval is
+    the same sequence on the ``canary - baseline`` scale, so "interval beyond
+    ``allowed``" reads exactly as the decision.
+    """
     h = spec.sign
-    rel_c = 1.0 + h * spec.allowed
-    if spec.allowed_mode == "relative":
-        est, est_r = stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=(1.0, rel_c), binary=binary)
+    relative = spec.allowed_mode == "relative"
+    c = 1.0 + h * spec.allowed if relative else 1.0
+    if relative and c != 1.0:
+        est, est_r = stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=(1.0, c), binary=binary)
     else:
-        est, est_r = _est(p, 1.0, binary), None
+        est = _est(p, 1.0, binary)
+        est_r = est
     n_b, n_c, gb, gc = _counts(p)
-    if est is None:
+    if est is None or est_r is None:
         return _empty_verdict(
             spec, alpha, "no stage has observations in both canary and baseline yet", p,
             baseline=_fin(float(p.y[p.arm == 0].mean())) if n_b else None,
             canary=_fin(float(p.y[p.arm == 1].mean())) if n_c else None,
         )
     base, can = est.mean_baseline, est.mean_canary
-    delta_abs = spec.allowed * abs(base) if spec.allowed_mode == "relative" else spec.allowed
+    # est.estimate - est_r.estimate = (c - 1) x (stratum-weighted baseline mean) = h x delta_abs
+    delta_abs = abs(est.estimate - est_r.estimate) if relative else spec.allowed
     if not math.isfinite(delta_abs):
         delta_abs = 0.0
-    tau = delta_abs if delta_abs > 0 else math.sqrt(est.variance)
-    lcb, ucb = confidence_bounds(est.estimate, est.variance, tau, alpha)
-    harm_cr = (lcb > 0.0) if h > 0 else (ucb < 0.0)
-    # non-inferiority
-    if spec.allowed_mode == "relative":
-        c = rel_c
-        lr, ur = confidence_bounds(est_r.estimate, est_r.variance, tau, alpha) if est_r else (-math.inf, math.inf)
-        ni_cr = (ur < 0.0) if h > 0 else (lr > 0.0)
-        ni_text = (
-            f"canary - {c:.4g} x baseline <= {_sf(ur, spec.unit)} < 0" if h > 0
-            else f"canary - {c:.4g} x baseline >= {_sf(lr, spec.unit)} > 0"
-        )
-        var_plan = est_r.variance if est_r else est.variance
+    tau = delta_abs if delta_abs > 0 else math.sqrt(est_r.variance)
+    lcb_r, ucb_r = confidence_bounds(est_r.estimate, est_r.variance, tau, alpha)
+    line_r = 0.0 if relative else h * delta_abs  # the allowance on the decision contrast's scale
+    shift = est.estimate - est_r.estimate  # decision contrast -> canary - baseline scale
+    lcb, ucb = lcb_r + shift, ucb_r + shift
+    line = h * delta_abs
+    if h > 0:
+        harm_cr, ni_cr = lcb_r > line_r, ucb_r < line_r
     else:
-        ni_cr = (ucb < delta_abs) if h > 0 else (lcb > -delta_abs)
-        ni_text = (
-            f"canary - baseline <= {_sf(ucb, spec.unit)} < allowed {_allowed_text(spec, delta_abs)}" if h > 0
-            else f"canary - baseline >= {_sf(lcb, spec.unit)} > allowed {_allowed_text(spec, delta_abs)}"
-        )
-        var_plan = est.variance
-    n_needed = samples_needed(delta_abs, alpha, var_per_canary_obs=var_plan * max(est.n_canary, 1), tau=tau) if delta_abs > 0 else None
+        harm_cr, ni_cr = ucb_r < line_r, lcb_r > line_r
+    contrast = f"canary - {c:.4g} x baseline" if relative else "canary - baseline"
+    allowed_txt = _allowed_text(spec, delta_abs)
+    n_needed = (samples_needed(delta_abs, alpha, var_per_canary_obs=est_r.variance * max(est_r.n_canary, 1), tau=tau)
+                if delta_abs > 0 else None)
 
-    det = {"tau": tau, "lcb": lcb, "ucb": ucb, "estimate": est.estimate, "variance": est.variance}
+    det = {"tau": tau, "lcb": lcb, "ucb": ucb, "estimate": est.estimate, "variance": est_r.variance,
+           "contrast": contrast, "contrast_estimate": est_r.estimate, "contrast_lcb": lcb_r, "contrast_ucb": ucb_r,
+           "rollback_line": line}
     if details:
         det.update(details)
     harm = harm_cr and (extra_harm[0] if extra_harm else True)
     ni = ni_cr and (extra_ni[0] if extra_ni else True)
     interval_txt = f"[{_sf(lcb, spec.unit)}, {_sf(ucb, spec.unit)}]"
     arms_txt = f"canary {_f(can, spec.unit)} vs baseline {_f(base, spec.unit)}"
+    if relative:
+        beyond = (f"{contrast} {'>=' if h > 0 else '<='} {_sf(lcb_r if h > 0 else ucb_r, spec.unit)} "
+                  f"{'>' if h > 0 else '<'} 0")
+        within = (f"{contrast} {'<=' if h > 0 else '>='} {_sf(ucb_r if h > 0 else lcb_r, spec.unit)} "
+                  f"{'<' if h > 0 else '>'} 0")
+    else:
+        beyond = (f"canary - baseline {'>=' if h > 0 else '<='} {_sf(lcb if h > 0 else ucb, spec.unit)}, "
+                  f"beyond the allowed {allowed_txt}")
+        within = (f"canary - baseline {'<=' if h > 0 else '>='} {_sf(ucb if h > 0 else lcb, spec.unit)}, "
+                  f"within the allowed {allowed_txt}")
     if gc < min_clusters or gb < min_clusters:
         verdict = "not-yet"
         reason = (
@@ -404,29 +453,27 @@ def _variance_verdict(
         )
     elif harm:
         verdict = "fail"
-        bound = f"lower bound {_sf(lcb, spec.unit)} > 0" if h > 0 else f"upper bound {_sf(ucb, spec.unit)} < 0"
-        reason = f"harm shown ({spec.harmful} is harmful): {arms_txt}; time-uniform {bound} on canary - baseline at alpha={alpha:.4g}"
+        reason = (f"worse beyond the allowance ({spec.harmful} is harmful, allowed {allowed_txt}): {arms_txt}; "
+                  f"time-uniform bound {beyond} at alpha={alpha:.4g}")
         if extra_harm:
             reason += f"; {extra_harm[1]}"
-        if ni:
-            reason += "; (the change is within the allowed change, but rollback needs only harm)"
     elif ni:
         verdict = "pass"
-        reason = f"non-inferior: {arms_txt}; time-uniform bound {ni_text} at alpha={alpha:.4g}"
+        reason = f"within the allowance: {arms_txt}; time-uniform bound {within} at alpha={alpha:.4g}"
         if extra_ni:
             reason += f"; {extra_ni[1]}"
     else:
         verdict = "not-yet"
         reason = (
-            f"neither harm nor non-inferiority shown yet: {arms_txt}; canary - baseline in {interval_txt} "
-            f"(alpha={alpha:.4g} per side), allowed {_allowed_text(spec, delta_abs)}"
+            f"neither beyond nor within the allowance shown yet: {arms_txt}; canary - baseline in {interval_txt} "
+            f"(alpha={alpha:.4g} per side), allowed {allowed_txt}"
         )
         if harm_cr and extra_harm and not extra_harm[0]:
-            reason += f"; cluster-robust bound excludes 0 but {extra_harm[1]}"
+            reason += f"; cluster-robust bound is beyond the allowance but {extra_harm[1]}"
         if ni_cr and extra_ni and not extra_ni[0]:
-            reason += f"; cluster-robust bound is within allowed but {extra_ni[1]}"
+            reason += f"; cluster-robust bound is within the allowance but {extra_ni[1]}"
         if n_needed is not None:
-            reason += f"; ~{n_needed} canary observations needed for non-inferiority at the current variance (have {n_c})"
+            reason += f"; ~{n_needed} canary observations needed to show it within the allowance at the current variance (have {n_c})"
     return MetricVerdict(
         metric=spec.name,
         kind=spec.kind,
@@ -487,8 +534,11 @@ def evaluate_rate(
     Requiring both means the false-decision probability is at most the smaller
     of the two tests' error probabilities, so it stays <= alpha whichever
     assumption (few events / correlated users) is the binding one.
-    Non-inferiority in ``relative`` mode uses both tests (null: rate ratio
-    ``>= 1 + allowed``); in ``absolute`` mode the cluster-robust test.
+    Both nulls sit at the allowance: in ``relative`` mode the rate ratio
+    ``1 + allowed`` (harm: ratio > it shown; non-inferiority: ratio < it shown),
+    with both tests; with ``allowed = 0`` at ratio 1, with both tests; in
+    ``absolute`` mode (``allowed`` points) the difference ``allowed``, with the
+    cluster-robust test alone (a difference of points is not a fixed ratio).
     """
     alpha = _check_alpha(alpha)
     if spec.kind != "rate":
@@ -524,27 +574,26 @@ def evaluate_rate(
     else:
         tau_log = math.log(2.0)
     la = math.log(1.0 / alpha)
-    log_e_harm = conditional_binomial_log_e(x_k, e_k, s_k, direction=h, rho0=1.0, tau_log=tau_log)
-    harm_exact = log_e_harm >= la
     details: dict = {
         "events_canary": float(ek[:, 1].sum()),
         "events_baseline": float(ek[:, 0].sum()),
-        "count_test_e_harm": math.exp(min(log_e_harm, 700.0)),
     }
-    extra_ni = None
-    if spec.allowed_mode == "relative" and spec.allowed > 0:
-        rho0 = 1.0 + h * spec.allowed
+    extra_harm = extra_ni = None
+    # The exact count test speaks about rate *ratios*: it runs for relative allowances (null at
+    # ratio 1 + h rel) and for "any harm" (allowed 0: ratio 1). An absolute allowance of d points
+    # is not a fixed ratio; there the cluster-robust sequence decides alone (with its binomial floor).
+    if spec.allowed_mode == "relative" or spec.allowed == 0.0:
+        rho0 = 1.0 + h * spec.allowed if spec.allowed_mode == "relative" else 1.0
+        log_e_harm = conditional_binomial_log_e(x_k, e_k, s_k, direction=h, rho0=rho0, tau_log=tau_log)
         log_e_ni = conditional_binomial_log_e(x_k, e_k, s_k, direction=-h, rho0=rho0, tau_log=tau_log)
-        details["count_test_e_noninferiority"] = math.exp(min(log_e_ni, 700.0))
-        extra_ni = (
-            log_e_ni >= la,
-            f"count test e={math.exp(min(log_e_ni, 700.0)):.3g} vs 1/alpha={1 / alpha:.3g} against rate ratio {rho0:.4g}",
+        e_h, e_n = math.exp(min(log_e_harm, 700.0)), math.exp(min(log_e_ni, 700.0))
+        details.update({"count_test_rate_ratio": rho0, "count_test_e_harm": e_h, "count_test_e_noninferiority": e_n})
+        extra_harm = (
+            log_e_harm >= la,
+            f"count test against rate ratio {rho0:.4g}: e={e_h:.3g} vs 1/alpha={1 / alpha:.3g} "
+            f"({int(details['events_canary'])} canary / {int(details['events_baseline'])} baseline events)",
         )
-    extra_harm = (
-        harm_exact,
-        f"count test e={details['count_test_e_harm']:.3g} vs 1/alpha={1 / alpha:.3g} "
-        f"({int(details['events_canary'])} canary / {int(details['events_baseline'])} baseline events)",
-    )
+        extra_ni = (log_e_ni >= la, f"count test against rate ratio {rho0:.4g}: e={e_n:.3g} vs 1/alpha={1 / alpha:.3g}")
     return _variance_verdict(
         spec, alpha, p, binary=True, min_clusters=min_clusters,
         extra_harm=extra_harm, extra_ni=extra_ni, details=details,
@@ -591,26 +640,31 @@ def evaluate_quantile(
     min_clusters: int = DEFAULT_MIN_CLUSTERS,
     compute_interval: bool = True,
 ) -> MetricVerdict:
-    """Quantile metrics (latency p50/p95/p99, ttft p95) reduced to exceedance rates.
+    """Quantile metrics (latency p50/p95/p99, ttft p95) reduced to exceedance counts.
 
-    For harmful increases and quantile level ``p`` let ``q_b`` be the
-    baseline's empirical ``p``-quantile.  Then
+    For harmful increases and quantile level ``p`` let ``q_b`` be the baseline's
+    empirical ``p``-quantile.  The allowance says where the line is:
 
-    * harm  ``q_c > q_b``          <=>  ``P_c(X > q_b) > 1 - p``;
-    * non-inferiority ``q_c <= q_b + delta``  <=>  ``P_c(X > q_b + delta) <= 1 - p``.
+    * ``absolute`` / ``relative`` (a shift ``d`` of the quantile, ms or a
+      fraction of ``q_b``):  ``q_c <= q_b + d``  <=>  ``P_c(X > q_b + d) <= 1 - p``.
+      The contrast is ``mean_c[X > q_b + d] - mean_b[X > q_b]``.
+    * ``exceedance_ratio`` ``r``: the share of canary requests beyond the
+      baseline's quantile may be at most ``r`` times the baseline's:
+      contrast ``mean_c[X > q_b] - r x mean_b[X > q_b]``.
 
-    Both are tested as a difference of exceedance rates
-    ``mean_c[X > q_b + d] - mean_b[X > q_b]`` (``d = 0`` / ``d = delta``) with
-    the cluster-robust estimator and normal-mixture boundary.  The baseline
-    term both estimates ``1 - p`` and carries the sampling noise of ``q_b``
-    (Bahadur representation: ``F(q_b_hat) - p ~ -(F_b(q_b)-p)``, with variance
+    ``fail`` when the contrast's time-uniform lower bound is above 0 (worse than
+    the allowance), ``pass`` when its upper bound is below 0 (within it).  The
+    baseline term both estimates ``1 - p`` and carries the sampling noise of
+    ``q_b`` (Bahadur: ``F(q_b_hat) - p ~ -(F_b(q_b)-p)``, variance
     ``p(1-p)/n_b``), which is why the two-sample form is used.  Harmful
     decreases are handled by mirroring (``X -> -X``, ``p -> 1-p``).
 
-    ``interval`` is on the quantile-shift scale (metric units, e.g. ms),
-    obtained by inverting the exceedance test over shifts ``d`` (bisection on
-    the canary order statistics); ``compute_interval=False`` skips that work
-    (verdict unchanged; interval then reported as ``(None, None)``).
+    ``interval`` (shift modes): on the quantile-shift scale (metric units, e.g.
+    ms), by inverting the exceedance test over shifts ``d`` (bisection on the
+    canary order statistics); ``allowed`` is the shift ``d``.  For
+    ``exceedance_ratio``: on the exceedance-share difference (canary - baseline),
+    with ``allowed = (r - 1) x`` the baseline's share.  ``compute_interval=False``
+    skips the shift inversion (verdict unchanged; interval then ``(None, None)``).
     """
     alpha = _check_alpha(alpha)
     if spec.kind != "quantile":
@@ -632,79 +686,60 @@ def evaluate_quantile(
     qb = float(np.quantile(xb, pq))
     qc = float(np.quantile(xc, pq))
     base_q, can_q = (qb, qc) if h > 0 else (-qb, -qc)
-    delta_abs = spec.allowed * abs(base_q) if spec.allowed_mode == "relative" else spec.allowed
+    ratio_mode = spec.allowed_mode == "exceedance_ratio"
+    if ratio_mode:
+        shift_abs = 0.0
+    else:
+        shift_abs = spec.allowed * abs(base_q) if spec.allowed_mode == "relative" else spec.allowed
     ind_b = (xb > qb).astype(float)
     exc_b = float(ind_b.mean())
-    # exceedance-rate change corresponding to the allowed shift (planning & mixture scale)
-    gap = exc_b - float(np.mean(xb > qb + delta_abs)) if delta_abs > 0 else 0.0
+    exc_c0 = float(np.mean(xc > qb))
+    r = spec.allowed if ratio_mode else 1.0
+    # exceedance-share change corresponding to the allowance (mixture scale and planning)
+    if ratio_mode:
+        gap = (r - 1.0) * exc_b
+    else:
+        gap = exc_b - float(np.mean(xb > qb + shift_abs)) if shift_abs > 0 else 0.0
 
-    def est_at(d: float) -> DiffEstimate | None:
+    def est_at(d: float, c: float = 1.0) -> DiffEstimate | None:
         y = np.empty_like(x)
         y[~is_c] = ind_b
         y[is_c] = xc > qb + d
-        return _est(p, 1.0, True, y)
+        return _est(p, c, True, y)
 
-    e0 = est_at(0.0)
-    if e0 is None:
+    e1 = est_at(shift_abs, r)
+    if e1 is None:
         return _empty_verdict(spec, alpha, "no stage has observations in both canary and baseline yet", p)
-    tau = gap if gap > 0 else math.sqrt(e0.variance)
-    l0, u0 = confidence_bounds(e0.estimate, e0.variance, tau, alpha)
-    harm = l0 > 0.0
-    e1 = est_at(delta_abs) if delta_abs > 0 else e0
+    tau = gap if gap > 0 else math.sqrt(e1.variance)
     l1, u1 = confidence_bounds(e1.estimate, e1.variance, tau, alpha)
-    ni = u1 < 0.0
+    harm, ni = l1 > 0.0, u1 < 0.0
     n_needed = samples_needed(gap, alpha, var_per_canary_obs=e1.variance * max(e1.n_canary, 1), tau=tau) if gap > 0 else None
 
-    lo_shift = hi_shift = None
-    if compute_interval:
-        cand = np.unique(xc) - qb
-
-        def lcb_pos(d: float) -> bool:
-            e = est_at(d)
-            return confidence_bounds(e.estimate, e.variance, tau, alpha)[0] > 0.0
-
-        def ucb_neg(d: float) -> bool:
-            e = est_at(d)
-            return confidence_bounds(e.estimate, e.variance, tau, alpha)[1] < 0.0
-
-        # largest candidate shift still significantly exceeded (lower bound on the shift)
-        lo_shift = -math.inf
-        lo_i, hi_i = 0, cand.size - 1
-        if lcb_pos(float(cand[0]) - 1e-12 * max(1.0, abs(float(cand[0])))):
-            lo_shift = float(cand[0])
-            if lcb_pos(float(cand[0])):
-                while lo_i < hi_i:
-                    mid = (lo_i + hi_i + 1) // 2
-                    if lcb_pos(float(cand[mid])):
-                        lo_i = mid
-                    else:
-                        hi_i = mid - 1
-                lo_shift = float(cand[lo_i])
-        # smallest candidate shift significantly not exceeded (upper bound on the shift)
-        hi_shift = math.inf
-        lo_i, hi_i = 0, cand.size - 1
-        if ucb_neg(float(cand[-1])):
-            while lo_i < hi_i:
-                mid = (lo_i + hi_i) // 2
-                if ucb_neg(float(cand[mid])):
-                    hi_i = mid
-                else:
-                    lo_i = mid + 1
-            hi_shift = float(cand[lo_i])
-        if h < 0:
-            lo_shift, hi_shift = -hi_shift, -lo_shift
-    interval = (_fin(lo_shift) if lo_shift is not None else None, _fin(hi_shift) if hi_shift is not None else None)
+    if ratio_mode:
+        # the same sequence on the exceedance-share difference scale: + (r - 1) x weighted baseline share
+        e0 = est_at(0.0) if r != 1.0 else e1
+        to_diff = e0.estimate - e1.estimate
+        interval = (_fin(l1 + to_diff), _fin(u1 + to_diff))
+        allowed_line = abs(to_diff)
+        shift_txt = ""
+    else:
+        interval, allowed_line = (None, None), float(shift_abs)
+        if compute_interval:
+            interval = _shift_interval(est_at, xc, qb, tau, alpha, h)
+        shift_txt = ("" if not compute_interval else
+                     f"; quantile shift in [{_sf(interval[0] if interval[0] is not None else -math.inf, spec.unit)}, "
+                     f"{_sf(interval[1] if interval[1] is not None else math.inf, spec.unit)}]")
 
     pct = f"p{spec.quantile * 100:g}"
     arms_txt = f"{pct} canary {_f(can_q, spec.unit)} vs baseline {_f(base_q, spec.unit)}"
     side = ">" if h > 0 else "<"
-    exc_c0 = float(np.mean(xc > qb))
-    exc_txt = (
-        f"canary share {side} baseline {pct} = {exc_c0:.4g} vs baseline {exc_b:.4g}"
-    )
-    shift_txt = ""
-    if compute_interval:
-        shift_txt = f"; quantile shift in [{_sf(interval[0] if interval[0] is not None else (-math.inf), spec.unit)}, {_sf(interval[1] if interval[1] is not None else math.inf, spec.unit)}]"
+    exc_txt = f"canary share {side} baseline {pct} = {exc_c0:.4g} vs baseline {exc_b:.4g}"
+    if ratio_mode:
+        line_txt = f"{r:.4g} x the baseline's share {side} its {pct} (allowed exceedance ratio)"
+        contrast = f"canary share {side} baseline {pct} - {r:.4g} x baseline share"
+    else:
+        line_txt = f"{1 - spec.quantile if h > 0 else spec.quantile:.4g} at the baseline {pct} {'+' if h > 0 else '-'} allowed ({_f(shift_abs, spec.unit)})"
+        contrast = f"canary share {side} baseline {pct} {'+' if h > 0 else '-'} allowed - baseline share {side} {pct}"
     if gc < min_clusters or gb < min_clusters:
         verdict = "not-yet"
         reason = (
@@ -714,24 +749,23 @@ def evaluate_quantile(
     elif harm:
         verdict = "fail"
         reason = (
-            f"harm shown ({spec.harmful} is harmful): {arms_txt}; {exc_txt}; time-uniform lower bound "
-            f"{_sf(l0)} > 0 on the exceedance-rate difference at alpha={alpha:.4g}{shift_txt}"
+            f"worse beyond the allowance ({spec.harmful} is harmful): {arms_txt}; {exc_txt}; canary share above "
+            f"{line_txt} shown: time-uniform lower bound {_sf(l1)} > 0 on {contrast} at alpha={alpha:.4g}{shift_txt}"
         )
     elif ni:
         verdict = "pass"
         reason = (
-            f"non-inferior: {arms_txt}; canary share {side} baseline {pct} {'+' if h > 0 else '-'} allowed "
-            f"({_f(delta_abs, spec.unit)}) is below {1 - spec.quantile if h > 0 else spec.quantile:.4g}: time-uniform upper bound "
-            f"{_sf(u1)} < 0 on the exceedance-rate difference at alpha={alpha:.4g}{shift_txt}"
+            f"within the allowance: {arms_txt}; canary share below {line_txt} shown: time-uniform upper bound "
+            f"{_sf(u1)} < 0 on {contrast} at alpha={alpha:.4g}{shift_txt}"
         )
     else:
         verdict = "not-yet"
         reason = (
-            f"neither harm nor non-inferiority shown yet: {arms_txt}; {exc_txt}; exceedance difference bounds "
-            f"[{_sf(l0)}, {_sf(u1)}] (alpha={alpha:.4g} per side), allowed {_allowed_text(spec, delta_abs)}{shift_txt}"
+            f"neither beyond nor within the allowance shown yet: {arms_txt}; {exc_txt}; bounds [{_sf(l1)}, {_sf(u1)}] "
+            f"on {contrast} (alpha={alpha:.4g} per side), allowed {_allowed_text(spec, shift_abs)}{shift_txt}"
         )
         if n_needed is not None:
-            reason += f"; ~{n_needed} canary observations needed for non-inferiority at the current variance (have {n_c})"
+            reason += f"; ~{n_needed} canary observations needed to show it within the allowance at the current variance (have {n_c})"
     return MetricVerdict(
         metric=spec.name,
         kind=spec.kind,
@@ -739,9 +773,9 @@ def evaluate_quantile(
         reason=reason,
         baseline=_fin(base_q),
         canary=_fin(can_q),
-        difference=_fin(can_q - base_q),
+        difference=_fin(exc_c0 - exc_b) if ratio_mode else _fin(can_q - base_q),
         interval=interval,
-        allowed=float(delta_abs),
+        allowed=allowed_line,
         allowed_mode=spec.allowed_mode,
         harmful=spec.harmful,
         n_baseline=n_b,
@@ -752,17 +786,64 @@ def evaluate_quantile(
         gating=spec.gating,
         n_needed=n_needed,
         allowed_derivation=spec.allowed_derivation,
-        unit=spec.unit,
+        unit="" if ratio_mode else spec.unit,
         details={
             "exceedance_threshold": float(base_q),
             "exceedance_canary": exc_c0,
             "exceedance_baseline": exc_b,
-            "exceedance_lcb_harm": l0,
+            "contrast": contrast,
+            "contrast_lcb": l1,
+            "contrast_ucb": u1,
+            "exceedance_lcb_harm": l1,
             "exceedance_ucb_noninferiority": u1,
             "allowed_exceedance_change": gap,
+            "interval_scale": "exceedance share difference" if ratio_mode else "quantile shift",
+            "rollback_line": allowed_line if h > 0 else -allowed_line,
             "tau": tau,
         },
     )
+
+
+def _shift_interval(est_at, xc: np.ndarray, qb: float, tau: float, alpha: float, h: int
+                    ) -> tuple[float | None, float | None]:
+    """Time-uniform bounds on the quantile shift, by inverting the exceedance test over shifts."""
+    cand = np.unique(xc) - qb
+
+    def lcb_pos(d: float) -> bool:
+        e = est_at(d)
+        return confidence_bounds(e.estimate, e.variance, tau, alpha)[0] > 0.0
+
+    def ucb_neg(d: float) -> bool:
+        e = est_at(d)
+        return confidence_bounds(e.estimate, e.variance, tau, alpha)[1] < 0.0
+
+    # largest candidate shift still significantly exceeded (lower bound on the shift)
+    lo_shift = -math.inf
+    lo_i, hi_i = 0, cand.size - 1
+    if lcb_pos(float(cand[0]) - 1e-12 * max(1.0, abs(float(cand[0])))):
+        lo_shift = float(cand[0])
+        if lcb_pos(float(cand[0])):
+            while lo_i < hi_i:
+                mid = (lo_i + hi_i + 1) // 2
+                if lcb_pos(float(cand[mid])):
+                    lo_i = mid
+                else:
+                    hi_i = mid - 1
+            lo_shift = float(cand[lo_i])
+    # smallest candidate shift significantly not exceeded (upper bound on the shift)
+    hi_shift = math.inf
+    lo_i, hi_i = 0, cand.size - 1
+    if ucb_neg(float(cand[-1])):
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i) // 2
+            if ucb_neg(float(cand[mid])):
+                hi_i = mid
+            else:
+                lo_i = mid + 1
+        hi_shift = float(cand[lo_i])
+    if h < 0:
+        lo_shift, hi_shift = -hi_shift, -lo_shift
+    return _fin(lo_shift), _fin(hi_shift)
 
 
 def usable_labels(true: np.ndarray, label_arrival_ts: np.ndarray, now: float) -> np.ndarray:

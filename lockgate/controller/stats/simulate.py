@@ -135,14 +135,18 @@ def simulate_rollout(rng: np.random.Generator, cfg: RolloutConfig = RolloutConfi
 
 
 def default_specs(*, with_classes: bool = False) -> list[MetricSpec]:
-    """The gating metrics used by tests and the benchmark."""
+    """The gating metrics used by tests and the benchmark (the issue's allowances).
+
+    errors and refusals: rate ratio 1.2; p95 latency: exceedance ratio 1.2 (at most 6 % of canary
+    requests above the baseline's p95); output tokens: +10 %; evaluator score: -0.01.
+    """
     specs = [
-        MetricSpec("error_rate", "rate", "increase", allowed=0.5, allowed_mode="relative", column="error"),
-        MetricSpec("refusal_rate", "rate", "increase", allowed=0.5, allowed_mode="relative", column="refusal"),
-        MetricSpec("latency_p95", "quantile", "increase", allowed=0.10, allowed_mode="relative", quantile=0.95,
+        MetricSpec("error_rate", "rate", "increase", allowed=0.2, allowed_mode="relative", column="error"),
+        MetricSpec("refusal_rate", "rate", "increase", allowed=0.2, allowed_mode="relative", column="refusal"),
+        MetricSpec("latency_p95", "quantile", "increase", allowed=1.2, allowed_mode="exceedance_ratio", quantile=0.95,
                    column="latency_ms", unit="ms"),
         MetricSpec("output_tokens", "mean", "increase", allowed=0.10, allowed_mode="relative"),
-        MetricSpec("score", "mean", "decrease", allowed=0.02, allowed_mode="absolute"),
+        MetricSpec("score", "mean", "decrease", allowed=0.01, allowed_mode="absolute"),
     ]
     if with_classes:
         specs.append(MetricSpec("recall_fraud", "class_recall", "decrease", allowed=0.01, cls=2, column="pred"))

@@ -15,6 +15,12 @@ Example (``examples/rollouts/chat-v2.yaml``; every field in ``docs/rollout-spec.
         - {name: latency_p95, allowed: {relative: 0.10}}
         - {name: output_tokens, gating: false, allowed: auto}
 
+Each gating metric's ``allowed`` change is the contract: the canary is rolled back once it is shown
+worse than the baseline by more than it, promoted only once every gating metric is shown within it.
+Quantile metrics may instead allow an ``{exceedance_ratio: R}`` (at most R x the baseline's share of
+requests beyond the baseline's quantile). A metric may take an explicit share of the rollout's
+``alpha`` (``alpha: X``) or share one metric's share with others (``family: NAME``).
+
 Validated like ``lockgate.yaml`` (:mod:`lockgate.yamlconf`): every problem is collected and reported
 together as one :class:`~lockgate.yamlconf.ConfigError`, each naming file:line:col and the field path;
 unknown keys are reported with the known ones (and a "did you mean" for typos).
@@ -136,8 +142,8 @@ BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
 ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics")
 STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples")
 PROMOTION_KEYS = ("require_non_inferiority", "max_duration", "preflight")
-METRIC_KEYS = ("name", "class", "gating", "harmful", "allowed")
-ALLOWED_MODES = ("absolute", "relative")
+METRIC_KEYS = ("name", "class", "gating", "harmful", "allowed", "alpha", "family")
+ALLOWED_MODES = ("absolute", "relative", "exceedance_ratio")
 PREFLIGHTS = ("none", "drill")
 HARMFUL = ("increase", "decrease")
 
@@ -153,6 +159,9 @@ MAX_DURATION_S = 365 * 86400.0
 MAX_ANALYSIS_INTERVAL_S = 3600.0
 MAX_ALPHA = 0.2
 MAX_RELATIVE = 10.0
+MAX_EXCEEDANCE_RATIO = 10.0
+#: Built-in metrics that take ``allowed: {exceedance_ratio: R}`` (the quantile metrics).
+QUANTILE_METRICS = tuple(n for n, d in BUILTIN_METRICS.items() if d.kind == "quantile")
 
 
 # --------------------------------------------------------------------------- the spec
@@ -212,8 +221,14 @@ class MetricCriterion:
 
     ``allowed_mode`` is ``absolute`` (``allowed`` in the metric's units; fractions for rates and
     class metrics: 0.01 = 1 point), ``relative`` (``allowed`` as a fraction of the baseline value:
-    0.10 = 10 %) or ``auto`` (``allowed`` is None: derived at rollout start from the baseline's
-    historical variance, see :func:`lockgate.controller.stats.auto_allowed`).
+    0.10 = 10 %), ``exceedance_ratio`` (quantile metrics only: ``allowed`` is a ratio R >= 1, at
+    most R x the baseline's share of canary requests beyond the baseline's quantile) or ``auto``
+    (``allowed`` is None: derived at rollout start from the baseline's historical variance, see
+    :func:`lockgate.controller.stats.auto_allowed`).
+
+    ``alpha``: an explicit share of the rollout's alpha for this metric (None: an even split).
+    ``family``: metrics with the same family share one metric's share of alpha, split evenly
+    among them (see :func:`lockgate.controller.stats.split_alpha`).
     """
 
     name: str
@@ -226,6 +241,8 @@ class MetricCriterion:
     quantile: float | None = None
     column: str = ""
     unit: str = ""
+    alpha: float | None = None
+    family: str | None = None
 
     @property
     def key(self) -> str:
@@ -241,9 +258,25 @@ class MetricCriterion:
         """``(statistic, quantile)`` arguments for ``auto_allowed`` when ``allowed_mode == "auto"``."""
         return ("quantile", self.quantile) if self.kind == "quantile" else ("mean", None)
 
+    @property
+    def exceedance_share(self) -> float | None:
+        """For a quantile metric, the baseline's share of requests beyond its quantile in the harmful
+        direction (p95 harmful increase: 0.05 above it; harmful decrease: 0.95 below it)."""
+        if self.quantile is None:
+            return None
+        return 1.0 - self.quantile if self.harmful == "increase" else self.quantile
+
     def describe_allowed(self) -> str:
+        """``+0.5% of baseline``, ``+150 ms``, ``exceedance ratio 1.2 (at most 6% of canary requests
+        above the baseline's p95)`` or ``auto``."""
         if self.allowed_mode == "auto":
             return "auto"
+        if self.allowed_mode == "exceedance_ratio":
+            share = self.exceedance_share or 0.0
+            side = "above" if self.harmful == "increase" else "below"
+            pct = f"p{(self.quantile or 0) * 100:g}"
+            return (f"exceedance ratio {self.allowed:g} (at most {self.allowed * share * 100:.4g}% of canary "
+                    f"requests {side} the baseline's {pct})")
         sign = "+" if self.harmful == "increase" else "-"
         if self.allowed_mode == "relative":
             return f"{sign}{self.allowed * 100:g}% of baseline"
@@ -251,8 +284,14 @@ class MetricCriterion:
         return f"{sign}{self.allowed:g}{unit}"
 
     def canonical(self) -> dict:
-        return {"name": self.name, "class": self.cls, "gating": self.gating, "harmful": self.harmful,
-                "allowed_mode": self.allowed_mode, "allowed": self.allowed}
+        out = {"name": self.name, "class": self.cls, "gating": self.gating, "harmful": self.harmful,
+               "allowed_mode": self.allowed_mode, "allowed": self.allowed}
+        # only when set, so that specs written before these fields existed keep their hash
+        if self.alpha is not None:
+            out["alpha"] = self.alpha
+        if self.family is not None:
+            out["family"] = self.family
+        return out
 
     def to_stats_spec(self, auto: Any = None) -> "MetricSpec":
         """This criterion as a statistics-core ``MetricSpec``.
@@ -281,7 +320,7 @@ class MetricCriterion:
         return MetricSpec(
             name=self.key, kind=self.kind, harmful=self.harmful, allowed=value, allowed_mode=mode,
             gating=self.gating, quantile=self.quantile, cls=self.cls, column=self.column,
-            allowed_derivation=derivation, unit=self.unit, **labels)
+            allowed_derivation=derivation, unit=self.unit, alpha=self.alpha, family=self.family, **labels)
 
 
 @dataclass(frozen=True)
@@ -307,8 +346,20 @@ class RolloutSpec:
 
     @property
     def alpha_per_metric(self) -> float:
-        """Bonferroni share of ``alpha`` per gating metric (as ``stats.split_alpha`` computes it)."""
+        """The even Bonferroni share of ``alpha`` per gating metric (``alpha / n_gating``); the split in
+        force, with explicit ``alpha`` and ``family`` taken into account, is :attr:`alphas`."""
         return self.alpha / max(1, len(self.gating_metrics))
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        """Per-metric alpha by :attr:`MetricCriterion.key`, as ``stats.split_alpha`` splits the rollout's
+        ``alpha`` (explicit ``alpha`` shares, families sharing one share, the rest split evenly; a
+        non-gating metric gets an even share but never decides). Needs no ``auto`` resolution."""
+        from lockgate.controller.stats import MetricSpec, split_alpha
+
+        specs = [MetricSpec(name=m.key, kind=m.kind, harmful=m.harmful, gating=m.gating, quantile=m.quantile,
+                            cls=m.cls, alpha=m.alpha, family=m.family) for m in self.metrics]
+        return split_alpha(specs, self.alpha)
 
     def metric(self, key: str) -> MetricCriterion:
         for m in self.metrics:
@@ -563,7 +614,9 @@ def _promotion(f: Fields) -> PromotionPolicy:
 
 def _allowed(value: Any, path: tuple[PathPart, ...], d: MetricDef, harmful: str,
              errors: ErrorCollector) -> tuple[str, float | None] | None:
-    usage = "must be {absolute: X}, {relative: X} (a fraction: 0.10 = 10 %) or auto"
+    quantile = d.kind == "quantile"
+    usage = ("must be {absolute: X}, {relative: X} (a fraction: 0.10 = 10 %)"
+             + (", {exceedance_ratio: R}" if quantile else "") + " or auto")
     if value == "auto":
         return "auto", None
     if not isinstance(value, dict):
@@ -572,10 +625,31 @@ def _allowed(value: Any, path: tuple[PathPart, ...], d: MetricDef, harmful: str,
         return None
     if len(value) != 1 or next(iter(value)) not in ALLOWED_MODES:
         keys = ", ".join(map(str, value)) or "nothing"
-        errors.add(path, f"{usage}: exactly one of absolute or relative, got {keys}")
+        one_of = "absolute, relative or exceedance_ratio" if quantile else "absolute or relative"
+        errors.add(path, f"{usage}: exactly one of {one_of}, got {keys}")
         return None
     (mode, _), = value.items()
     af = Fields(value, path, errors)
+    if mode == "exceedance_ratio":
+        if not quantile:
+            errors.add(path + ("exceedance_ratio",),
+                       f"exceedance_ratio is for quantile metrics only ({', '.join(QUANTILE_METRICS)}); "
+                       f"{d.name} is a {d.kind} metric: use absolute or relative")
+            return None
+        x = _number(af, "exceedance_ratio", None, lo=1.0, hi=MAX_EXCEEDANCE_RATIO, required=True,
+                    what=f" (at most R x the baseline's share of requests beyond its p{d.quantile * 100:g}; "
+                         "1 = no change allowed)")
+        if x is None:
+            return None
+        share = (1.0 - d.quantile) if harmful == "increase" else d.quantile
+        if x * share >= 1.0:
+            side = "above" if harmful == "increase" else "below"
+            errors.add(path + ("exceedance_ratio",),
+                       f"{x:g} x the baseline's {share * 100:g}% of requests {side} its p{d.quantile * 100:g} "
+                       f"allows every canary request {side} it: nothing could be worse than that "
+                       f"(use less than {1.0 / share:.4g})")
+            return None
+        return mode, x
     if mode == "absolute":
         hi = 1.0 if d.fraction else 1e12
         what = " (a fraction: 0.01 = 1 point)" if d.fraction else ""
@@ -594,7 +668,7 @@ def _allowed(value: Any, path: tuple[PathPart, ...], d: MetricDef, harmful: str,
 
 
 def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warnings: ErrorCollector,
-            require_ni: bool) -> MetricCriterion | None:
+            require_ni: bool, rollout_alpha: float | None) -> MetricCriterion | None:
     f = Fields(value, path, errors)
     _null_required(f, "name")
     _null_required(f, "allowed")
@@ -629,20 +703,46 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
     raw_allowed = f.raw("allowed", required=True)
     if raw_allowed is not None and d is not None:
         allowed = _allowed(raw_allowed, path + ("allowed",), d, harmful, errors)
+    if rollout_alpha is not None:
+        alpha = _number(f, "alpha", None, lo=0.0, hi=rollout_alpha, lo_open=True, hi_open=True,
+                        what=f" (this metric's share of the rollout's alpha {rollout_alpha:g}; leave it out "
+                             "for an even split)")
+    else:  # the rollout's alpha is itself invalid: check what can be checked
+        alpha = _number(f, "alpha", None, lo=0.0, hi=MAX_ALPHA, lo_open=True, hi_open=True,
+                        what=" (this metric's share of the rollout's alpha)")
+    family = f.raw("family")
+    if family is not None and not (isinstance(family, str) and NAME_RE.match(family)):
+        got = repr(family) if isinstance(family, str) else type_name(family)
+        errors.add(path + ("family",), f"must be a family name matching {NAME_RE.pattern} (letters, digits, _ and "
+                                       f"-; e.g. family: recall), got {got}")
+        family = None
+    if alpha is not None and family is not None:
+        errors.add(path + ("alpha",), f"alpha and family together: the members of family {family!r} share one "
+                                      "metric's share of alpha evenly; give this metric its own alpha or put it "
+                                      "in the family, not both")
     _finish(f)
     if d is None or allowed is None or (d.per_class and cls is None):
         return None
     mode, x = allowed
-    if gating and require_ni and mode != "auto" and x == 0:
-        warnings.add(path + ("allowed",), f"allowed change 0: promotion needs the canary shown strictly better "
+    if gating and require_ni and ((mode in ("absolute", "relative") and x == 0) or
+                                  (mode == "exceedance_ratio" and x == 1)):
+        what = "exceedance ratio 1" if mode == "exceedance_ratio" else "allowed change 0"
+        warnings.add(path + ("allowed",), f"{what}: promotion needs the canary shown strictly better "
                                           f"than the baseline on {d.name}")
+    if not gating and alpha is not None:
+        warnings.add(path + ("alpha",), f"alpha on a non-gating metric: {d.name} never decides, so its alpha "
+                                        "only sets the width of its reported interval (it is not part of the "
+                                        "rollout's false-rollback budget)")
+    if not gating and family is not None:
+        warnings.add(path + ("family",), f"family on a non-gating metric has no effect: only gating metrics "
+                                         f"share the rollout's alpha")
     return MetricCriterion(name=d.name, kind=d.kind, harmful=harmful, allowed_mode=mode, allowed=x,
                            gating=gating, cls=cls if d.per_class else None, quantile=d.quantile,
-                           column=d.column, unit=d.unit)
+                           column=d.column, unit=d.unit, alpha=alpha, family=family)
 
 
 def _metrics(f: Fields, errors: ErrorCollector, warnings: ErrorCollector,
-             require_ni: bool) -> tuple[MetricCriterion, ...]:
+             require_ni: bool, rollout_alpha: float | None) -> tuple[MetricCriterion, ...]:
     raw = f.data.get("metrics")
     _null_required(f, "metrics")
     items = list(f.list("metrics", required=True))
@@ -651,7 +751,7 @@ def _metrics(f: Fields, errors: ErrorCollector, warnings: ErrorCollector,
     out: list[MetricCriterion] = []
     seen: dict[str, int] = {}
     for path, item in items:
-        m = _metric(item, path, errors, warnings, require_ni)
+        m = _metric(item, path, errors, warnings, require_ni, rollout_alpha)
         if m is None:
             continue
         if m.key in seen:
@@ -663,10 +763,12 @@ def _metrics(f: Fields, errors: ErrorCollector, warnings: ErrorCollector,
 
 
 def _check_metric_set(metrics: tuple[MetricCriterion, ...], mpath: tuple[PathPart, ...], n_items: int,
-                      errors: ErrorCollector, warnings: ErrorCollector) -> None:
+                      errors: ErrorCollector, warnings: ErrorCollector, rollout_alpha: float | None) -> None:
     if not metrics or len(metrics) != n_items:
         return  # the metrics list already has errors; rules on the whole set would only add noise
     index = {m.key: i for i, m in enumerate(metrics)}
+    if rollout_alpha is not None:
+        _check_alpha_split(metrics, mpath, rollout_alpha, errors)
     if not any(m.gating for m in metrics):
         errors.add(mpath, "at least one metric must be gating: with none, nothing can show harm (no rollback) "
                           "and nothing can justify promotion")
@@ -682,6 +784,32 @@ def _check_metric_set(metrics: tuple[MetricCriterion, ...], mpath: tuple[PathPar
         if m.name == "class_precision" and m.cls not in recall_cls:
             warnings.add(mpath + (index[m.key],), f"precision of {m.cls!r} without its recall: a model that "
                                                   f"stops predicting {m.cls!r} keeps its precision")
+
+
+def _check_alpha_split(metrics: tuple[MetricCriterion, ...], mpath: tuple[PathPart, ...], alpha: float,
+                       errors: ErrorCollector) -> None:
+    """``stats.split_alpha``'s rules, reported with line numbers: the explicit alphas of the gating
+    metrics may use up the rollout's alpha only if no other gating metric is left without one."""
+    explicit = [(i, m) for i, m in enumerate(metrics) if m.gating and m.alpha is not None]
+    if not explicit:
+        return
+    fixed = sum(m.alpha for _, m in explicit if m.alpha is not None)
+    others = [m for m in metrics if m.gating and m.alpha is None]
+
+    def at(i: int, m: MetricCriterion) -> str:
+        line, _ = errors.smap.locate(mpath + (i, "alpha"))
+        return f"{m.key} {m.alpha:g}" + (f" (line {line})" if line else "")
+
+    listed = ", ".join(at(i, m) for i, m in explicit)
+    if fixed > alpha * (1.0 + 1e-9):
+        errors.add(mpath, f"the gating metrics' explicit alphas add up to {fixed:.6g} ({listed}), more than the "
+                          f"rollout's alpha {alpha:g}: the false-rollback budget would not hold; lower them or "
+                          f"raise rollout.alpha")
+    elif others and alpha - fixed <= alpha * 1e-9:
+        errors.add(mpath, f"the gating metrics' explicit alphas add up to {fixed:.6g} ({listed}), all of the "
+                          f"rollout's alpha {alpha:g}, leaving none for the {len(others)} other gating "
+                          f"metric{'s' * (len(others) != 1)} ({', '.join(m.key for m in others)}): their sum must "
+                          f"be less than alpha while other gating metrics have no alpha of their own")
 
 
 def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = None) -> RolloutSpec:
@@ -700,15 +828,17 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     canary = _name(f, "canary", "canary")
     interval = _number(f, "analysis_interval_s", DEFAULT_ANALYSIS_INTERVAL_S, lo=1.0, hi=MAX_ANALYSIS_INTERVAL_S,
                        what=" seconds")
+    n_errors = len(errors.problems)
     alpha = _number(f, "alpha", DEFAULT_ALPHA, lo=0.0, hi=MAX_ALPHA, lo_open=True,
                     what=" (the chance of a false rollback over the whole rollout, e.g. 0.01)")
+    valid_alpha = alpha if len(errors.problems) == n_errors else None  # None: rollout.alpha has an error
     steps = _steps(f, errors)
     promotion = _promotion(f)
-    metrics = _metrics(f, errors, warnings, promotion.require_non_inferiority)
+    metrics = _metrics(f, errors, warnings, promotion.require_non_inferiority, valid_alpha)
     _finish(f)
     raw_metrics = f.data.get("metrics")
     _check_metric_set(metrics, f.path + ("metrics",), len(raw_metrics) if isinstance(raw_metrics, list) else -1,
-                      errors, warnings)
+                      errors, warnings, valid_alpha)
 
     min_total = sum(s.min_duration_s for s in steps)
     if min_total > promotion.max_duration_s:

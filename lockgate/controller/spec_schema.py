@@ -3,7 +3,8 @@
 Built from the parser's own tables (:mod:`lockgate.controller.spec`), so metric names, field names and
 enums cannot drift apart; ``tests/unit/test_rollout_spec.py`` checks both directions. The schema is an
 editing aid — it cannot express every rule (0.01 % weight resolution, strictly increasing steps,
-accuracy needing per-class metrics, model/version existence); ``lockgate validate`` is authoritative.
+accuracy needing per-class metrics, the sum of per-metric alphas, model/version existence); ``lockgate
+validate`` is authoritative.
 
 To use it in VS Code (redhat.vscode-yaml): ``lockgate schema > rollout.schema.json`` and add
 ``# yaml-language-server: $schema=./rollout.schema.json`` as the first line of a rollout file.
@@ -31,6 +32,7 @@ def _metric_schema() -> dict[str, Any]:
     names = list(S.BUILTIN_METRICS)
     per_class = [n for n, d in S.BUILTIN_METRICS.items() if d.per_class]
     fractions = [n for n, d in S.BUILTIN_METRICS.items() if d.fraction]
+    not_quantile = [n for n in names if n not in S.QUANTILE_METRICS]
     table = "; ".join(f"{n}: {d.kind}, harmful {d.harmful}" for n, d in S.BUILTIN_METRICS.items())
     return {
         "type": "object",
@@ -48,7 +50,9 @@ def _metric_schema() -> dict[str, Any]:
                         "description": "Direction in which a change hurts (default: the metric's own; class "
                                        "metrics are always 'decrease')."},
             "allowed": {
-                "description": "The change users accept, in the harmful direction.",
+                "description": "The change users accept, in the harmful direction: the canary is rolled back "
+                               "once shown worse than the baseline beyond it, and promoted only once every "
+                               "gating metric is shown within it.",
                 "oneOf": [
                     {"const": "auto", "description": "Derived from the baseline's historical variance."},
                     {"type": "object", "additionalProperties": False, "required": ["absolute"],
@@ -59,8 +63,21 @@ def _metric_schema() -> dict[str, Any]:
                      "properties": {"relative": {"type": "number", "minimum": 0, "maximum": S.MAX_RELATIVE,
                                                  "description": "A fraction of the baseline value "
                                                                 "(0.10 = 10 %)."}}},
+                    {"type": "object", "additionalProperties": False, "required": ["exceedance_ratio"],
+                     "properties": {"exceedance_ratio": {
+                         "type": "number", "minimum": 1, "maximum": S.MAX_EXCEEDANCE_RATIO,
+                         "description": "Quantile metrics only (" + ", ".join(S.QUANTILE_METRICS) + "): at most "
+                                        "R x the baseline's share of canary requests beyond the baseline's "
+                                        "quantile (p95 with 1.2: 6 % instead of 5 %); 1 = no change allowed."}}},
                 ],
             },
+            "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": S.MAX_ALPHA,
+                      "description": "This metric's explicit share of the rollout's alpha (less than it); the "
+                                     "explicit shares of the gating metrics must leave some for the others. "
+                                     "Default: an even split."},
+            "family": {"type": "string", "pattern": S.NAME_RE.pattern,
+                       "description": "Gating metrics with the same family (e.g. every class_recall class) share "
+                                      "one metric's share of alpha, split evenly among them."},
         },
         "allOf": [
             {"if": {"properties": {"name": {"enum": per_class}}, "required": ["name"]},
@@ -68,6 +85,8 @@ def _metric_schema() -> dict[str, Any]:
              "else": {"not": {"required": ["class"]}}},
             {"if": {"properties": {"name": {"enum": fractions}}, "required": ["name"]},
              "then": {"properties": {"allowed": {"properties": {"absolute": {"maximum": 1}}}}}},
+            {"if": {"properties": {"name": {"enum": not_quantile}}, "required": ["name"]},
+             "then": {"properties": {"allowed": {"not": {"type": "object", "required": ["exceedance_ratio"]}}}}},
         ],
     }
 
@@ -116,7 +135,8 @@ def rollout_schema() -> dict[str, Any]:
                                     "description": "Seconds between evaluations."},
             "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": S.MAX_ALPHA, "default": S.DEFAULT_ALPHA,
                       "description": "False-rollback budget across all gating metrics together, over the whole "
-                                     "rollout."},
+                                     "rollout; split evenly over the gating metrics unless metrics set their "
+                                     "own alpha or family."},
             "steps": {"type": "array", "minItems": 1, "items": step,
                       "description": "Stages (default: 1, 5, 20, 50 % then promotion to 100 %)."},
             "promotion": promotion,

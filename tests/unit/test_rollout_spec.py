@@ -244,7 +244,8 @@ rollout:
         ("r.yaml:22:51: rollout.metrics[5].allowed.relative: must be at least 0 and less than 1"),
         ("r.yaml:23:37: rollout.metrics[6].allowed: must be {absolute: X}, {relative: X}"),
         ("r.yaml:25:7: rollout.metrics[8]: duplicate metric refusal_rate (also metrics[7])"),
-        ("r.yaml:25:50: rollout.metrics[8].extra: unknown field (known: allowed, class, gating, harmful, name)"),
+        ("r.yaml:25:50: rollout.metrics[8].extra: unknown field (known: allowed, alpha, class, family, gating, "
+         "harmful, name)"),
         ("r.yaml:26:7: rollout.metrics[9].allowed: is required"),
         ("r.yaml:27:35: rollout.metrics[10].class: must be a string (quote numeric class names"),
         ("r.yaml:27:58: rollout.metrics[10].allowed.absolute: must be a finite number"),
@@ -392,9 +393,209 @@ def test_hash_ignores_formatting_and_changes_with_criteria():
         spec_from_text(ISSUE_EXAMPLE).canonical_json()))
 
 
+def test_hash_of_specs_without_the_new_fields_is_stable():
+    # Pinned: alpha, family and exceedance_ratio enter the canonical form only when set, so specs written
+    # before they existed keep the hash they were locked with.
+    assert spec_hash(ISSUE_EXAMPLE) == "f049d543ec1ca444263a217a8fcc7962ab93ca498e15ffe0c2549d0338991696"
+    assert spec_hash(MINIMAL) == "eb05c4e37df102e6a17356c824b381f931f765db74f580843099f50868776889"
+    assert all(set(m) == {"name", "class", "gating", "harmful", "allowed_mode", "allowed"}
+               for m in spec_from_text(ISSUE_EXAMPLE).canonical()["metrics"])
+    # and each new field, once set, is part of it
+    h = spec_hash(ISSUE_EXAMPLE)
+    seen = {h}
+    for old, new in [
+        ("{name: error_rate, gating: true,", "{name: error_rate, gating: true, alpha: 0.004,"),
+        ("{name: error_rate, gating: true,", "{name: error_rate, gating: true, alpha: 0.005,"),
+        ("{name: error_rate, gating: true,", "{name: error_rate, gating: true, family: a,"),
+        ("{name: error_rate, gating: true,", "{name: error_rate, gating: true, family: b,"),
+        ("{relative: 0.10}", "{exceedance_ratio: 1.1}"),
+        ("{relative: 0.10}", "{exceedance_ratio: 1.2}"),
+    ]:
+        changed = spec_hash(ISSUE_EXAMPLE.replace(old, new, 1))
+        assert changed not in seen, new
+        seen.add(changed)
+
+
 def test_hash_of_invalid_spec_raises():
     with pytest.raises(ConfigError):
         spec_hash("rollout: {}")
+
+
+# ----------------------------------------------------------------------------- exceedance ratio, alpha, family
+
+NEW_FIELDS = """\
+rollout:
+  model: cls
+  canary: b
+  alpha: 0.01
+  metrics:
+    - {name: latency_p95, allowed: {exceedance_ratio: 1.2}}
+    - {name: error_rate, alpha: 0.004, allowed: {absolute: 0.01}}
+    - {name: class_recall, class: fraud, family: recall, allowed: {absolute: 0.02}}
+    - {name: class_recall, class: billing, family: recall, allowed: {absolute: 0.03}}
+    - {name: class_recall, class: account, family: recall, allowed: {absolute: 0.03}}
+    - {name: accuracy, gating: false, allowed: {absolute: 0.01}}
+"""
+
+
+def test_exceedance_ratio_alpha_and_family_parse():
+    from lockgate.controller.stats import MetricSpec, split_alpha
+
+    spec = spec_from_text(NEW_FIELDS, "r.yaml")
+    assert spec.warnings == ()
+    p95, err, fraud, billing, account, acc = spec.metrics
+    assert (p95.allowed_mode, p95.allowed, p95.alpha, p95.family) == ("exceedance_ratio", 1.2, None, None)
+    assert p95.describe_allowed() == "exceedance ratio 1.2 (at most 6% of canary requests above the baseline's p95)"
+    assert (err.alpha, err.family) == (0.004, None) and err.describe_allowed() == "+0.01"
+    assert {m.family for m in (fraud, billing, account)} == {"recall"}
+    # alphas: error_rate its explicit 0.004; the rest (0.006) evenly over 2 units (latency_p95, the recall
+    # family); the family's share evenly over its 3 members; a non-gating metric an even share, never deciding
+    a = spec.alphas
+    assert a == pytest.approx({"latency_p95": 0.003, "error_rate": 0.004, "class_recall[fraud]": 0.001,
+                               "class_recall[billing]": 0.001, "class_recall[account]": 0.001, "accuracy": 0.003})
+    assert sum(v for k, v in a.items() if spec.metric(k).gating) == pytest.approx(spec.alpha)
+    assert spec.alpha_per_metric == pytest.approx(0.01 / 5)  # still the even share
+    # the statistics core gets the same mode, alpha and family, and splits alpha the same way
+    specs = spec.to_stats_specs()
+    by = {s.name: s for s in specs}
+    assert (by["latency_p95"].allowed_mode, by["latency_p95"].allowed, by["latency_p95"].quantile) == \
+        ("exceedance_ratio", 1.2, 0.95)
+    assert by["error_rate"].alpha == 0.004 and by["class_recall[billing]"].family == "recall"
+    assert split_alpha(specs, spec.alpha) == pytest.approx(a)
+    assert isinstance(by["latency_p95"], MetricSpec)
+    # canonical form: the new fields appear exactly where they are set
+    canon = {m["name"] + (f"[{m['class']}]" if m["class"] else ""): m for m in spec.canonical()["metrics"]}
+    assert canon["error_rate"]["alpha"] == 0.004 and "family" not in canon["error_rate"]
+    assert canon["class_recall[fraud]"]["family"] == "recall" and "alpha" not in canon["class_recall[fraud]"]
+    assert canon["latency_p95"]["allowed_mode"] == "exceedance_ratio" and set(canon["latency_p95"]) == \
+        {"name", "class", "gating", "harmful", "allowed_mode", "allowed"}
+    # every quantile metric takes a ratio; a harmful decrease counts requests below the quantile
+    for name in S.QUANTILE_METRICS:
+        m = spec_from_text(MINIMAL.replace("error_rate, allowed: {absolute: 0.01}",
+                                           f"{name}, allowed: {{exceedance_ratio: 1.5}}")).metrics[0]
+        assert m.allowed_mode == "exceedance_ratio" and m.to_stats_spec().allowed == 1.5
+    m = spec_from_text(MINIMAL.replace("error_rate, allowed: {absolute: 0.01}",
+                                       "latency_p50, harmful: decrease, allowed: {exceedance_ratio: 1.5}")).metrics[0]
+    assert m.describe_allowed() == "exceedance ratio 1.5 (at most 75% of canary requests below the baseline's p50)"
+    # a single gating metric may not take all of the rollout's alpha (leave alpha out for that)...
+    one = MINIMAL.replace("error_rate, allowed", "error_rate, alpha: 0.05, allowed")
+    assert "rollout.metrics[0].alpha: must be greater than 0 and less than 0.05" in one_problem(one)
+    # ...but explicit alphas may add up to all of it when no other gating metric is left without one
+    two = MINIMAL + "    - {name: latency_p95, alpha: 0.02, allowed: {relative: 0.1}}\n"
+    two = two.replace("error_rate, allowed", "error_rate, alpha: 0.03, allowed")
+    assert spec_from_text(two).alphas == pytest.approx({"error_rate": 0.03, "latency_p95": 0.02})
+
+
+@pytest.mark.parametrize("metric, expect", [
+    ("{name: error_rate, allowed: {exceedance_ratio: 1.2}}",
+     "r.yaml:6:54: rollout.metrics[0].allowed.exceedance_ratio: exceedance_ratio is for quantile metrics only "
+     "(latency_p50, latency_p95, latency_p99, ttft_p95); error_rate is a rate metric: use absolute or relative"),
+    ("{name: output_tokens, allowed: {exceedance_ratio: 1.2}}",
+     "r.yaml:6:57: rollout.metrics[0].allowed.exceedance_ratio: exceedance_ratio is for quantile metrics only "
+     "(latency_p50, latency_p95, latency_p99, ttft_p95); output_tokens is a mean metric"),
+    ("{name: latency_p95, allowed: {exceedance_ratio: 0.9}}",
+     "r.yaml:6:55: rollout.metrics[0].allowed.exceedance_ratio: must be at least 1 and at most 10 (at most R x the "
+     "baseline's share of requests beyond its p95; 1 = no change allowed), got 0.9"),
+    ("{name: latency_p95, allowed: {exceedance_ratio: 12}}",
+     "r.yaml:6:55: rollout.metrics[0].allowed.exceedance_ratio: must be at least 1 and at most 10"),
+    ("{name: latency_p95, allowed: {exceedance_ratio: 1.2x}}",
+     "r.yaml:6:55: rollout.metrics[0].allowed.exceedance_ratio: must be a number, got a string"),
+    ("{name: latency_p50, allowed: {exceedance_ratio: 2}}",
+     "r.yaml:6:55: rollout.metrics[0].allowed.exceedance_ratio: 2 x the baseline's 50% of requests above its p50 "
+     "allows every canary request above it: nothing could be worse than that (use less than 2)"),
+    ("{name: latency_p95, harmful: decrease, allowed: {exceedance_ratio: 1.1}}",
+     "r.yaml:6:74: rollout.metrics[0].allowed.exceedance_ratio: 1.1 x the baseline's 95% of requests below its p95 "
+     "allows every canary request below it"),
+    ("{name: latency_p95, allowed: {exceedance_ratio: 1.2, relative: 0.1}}",
+     "r.yaml:6:36: rollout.metrics[0].allowed: must be {absolute: X}, {relative: X} (a fraction: 0.10 = 10 %), "
+     "{exceedance_ratio: R} or auto: exactly one of absolute, relative or exceedance_ratio, got exceedance_ratio, "
+     "relative"),
+    ("{name: error_rate, alpha: 0.01, allowed: {absolute: 0.01}}",
+     "r.yaml:6:33: rollout.metrics[0].alpha: must be greater than 0 and less than 0.01 (this metric's share of the "
+     "rollout's alpha 0.01; leave it out for an even split), got 0.01"),
+    ("{name: error_rate, alpha: 0, allowed: {absolute: 0.01}}",
+     "r.yaml:6:33: rollout.metrics[0].alpha: must be greater than 0 and less than 0.01"),
+    ("{name: error_rate, alpha: 1%, allowed: {absolute: 0.01}}",
+     "r.yaml:6:33: rollout.metrics[0].alpha: must be a number, got a string (write percentages as fractions: "
+     "0.01 for 1%)"),
+    ("{name: error_rate, family: two words, allowed: {absolute: 0.01}}",
+     "r.yaml:6:34: rollout.metrics[0].family: must be a family name matching ^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$ "
+     "(letters, digits, _ and -; e.g. family: recall), got 'two words'"),
+    ("{name: error_rate, family: 3, allowed: {absolute: 0.01}}",
+     "r.yaml:6:34: rollout.metrics[0].family: must be a family name matching"),
+    ("{name: error_rate, alpha: 0.001, family: f, allowed: {absolute: 0.01}}",
+     "r.yaml:6:33: rollout.metrics[0].alpha: alpha and family together: the members of family 'f' share one "
+     "metric's share of alpha evenly; give this metric its own alpha or put it in the family, not both"),
+])
+def test_bad_exceedance_ratio_alpha_and_family(metric, expect):
+    text = f"rollout:\n  model: m\n  canary: c\n  alpha: 0.01\n  metrics:\n    - {metric}\n"
+    assert one_problem(text).startswith(expect), one_problem(text)
+
+
+def test_explicit_alphas_must_leave_some_for_the_other_gating_metrics():
+    base = """\
+rollout:
+  model: m
+  canary: c
+  alpha: 0.01
+  metrics:
+    - {name: error_rate, alpha: A1, allowed: {absolute: 0.01}}
+    - {name: latency_p95, alpha: A2, allowed: {relative: 0.1}}
+    - {name: refusal_rate, allowed: {relative: 0.5}}
+    - {name: output_tokens, gating: false, allowed: auto}
+"""
+    line = one_problem(base.replace("A1", "0.006").replace("A2", "0.004"))
+    assert line == ("r.yaml:6:5: rollout.metrics: the gating metrics' explicit alphas add up to 0.01 (error_rate "
+                    "0.006 (line 6), latency_p95 0.004 (line 7)), all of the rollout's alpha 0.01, leaving none for "
+                    "the 1 other gating metric (refusal_rate): their sum must be less than alpha while other gating "
+                    "metrics have no alpha of their own")
+    line = one_problem(base.replace("A1", "0.006").replace("A2", "0.005"))
+    assert line.startswith("r.yaml:6:5: rollout.metrics: the gating metrics' explicit alphas add up to 0.011 "
+                           "(error_rate 0.006 (line 6), latency_p95 0.005 (line 7)), more than the rollout's alpha "
+                           "0.01: the false-rollback budget would not hold")
+    # all gating metrics explicit: up to all of alpha is fine, more is not
+    full = base.replace("    - {name: refusal_rate, allowed: {relative: 0.5}}\n", "")
+    assert spec_from_text(full.replace("A1", "0.006").replace("A2", "0.004")).alphas["latency_p95"] == 0.004
+    assert "more than the rollout's alpha" in one_problem(full.replace("A1", "0.006").replace("A2", "0.0041"))
+    # the parser and the statistics core agree (stats.split_alpha raises exactly where the parser reports)
+    from lockgate.controller.stats import MetricSpec, split_alpha
+
+    for a1, a2, others in [(0.006, 0.004, True), (0.006, 0.0039, True), (0.006, 0.004, False),
+                           (0.006, 0.0041, False), (0.009, 0.0005, True)]:
+        text = (base if others else full).replace("A1", str(a1)).replace("A2", str(a2))
+        try:
+            spec_from_text(text)
+            ok = True
+        except ConfigError:
+            ok = False
+        specs = [MetricSpec("e", "rate", alpha=a1), MetricSpec("l", "mean", alpha=a2)] + \
+            ([MetricSpec("r", "rate")] if others else [])
+        try:
+            split_alpha(specs, 0.01)
+            core_ok = True
+        except ValueError:
+            core_ok = False
+        assert ok == core_ok, (a1, a2, others)
+
+
+def test_new_field_warnings():
+    spec = spec_from_text(MINIMAL + """\
+    - {name: output_tokens, gating: false, alpha: 0.001, allowed: auto}
+    - {name: entropy, gating: false, family: f, allowed: auto}
+    - {name: latency_p95, allowed: {exceedance_ratio: 1}}
+""", "r.yaml")
+    text = [S.render_warning(w, "r.yaml") for w in spec.warnings]
+    assert text == [
+        "r.yaml:7:51: rollout.metrics[1].alpha: warning: alpha on a non-gating metric: output_tokens never decides, "
+        "so its alpha only sets the width of its reported interval (it is not part of the rollout's false-rollback "
+        "budget)",
+        "r.yaml:8:46: rollout.metrics[2].family: warning: family on a non-gating metric has no effect: only gating "
+        "metrics share the rollout's alpha",
+        "r.yaml:9:36: rollout.metrics[3].allowed: warning: exceedance ratio 1: promotion needs the canary shown "
+        "strictly better than the baseline on latency_p95",
+    ]
+    # a non-gating metric's alpha is not part of the budget: it may not break the gating split
+    assert spec.alphas["output_tokens"] == 0.001 and spec.alphas["error_rate"] == pytest.approx(0.025)
 
 
 # ----------------------------------------------------------------------------- stats core mapping
@@ -464,6 +665,9 @@ def test_schema_metric_enum_equals_builtins_and_fields_match_parser():
     assert set(rollout["properties"]["steps"]["items"]["properties"]) == set(S.STEP_KEYS)
     assert set(rollout["properties"]["promotion"]["properties"]) == set(S.PROMOTION_KEYS)
     assert set(metric["properties"]) == set(S.METRIC_KEYS)
+    allowed_modes = {k for alt in metric["properties"]["allowed"]["oneOf"] for k in alt.get("properties", {})}
+    assert allowed_modes == set(S.ALLOWED_MODES)
+    assert metric["properties"]["family"]["pattern"] == S.NAME_RE.pattern
     json.dumps(schema)  # serialisable
 
 
@@ -493,6 +697,13 @@ def test_examples_validate_against_schema():
     bad["rollout"]["steps"][0]["weigth_percent"] = 1
     bad["rollout"]["metrics"][4].pop("class")
     assert len(list(validator.iter_errors(bad))) >= 3
+    # the new fields: valid where the parser accepts them, invalid where it refuses them
+    assert not list(validator.iter_errors(yaml.safe_load(NEW_FIELDS)))
+    new = yaml.safe_load(NEW_FIELDS)
+    new["rollout"]["metrics"][1]["allowed"] = {"exceedance_ratio": 1.2}  # error_rate: not a quantile metric
+    new["rollout"]["metrics"][2]["family"] = "two words"
+    new["rollout"]["metrics"][0]["alpha"] = 0
+    assert len(list(validator.iter_errors(new))) == 3
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -542,11 +753,13 @@ _leaf = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
     st.sampled_from(["auto", "10m", "1.5h", "-1s", "1e-2", "10%", "fraud", "increase", "decrease", "drill",
-                     "absolute", "relative", "class_recall", "accuracy", "100", ""]),
+                     "absolute", "relative", "exceedance_ratio", "class_recall", "accuracy", "latency_p50", "100", "",
+                     "recall"]),
 )
 _value = st.recursive(_leaf, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
-        ["name", "class", "allowed", "absolute", "relative", "weight_percent", "min_duration", "gating", "x"]),
+        ["name", "class", "allowed", "absolute", "relative", "exceedance_ratio", "alpha", "family", "weight_percent",
+         "min_duration", "gating", "x"]),
         inner, max_size=3)), max_leaves=6)
 
 
@@ -602,7 +815,12 @@ def test_random_mutations_never_crash(data):
     assert bps == sorted(set(bps)) and all(0 < b < 10000 for b in bps)
     assert all(math.isfinite(s.min_duration_s) and s.min_duration_s >= 0 for s in spec.steps)
     assert 0 < spec.alpha <= S.MAX_ALPHA
-    spec.to_stats_specs({m.key: 1.0 for m in spec.metrics if m.allowed_mode == "auto"})
+    stats_specs = spec.to_stats_specs({m.key: 1.0 for m in spec.metrics if m.allowed_mode == "auto"})
+    # the alpha split it accepted is one the statistics core accepts too
+    from lockgate.controller.stats import split_alpha
+
+    assert split_alpha(stats_specs, spec.alpha) == spec.alphas
+    assert sum(a for k, a in spec.alphas.items() if spec.metric(k).gating) <= spec.alpha * (1 + 1e-9)
     json.loads(spec.canonical_json())
     # nothing in the file was silently dropped
     raw = doc["rollout"]

@@ -179,6 +179,11 @@ def test_examples_parse_against_the_example_config():
     keys = {m.key: m for m in cls.metrics}
     assert keys["class_recall[fraud]"].gating and keys["class_precision[fraud]"].gating
     assert not keys["accuracy"].gating
+    # the other classes' recall as one family: together one metric's share of alpha
+    assert {k for k, m in keys.items() if m.family == "other-recall"} == \
+        {"class_recall[billing]", "class_recall[technical]", "class_recall[account]"}
+    assert cls.alphas["class_recall[billing]"] == pytest.approx(cls.alphas["class_recall[fraud]"] / 3)
+    assert keys["latency_p99"].allowed_mode == "exceedance_ratio"
 
 
 # ----------------------------------------------------------------------------- errors

@@ -3,7 +3,9 @@
 One fleet (real Envoy, controller, example chat servers) runs two rollouts side by side on a
 compressed schedule: ``chat`` v1 → v2 (a good canary, promoted) and ``chat-b`` v1 → v3 (a bad
 canary, rolled back). v3 runs on two hosts: one healthy, one "on a different GPU type" (slow and
-failing 30 % of requests) — ``diagnose`` has to point at that host. Then everything stops and the
+failing 30 % of requests) — ``diagnose`` has to point at that host. Together v3 fails ~16 % of requests
+against v1's 2 %: chat-b's spec allows +2 points, so that is clearly beyond its allowance (with the
++15 points ``chat`` allows, it would be worse but within it, and not rolled back). Then everything stops and the
 deployment-log commands are run against the state dir alone (no controller running).
 """
 
@@ -95,7 +97,9 @@ def deployment(tmp_path_factory):
         good_spec.write_text(SPEC.format(max_duration="10m"))
         bad_spec = tmp / "bad.yaml"
         bad_spec.write_text(SPEC.format(max_duration="10m").replace("model: chat", "model: chat-b")
-                            .replace("canary: v2", "canary: v3"))
+                            .replace("canary: v2", "canary: v3")
+                            .replace("error_rate, gating: true, allowed: {absolute: 0.15}",
+                                     "error_rate, gating: true, allowed: {absolute: 0.02}"))
         fleet = Fleet(tmp, models, with_controller=True)
         with fleet, TwoModelTraffic(fleet.ports["listener"]):
             time.sleep(1.0)

@@ -1,5 +1,7 @@
-"""End to end through the real Envoy: a good canary is promoted to 100%, a bad one (errors ×5) is
-rolled back — both on a compressed schedule, driven by the controller's promotion loop."""
+"""End to end through the real Envoy, on a compressed schedule driven by the controller's promotion loop:
+a good canary is promoted to 100%; one worse than the baseline but within its allowance (errors 2 % → 8 %,
++15 points allowed) is promoted too — the allowance is the contract; a bad one beyond it (2 % → 42 %) is
+rolled back."""
 
 from __future__ import annotations
 
@@ -84,10 +86,11 @@ def wait_status(fleet, wanted, timeout):
     return status(fleet)
 
 
-@pytest.mark.parametrize("bad", [False, True], ids=["good-canary-promoted", "bad-canary-rolled-back"])
-def test_rollout_end_to_end(tmp_path, bad):
+@pytest.mark.parametrize("canary_errors, bad", [("0.02", False), ("0.08", False), ("0.42", True)],
+                         ids=["good-canary-promoted", "worse-within-allowance-promoted", "bad-canary-rolled-back"])
+def test_rollout_end_to_end(tmp_path, canary_errors, bad):
     v1, p1 = chat_server(tmp_path, "v1", "--error-rate", "0.02", "--seed", "1")
-    v2, p2 = chat_server(tmp_path, "v2", "--error-rate", "0.10" if bad else "0.02", "--seed", "2")
+    v2, p2 = chat_server(tmp_path, "v2", "--error-rate", canary_errors, "--seed", "2")
     models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
                "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
     spec = tmp_path / "rollout.yaml"
@@ -106,14 +109,21 @@ def test_rollout_end_to_end(tmp_path, bad):
         v2.stop()
     ev = final["last_eval"]
     verdicts = {v["metric"]: v for v in ev["verdicts"]}
+    err = verdicts["error_rate"]
+    assert err["allowed"] == pytest.approx(0.15)  # the rollback line: baseline + 15 points
+    lo, hi = err["interval"]
     if bad:
         assert final["status"] == "rolled_back", text
-        assert verdicts["error_rate"]["verdict"] == "fail"
+        # shown worse beyond the allowance: the whole interval on canary - baseline lies above +0.15
+        assert err["verdict"] == "fail" and lo > err["allowed"], err
         assert weights["chat/key/0"][0] == ("chat.v2", 0)
     else:
         assert final["status"] == "promoted", text
-        assert verdicts["error_rate"]["verdict"] == "pass"
+        # shown within the allowance: the whole interval lies below +0.15
+        assert err["verdict"] == "pass" and hi < err["allowed"], err
         assert weights["chat/key/0"][0] == ("chat.v2", 10000)
+        if canary_errors == "0.08":  # visibly worse than the baseline, and promoted all the same
+            assert err["canary"] > err["baseline"] + 0.02, err
     assert "error_rate" in text and "verdict" in text
 
 

@@ -171,7 +171,7 @@ QUANTILE_METRICS = tuple(n for n, d in BUILTIN_METRICS.items() if d.kind == "qua
 class Step:
     """One stage of the ramp: hold ``weight_bp`` (basis points, 100 = 1 %) of the model's traffic on
     the canary for at least ``min_duration_s`` seconds and ``min_canary_samples`` canary observations
-    before the next stage may start (and only if no gating metric shows harm)."""
+    before the next stage may start (a gating metric shown worse than its allowance rolls back instead)."""
 
     weight_bp: int
     min_duration_s: float
@@ -199,7 +199,8 @@ class PromotionPolicy:
     """The last move, from the final stage to 100 %.
 
     ``require_non_inferiority``: promotion needs every gating metric shown within its allowed change
-    (verdict ``pass``); if false, absence of harm after the final stage's minimums is enough.
+    (verdict ``pass``); if false, the final stage's minimums without any gating metric shown worse than
+    its allowance are enough.
     ``max_duration_s``: wall-clock budget of the whole rollout, from its start; when it runs out
     without promotion being justified the rollout holds where it is as ``inconclusive`` for a human
     (never promoted silently). ``preflight``: ``drill`` proves the revert path (``lockgate drill``:
@@ -770,8 +771,8 @@ def _check_metric_set(metrics: tuple[MetricCriterion, ...], mpath: tuple[PathPar
     if rollout_alpha is not None:
         _check_alpha_split(metrics, mpath, rollout_alpha, errors)
     if not any(m.gating for m in metrics):
-        errors.add(mpath, "at least one metric must be gating: with none, nothing can show harm (no rollback) "
-                          "and nothing can justify promotion")
+        errors.add(mpath, "at least one metric must be gating: with none, nothing can be shown worse than its "
+                          "allowance (no rollback) and nothing can justify promotion")
     per_class = [m for m in metrics if m.cls is not None]
     acc = next((m for m in metrics if m.name == "accuracy"), None)
     if acc is not None and acc.gating and not any(m.gating for m in per_class):
@@ -849,7 +850,7 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     if not promotion.require_non_inferiority:
         warnings.add(f.path + ("promotion", "require_non_inferiority"),
                      "false: the canary is promoted to 100 % after the last stage without evidence that it is "
-                     "within the allowed change (only without evidence of harm)")
+                     "within the allowed change (only without evidence that it is worse beyond it)")
 
     if config is not None and model:
         _check_against_config(config, f, model, canary, errors)

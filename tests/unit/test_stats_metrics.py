@@ -47,12 +47,14 @@ def test_cluster_robust_variance_matches_hand_computation():
     st_idx = np.zeros(v.size, dtype=np.intp)
     est = stratified_difference(v, is_c.astype(int), cl, ncl, st_idx, 1)
     # hand: per-user sums of deviations, one arm per user
+    # CR2: each user's summed residual divided by sqrt(1 - leverage), leverage = its share of its arm
     var = 0.0
     for arm in (0, 1):
         m = is_c == bool(arm)
         mu = v[m].mean()
         dev = np.bincount(user[m], weights=v[m] - mu, minlength=300)
-        var += np.sum(dev**2) / m.sum() ** 2
+        lev = np.bincount(user[m], minlength=300) / m.sum()
+        var += np.sum(dev**2 / (1.0 - lev)) / m.sum() ** 2
     g = len(np.unique(user))
     assert est.variance == pytest.approx(var * g / (g - 1), rel=1e-9)
     assert est.estimate == pytest.approx(v[is_c].mean() - v[~is_c].mean())

@@ -36,7 +36,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
-from scipy.stats import halfnorm
+from scipy.stats import halfnorm, norm
+from scipy.stats import t as student_t
 
 __all__ = [
     "log_half_normal_mixture",
@@ -127,6 +128,7 @@ def confidence_bounds(
     tau: float,
     alpha: float,
     multipliers: tuple[float, ...] = TAU_MULTIPLIERS,
+    df: float | None = None,
 ) -> tuple[float, float]:
     """Time-uniform one-sided bounds ``(lcb, ucb)`` for ``theta``, each at level ``alpha``.
 
@@ -136,6 +138,12 @@ def confidence_bounds(
     units, of the effects the mixture is tuned to (we use the allowed change);
     the half-normal prior scales are ``tau * multipliers``.
     Together ``(lcb, ucb)`` is a two-sided ``1 - 2 alpha`` confidence sequence.
+
+    ``df``: degrees of freedom of the variance estimate (e.g. effective users - 1).  The boundary
+    assumes a known variance; with few effective clusters the sandwich variance is itself noisy and
+    the studentised score is heavier-tailed than normal.  When ``df`` is given the half-width is
+    widened by ``t_df / z`` at the boundary's own tail probability (the usual small-sample
+    t-correction of cluster-robust inference); it vanishes as ``df`` grows.
     """
     if not (var > 0.0) or not math.isfinite(var) or not math.isfinite(theta_hat):
         return (-math.inf, math.inf)
@@ -145,7 +153,18 @@ def confidence_bounds(
     rhos = tuple(1.0 / (tau * m) ** 2 for m in multipliers)
     b = one_sided_boundary(info, rhos, alpha)
     half = b * var
+    if df is not None and math.isfinite(half):
+        half *= t_inflation(b * math.sqrt(var), df)
     return (theta_hat - half, theta_hat + half)
+
+
+def t_inflation(z: float, df: float) -> float:
+    """``t_df^-1(Phi(z)) / z``: how much wider a t-calibrated bound is than a normal one at level ``z``."""
+    if not (z > 0.0) or not math.isfinite(z):
+        return 1.0
+    if not (df > 0.0):
+        return math.inf
+    return float(student_t.isf(norm.sf(z), df)) / z
 
 
 @lru_cache(maxsize=32)

@@ -22,7 +22,10 @@ The one estimator behind every variance-based test:
       Var_CR(theta_hat) = G/(G-1) * sum_g (sum_{i in g} psi_i)^2
 
   which is the cluster-robust ("sandwich", CR1) variance: correlated requests of
-  one user count as one independent unit, not as many.
+  one user count as one independent unit, not as many.  Each user's summed
+  residual within a stratum-arm is divided by ``sqrt(1 - h)`` (``h`` = the
+  user's share of that stratum-arm's requests; CR2, Bell & McCaffrey 2002):
+  a heavy user pulls the mean toward itself and so shrinks its own residual.
 """
 
 from __future__ import annotations
@@ -142,6 +145,18 @@ def stratified_differences(
     safe0 = np.maximum(n0, 1.0)
     safe1 = np.maximum(n1, 1.0)
     pt = (s + 0.5) / (n + 1.0) if binary else None
+    # Leverage of each (user, stratum, arm) group in its stratum-arm mean: h = n_group / n_stratum_arm.
+    # A group's summed residual is shrunk by (1 - h) because the group pulled the mean toward itself;
+    # dividing by sqrt(1 - h) undoes that in expectation (CR2, Bell & McCaffrey 2002). It matters when
+    # a few heavy users dominate an arm (early stages); with many small users h ~ 0 and it is CR1.
+    gkey = cl_idx.astype(np.int64) * k2 + key
+    g_uni, g_inv = np.unique(gkey, return_inverse=True)
+    g_inv = g_inv.reshape(-1)
+    g_n = np.bincount(g_inv).astype(float)
+    g_cell = (g_uni % k2).astype(np.intp)
+    g_cl = (g_uni // k2).astype(np.intp)
+    h = np.minimum(g_n / np.maximum(n.reshape(-1)[g_cell], 1.0), 1.0 - 1e-9)
+    g_scale = 1.0 / np.sqrt(1.0 - h)
     out: list[DiffEstimate | None] = []
     for c in cs:
         theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
@@ -149,7 +164,8 @@ def stratified_differences(
         coef[:, 0] = np.where(valid, -c * w / safe0, 0.0)
         coef[:, 1] = np.where(valid, w / safe1, 0.0)
         psi = coef.reshape(-1)[key] * r
-        g = np.bincount(cl_idx, weights=psi, minlength=n_cl)
+        grp = np.bincount(g_inv, weights=psi, minlength=g_uni.size) * g_scale
+        g = np.bincount(g_cl, weights=grp, minlength=n_cl)
         var = float(np.dot(g, g)) * corr
         if pt is not None:
             var = max(var, float(np.sum(coef * coef * n * pt * (1.0 - pt))))

@@ -322,6 +322,36 @@ def _est(p: _Prepared, c: float, binary: bool, y: np.ndarray | None = None) -> D
     return stratified_difference(p.y if y is None else y, p.arm, p.cl, p.n_cl, p.st, p.n_st, c=c, binary=binary)
 
 
+def _effective_clusters(p: _Prepared) -> tuple[float, float]:
+    """Effective number of users per arm (baseline, canary): ``(sum n_g)^2 / sum n_g^2``.
+
+    Equal to the number of users when each sends the same number of requests, much smaller when a
+    few heavy users send most of them.  The sandwich variance is only trustworthy with enough
+    *effective* clusters (Carter, Schnepel & Steigerwald 2017): 25 users of whom one sends half the
+    requests behave like ~4.
+    """
+    out = []
+    for a in (0, 1):
+        cnt = np.bincount(p.cl[p.arm == a], minlength=p.n_cl).astype(float)
+        ss = float(np.dot(cnt, cnt))
+        out.append(float(cnt.sum()) ** 2 / ss if ss > 0 else 0.0)
+    return out[0], out[1]
+
+
+def _cluster_df(p: _Prepared) -> float:
+    """Degrees of freedom of the sandwich variance: effective users of the smaller arm, minus one."""
+    return max(min(_effective_clusters(p)) - 1.0, 1.0)
+
+
+def _too_few_users(p: _Prepared, gb: int, gc: int, min_clusters: int) -> str | None:
+    """The reason a decision is withheld for lack of (effective) users, or None."""
+    eb, ec = _effective_clusters(p)
+    if min(gb, gc, eb, ec) >= min_clusters:
+        return None
+    return (f"too few users for a cluster-robust decision: canary {gc}, baseline {gb} distinct users "
+            f"({ec:.0f} and {eb:.0f} effective, weighing heavy users; need >= {min_clusters} each)")
+
+
 def _counts(p: _Prepared) -> tuple[int, int, int, int]:
     n_c = int(p.arm.sum())
     n_b = int(p.arm.size - n_c)
@@ -412,7 +442,8 @@ def _variance_verdict(
     if not math.isfinite(delta_abs):
         delta_abs = 0.0
     tau = delta_abs if delta_abs > 0 else math.sqrt(est_r.variance)
-    lcb_r, ucb_r = confidence_bounds(est_r.estimate, est_r.variance, tau, alpha)
+    df = _cluster_df(p)
+    lcb_r, ucb_r = confidence_bounds(est_r.estimate, est_r.variance, tau, alpha, df=df)
     line_r = 0.0 if relative else h * delta_abs  # the allowance on the decision contrast's scale
     shift = est.estimate - est_r.estimate  # decision contrast -> canary - baseline scale
     lcb, ucb = lcb_r + shift, ucb_r + shift
@@ -445,12 +476,10 @@ def _variance_verdict(
                   f"beyond the allowed {allowed_txt}")
         within = (f"canary - baseline {'<=' if h > 0 else '>='} {_sf(ucb if h > 0 else lcb, spec.unit)}, "
                   f"within the allowed {allowed_txt}")
-    if gc < min_clusters or gb < min_clusters:
+    too_few = _too_few_users(p, gb, gc, min_clusters)
+    if too_few:
         verdict = "not-yet"
-        reason = (
-            f"too few users for a cluster-robust decision: canary {gc}, baseline {gb} distinct users "
-            f"(need >= {min_clusters} each); {arms_txt}"
-        )
+        reason = f"{too_few}; {arms_txt}"
     elif harm:
         verdict = "fail"
         reason = (f"worse beyond the allowance ({spec.harmful} is harmful, allowed {allowed_txt}): {arms_txt}; "
@@ -711,7 +740,8 @@ def evaluate_quantile(
     if e1 is None:
         return _empty_verdict(spec, alpha, "no stage has observations in both canary and baseline yet", p)
     tau = gap if gap > 0 else math.sqrt(e1.variance)
-    l1, u1 = confidence_bounds(e1.estimate, e1.variance, tau, alpha)
+    df = _cluster_df(p)
+    l1, u1 = confidence_bounds(e1.estimate, e1.variance, tau, alpha, df=df)
     harm, ni = l1 > 0.0, u1 < 0.0
     n_needed = samples_needed(gap, alpha, var_per_canary_obs=e1.variance * max(e1.n_canary, 1), tau=tau) if gap > 0 else None
 
@@ -725,7 +755,7 @@ def evaluate_quantile(
     else:
         interval, allowed_line = (None, None), float(shift_abs)
         if compute_interval:
-            interval = _shift_interval(est_at, xc, qb, tau, alpha, h)
+            interval = _shift_interval(est_at, xc, qb, tau, alpha, h, df)
         shift_txt = ("" if not compute_interval else
                      f"; quantile shift in [{_sf(interval[0] if interval[0] is not None else -math.inf, spec.unit)}, "
                      f"{_sf(interval[1] if interval[1] is not None else math.inf, spec.unit)}]")
@@ -740,12 +770,10 @@ def evaluate_quantile(
     else:
         line_txt = f"{1 - spec.quantile if h > 0 else spec.quantile:.4g} at the baseline {pct} {'+' if h > 0 else '-'} allowed ({_f(shift_abs, spec.unit)})"
         contrast = f"canary share {side} baseline {pct} {'+' if h > 0 else '-'} allowed - baseline share {side} {pct}"
-    if gc < min_clusters or gb < min_clusters:
+    too_few = _too_few_users(p, gb, gc, min_clusters)
+    if too_few:
         verdict = "not-yet"
-        reason = (
-            f"too few users for a cluster-robust decision: canary {gc}, baseline {gb} distinct users "
-            f"(need >= {min_clusters} each); {arms_txt}"
-        )
+        reason = f"{too_few}; {arms_txt}"
     elif harm:
         verdict = "fail"
         reason = (
@@ -804,18 +832,18 @@ def evaluate_quantile(
     )
 
 
-def _shift_interval(est_at, xc: np.ndarray, qb: float, tau: float, alpha: float, h: int
+def _shift_interval(est_at, xc: np.ndarray, qb: float, tau: float, alpha: float, h: int, df: float
                     ) -> tuple[float | None, float | None]:
     """Time-uniform bounds on the quantile shift, by inverting the exceedance test over shifts."""
     cand = np.unique(xc) - qb
 
     def lcb_pos(d: float) -> bool:
         e = est_at(d)
-        return confidence_bounds(e.estimate, e.variance, tau, alpha)[0] > 0.0
+        return confidence_bounds(e.estimate, e.variance, tau, alpha, df=df)[0] > 0.0
 
     def ucb_neg(d: float) -> bool:
         e = est_at(d)
-        return confidence_bounds(e.estimate, e.variance, tau, alpha)[1] < 0.0
+        return confidence_bounds(e.estimate, e.variance, tau, alpha, df=df)[1] < 0.0
 
     # largest candidate shift still significantly exceeded (lower bound on the shift)
     lo_shift = -math.inf

@@ -337,16 +337,10 @@ def cmd_rollout_start(args) -> int:
 
 
 def _verdict_table(last_eval: dict) -> list[str]:
-    rows = [("metric", "verdict", "baseline", "canary", "interval (canary-baseline)", "allowed", "n base/canary")]
-    for v in last_eval.get("verdicts", []):
-        def f(x):
-            return "-" if x is None else f"{x:.4g}"
-        lo, hi = v.get("interval") or (None, None)
-        rows.append((v["metric"] + ("" if v.get("gating") else " (info)"), v["verdict"], f(v.get("baseline")),
-                     f(v.get("canary")), f"[{f(lo)}, {f(hi)}]", f(v.get("allowed")),
-                     f"{v.get('n_baseline', 0)}/{v.get('n_canary', 0)}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    """Per-metric verdicts of the last judgement; ``allowed`` is the rollback line (fail = beyond it)."""
+    from lockgate.controller.history import verdict_rows
+
+    return ["  " + line for line in verdict_rows(last_eval.get("verdicts", []), gating_default=False)]
 
 
 def cmd_rollout_status(args) -> int:

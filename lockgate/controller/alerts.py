@@ -3,7 +3,8 @@
 Pure parts (unit-tested without a network):
 
 * :class:`Alert` — one notification (kind, severity, model/canary, a one-line ``title`` and explanatory
-  ``lines`` with the numbers: which gating metric, canary vs baseline, the interval, the allowed change,
+  ``lines`` with the numbers: which gating metric, canary vs baseline, the interval, the allowed change
+  (the rollback line: a rollback says by how much the canary was shown worse than the baseline against it),
   and for rollbacks detected → pushed → all Envoys ACKed in N ms). Built from a promoter outcome event by
   :func:`alert_from_event`, or for component trouble by :func:`trouble_alert`.
 * Renderers: :func:`webhook_payload` (generic JSON), :func:`slack_payload` (Slack-compatible incoming
@@ -30,6 +31,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lockgate.config import AlertSink, RetryPolicy
+from lockgate.controller.history import (allowance_state, any_harm_fail, on_exceedance_scale, rollback_line,
+                                         worse_bound)
 
 MAX_RESPONSE = 4 * 1024 * 1024
 SEVERITY = {"rolled_back": "critical", "aborted": "warning", "inconclusive": "warning", "promoted": "info",
@@ -215,33 +218,61 @@ def _num(x: Any, kind: str = "", unit: str = "", signed: bool = False) -> str:
 
 def _interval(v: dict) -> str:
     lo, hi = (v.get("interval") or [None, None])[:2]
-    kind, unit = v.get("kind", ""), v.get("unit", "")
+    kind, unit = _diff_kind_unit(v)
     lo_s = "-∞" if lo is None else _num(lo, kind, "", True).replace(" pp", "")
     hi_s = "+∞" if hi is None else _num(hi, kind, "", True).replace(" pp", "")
     suffix = " pp" if kind in PROPORTION_KINDS else (f" {unit}" if unit else "")
+    if on_exceedance_scale(v):
+        suffix = " (exceedance share difference, unitless)"
     return f"[{lo_s}, {hi_s}]{suffix}"
+
+
+def _diff_kind_unit(v: dict) -> tuple[str, str]:
+    """How to print a verdict's difference / interval / allowed: exceedance-share differences of an
+    ``exceedance_ratio`` quantile verdict are unitless fractions (never the quantile's ms)."""
+    if on_exceedance_scale(v):
+        return "", ""
+    return v.get("kind", ""), v.get("unit", "")
+
+
+def _signed(x: Any, v: dict) -> str:
+    """A value on the interval's scale, signed: ``+1.50 pp`` / ``+79 ms`` / ``+0.01 (exceedance share difference)``."""
+    if x is None:
+        return "n/a"
+    kind, unit = _diff_kind_unit(v)
+    return _num(x, kind, unit, True)
+
+
+def describe_beyond(v: dict) -> str:
+    """A failing metric against its rollback line: ``error_rate: shown worse than baseline by at least +5.10 pp,
+    allowed +1.50 pp`` — the interval end on the harmful side vs the allowed change."""
+    out = (f"{v.get('metric', '?')}: shown worse than baseline by at least {_signed(worse_bound(v), v)}, "
+           f"allowed {_signed(rollback_line(v), v)}")
+    if on_exceedance_scale(v):
+        out += " (exceedance share difference)"
+    return out + (" (judged by the earlier any-harm rule, not beyond the allowance)" if any_harm_fail(v) else "")
 
 
 def describe_verdict(v: dict) -> str:
     """One metric, self-explaining: ``error_rate (gating) FAIL: canary 10.20% vs baseline 2.00%, change
-    +8.20 pp, interval [+5.10, +11.30] pp (α 0.05 per side); allowed +15.00 pp (absolute)``."""
+    +8.20 pp, interval [+5.10, +11.30] pp (α 0.05 per side); allowed +1.50 pp (absolute): beyond the
+    allowance``. ``allowed`` is the rollback line (the allowed change in the harmful direction): FAIL = the
+    interval lies beyond it, pass = within it."""
     kind, unit = v.get("kind", ""), v.get("unit", "")
     gating = "gating" if v.get("gating") else "not gating"
     verdict = str(v.get("verdict", "?"))
     verdict = verdict.upper() if verdict == "fail" else verdict
-    sign = "-" if v.get("harmful") == "decrease" else "+"
-    allowed = v.get("allowed")
-    allowed_s = "n/a" if allowed is None else sign + _num(abs(float(allowed)), kind, unit).lstrip("+")
-    if allowed is not None and kind in PROPORTION_KINDS:
-        allowed_s = allowed_s.replace("%", " pp")
+    allowed_s = _signed(rollback_line(v), v)
     mode = v.get("allowed_mode") or ""
     if mode == "auto" and v.get("allowed_derivation"):
         mode = f"auto: {v['allowed_derivation']}"
     alpha = v.get("alpha")
     alpha_s = f" (α {alpha:.3g} per side)" if isinstance(alpha, (int, float)) else ""
+    change = "exceedance share change" if on_exceedance_scale(v) else "change"
     out = (f"{v.get('metric', '?')} ({gating}) {verdict}: canary {_num(v.get('canary'), kind, unit)} vs baseline "
-           f"{_num(v.get('baseline'), kind, unit)}, change {_num(v.get('difference'), kind, unit, True)}, "
-           f"interval {_interval(v)}{alpha_s}; allowed {allowed_s}" + (f" ({mode})" if mode else ""))
+           f"{_num(v.get('baseline'), kind, unit)}, {change} {_signed(v.get('difference'), v)}, "
+           f"interval {_interval(v)}{alpha_s}; allowed {allowed_s}" + (f" ({mode})" if mode else "")
+           + f": {allowance_state(v)}")
     n_c, n_b = v.get("n_canary"), v.get("n_baseline")
     if n_c is not None:
         out += f"; n canary {n_c:,} / baseline {n_b or 0:,}"
@@ -308,7 +339,8 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
         failing = [v for v in verdicts if v.get("gating") and v.get("verdict") == "fail"]
         if failing:
             lines.append("Why: gating metric" + ("s " if len(failing) > 1 else " ")
-                         + ", ".join(v["metric"] for v in failing) + " worse than allowed")
+                         + ", ".join(v["metric"] for v in failing) + " shown worse than baseline beyond the allowance")
+            lines.extend(describe_beyond(v) for v in failing)
     elif kind == "aborted":
         title = f"{model}: rollout #{rid} of {canary} aborted{share}; traffic back on {baseline}"
     elif kind == "inconclusive":
@@ -342,7 +374,13 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
 def _metric_summary(v: dict) -> dict:
     keys = ("metric", "kind", "verdict", "gating", "baseline", "canary", "difference", "interval", "allowed",
             "allowed_mode", "harmful", "n_baseline", "n_canary", "n_needed", "alpha", "unit")
-    return {k: v.get(k) for k in keys if k in v}
+    out = {k: v.get(k) for k in keys if k in v}
+    # the signed line the verdict was judged against (fail = interval beyond it), and the interval's scale
+    out["rollback_line"] = rollback_line(v)
+    scale = (v.get("details") or {}).get("interval_scale")
+    if scale:
+        out["interval_scale"] = scale
+    return out
 
 
 def trouble_alert(component: str, title: str, lines: list[str] | None = None, *, severity: str = "warning",
@@ -486,5 +524,5 @@ async def send_alert(sink: AlertSink, alert: Alert, default_generator_url: str |
 
 
 __all__ = ["Alert", "DeliveryError", "HTTPResult", "alert_from_event", "alertmanager_payload", "backoff_delay",
-           "classify_status", "describe_timings", "describe_verdict", "http_request", "render",
+           "classify_status", "describe_beyond", "describe_timings", "describe_verdict", "http_request", "render",
            "rollback_push_trouble", "send_alert", "slack_payload", "trouble_alert", "webhook_payload"]

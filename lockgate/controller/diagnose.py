@@ -3,7 +3,8 @@
 Three views of one rollout:
 
 1. the evidence per metric — the last judgement's verdicts (baseline vs canary, the canary−baseline
-   interval, the allowed change);
+   interval, the allowed change as the signed rollback line: a ``fail`` lies beyond it, a ``pass`` within
+   it) and, per failing metric, by how much it was shown worse than the baseline against that line;
 2. the same traffic broken down **per upstream host and role** — requests, error rate, latency
    p50/p95, mean output tokens, parse errors — computed from the stored observations of the
    rollout's window (a canary replica on a different GPU type, a bad node, shows up here);
@@ -26,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lockgate.controller.history import LogError, fmt_ts, load, open_log, verdict_rows
+from lockgate.controller.history import LogError, beyond_text, fmt_ts, load, open_log, verdict_rows
 from lockgate.controller.samples import SampleStore, sample_json, samples_path
 
 COLUMNS = ("ts", "request_id", "version", "role", "upstream_host", "status_code", "timeout", "latency_ms",
@@ -210,7 +211,9 @@ def render(d: dict) -> str:
         out.extend("  " + line for line in verdict_rows(d["verdicts"]))
         for v in d["verdicts"]:
             if v.get("verdict") == "fail":
-                out.append(f"  {v['metric']}: {v.get('reason', '')}")
+                out.append(f"  {v['metric']}: {beyond_text(v)}")
+                if v.get("reason"):
+                    out.append(f"    {v['reason']}")
     else:
         out.append("  no judgement recorded")
     out.append("per upstream host:")

@@ -13,7 +13,8 @@ import pytest
 
 from lockgate.config import RetryPolicy, config_from_text
 from lockgate.controller.alerts import (Alert, DeliveryError, alert_from_event, alertmanager_payload,
-                                        alertmanager_url, backoff_delay, classify_status, describe_timings,
+                                        alertmanager_url, backoff_delay, classify_status, describe_beyond,
+                                        describe_timings,
                                         describe_verdict, http_request, render, rollback_push_trouble,
                                         send_alert, slack_payload, total_retry_window, trouble_alert,
                                         webhook_payload)
@@ -44,12 +45,15 @@ def test_rollback_alert_explains_itself_with_numbers():
     assert a.severity == "critical" and a.model == "chat" and a.canary == "v2" and a.rollout_id == 3
     assert a.title == "chat: canary v2 ROLLED BACK to v1 at 30% of traffic (rollout #3, after 100 s)"
     text = a.text
-    assert "Why: gating metric error_rate worse than allowed" in text
+    assert "Why: gating metric error_rate shown worse than baseline beyond the allowance" in text
+    # by how much the canary was shown worse, against the rollback line (the allowed change), not against 0
+    assert "error_rate: shown worse than baseline by at least +5.10 pp, allowed +1.50 pp" in text.splitlines()
     # which metric, canary vs baseline, change, interval, allowed change
     assert ("error_rate (gating) FAIL: canary 10.20% vs baseline 2.00%, change +8.20 pp, interval [+5.10, +∞] pp"
             in text)
-    assert "allowed +1.50 pp (absolute)" in text
+    assert "allowed +1.50 pp (absolute): beyond the allowance" in text
     assert "latency_p95 (gating) continue: canary 812 ms vs baseline 790 ms, change +22 ms" in text
+    assert "allowed +79 ms (relative): neither beyond nor within the allowance yet" in text
     assert "(~900 canary needed)" in text
     # rollback timings: detected → pushed → all Envoys ACKed
     assert "detected → pushed 3 ms later → all 2 Envoys ACKed 11 ms after the push (detected → all ACKed: 14 ms)" \
@@ -75,7 +79,57 @@ def test_verdict_decrease_and_unbounded():
     v = dict(FAIL, harmful="decrease", metric="class_recall[fraud]", kind="class_recall", interval=[None, -0.04],
              allowed=0.02, difference=-0.06)
     s = describe_verdict(v)
-    assert "allowed -2.00 pp" in s and "interval [-∞, -4.00] pp" in s
+    assert "allowed -2.00 pp" in s and "interval [-∞, -4.00] pp" in s and "beyond the allowance" in s
+    assert describe_beyond(v) == "class_recall[fraud]: shown worse than baseline by at least -4.00 pp, allowed -2.00 pp"
+
+
+def test_rollback_line_recorded_in_details_is_the_one_stated():
+    # the verdict's details["rollback_line"] (signed) wins over +/-allowed; it is also in the JSON summary
+    v = dict(FAIL, interval=[0.021, 0.03], allowed=0.005, details={"rollback_line": 0.005})
+    a = alert_from_event(event(verdicts=[v]), 3000)
+    assert "error_rate: shown worse than baseline by at least +2.10 pp, allowed +0.50 pp" in a.lines
+    assert a.metrics[0]["rollback_line"] == 0.005
+    dec = dict(FAIL, harmful="decrease", kind="mean", unit="tokens", interval=[-40.0, -12.0], allowed=10.0,
+               difference=-20.0, details={"rollback_line": -10.0})
+    assert describe_beyond(dec).endswith("by at least -12 tokens, allowed -10 tokens")
+    # an evaluation stored before the line was recorded: +allowed for a harmful increase
+    assert alert_from_event(event(verdicts=[FAIL])).metrics[0]["rollback_line"] == 0.015
+
+
+def test_pass_above_zero_within_the_allowance_is_not_harm():
+    # worse than the baseline (interval above 0) but below the allowed +1.50 pp: within the allowance
+    ok = dict(FAIL, verdict="pass", canary=0.03, difference=0.01, interval=[0.002, 0.012],
+              details={"rollback_line": 0.015})
+    s = describe_verdict(ok)
+    assert s.startswith("error_rate (gating) pass:") and "interval [+0.20, +1.20] pp" in s
+    assert s.endswith("allowed +1.50 pp (absolute): within the allowance; n canary 412 / baseline 3,900")
+    a = alert_from_event(event("promoted", verdicts=[ok], timings=None), 10000)
+    assert "FAIL" not in a.text and "beyond" not in a.text and "Why:" not in a.text
+
+
+def test_old_any_harm_fail_is_worded_honestly():
+    # stored before verdicts respected the allowance: fail meant "interval above 0", here still below +1.50 pp
+    old = dict(FAIL, interval=[0.004, 0.03])
+    assert "judged by the earlier any-harm rule" in describe_verdict(old)
+    assert describe_beyond(old) == ("error_rate: shown worse than baseline by at least +0.40 pp, allowed +1.50 pp "
+                                    "(judged by the earlier any-harm rule, not beyond the allowance)")
+
+
+def test_exceedance_ratio_verdict_is_on_the_exceedance_share_scale_not_ms():
+    v = dict(LAT, verdict="fail", allowed_mode="exceedance_ratio", unit="", difference=0.025,
+             interval=[0.021, 0.04], allowed=0.01,
+             details={"interval_scale": "exceedance share difference", "rollback_line": 0.01})
+    s = describe_verdict(v)
+    assert "exceedance share change +0.025" in s and "ms" not in s
+    assert "interval [+0.021, +0.04] (exceedance share difference, unitless)" in s
+    assert "allowed +0.01 (exceedance_ratio): beyond the allowance" in s
+    assert describe_beyond(v) == ("latency_p95: shown worse than baseline by at least +0.021, allowed +0.01 "
+                                  "(exceedance share difference)")
+    # the same verdict kept in ms when the stored unit says so (quantile shift), still no share label
+    shift = dict(LAT, verdict="fail", interval=[90.0, 140.0], details={"interval_scale": "quantile shift",
+                                                                       "rollback_line": 79.0})
+    assert describe_beyond(shift) == "latency_p95: shown worse than baseline by at least +90 ms, allowed +79 ms"
+    assert alert_from_event(event(verdicts=[v])).metrics[0]["interval_scale"] == "exceedance share difference"
 
 
 def test_timings_not_acked_and_failed_push():
@@ -109,6 +163,8 @@ def test_slack_payload_shape():
     assert len(p["blocks"][0]["text"]["text"]) <= 150
     metrics = next(b for b in p["blocks"] if b["type"] == "section" and "*Metrics*" in b["text"]["text"])
     assert "error_rate (gating) FAIL" in metrics["text"]["text"]
+    why = p["blocks"][1]["text"]["text"]
+    assert "error_rate: shown worse than baseline by at least +5.10 pp, allowed +1.50 pp" in why
     assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in p["blocks"])
     esc = slack_payload(trouble_alert("envoy", "Envoy <a> & b"))
     assert "&lt;a&gt; &amp; b" in json.dumps(esc["blocks"][-2:]) or esc["blocks"][0]["text"]["text"] == "Envoy <a> & b"

@@ -60,7 +60,7 @@ def build(tmp_path):
                                                                      "ack_ms": 6.0}], "not_acked": []}
     s.transition(r2.id, expect=("running",), status="rolled_back", kind="rolled_back", actor="controller",
                  weight_bp=0, detail={"reasons": ["harm shown: error_rate"], "timings": timings,
-                                      "verdicts": [verdict("fail")]}, now=T0 + 210.02)
+                                      "verdicts": [verdict("fail", 0.3, 0.1, 0.4)]}, now=T0 + 210.02)
     r3 = s.create(model="other", canary="v9", baseline="v8", spec_text=SPEC.format(model="other", canary="v9"),
                   spec_source="o.yaml", spec_hash="c" * 64, created_by="cli:carol", auto={}, now=T0 + 300)
     s.transition(r3.id, expect=("pending",), status="aborted", kind="aborted", actor="cli:carol", weight_bp=0,
@@ -86,6 +86,9 @@ def test_history_rows_and_render(tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("ID") and len(lines) == 4
     assert "#2  chat" in text and "v1→v3" in text and "ROLLED_BACK" in text and "6.0 ms" in text
+    # what rolled it back, against its rollback line (the allowance), not against 0
+    assert ("harm: error_rate canary 0.3 vs baseline 0.02, shown worse than baseline by at least +0.1, "
+            "allowed +0.05") in text
     assert "2.0m" in lines[3]  # 122 s
     store = h.open_log(tmp_path)
     assert [r["id"] for r in h.history(store, "other")] == [3]
@@ -171,3 +174,43 @@ def test_formatters():
     assert h.fmt_ts(0) == "1970-01-01 00:00:00Z"
     rows = h.verdict_rows([verdict("fail", 0.3, 0.1, None)])
     assert rows[0].split()[:2] == ["metric", "verdict"] and "[0.1, -]" in rows[1]
+    assert "allowed (rollback line)" in rows[0] and "fail (beyond the allowance)" in rows[1] and "+0.05" in rows[1]
+
+
+def test_rollback_line_from_details_else_allowed():
+    # recorded line wins; evaluations stored before it was recorded fall back to +/-allowed
+    assert h.rollback_line(dict(verdict(), details={"rollback_line": 0.042})) == 0.042
+    assert h.rollback_line(verdict()) == 0.05
+    assert h.rollback_line(dict(verdict(), harmful="decrease")) == -0.05
+    assert h.rollback_line(dict(verdict(), allowed=None)) is None
+    dec = dict(verdict("fail", -0.1, None, -0.04), harmful="decrease", allowed=0.02,
+               details={"rollback_line": -0.02})
+    assert h.worse_bound(dec) == -0.04 and h.allowance_state(dec) == "beyond the allowance"
+    assert h.beyond_text(dec) == "shown worse than baseline by at least -0.04, allowed -0.02"
+    assert h.fmt_line(dec) == "-0.02"
+
+
+def test_pass_above_zero_below_the_allowance_is_within_it():
+    # the interval excludes 0 (the canary is worse), but lies below the allowed +0.05: within the allowance
+    v = dict(verdict("pass", 0.04, 0.01, 0.04), details={"rollback_line": 0.05})
+    assert h.allowance_state(v) == "within the allowance"
+    rows = h.verdict_rows([v])
+    assert "pass (within the allowance)" in rows[1] and "[0.01, 0.04]" in rows[1] and "+0.05" in rows[1]
+    assert "beyond" not in rows[1] and "harm" not in rows[1]
+
+
+def test_old_any_harm_fail_is_not_called_beyond_the_allowance():
+    # stored before the allowance was respected: a fail whose interval is above 0 but not beyond the line
+    old = verdict("fail", 0.05, 0.01, 0.09)
+    assert h.any_harm_fail(old) and "earlier any-harm rule" in h.allowance_state(old)
+    assert "fail (any-harm rule; not beyond the allowance)" in h.verdict_rows([old])[1]
+    assert not h.any_harm_fail(dict(old, details={"rollback_line": 0.05}))  # new verdicts are taken as judged
+    assert not h.any_harm_fail(verdict("fail", 0.3, 0.1, 0.4))
+
+
+def test_exceedance_ratio_verdicts_are_labelled_on_their_scale():
+    v = dict(verdict("pass", 812.0, -0.004, 0.008), metric="latency_p95", kind="quantile", baseline=790.0,
+             allowed=0.01, unit="", allowed_mode="exceedance_ratio",
+             details={"interval_scale": h.EXCEEDANCE_SCALE, "rollback_line": 0.01})
+    row = h.verdict_rows([v])[1]
+    assert "[-0.004, 0.008] exceedance share" in row and "+0.01 exceedance share" in row and "ms" not in row

@@ -78,11 +78,21 @@ def test_render():
          "window": {"since": 0.0, "until": 15.0}, "last_evaluation_at": 9.0, "decision": "rollback",
          "stage_decision": {"action": "rollback"},
          "verdicts": [{"metric": "error_rate", "verdict": "fail", "baseline": 0.0, "canary": 0.13,
-                       "interval": [0.05, 0.2], "allowed": 0.05, "gating": True, "n_baseline": 400,
-                       "n_canary": 200, "reason": "harm shown"}],
+                       "interval": [0.08, 0.2], "allowed": 0.05, "gating": True, "harmful": "increase",
+                       "n_baseline": 400, "n_canary": 200, "reason": "worse beyond the allowance",
+                       "details": {"rollback_line": 0.05}},
+                      {"metric": "latency_mean", "verdict": "pass", "baseline": 20.0, "canary": 21.0,
+                       "interval": [0.2, 1.5], "allowed": 2.0, "gating": True, "harmful": "increase",
+                       "n_baseline": 400, "n_canary": 200, "reason": "within the allowance",
+                       "details": {"rollback_line": 2.0}}],
          "hosts": dg.per_host(data), "first_failures": dg.first_failures(data), "observations": 600, "note": None}
     text = dg.render(d)
-    assert "evidence per metric" in text and "error_rate: harm shown" in text
+    assert "evidence per metric" in text and "allowed (rollback line)" in text
+    # the failing metric: by how much it was shown worse, against the allowance (not against 0)
+    assert "error_rate: shown worse than baseline by at least +0.08, allowed +0.05" in text
+    assert "    worse beyond the allowance" in text and "fail (beyond the allowance)" in text
+    # worse than the baseline (interval above 0) but within the allowed +2: a pass, no "worse" line for it
+    assert "pass (within the allowance)" in text and "latency_mean: shown worse" not in text
     assert "per upstream host:" in text and "10.0.0.3:80" in text and "first failing canary requests:" in text
     assert "parse_error" in text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import zlib
@@ -152,3 +153,134 @@ def test_write_report(tmp_path):
     with pytest.raises(h.LogError):
         write_report(tmp_path, 99, tmp_path / "x.html")
     assert struct.unpack(">I", png.read_bytes()[16:20])[0] == 1920
+
+
+# ------------------------------------------------------------------ the rollback line (the allowance), not 0
+def _with_verdicts(evaluations, *verdict_lists):
+    """The stored evaluations of a rollout with their verdicts replaced (one list per evaluation)."""
+    out = []
+    for i, vs in enumerate(verdict_lists):
+        ev = dict(evaluations[min(i, len(evaluations) - 1)])
+        out.append(dict(ev, ts=ev["ts"] + i, judgement=dict(ev["judgement"], verdicts=vs)))
+    return out
+
+
+def _rollout(tmp_path, rid=2):
+    build(tmp_path)
+    store = h.open_log(tmp_path)
+    r, events, evaluations = h.load(store, rid)
+    store.close()
+    return r, events, evaluations
+
+
+def _interval_geometry(fig):
+    """The interval panel, its plot rectangle (pixels) and data -> pixel y of that panel."""
+    from lockgate.controller.report.charts import _yrange
+
+    w, hgt, prims = layout(fig)
+    panel = fig.panels[1]
+    rect = [p for p in prims if getattr(p, "cls", "") == "plot-bg"][1]
+    ylo, yhi = _yrange(panel)
+    return panel, rect, prims, lambda y: rect.y + rect.h - (y - ylo) / (yhi - ylo) * rect.h
+
+
+def test_chart_draws_the_rollback_line_at_the_allowance(tmp_path):
+    from lockgate.controller.report import metric_figure, verdict_table
+    from lockgate.controller.report.charts import HARM, ZERO
+
+    r, events, evaluations = _rollout(tmp_path)  # fail: interval [0.1, 0.4], allowed 0.05, stored without a line
+    d = ReportData(r, events, evaluations)
+    fig = metric_figure(d, "error_rate")
+    panel, rect, prims, sy = _interval_geometry(fig)
+    (line,) = [x for x in panel.hlines if x.attrs.get("data-line") == "rollback"]
+    (zero,) = [x for x in panel.hlines if x.attrs.get("data-line") == "zero"]
+    assert line.y == 0.05 and line.color == HARM and line.label == "rollback line (allowed +0.05; fail above)"
+    assert zero.y == 0.0 and zero.color == ZERO and zero.dash is None  # 0 only as a faint reference
+    (drawn,) = [p for p in prims if getattr(p, "cls", "") == "hline" and p.attrs.get("data-line") == "rollback"]
+    assert drawn.points[0][1] == pytest.approx(sy(0.05)) and drawn.color == HARM
+    # in the SVG: the dashed path at the allowance's pixel row, with its label
+    svg = to_svg(fig)
+    m = re.search(r'<path class="hline" d="M[\d.]+,([\d.]+) L[\d.]+,\1"[^>]*stroke="#c53030"[^>]*'
+                  r'data-line="rollback"', svg)
+    assert m and float(m.group(1)) == pytest.approx(sy(0.05), abs=0.06)
+    assert ">rollback line (allowed +0.05; fail above)</text>" in svg
+    # the interval lies above the line: beyond the allowance
+    assert all(y < sy(0.05) for p in prims if getattr(p, "cls", "") == "band" for _, y in p.points)
+    page = render_html(r, events, evaluations)
+    assert "fail (beyond the allowance)" in page and "<th>allowed (rollback line)</th>" in page
+    assert "<td class='num allowed'>+0.05</td>" in verdict_table(evaluations[-1]["judgement"]["verdicts"])
+    assert "the red dashed line is the rollback line" in page
+    # the PNG (main chart: the failing metric) draws the same line: a red row at that height
+    fig_main = main_figure(d)
+    _, _, prims_main, sy_main = _interval_geometry(fig_main)
+    w, hgt, px = decode_own_png(render_png(r, events, evaluations, scale=1))
+    row = round(sy_main(0.05))
+    reds = max(sum(1 for x in range(w) if pixel(px, w, x, y) == (0xc5, 0x30, 0x30)) for y in (row - 1, row, row + 1))
+    assert reds > 100
+
+
+def test_chart_uses_the_recorded_line_harmful_decrease(tmp_path):
+    from lockgate.controller.report import metric_figure
+
+    r, events, evaluations = _rollout(tmp_path)
+    v = {"metric": "class_recall[fraud]", "kind": "class_recall", "verdict": "fail", "baseline": 0.9, "canary": 0.8,
+         "difference": -0.1, "interval": [-0.16, -0.05], "allowed": 0.02, "harmful": "decrease", "gating": True,
+         "unit": "", "n_baseline": 100, "n_canary": 50, "details": {"rollback_line": -0.02}}
+    d = ReportData(r, events, _with_verdicts(evaluations, [v]))
+    panel, rect, prims, sy = _interval_geometry(metric_figure(d, "class_recall[fraud]"))
+    (line,) = [x for x in panel.hlines if x.attrs.get("data-line") == "rollback"]
+    assert line.y == -0.02 and line.label == "rollback line (allowed -0.02; fail below)"
+    assert all(y > sy(-0.02) for p in prims if getattr(p, "cls", "") == "band" for _, y in p.points)
+
+
+def test_pass_above_zero_but_within_the_allowance_is_drawn_and_shown_as_within(tmp_path):
+    from lockgate.controller.report import metric_figure
+
+    r, events, evaluations = _rollout(tmp_path)
+    ok = dict(evaluations[0]["judgement"]["verdicts"][0], verdict="pass", canary=0.045, difference=0.025,
+              interval=[0.01, 0.04], reason="within the allowance", details={"rollback_line": 0.05})
+    evs = _with_verdicts(evaluations, [ok], [dict(ok, interval=[0.012, 0.035])])
+    d = ReportData(r, events, evs)
+    panel, rect, prims, sy = _interval_geometry(metric_figure(d, "error_rate"))
+    band = [y for p in prims if getattr(p, "cls", "") == "band" for _, y in p.points]
+    # above 0 (the canary is somewhat worse) and below the rollback line: within the allowance
+    assert band and all(sy(0.05) < y < sy(0.0) for y in band)
+    page = render_html(dataclasses.replace(r, last_eval=evs[-1]["judgement"]), events, evs)
+    rows = re.findall(r"<tr class='verdict-row'>.*?</tr>", page)
+    assert len(rows) == 2  # the last judgement, and the last of its stage
+    row = rows[0]
+    assert "pass (within the allowance)" in row and "+0.05" in row and "beyond" not in row and "harm" not in row
+    assert "class='v-pass'" in row
+
+
+def test_relative_allowance_line_moves_with_the_baseline(tmp_path):
+    from lockgate.controller.report import metric_figure
+
+    r, events, evaluations = _rollout(tmp_path)
+    v = dict(evaluations[0]["judgement"]["verdicts"][0], verdict="not-yet", interval=[-0.01, 0.03],
+             allowed_mode="relative")
+    evs = _with_verdicts(evaluations, [dict(v, allowed=0.004, details={"rollback_line": 0.004})],
+                         [dict(v, allowed=0.005, details={"rollback_line": 0.005})])
+    fig = metric_figure(ReportData(r, events, evs), "error_rate")
+    panel = fig.panels[1]
+    (moving,) = [s for s in panel.series if s.attrs.get("data-series") == "rollback-line"]
+    assert [y for _, y in moving.points] == [0.004, 0.005]
+    (line,) = [x for x in panel.hlines if x.attrs.get("data-line") == "rollback"]
+    assert line.y == 0.005 and line.label.startswith("rollback line now (allowed +0.005")
+
+
+def test_exceedance_ratio_chart_and_table_are_on_the_exceedance_share_scale(tmp_path):
+    from lockgate.controller.report import metric_figure, verdict_table
+
+    r, events, evaluations = _rollout(tmp_path)
+    v = {"metric": "latency_p95", "kind": "quantile", "verdict": "pass", "baseline": 790.0, "canary": 805.0,
+         "difference": 0.004, "interval": [-0.006, 0.008], "allowed": 0.01, "allowed_mode": "exceedance_ratio",
+         "harmful": "increase", "gating": True, "unit": "", "n_baseline": 100, "n_canary": 50,
+         "details": {"interval_scale": "exceedance share difference", "rollback_line": 0.01}}
+    fig = metric_figure(ReportData(r, events, _with_verdicts(evaluations, [v])), "latency_p95")
+    panel = fig.panels[1]
+    assert "exceedance share difference" in panel.title
+    (line,) = [x for x in panel.hlines if x.attrs.get("data-line") == "rollback"]
+    assert line.label == "rollback line (allowed +0.01 exceedance share; fail above)"
+    table = verdict_table([v])
+    assert "[-0.006, 0.008] exceedance share" in table and "+0.01 exceedance share" in table and "ms" not in table

@@ -5,8 +5,10 @@ here (:mod:`.charts`). From ``rollout_evaluations`` (every judgement over time) 
 
 * traffic share (canary weight) over time, from the weight-moving events and the judgements;
 * per metric: the value per arm (baseline vs canary) and the canary−baseline interval with its
-  point estimate, zero and the allowed change, over time — stages shaded and labelled, decision
-  markers (start / advance / promote / rollback / …) drawn as labelled vertical lines on every chart;
+  point estimate over time, drawn against the rollback line — the allowed change in the harmful
+  direction (``+allowed`` / ``-allowed``; an interval beyond it is a ``fail``, one entirely on the other
+  side a ``pass``), with 0 as a faint reference — stages shaded and labelled, decision markers
+  (start / advance / promote / rollback / …) drawn as labelled vertical lines on every chart;
 * the verdict table of the last judgement, the last judgement of every stage, rollback timings, the
   annotations and the full event log.
 
@@ -23,9 +25,10 @@ from html import escape
 from pathlib import Path
 from typing import Sequence
 
-from lockgate.controller.history import describe, fmt_duration, fmt_ts, load, open_log
-from lockgate.controller.report.charts import (BASELINE, CANARY, HARM, Band, Figure, HLine, Marker, Panel, Series,
-                                               Span, fmt_elapsed, layout, to_svg)
+from lockgate.controller.history import (allowance_state, describe, fmt_duration, fmt_line, fmt_ts, load,
+                                         on_exceedance_scale, open_log, rollback_line, scale_suffix, verdict_label)
+from lockgate.controller.report.charts import (BASELINE, CANARY, HARM, ZERO, Band, Figure, HLine, Marker, Panel,
+                                               Series, Span, fmt_elapsed, layout, to_svg)
 from lockgate.controller.report.raster import to_png
 from lockgate.controller.rollouts import Rollout
 
@@ -124,7 +127,7 @@ class ReportData:
             can.append((x, _fin(v.get("canary"))))
             diff.append((x, _fin(v.get("difference"))))
             band.append((x, _fin(lo), _fin(hi)))
-            allowed.append(_fin(v.get("allowed")))
+            allowed.append(rollback_line(v))  # signed: +allowed (harmful increase) / -allowed (decrease)
             verdicts.append(v)
         return {"x": xs, "baseline": base, "canary": can, "difference": diff, "band": band, "allowed": allowed,
                 "verdicts": verdicts}
@@ -143,16 +146,25 @@ def metric_panels(d: ReportData, metric: str) -> list[Panel]:
     values = Panel(f"{metric}{unit}: value per arm", [
         Series("baseline", BASELINE, s["baseline"], attrs={"data-metric": metric, "data-series": "baseline"}),
         Series("canary", CANARY, s["canary"], attrs={"data-metric": metric, "data-series": "canary"})])
-    allowed = next((a for a in reversed(s["allowed"]) if a is not None), None)
-    harmful = last.get("harmful", "increase")
-    hlines = [HLine(0.0, "#718096", "no difference", dash=None, attrs={"data-metric": metric})]
-    if allowed is not None:
-        sign = 1 if harmful == "increase" else -1
-        hlines.append(HLine(sign * allowed, HARM, f"allowed {'+' if sign > 0 else '-'}{allowed:.4g} "
-                            f"({'harm above' if sign > 0 else 'harm below'})", attrs={"data-metric": metric}))
-    interval = Panel(f"{metric}: canary - baseline, interval over time",
-                     [Series("difference", "#9c4221", s["difference"],
-                             attrs={"data-metric": metric, "data-series": "difference"})],
+    # the rollback line: the allowed change in the harmful direction (the verdict's details["rollback_line"],
+    # else +/-allowed for evaluations stored before it was recorded); 0 only as a faint reference
+    line = next((a for a in reversed(s["allowed"]) if a is not None), None)
+    hlines = [HLine(0.0, ZERO, "0 (no difference)", dash=None, attrs={"data-metric": metric, "data-line": "zero"},
+                    anchor="start")]
+    series = [Series("difference", "#9c4221", s["difference"],
+                     attrs={"data-metric": metric, "data-series": "difference"})]
+    if line is not None:
+        known = [(x, a) for x, a in zip(s["x"], s["allowed"]) if a is not None]
+        moves = len({round(a, 12) for _, a in known}) > 1  # relative allowances: the line moves with the baseline
+        side = "fail below" if last.get("harmful") == "decrease" else "fail above"
+        hlines.append(HLine(line, HARM, f"rollback line{' now' if moves else ''} (allowed {line:+.4g}"
+                                        f"{scale_suffix(last)}; {side})",
+                            attrs={"data-metric": metric, "data-line": "rollback", "data-y": f"{line:.6g}"}))
+        if moves:
+            series.append(Series("rollback line over time", HARM, known, width=1.0, dots=False, step=True,
+                                 dash=(6, 4), attrs={"data-metric": metric, "data-series": "rollback-line"}))
+    scale = "exceedance share difference (unitless)" if on_exceedance_scale(last) else "canary - baseline"
+    interval = Panel(f"{metric}: {scale}, interval over time", series,
                      [Band("interval", CANARY, s["band"], attrs={"data-metric": metric, "data-series": "interval"})],
                      hlines)
     return [values, interval]
@@ -218,16 +230,21 @@ def _n(x, fmt="{:.4g}") -> str:
 
 
 def verdict_table(verdicts: Sequence[dict], cls: str = "verdicts") -> str:
+    """``allowed`` is the rollback line (signed: the allowed change in the harmful direction); the verdict
+    says where the interval lies against it (fail: beyond the allowance, pass: within it)."""
     rows = ["<tr><th>metric</th><th>verdict</th><th>baseline</th><th>canary</th><th>difference</th>"
-            "<th>interval (canary−baseline)</th><th>allowed</th><th>n baseline / canary</th><th>reason</th></tr>"]
+            "<th>interval (canary−baseline)</th><th>allowed (rollback line)</th><th>n baseline / canary</th>"
+            "<th>reason</th></tr>"]
     for v in verdicts:
         lo, hi = v.get("interval") or (None, None)
+        exc = escape(scale_suffix(v)) if on_exceedance_scale(v) else ""
+        verdict = escape(str(v.get("verdict")))
         rows.append(
             f"<tr class='verdict-row'><td>{escape(v['metric'])}{'' if v.get('gating') else ' <i>(info)</i>'}</td>"
-            f"<td class='v-{escape(str(v.get('verdict')))}'>{escape(str(v.get('verdict')))}</td>"
+            f"<td class='v-{verdict}' title='{escape(allowance_state(v))}'>{escape(verdict_label(v))}</td>"
             f"<td class='num'>{_n(v.get('baseline'))}</td><td class='num'>{_n(v.get('canary'))}</td>"
-            f"<td class='num'>{_n(v.get('difference'))}</td><td class='num'>[{_n(lo)}, {_n(hi)}]</td>"
-            f"<td class='num'>{_n(v.get('allowed'))}</td>"
+            f"<td class='num'>{_n(v.get('difference'))}{exc}</td><td class='num'>[{_n(lo)}, {_n(hi)}]{exc}</td>"
+            f"<td class='num allowed'>{escape(fmt_line(v))}</td>"
             f"<td class='num'>{v.get('n_baseline', 0)} / {v.get('n_canary', 0)}</td>"
             f"<td>{escape(str(v.get('reason', '')))}</td></tr>")
     return f"<table class='{cls}'>{''.join(rows)}</table>"
@@ -278,7 +295,11 @@ def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict],
         h.append(f"<p>{escape(last['alpha_statement'])}</p>")
     h.append("<h2>Charts</h2><p>Time is seconds/minutes since the rollout started. Shaded bands are the stages; "
              "dashed vertical lines are decisions. The interval is the anytime-valid bound on canary − baseline; "
-             "the red dashed line is the allowed change in the harmful direction.</p>")
+             "the red dashed line is the rollback line, the allowed change in the harmful direction (+allowed "
+             "when an increase is harmful, −allowed when a decrease is): an interval entirely beyond it is a "
+             "fail (roll back), one entirely on the other side a pass (within the allowance), even if it lies "
+             "above (or below) 0. The faint line is 0, for reference. For exceedance-ratio quantiles the "
+             "interval is on the exceedance-share difference (unitless).</p>")
     for f in figs:
         h.append(f"<div class='chart-box'>{to_svg(f)}</div>")
     h.append("<h2>Per stage (last judgement of each stage)</h2>")

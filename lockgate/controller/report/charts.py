@@ -16,6 +16,7 @@ from typing import Callable
 BASELINE = "#1f6fb4"
 CANARY = "#e8710a"
 HARM = "#c53030"
+ZERO = "#cbd5e0"   #: the faint 0 (no difference) reference; the decision line is the rollback line (HARM)
 GRID = "#e2e8f0"
 AXIS = "#4a5568"
 MARKER_COLORS = {"started": "#4a5568", "advanced": "#2b6cb0", "promoted": "#2f855a", "rolled_back": HARM,
@@ -50,6 +51,7 @@ class HLine:
     label: str = ""
     dash: tuple[float, float] | None = (6, 4)
     attrs: dict[str, str] = field(default_factory=dict)
+    anchor: str = "end"   #: label at the plot's right end ("end") or left end ("start")
 
 
 @dataclass
@@ -291,7 +293,9 @@ def layout(fig: Figure) -> tuple[int, int, list[Primitive]]:
             y = sy(h.y)
             out.append(Line([(LEFT, y), (LEFT + pw, y)], h.color, 1.5, h.dash, cls="hline", attrs=h.attrs))
             if h.label:
-                out.append(Text(LEFT + pw - 4, y - 4, h.label, 10, h.color, anchor="end", cls="hline-label"))
+                lx = LEFT + 4 if h.anchor == "start" else LEFT + pw - 4
+                out.append(Text(lx, y - 4, h.label, 10, h.color, anchor="start" if h.anchor == "start" else "end",
+                                cls="hline-label"))
         for s in p.series:
             segs: list[list[tuple[float, float]]] = [[]]
             pts = s.points

@@ -310,6 +310,18 @@ def _fail(status: int, body: dict) -> None:
     raise CliError(msg)
 
 
+def _plan_lines(plan: dict | None) -> list[str]:
+    """The promotion plan of ``rollout start`` / ``rollout status`` (see :mod:`lockgate.controller.ramp_plan`):
+    its summary (traffic, ramp, max_duration), then one line per gating metric ("!": it has a warning)."""
+    if not plan or not plan.get("metrics"):
+        return []
+    out = [f"  plan: {plan.get('summary', '')}"]
+    for m in plan["metrics"]:
+        mark = "!" if m.get("warning") else " "
+        out.append(f"   {mark}{m['text']}")
+    return out
+
+
 def cmd_rollout_start(args) -> int:
     from pathlib import Path
 
@@ -331,6 +343,8 @@ def cmd_rollout_start(args) -> int:
     if drill:
         print(f"  preflight drill: {'every Envoy ACKed' if drill['all_acked'] else 'FAILED'} in "
               f"{drill['elapsed_ms']:.1f} ms")
+    for line in _plan_lines(body.get("plan")):
+        print(line)
     for w in body.get("warnings", []):
         print(f"  warning: {w}", file=sys.stderr)
     return 0
@@ -364,8 +378,14 @@ def cmd_rollout_status(args) -> int:
                   f"({ev.get('canary_samples_in_stage', 0)} in this stage); "
                   f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
             print("\n".join(_verdict_table(ev)))
-            for p in ev.get("plan", []):
-                print(f"  ETA {p}")
+            plan = r.get("plan")
+            if plan and plan.get("metrics"):
+                print("\n".join(_plan_lines(plan)))
+                for w in plan.get("warnings", []):
+                    print(f"  warning: {w}", file=sys.stderr)
+            else:
+                for p in ev.get("plan", []):
+                    print(f"  ETA {p}")
             print(f"  {ev.get('alpha_statement', '')}")
     return 0
 

@@ -22,9 +22,9 @@ import grpc
 import numpy as np
 
 from lockgate.config import ConfigError
-from lockgate.controller import analysis
+from lockgate.controller import analysis, ramp_plan
 from lockgate.controller.rollouts import Rollout, RolloutConflict, RolloutStore
-from lockgate.controller.spec import RolloutSpec, spec_from_text
+from lockgate.controller.spec import RolloutSpec, render_warning, spec_from_text
 from lockgate.controller.stages import StageDecision, StageState, decide, stage_label
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 
@@ -279,18 +279,21 @@ class Promoter:
         except ValueError as exc:
             raise RolloutError(f"cannot derive allowed: auto: {exc}", 400) from None
         auto_json = {k: {"value": a.value, "derivation": a.derivation} for k, a in auto.items()}
-        warnings = list(spec.warnings) + self._planning_warnings(spec, history, auto, now)
+        plan = await asyncio.get_running_loop().run_in_executor(None, self._ramp_plan, spec, history, auto, now)
+        warnings = [render_warning(p, spec.source) for p in spec.warnings] + list(plan.warnings)
         try:
             rollout = self.rollouts.create(model=spec.model, canary=spec.canary, baseline=model.stable,
                                            spec_text=spec_text, spec_source=source, spec_hash=spec.sha256,
                                            created_by=actor, auto=auto_json)
         except RolloutConflict as exc:
             raise RolloutError(str(exc), 409) from None
-        if warnings:
-            self.rollouts.event(rollout.id, "warnings", actor, {"warnings": warnings})
+        plan_json = plan.to_dict()
+        if warnings or plan.metrics:
+            self.rollouts.event(rollout.id, "warnings", actor, {"warnings": warnings, "plan": plan_json})
         self.rollouts.acquire(spec.model, LEASE_TTL_S)
         started = await self._begin(rollout)
-        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "start": started}
+        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "plan": plan_json,
+                "start": started}
 
     async def _begin(self, rollout: Rollout) -> dict:
         """pending → running: optional drill, then the first stage's weight (once, under the rollout's lock)."""
@@ -333,43 +336,12 @@ class Promoter:
         out["push"] = {"all_acked": True, "elapsed_ms": resp.elapsed_ms}
         return out
 
-    def _planning_warnings(self, spec: RolloutSpec, history: dict, auto: dict, now: float) -> list[str]:
-        """Warn when a stage's minimum duration is too short to ever decide at today's traffic."""
-        out: list[str] = []
-        rate = analysis.request_rate_per_hour(np.asarray(history.get("ts", []), dtype=float), now, 86400.0)
-        if rate <= 0:
-            return ["no baseline traffic recorded in the last 14 days: cannot estimate how long stages take"]
+    def _ramp_plan(self, spec: RolloutSpec, history: dict, auto: dict, now: float) -> ramp_plan.RampPlan:
+        """Per gating metric: canary observations and hours needed to show it within its allowance at
+        today's traffic, walked through the ramp; warnings for those that exceed the ramp or max_duration."""
         prepared = analysis.prepare(history, now)
-        from lockgate.controller.stats import samples_needed
-
-        specs = spec.to_stats_specs(auto)
-        per_alpha = spec.alpha / max(1, sum(1 for s in specs if s.gating))
-        for s in specs:
-            if not s.gating or s.data_column not in prepared:
-                continue
-            vals = np.asarray(prepared[s.data_column], dtype=float) if s.kind in ("rate", "mean") else None
-            if vals is None:
-                continue
-            vals = vals[np.isfinite(vals)]
-            if vals.size < 30:
-                continue
-            delta = s.allowed * (abs(float(vals.mean())) if s.allowed_mode == "relative" else 1.0)
-            sd = float(vals.std()) or 1e-9
-            last = spec.steps[-1]
-            share = last.weight_bp / 10000
-            n = samples_needed(delta, per_alpha, sd_canary=sd, share=share) if 0 < share < 1 else None
-            if n is None:
-                continue
-            hours = n / (rate * share)
-            where = (f"{s.name}: showing it within its allowed change needs ~{n:,} canary requests ≈ "
-                     f"{hours:.1f} h at {last.weight_bp / 100:g}% of today's {rate:,.0f} req/h")
-            if hours * 3600 > spec.promotion.max_duration_s:
-                out.append(f"{where}, longer than max_duration ({spec.promotion.max_duration_s / 3600:.1f} h): "
-                           f"the rollout will end inconclusive unless traffic grows or the allowed change widens")
-            elif hours * 3600 > last.min_duration_s:
-                out.append(f"{where}: the last stage's minimum duration ({last.min_duration_s / 3600:.2f} h) is "
-                           f"too short to decide; it will hold there until the evidence is in")
-        return out
+        return ramp_plan.plan_start(spec, spec.to_stats_specs(auto), prepared, now,
+                                    arrival_columns=analysis.LABEL_TS)
 
     # ------------------------------------------------------------------ manual actions
     async def action(self, model: str, action: str, actor: str) -> dict:
@@ -415,6 +387,14 @@ class Promoter:
                     r.status, spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
             except ConfigError:
                 d["weight_bp"] = None  # config changed since the rollout started
+            d["plan"] = None
+            if r.status in ("running", "paused") and r.last_eval and d.get("weight_bp") is not None:
+                try:
+                    d["plan"] = ramp_plan.plan_status(
+                        spec, spec.to_stats_specs(r.auto_values()), r.last_eval, stage=r.stage,
+                        started_at=r.started_at, stage_started_at=r.stage_started_at, now=time.time()).to_dict()
+                except (ValueError, KeyError, TypeError) as exc:  # a plan is advice: never fail status over it
+                    log.warning("rollout #%d: no plan in status: %s", r.id, exc)
             outcome = [e for e in self.rollouts.events(r.id)
                        if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
             d["outcome"] = outcome[-1] if outcome else None

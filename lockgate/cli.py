@@ -115,7 +115,7 @@ def _report(resp, verb: str, args) -> int:
             print(f"lockgate: did not ACK: {', '.join(resp.not_acked)}", file=sys.stderr)
         if resp.message:
             print(f"lockgate: {resp.message}", file=sys.stderr)
-    return 0 if resp.all_acked and resp.model.envoys else 1
+    return 0 if resp.all_acked and resp.model.envoys and resp.persisted else 1
 
 
 def cmd_set_weight(args) -> int:

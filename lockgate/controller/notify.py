@@ -397,7 +397,7 @@ class TroubleMonitor:
             return []
         rows = db.execute("SELECT e.id, e.rollout_id, e.ts, e.kind, e.stage, e.detail_json, r.model, r.canary "
                           "FROM rollout_events e JOIN rollouts r ON r.id = e.rollout_id WHERE e.id > ? "
-                          "AND e.kind IN ('push_incomplete', 'drill') ORDER BY e.id LIMIT 500", (cursor,)).fetchall()
+                          "AND e.kind IN ('push_incomplete', 'drill', 'revert_incomplete') ORDER BY e.id LIMIT 500", (cursor,)).fetchall()
         last = db.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_events").fetchone()[0]
         n.outbox.meta_set("event_cursor", max(last, cursor))
         return [{"id": r[0], "rollout_id": r[1], "ts": r[2], "kind": r[3], "stage": r[4], "detail": json.loads(r[5]),
@@ -408,11 +408,23 @@ class TroubleMonitor:
             d = e["detail"]
             if e["kind"] == "drill" and d.get("all_acked", True):
                 continue
-            comp = "push" if e["kind"] == "push_incomplete" else "drill"
+            comp = {"push_incomplete": "push", "revert_incomplete": "revert"}.get(e["kind"], "drill")
             key = f"trouble:{comp}:{e['model']}:{e['rollout_id']}"
             if not self._cooled(key, time.time()):
                 continue
             missing = ", ".join(d.get("not_acked") or []) or "some Envoys"
+            if comp == "revert":
+                title = (f"{e['model']}: revert of {e['canary']} (rollout #{e['rollout_id']}) NOT complete: "
+                         f"{d.get('message') or ('not ACKed by ' + missing)}")
+                lines = [f"Wanted: {d.get('final', 'rolled_back')}, weight 0 on every Envoy, saved by the xDS server "
+                         f"(saved: {'yes' if d.get('persisted') else 'no'}; attempt {d.get('attempt', '?')}).",
+                         "The canary may still be serving. The rollout stays rolling_back and the controller "
+                         "re-pushes weight 0 with back-off until every Envoy ACKs it; check the xDS server "
+                         "(lockgate status, its disk) and those Envoys."]
+                await self.n.raise_trouble(trouble_alert(comp, title, lines, severity="critical", model=e["model"],
+                                                         canary=e["canary"], rollout_id=e["rollout_id"], key=key,
+                                                         ts=e["ts"]))
+                continue
             if comp == "push":
                 title = (f"{e['model']}: weight push to {d.get('wanted_bp', 0) / 100:g}% for {e['canary']} "
                          f"(rollout #{e['rollout_id']}) not ACKed by {missing}")

@@ -31,6 +31,8 @@ from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger("lockgate.controller.promoter")
 
 MIN_SPACING_S = 1.0        #: at most one data-triggered evaluation per model per second
+REVERT_BACKOFF_S = 0.5     #: first retry of an incomplete revert; doubles per attempt ...
+REVERT_BACKOFF_MAX_S = 10.0  #: ... up to this
 LEASE_TTL_S = 15.0
 AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
 EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "latency_ms",
@@ -68,6 +70,8 @@ class Promoter:
         #: "detail": …}. Alerts and registry updates subscribe here; nothing here can delay a rollback.
         self.listeners: list = []
         self._background: set[asyncio.Task] = set()
+        self._revert_attempts: dict[int, int] = {}  #: rollout id → Rollback calls so far (incomplete revert)
+        self._revert_next: dict[int, float] = {}  #: rollout id → earliest next retry (epoch s)
 
     # ------------------------------------------------------------------ evaluation
     def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
@@ -163,30 +167,80 @@ class Promoter:
     async def _rollback(self, rollout: Rollout, spec: RolloutSpec | None, decision: StageDecision | None,
                         summary: dict | None, detected_at: float, actor: str, final_status: str = "rolled_back",
                         reason: str | None = None) -> dict:
-        """Weights to 0 first (nothing waits on bookkeeping), then the record with the three timestamps."""
+        """Weights to 0 first (nothing waits on bookkeeping), then the record with the three timestamps.
+
+        The rollout reaches ``final_status`` only when the revert is complete: every Envoy the xDS
+        server knows of ACKed weight 0 and the xDS server saved it. Otherwise it is ``rolling_back``
+        (alerted, in the log with who is missing) and the loop re-issues the rollback with back-off
+        (:meth:`_retry_revert`) until it is complete.
+        """
         why = reason or "; ".join(decision.reasons if decision else ())
-        try:
-            resp = await self.control.Rollback(control_pb2.RollbackRequest(
-                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0, wait_for_ready=True)
-            envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms} for e in resp.model.envoys]
-            timings = {"detected_at": detected_at, "pushed_at": resp.pushed_at,
-                       "acked_at": resp.pushed_at + resp.elapsed_ms / 1000 if resp.all_acked else None,
-                       "push_to_ack_ms": resp.elapsed_ms, "all_acked": resp.all_acked, "envoys": envoys,
-                       "not_acked": list(resp.not_acked)}
-        except grpc.aio.AioRpcError as exc:
-            timings = {"detected_at": detected_at, "error": f"control API: {exc.code().name}: {exc.details()}"}
-            log.error("rollout #%d: rollback push failed: %s", rollout.id, timings["error"])
+        timings = await self._revert(rollout, detected_at, actor, why)
         if summary is not None:
             self.rollouts.record_evaluation(rollout.id, time.time(), rollout.stage,
                                             spec.steps[rollout.stage].weight_bp if spec else 0, summary)
-        detail = {"reasons": [why], "timings": timings}
+        detail: dict[str, Any] = {"reasons": [why], "timings": timings}
         if summary is not None:
             detail["verdicts"] = summary["verdicts"]
-        self.rollouts.transition(rollout.id, expect=("pending", "running", "paused"), status=final_status,
-                                 kind=final_status, actor=actor, weight_bp=0, detail=detail)
-        log.warning("rollout #%d %s %s: %s (%s)", rollout.id, rollout.model, final_status, why, timings)
-        self.emit(final_status, rollout.id, detail)
+        if timings["complete"]:
+            self.rollouts.transition(rollout.id, expect=("pending", "running", "paused", "rolling_back"),
+                                     status=final_status, kind=final_status, actor=actor, weight_bp=0, detail=detail)
+            log.warning("rollout #%d %s %s: %s (%s)", rollout.id, rollout.model, final_status, why, timings)
+            self.emit(final_status, rollout.id, detail)
+        else:
+            detail["final"] = final_status
+            if rollout.status != "rolling_back":
+                self.rollouts.transition(rollout.id, expect=("pending", "running", "paused"), status="rolling_back",
+                                         kind="rolling_back", actor=actor, weight_bp=0, detail=detail)
+            self.rollouts.event(rollout.id, "revert_incomplete", actor,
+                                {"final": final_status, "not_acked": timings.get("not_acked", []),
+                                 "message": timings.get("error") or timings.get("message", ""),
+                                 "persisted": timings.get("persisted", False), "attempt": timings["attempt"]},
+                                rollout.stage, 0)
+            log.error("rollout #%d %s: revert to weight 0 not complete (%s); rolling_back, will retry",
+                      rollout.id, rollout.model, timings.get("error") or timings.get("not_acked"))
         return timings
+
+    async def _revert(self, rollout: Rollout, detected_at: float, actor: str, why: str) -> dict:
+        """One Rollback call to the xDS server; ``complete`` says whether every Envoy has weight 0, saved."""
+        attempt = self._revert_attempts.get(rollout.id, 0) + 1
+        self._revert_attempts[rollout.id] = attempt
+        try:
+            resp = await self.control.Rollback(control_pb2.RollbackRequest(
+                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0, wait_for_ready=True)
+            envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms, "connected": e.connected,
+                       "acked_weight_bp": e.acked_weight_bp} for e in resp.model.envoys]
+            complete = bool(resp.all_acked and resp.persisted)
+            timings = {"detected_at": detected_at, "pushed_at": resp.pushed_at,
+                       "acked_at": resp.pushed_at + resp.elapsed_ms / 1000 if resp.all_acked else None,
+                       "push_to_ack_ms": resp.elapsed_ms, "all_acked": resp.all_acked, "persisted": resp.persisted,
+                       "envoys": envoys, "not_acked": list(resp.not_acked), "message": resp.message}
+        except grpc.aio.AioRpcError as exc:
+            complete = False
+            timings = {"detected_at": detected_at, "error": f"control API: {exc.code().name}: {exc.details()}"}
+            log.error("rollout #%d: rollback push failed: %s", rollout.id, timings["error"])
+        timings.update(complete=complete, attempt=attempt)
+        if complete:
+            self._revert_attempts.pop(rollout.id, None)
+        return timings
+
+    async def _retry_revert(self, rollout: Rollout, now: float) -> None:
+        """Re-issue the rollback of a ``rolling_back`` rollout when its back-off has passed."""
+        due = self._revert_next.get(rollout.id, 0.0)
+        if now < due:
+            return
+        pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
+        final = pending["detail"].get("final", "rolled_back")
+        why = "; ".join(pending["detail"].get("reasons") or ["revert retried"])
+        attempt = self._revert_attempts.get(rollout.id, 0)
+        self._revert_next[rollout.id] = now + min(REVERT_BACKOFF_MAX_S, REVERT_BACKOFF_S * 2 ** min(attempt, 8))
+        async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+            current = self.rollouts.get(rollout.id)
+            if current is None or current.status != "rolling_back":
+                return
+            timings = await self._rollback(current, None, None, None, pending.get("ts", now), "controller", final, why)
+        if timings["complete"]:
+            self._revert_next.pop(rollout.id, None)
 
     def emit(self, kind: str, rollout_id: int, detail: dict) -> None:
         """Tell listeners about an outcome, in the background (never awaited by the caller)."""
@@ -225,6 +279,14 @@ class Promoter:
                 dirty, self._dirty = self._dirty, set()
                 for rollout in self.rollouts.active():
                     if not self.rollouts.acquire(rollout.model, LEASE_TTL_S):
+                        continue
+                    if rollout.status == "rolling_back":
+                        try:
+                            await self._retry_revert(rollout, time.time())
+                        except RolloutConflict as exc:
+                            log.info("rollout #%d changed while reverting: %s", rollout.id, exc)
+                        except Exception:  # keep retrying the others
+                            log.exception("rollout #%d: revert retry failed; will retry", rollout.id)
                         continue
                     if rollout.status == "pending":
                         try:
@@ -355,9 +417,16 @@ class Promoter:
             r = self.rollouts.transition(rollout.id, expect=("paused",), status="running", kind="resumed",
                                          actor=actor)
         elif action == "abort":
-            timings = await self._rollback(rollout, None, None, None, time.time(), actor, "aborted",
-                                           f"aborted by {actor}")
-            return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings}
+            final = "aborted"
+            if rollout.status == "rolling_back":  # a revert in progress: push again now, keep its outcome
+                pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
+                final = pending["detail"].get("final", "aborted")
+            async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+                current = self.rollouts.get(rollout.id) or rollout
+                timings = await self._rollback(current, None, None, None, time.time(), actor, final,
+                                               f"aborted by {actor}")
+            return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings,
+                    "complete": timings["complete"]}
         elif action == "promote":
             resp = await self._push(model, rollout.canary, 10000, f"#{rollout.id}:promoted", f"manual promote by {actor}")
             if not resp.all_acked:
@@ -383,7 +452,7 @@ class Promoter:
                 spec = load_spec_of(r, self.config)
                 d["stages"] = len(spec.steps)
                 d["stage_label"] = stage_label(spec, r.stage)
-                d["weight_bp"] = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0}.get(
+                d["weight_bp"] = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0, "rolling_back": 0}.get(
                     r.status, spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
             except ConfigError:
                 d["weight_bp"] = None  # config changed since the rollout started

@@ -68,7 +68,11 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
-ACTIVE_STATUSES = ("pending", "running", "paused")
+#: ``rolling_back``: a rollback or abort was decided but not every Envoy has ACKed weight 0 (or the
+#: xDS server has not saved it) yet; the controller retries with back-off until it has, and only
+#: then records the final ``rolled_back`` / ``aborted``. It counts as active: no new rollout starts.
+ACTIVE_STATUSES = ("pending", "running", "paused", "rolling_back")
+_ACTIVE_SQL = "(" + ",".join(f"'{x}'" for x in ACTIVE_STATUSES) + ")"
 
 
 class RolloutConflict(Exception):
@@ -134,7 +138,7 @@ class RolloutStore:
         return _row(r) if r else None
 
     def active(self, model: str | None = None) -> list[Rollout]:
-        q = f"SELECT {', '.join(_COLS)} FROM rollouts WHERE status IN ('pending','running','paused')"
+        q = f"SELECT {', '.join(_COLS)} FROM rollouts WHERE status IN {_ACTIVE_SQL}"
         args: tuple = ()
         if model:
             q += " AND model=?"
@@ -179,8 +183,8 @@ class RolloutStore:
         now = time.time() if now is None else now
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            existing = self._db.execute("SELECT id, status FROM rollouts WHERE model=? AND status IN "
-                                        "('pending','running','paused')", (model,)).fetchone()
+            existing = self._db.execute(f"SELECT id, status FROM rollouts WHERE model=? AND status IN "
+                                        f"{_ACTIVE_SQL}", (model,)).fetchone()
             if existing:
                 raise RolloutConflict(f"model {model!r} already has rollout #{existing[0]} ({existing[1]}); "
                                       f"abort it or wait for it to finish")
@@ -197,6 +201,12 @@ class RolloutStore:
         self._db.execute("INSERT INTO rollout_events(rollout_id, ts, kind, stage, weight_bp, actor, detail_json) "
                          "VALUES (?,?,?,?,?,?,?)",
                          (rollout_id, ts, kind, stage, weight_bp, actor, json.dumps(detail, default=str)))
+
+    def last_event(self, rollout_id: int, kind: str) -> dict | None:
+        """The most recent event of ``kind`` of a rollout (with its detail), or None."""
+        r = self._db.execute("SELECT ts, detail_json FROM rollout_events WHERE rollout_id=? AND kind=? "
+                             "ORDER BY id DESC LIMIT 1", (rollout_id, kind)).fetchone()
+        return {"ts": r[0], "detail": json.loads(r[1])} if r else None
 
     def event(self, rollout_id: int, kind: str, actor: str, detail: dict[str, Any] | None = None,
               stage: int | None = None, weight_bp: int | None = None, now: float | None = None) -> None:

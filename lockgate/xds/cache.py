@@ -93,6 +93,12 @@ class StreamState:
     types: dict[str, TypeState] = field(default_factory=lambda: {t: TypeState() for t in TYPE_ORDER})
 
 
+#: Once every other stream answered a push, a straggler gets this long (s) at least ...
+STRAGGLER_GRACE_S = 0.25
+#: ... or this many times the slowest answer, whichever is longer, before it is reported as not ACKed.
+STRAGGLER_FACTOR = 4.0
+
+
 class NodeRegistry:
     """Every ADS stream's state; ``wait_for`` lets the control API await ACKs of a version."""
 
@@ -134,9 +140,17 @@ class NodeRegistry:
 
         Returns stream id → ``"acked"`` / ``"nacked"`` / ``"timeout"`` / ``"disconnected"`` for the
         streams that were connected when called.
+
+        One unresponsive stream (a stalled Envoy, or a client that never ACKs) must not hold the
+        call for the others: once every other stream has answered, the stragglers get a grace of
+        ``max(STRAGGLER_GRACE_S, STRAGGLER_FACTOR x`` the slowest answer so far``)`` and are then
+        reported as ``"timeout"``. With one stream only (or none answering) the full ``timeout_s``
+        applies.
         """
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         targets = [s for s in self.connected() if s.types[type_url].subscribed is not None]
+        answered_at: dict[int, float] = {}
 
         def outcome(s: StreamState) -> str | None:
             ts = s.types[type_url]
@@ -150,10 +164,20 @@ class NodeRegistry:
 
         async with self._cond:
             while True:
+                now = time.monotonic()
                 results = {s.stream_id: outcome(s) for s in targets}
-                if all(r is not None for r in results.values()):
+                for sid, r in results.items():
+                    if r is not None:
+                        answered_at.setdefault(sid, now)
+                pending = [sid for sid, r in results.items() if r is None]
+                if not pending:
                     return results  # type: ignore[return-value]
-                remaining = deadline - time.monotonic()
+                limit = deadline
+                if answered_at and len(pending) < len(results):
+                    slowest = max(answered_at.values()) - t0
+                    limit = min(deadline, max(answered_at.values())
+                                + max(STRAGGLER_GRACE_S, STRAGGLER_FACTOR * slowest))
+                remaining = limit - now
                 if remaining <= 0:
                     return {sid: r or "timeout" for sid, r in results.items()}
                 try:

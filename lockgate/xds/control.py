@@ -4,12 +4,21 @@
 into a new routes snapshot, and then awaited: the call returns when every connected Envoy ACKed the
 new routes version or the timeout passed, naming the Envoys that did not and the elapsed ms.
 Changes to one fleet are serialised (one lock), so versions and ACKs are unambiguous.
+
+A **rollback** (weight 0) is the one change served *before* it is saved: a full or failing disk must
+never keep a revert from Envoy. If the save fails the response says ``persisted: false`` and a
+background task retries the save every second; until it succeeds the controller keeps the rollout
+``rolling_back`` and re-issues the rollback (so a restart that reloads the old weight is reverted
+again). A rollback is complete only when no Envoy the server knows of still holds a canary weight
+for the model: connected ones must ACK the new routes, and one that disconnected while holding a
+weight keeps serving it (Envoy keeps its last config) until it reconnects and ACKs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 
@@ -75,6 +84,33 @@ class WeightService:
         self.routes_history: OrderedDict[int, dict[str, CanaryWeight]] = OrderedDict(
             {version: dict(self.weights)})
         self._lock = asyncio.Lock()
+        #: model → (weight, previous, actor, reason, version) served but not yet saved (rollbacks only)
+        self.unsaved: dict[str, tuple[CanaryWeight, CanaryWeight, str, str, int]] = {}
+        self._saver: asyncio.Task | None = None
+
+    # ----- persistence of served-first rollbacks -----
+    def _try_save_unsaved(self) -> bool:
+        """Save every served-but-unsaved rollback; True when none is left."""
+        for model_name, (w, prev, actor, reason, version) in list(self.unsaved.items()):
+            if self.weights.get(model_name) != w:
+                self.unsaved.pop(model_name, None)  # superseded by a later (saved) change
+                continue
+            try:
+                self.store.save(model_name, w, prev, actor, reason, version)
+            except sqlite3.Error as exc:
+                log.error("%s: rollback still not saved (%s); retrying", model_name, exc)
+                return False
+            log.info("%s: rollback saved (version %d)", model_name, version)
+            self.unsaved.pop(model_name, None)
+        return True
+
+    async def _save_until_done(self) -> None:
+        while not self._try_save_unsaved():
+            await asyncio.sleep(1.0)
+
+    def _schedule_save(self) -> None:
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.ensure_future(self._save_until_done())
 
     # ----- reads -----
     def model_state(self, name: str) -> control_pb2.ModelWeights:
@@ -149,10 +185,18 @@ class WeightService:
         weights = dict(self.weights)
         weights[model_name] = new
         version = self.cache.snapshot.version + 1
-        if not force:
-            self.store.save(model_name, new, previous, actor, reason, version)  # durable before served
-        else:
-            self.store.save_version(version)
+        serve_first = new.weight_bp == 0 and not force  # a revert never waits on the disk
+        persisted = True
+        try:
+            if force:
+                self.store.save_version(version)
+            elif serve_first:
+                self.unsaved[model_name] = (new, previous, actor, reason, version)
+            else:
+                self.store.save(model_name, new, previous, actor, reason, version)  # durable before served
+        except sqlite3.Error as exc:
+            raise WeightError(f"cannot save the new weight in {self.config.db_path} ({exc}); nothing changed",
+                              grpc.StatusCode.UNAVAILABLE) from None
         self.weights = weights
         self.routes_history[version] = dict(weights)
         while len(self.routes_history) > 256:
@@ -162,6 +206,10 @@ class WeightService:
         snap = await self.cache.set(build_resources(self.config, weights), version,
                                     force_types=frozenset({ROUTE_TYPE}) if force else frozenset())
         routes_version = snap.type_versions[ROUTE_TYPE]
+        if serve_first:
+            persisted = self._try_save_unsaved()  # right after the routes were handed to the streams
+            if not persisted:
+                self._schedule_save()
         results = await self.registry.wait_for(ROUTE_TYPE, routes_version, timeout_s)
         elapsed_ms = (time.monotonic() - t0) * 1000
         state = self.model_state(model_name)
@@ -174,6 +222,12 @@ class WeightService:
                     env.ack_ms = max(0.0, (stream.types[ROUTE_TYPE].acked_at - t0) * 1000)
             if outcome != "acked":
                 not_acked.append(f"{node} ({outcome})")
+        if new.weight_bp == 0:
+            # An Envoy that disconnected while holding a canary weight keeps serving it.
+            for env in state.envoys:
+                if not env.connected and env.acked_weight_bp > 0:
+                    not_acked.append(f"{env.node_id} (disconnected, last ACKed {env.acked_canary} at "
+                                     f"{env.acked_weight_bp / 100:g}%)")
         all_acked = bool(results) and not not_acked
         ack_times = [env.ack_ms for env in state.envoys if env.ack_ms]
         if all_acked and ack_times:
@@ -183,8 +237,10 @@ class WeightService:
                  len(results) - len(not_acked), len(results), elapsed_ms)
         return control_pb2.SetWeightResponse(
             model=state, all_acked=all_acked, elapsed_ms=elapsed_ms, previous_weight_bp=previous.weight_bp,
-            pushed_at=pushed_at, not_acked=not_acked,
-            message="no Envoy connected" if not results else "")
+            pushed_at=pushed_at, not_acked=not_acked, persisted=persisted,
+            message="; ".join(m for m in (
+                "no Envoy connected" if not results else "",
+                "" if persisted else f"served but not yet saved in {self.config.db_path} (retrying)") if m))
 
 
 class ControlServer(control_pb2_grpc.WeightControlServicer):

@@ -75,52 +75,203 @@ class SourceMap:
             path = path[:-1]
 
 
-def _construct(node: yaml.Node, path: tuple[PathPart, ...], smap: SourceMap, source: str) -> Any:
+#: Limits on any YAML lockgate reads (lockgate.yaml, rollout specs, specs posted to the controller):
+#: the text's size in bytes (UTF-8), how deep collections nest, and how many values (scalars,
+#: lists, mappings) one document holds. Aliases (``*name``) are refused altogether: expanding them
+#: is how a few hundred bytes become billions of values (a "billion laughs" alias bomb).
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SCALAR_KEY_TYPES = (str, int, float, bool)
+
+
+def _mark_problem(path: tuple[PathPart, ...], message: str, mark: Any) -> Problem:
+    if mark is None:
+        return Problem(format_path(path), message)
+    return Problem(format_path(path), message, mark.line + 1, mark.column + 1)
+
+
+def _line_col(text: str, index: int) -> tuple[int, int]:
+    """1-based line and column of character ``index`` of ``text``."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _events(text: str):
+    """The YAML event stream, from libyaml when PyYAML has it (several times faster), else pure Python."""
+    loader = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+    return yaml.parse(text, Loader=loader)
+
+
+_RESOLVER = yaml.resolver.Resolver()
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """Build the node tree of a single-document stream from its events, without recursion, refusing
+    aliases, nesting deeper than MAX_YAML_DEPTH and more than MAX_YAML_NODES values.
+
+    Every refusal is a :class:`ConfigError` naming the line, column and field path where it happened.
+    """
+    # stack of open collections: [node, children (list), pending mapping key node or None]
+    stack: list[list[Any]] = []
+    root: yaml.Node | None = None
+    documents = 0
+    nodes = 0
+
+    def here() -> tuple[PathPart, ...]:
+        out: list[PathPart] = []
+        for node, children, _ in stack:
+            if isinstance(node, yaml.SequenceNode):
+                out.append(len(children))
+            elif len(children) % 2 == 1 and isinstance(children[-1], yaml.ScalarNode):
+                out.append(str(children[-1].value))
+        return tuple(out)
+
+    def fail(message: str, mark: Any) -> ConfigError:
+        return ConfigError(source, [_mark_problem(here(), message, mark)])
+
+    def attach(node: yaml.Node) -> None:
+        nonlocal root
+        if stack:
+            stack[-1][1].append(node)
+        else:
+            root = node
+
+    for event in _events(text):
+        if isinstance(event, yaml.AliasEvent):
+            raise fail(f"aliases are not allowed (*{event.anchor}): write the value out in full", event.start_mark)
+        if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise fail(f"more than {MAX_YAML_NODES} values in one document", event.start_mark)
+        if isinstance(event, yaml.ScalarEvent):
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
+            attach(yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style))
+        elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise fail(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            kind = yaml.SequenceNode if isinstance(event, yaml.SequenceStartEvent) else yaml.MappingNode
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = _RESOLVER.resolve(kind, None, event.implicit)
+            node = kind(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            stack.append([node, [], None])
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            node, children, _ = stack.pop()
+            node.end_mark = event.end_mark
+            if isinstance(node, yaml.MappingNode):
+                node.value = list(zip(children[0::2], children[1::2]))
+            else:
+                node.value = children
+            attach(node)
+        elif isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise ConfigError(source, [_mark_problem((), "expected a single document, found a second one",
+                                                         event.start_mark)])
+    return root
+
+
+def _construct(node: yaml.Node, path: tuple[PathPart, ...], smap: SourceMap, source: str,
+               constructor: yaml.constructor.SafeConstructor) -> Any:
+    """Plain Python data from a node tree (depth is bounded by :func:`_compose`)."""
     smap.add(path, node)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.SafeLoader(" ").construct_object(key_node)  # scalar keys only
-            if not isinstance(key, (str, int, float, bool)):
-                raise ConfigError(source, [Problem(format_path(path), "mapping keys must be plain scalars",
-                                                   key_node.start_mark.line + 1, key_node.start_mark.column + 1)])
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(source, [_mark_problem(path, "mapping keys must be plain scalars",
+                                                         key_node.start_mark)])
+            if key_node.tag == _MERGE_TAG:
+                raise ConfigError(source, [_mark_problem(path, "merge keys (<<) are not allowed: write the "
+                                                               "fields out in full", key_node.start_mark)])
+            key = _scalar(key_node, path, source, constructor)
+            if not isinstance(key, _SCALAR_KEY_TYPES):
+                raise ConfigError(source, [_mark_problem(path, "mapping keys must be plain scalars",
+                                                         key_node.start_mark)])
             key = str(key)
             if key in out:
-                raise ConfigError(source, [Problem(format_path(path + (key,)), "duplicate key",
-                                                   key_node.start_mark.line + 1, key_node.start_mark.column + 1)])
-            out[key] = _construct(value_node, path + (key,), smap, source)
+                raise ConfigError(source, [_mark_problem(path + (key,), "duplicate key", key_node.start_mark)])
+            out[key] = _construct(value_node, path + (key,), smap, source, constructor)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (i,), smap, source) for i, item in enumerate(node.value)]
-    loader = yaml.SafeLoader(" ")
-    return loader.construct_object(node)
+        return [_construct(item, path + (i,), smap, source, constructor) for i, item in enumerate(node.value)]
+    return _scalar(node, path, source, constructor)
+
+
+def _scalar(node: yaml.Node, path: tuple[PathPart, ...], source: str,
+            constructor: yaml.constructor.SafeConstructor) -> Any:
+    try:
+        value = constructor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        msg = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [_mark_problem(path, f"invalid value: {msg}", node.start_mark)]) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an int of 5,000 digits, a 2024-13-45 date
+        raise ConfigError(source, [_mark_problem(path, f"invalid value: {str(exc).split(';')[0][:200]}",
+                                                 node.start_mark)]) from None
+    finally:
+        constructor.constructed_objects.clear()
+    return value
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
-    """Parse one YAML document; returns (data, source map). Raises :class:`ConfigError`."""
+    """Parse one YAML document; returns (data, source map). Raises :class:`ConfigError`.
+
+    Bounded: at most MAX_YAML_BYTES of text, MAX_YAML_DEPTH levels of nesting, MAX_YAML_NODES values,
+    no aliases — each refusal names the line and column (and the field path where known).
+    """
+    if not isinstance(text, str):
+        raise ConfigError(source, [Problem("<root>", f"must be YAML text (a string), got {type_name(text)}")])
+    if len(text) > MAX_YAML_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        cut = len(text.encode("utf-8", "surrogatepass")[:MAX_YAML_BYTES].decode("utf-8", "ignore"))
+        line, col = _line_col(text, cut)
+        raise ConfigError(source, [Problem("<root>", f"larger than {MAX_YAML_BYTES // 1024} KiB "
+                                                     f"({len(text.encode('utf-8', 'surrogatepass'))} bytes); "
+                                                     "the limit is crossed here", line, col)])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text, source)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        col = mark.column + 1 if mark is not None else None
-        msg = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem("<root>", f"invalid YAML: {msg}", line, col)]) from None
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        msg = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, yaml.reader.ReaderError):
+            line, col = _line_col(text, exc.position)
+            raise ConfigError(source, [Problem("<root>", f"invalid YAML: {msg}", line, col)]) from None
+        problem = _mark_problem((), f"invalid YAML: {msg}", mark)
+        raise ConfigError(source, [problem]) from None
+    except RecursionError:  # not expected (no recursion above): never let it out as a crash
+        raise ConfigError(source, [Problem("<root>", f"nested deeper than {MAX_YAML_DEPTH} levels")]) from None
     smap = SourceMap()
     if node is None:
         return None, smap
-    return _construct(node, (), smap, source), smap
+    return _construct(node, (), smap, source, yaml.constructor.SafeConstructor()), smap
 
 
 def load_yaml_file(path: str | Path) -> tuple[Any, SourceMap, str]:
-    """Read and parse ``path``; returns (data, source map, source name for messages)."""
+    """Read and parse ``path``; returns (data, source map, source name for messages).
+
+    Reads at most MAX_YAML_BYTES + 1 bytes: a huge file (or ``/dev/zero``) is refused, not read whole."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise ConfigError(source, [Problem("<root>", f"cannot read file: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(source, [Problem("<root>", "file is not UTF-8 text")]) from None
+    if len(raw) > MAX_YAML_BYTES:
+        line = raw.count(b"\n", 0, MAX_YAML_BYTES) + 1
+        col = MAX_YAML_BYTES - (raw.rfind(b"\n", 0, MAX_YAML_BYTES) + 1) + 1
+        raise ConfigError(source, [Problem("<root>", f"larger than {MAX_YAML_BYTES // 1024} KiB; the limit is "
+                                                     "crossed here", line, col)])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(source, [Problem("<root>", f"file is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                                           line, col)]) from None
     data, smap = load_yaml(text, source)
     return data, smap, source
 

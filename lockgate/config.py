@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lockgate.auth import AuthConfig, ClientToken
+from lockgate.auth import AuthConfig, ClientToken, is_loopback_host
 from lockgate.yamlconf import ConfigError, ErrorCollector, Fields, PathPart, load_yaml, load_yaml_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 COOKIE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 #: Header names lockgate itself uses; a model may not match or key on them.
@@ -916,6 +918,9 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     errors = ErrorCollector(source, smap)
     f = Fields(data, (), errors)
     node_id = f.str("node_id", "lockgate-envoy-0") or "lockgate-envoy-0"
+    if not NODE_ID_RE.match(node_id):
+        errors.add(("node_id",), f"must be 1-128 characters of letters, digits, '.', '_' and '-' (it is written "
+                                 f"into Envoy's bootstrap), got {node_id!r}")
     listener = _address(f, "listener", 10000)
     admin = _address(f, "admin", 9901)
     xds = _address(f, "xds", 18000)
@@ -939,6 +944,26 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     alerts = _alerts(f)
     registry = _registry(f, base_dir, models)
     auth = _auth(f, base_dir)
+    # Off loopback only with callers to check: auth.tokens, or auth.insecure (then each process warns loudly at
+    # startup). Envoy's traffic listener is meant to be reached; its admin serves /config_dump and /quitquitquit.
+    if not auth.insecure:
+        binds = [("admin", admin), ("xds", xds), ("control", control), ("extproc", extproc),
+                 ("extproc_metrics", extproc_metrics), ("controller.address", controller.address),
+                 ("controller.http", controller.http)]
+        if any(m.evaluation for m in models):
+            binds.append(("controller.sampler", controller.sampler))
+        for label, addr in binds:
+            if is_loopback_host(addr.host):
+                continue
+            path = ("controller", label.partition(".")[2]) if label.startswith("controller.") else (label, "address")
+            if label == "admin":
+                errors.add(path, f"Envoy's admin must listen on loopback, got {addr.host}: it serves /config_dump "
+                                 f"(routes, clusters) and can stop Envoy to anyone who reaches it (auth.insecure: true "
+                                 f"allows it anyway)")
+            elif not auth.enabled:
+                errors.add(path, f"{label} listens on {addr.host}, off loopback, but no auth.tokens are configured: "
+                                 f"anyone who reaches it could call it unauthenticated; configure auth.tokens (and "
+                                 f"auth.token_file), bind to 127.0.0.1, or set auth.insecure: true")
     f.finish()
     if "models" in f.data and not models and not errors.problems:
         errors.add(("models",), "must list at least one model")
@@ -956,10 +981,37 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
                            Address(extproc_metrics.host, extproc_metrics.port + i)) for i in range(ep_processes)),
                         ("controller.address", controller.address), ("controller.http", controller.http),
                         *sampler):
-        if (addr.host, addr.port) in ports:
+        # 0.0.0.0:P (or [::]:P) takes port P on every address, so it collides with 127.0.0.1:P too
+        clash = ports.get((addr.host, addr.port)) or next(
+            (other for (h, p), other in ports.items()
+             if p == addr.port and (h in _WILDCARD_HOSTS or addr.host in _WILDCARD_HOSTS)), None)
+        if clash:
             errors.add(tuple(label.split(" ")[0].split(".")) + (() if label.startswith("controller.") else ("port",)),
-                       f"port {addr.port} is also used by {ports[(addr.host, addr.port)]}")
+                       f"port {addr.port} is also used by {clash}")
         ports[(addr.host, addr.port)] = label
+    own = ports  # (host, port) → which lockgate address
+    for i, model in enumerate(models):
+        for vname, version in model.versions.items():
+            for addr in version.endpoints:
+                hit = own.get((addr.host, addr.port)) or next(
+                    (lbl for (h, p), lbl in own.items() if p == addr.port and h in _WILDCARD_HOSTS
+                     and (is_loopback_host(addr.host) or addr.host in _WILDCARD_HOSTS)), None)
+                if hit:
+                    errors.add(("models", i, "versions", vname, "endpoints"),
+                               f"{addr.host}:{addr.port} is lockgate's own {hit} address: requests would loop "
+                               f"into lockgate instead of reaching the model server")
+    routes: dict[tuple[str, str | None, str | None], int] = {}
+    for i, model in enumerate(models):
+        key = (model.match.path_prefix, model.match.header_name, model.match.header_value)
+        if key in routes:
+            j = routes[key]
+            errors.add(("models", i, "match"), f"same match as models[{j}] ({models[j].name}): path_prefix "
+                                               f"{model.match.path_prefix!r}"
+                                               + (f" and header {model.match.header_name}" if model.match.header_name
+                                                  else "")
+                                               + f" — every request would go to {models[j].name}; make them differ")
+        else:
+            routes[key] = i
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
                           state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth)

@@ -27,6 +27,7 @@ def open_store(path: Path, schema: str, *, read_only: bool, what: str, private: 
     if private:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.chmod(path, 0o600)  # also a file an older version created world-readable (SQLite gives -wal/-shm its mode)
     db = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")

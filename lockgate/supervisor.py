@@ -9,6 +9,7 @@ without xDS and skips a dead ext_proc). SIGINT/SIGTERM stops all three: Envoy fi
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -90,6 +91,33 @@ def components(config: LockgateConfig, config_path: str) -> list[Component]:
     ]
 
 
+#: A component's log is rotated (copied to ``.1``, older ones shifted, the live file truncated) past this
+LOG_MAX_BYTES = 50 * 1024 * 1024
+#: rotated copies kept per component (``.1`` … ``.N``)
+LOG_KEEP = 3
+
+
+def rotate_if_large(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> bool:
+    """Copy-truncate rotation of a log a child appends to (its O_APPEND writes continue at the new end).
+
+    ``path.1`` … ``path.<keep>`` hold the previous logs, newest first. Returns True if rotated.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    with open(path, "rb") as src, open(path.with_name(f"{path.name}.1"), "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    os.truncate(path, 0)
+    return True
+
+
 class Supervisor:
     def __init__(self, config: LockgateConfig, config_path: str, out=sys.stdout):
         self.config = config
@@ -124,6 +152,11 @@ class Supervisor:
                      f"({', '.join(m.name for m in self.config.models)}); Ctrl-C stops")
             while not self.stop_event.wait(0.5):
                 for comp in self.comps:
+                    try:
+                        if rotate_if_large(comp.log_path):
+                            self.say(f"{comp.name}: log rotated ({comp.log_path}.1 … .{LOG_KEEP} kept)")
+                    except OSError as exc:  # a full disk must not stop supervising
+                        self.say(f"{comp.name}: cannot rotate {comp.log_path}: {exc}")
                     if not comp.alive():
                         comp.restarts += 1
                         self.say(f"{comp.name} exited with status {comp.proc.returncode}; restarting "

@@ -148,7 +148,8 @@ class EvaluationStore:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.Lock()
-        self._db = open_store(self.path, SCHEMA, read_only=read_only, what="evaluation store")
+        # private: prompts and replayed headers (e.g. authorization) live here
+        self._db = open_store(self.path, SCHEMA, read_only=read_only, what="evaluation store", private=True)
 
     def close(self) -> None:
         with self._lock:

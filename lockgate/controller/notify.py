@@ -397,7 +397,7 @@ class TroubleMonitor:
             return []
         rows = db.execute("SELECT e.id, e.rollout_id, e.ts, e.kind, e.stage, e.detail_json, r.model, r.canary "
                           "FROM rollout_events e JOIN rollouts r ON r.id = e.rollout_id WHERE e.id > ? "
-                          "AND e.kind IN ('push_incomplete', 'drill', 'revert_incomplete') ORDER BY e.id LIMIT 500", (cursor,)).fetchall()
+                          "AND e.kind IN ('push_incomplete', 'drill', 'revert_incomplete', 'weight_drift') ORDER BY e.id LIMIT 500", (cursor,)).fetchall()
         last = db.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_events").fetchone()[0]
         n.outbox.meta_set("event_cursor", max(last, cursor))
         return [{"id": r[0], "rollout_id": r[1], "ts": r[2], "kind": r[3], "stage": r[4], "detail": json.loads(r[5]),
@@ -408,11 +408,23 @@ class TroubleMonitor:
             d = e["detail"]
             if e["kind"] == "drill" and d.get("all_acked", True):
                 continue
-            comp = {"push_incomplete": "push", "revert_incomplete": "revert"}.get(e["kind"], "drill")
+            comp = {"push_incomplete": "push", "revert_incomplete": "revert",
+                    "weight_drift": "weights"}.get(e["kind"], "drill")
             key = f"trouble:{comp}:{e['model']}:{e['rollout_id']}"
             if not self._cooled(key, time.time()):
                 continue
             missing = ", ".join(d.get("not_acked") or []) or "some Envoys"
+            if comp == "weights":
+                title = (f"{e['model']}: weight changed outside rollout #{e['rollout_id']} "
+                         f"({e['canary']} at {d.get('live_bp', 0) / 100:g}% instead of {d.get('stage_bp', 0) / 100:g}%);"
+                         f" rollout paused")
+                lines = list(d.get("reasons") or []) + [
+                    "Harm still rolls back while paused. `lockgate rollout resume` re-applies the stage weight; "
+                    "`lockgate rollout abort` reverts to the baseline."]
+                await self.n.raise_trouble(trouble_alert(comp, title, lines, severity="warning", model=e["model"],
+                                                         canary=e["canary"], rollout_id=e["rollout_id"], key=key,
+                                                         ts=e["ts"]))
+                continue
             if comp == "revert":
                 title = (f"{e['model']}: revert of {e['canary']} (rollout #{e['rollout_id']}) NOT complete: "
                          f"{d.get('message') or ('not ACKed by ' + missing)}")
@@ -546,9 +558,11 @@ class TroubleMonitor:
                                                      key=f"trouble:envoy:{node}", resolved=True, ts=now))
 
     async def run(self, stop: asyncio.Event) -> None:
+        from lockgate.grpc_auth import aio_channel, own_token
         from lockgate.proto.v1 import control_pb2_grpc
 
-        channel = grpc.aio.insecure_channel(str(self.n.config.control))
+        config = self.n.config
+        channel = aio_channel(config.control, config.auth, own_token(config.auth, "controller (trouble checks)"))
         stub = control_pb2_grpc.WeightControlStub(channel)
         try:
             while not stop.is_set():

@@ -72,6 +72,9 @@ class Promoter:
         self._background: set[asyncio.Task] = set()
         self._revert_attempts: dict[int, int] = {}  #: rollout id → Rollback calls so far (incomplete revert)
         self._revert_next: dict[int, float] = {}  #: rollout id → earliest next retry (epoch s)
+        #: rollout id → (time, (action, verdicts)) of the last evaluation written to the history
+        self._recorded: dict[int, tuple[float, Any]] = {}
+        self._pushed: dict[int, int] = {}  #: rollout id → weight of its last move's push (maybe not ACKed yet)
 
     # ------------------------------------------------------------------ evaluation
     def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
@@ -112,6 +115,8 @@ class Promoter:
                 return None
             spec = load_spec_of(rollout, self.config)
             now = time.time() if now is None else now
+            if rollout.status == "running":
+                rollout = await self._pause_on_weight_drift(rollout, spec)
             loop = asyncio.get_running_loop()
             judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
             detected_at = time.time()
@@ -121,8 +126,14 @@ class Promoter:
             if decision.action == "rollback":
                 await self._rollback(rollout, spec, decision, summary, detected_at, actor="controller")
             else:
+                # The evaluation history keeps one row per analysis interval (and every row whose
+                # verdicts or action changed); data-triggered looks in between only refresh last_eval.
+                shape = (decision.action, tuple((v["metric"], v["verdict"]) for v in summary["verdicts"]))
+                keep = keep_in_history(now, shape, self._recorded.get(rollout.id), spec.analysis_interval_s)
+                if keep:
+                    self._recorded[rollout.id] = (now, shape)
                 self.rollouts.record_evaluation(rollout.id, now, rollout.stage,
-                                                spec.steps[rollout.stage].weight_bp, summary)
+                                                spec.steps[rollout.stage].weight_bp, summary, history=keep)
                 if decision.action in ("advance", "promote"):
                     await self._move(rollout, spec, decision, summary)
                 elif decision.action == "inconclusive":
@@ -135,6 +146,25 @@ class Promoter:
                                                            "verdicts": summary["verdicts"]})
             return decision
 
+    async def _pause_on_weight_drift(self, rollout: Rollout, spec: RolloutSpec) -> Rollout:
+        """A weight someone else set (``lockgate set-weight`` during a rollout) is never silently
+        ignored: the rollout pauses where it is (harm still rolls back), says what it found and
+        alerts; ``rollout resume`` re-applies the stage's weight, ``abort`` reverts."""
+        resp = await self.control.GetWeights(control_pb2.GetWeightsRequest(model=rollout.model), timeout=5.0)
+        live = resp.models[0] if resp.models else None
+        want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
+        pushed = self._pushed.get(rollout.id)  # a move whose push is not yet ACKed everywhere is no drift
+        if live is None or (live.canary == rollout.canary and live.weight_bp in (want, pushed)):
+            return rollout
+        found = f"{live.canary or 'no canary'} at {live.weight_bp / 100:g}%"
+        detail = {"reasons": [f"the live weight is {found}, not this rollout's {rollout.canary} at {want / 100:g}% "
+                              f"(changed outside the rollout); paused: resume re-applies {want / 100:g}%, "
+                              f"abort reverts"],
+                  "live_canary": live.canary, "live_bp": live.weight_bp, "stage_bp": want}
+        log.warning("rollout #%d %s: weight drift: %s", rollout.id, rollout.model, detail["reasons"][0])
+        return self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="weight_drift",
+                                        actor="controller", weight_bp=live.weight_bp, detail=detail)
+
     async def _push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
                     ) -> control_pb2.SetWeightResponse:
         return await self.control.SetWeight(control_pb2.SetWeightRequest(
@@ -143,6 +173,7 @@ class Promoter:
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
+        self._pushed[rollout.id] = decision.weight_bp
         resp = await self._push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
                                 "; ".join(decision.reasons))
         if not resp.all_acked:
@@ -414,6 +445,15 @@ class Promoter:
         if action == "pause":
             r = self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="paused", actor=actor)
         elif action == "resume":
+            if rollout.status != "paused":
+                raise RolloutConflict(f"rollout #{rollout.id} is {rollout.status}, not paused")
+            spec = load_spec_of(rollout, self.config)
+            want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
+            resp = await self._push(model, rollout.canary, want, f"#{rollout.id}:stage-{rollout.stage + 1}",
+                                    f"resumed by {actor}")  # re-applies the stage weight (after a drift)
+            if not resp.all_acked:
+                raise RolloutError(f"resume: stage weight {want / 100:g}% not ACKed by "
+                                   f"{', '.join(resp.not_acked) or resp.message}; still paused", 502)
             r = self.rollouts.transition(rollout.id, expect=("paused",), status="running", kind="resumed",
                                          actor=actor)
         elif action == "abort":
@@ -469,6 +509,20 @@ class Promoter:
             d["outcome"] = outcome[-1] if outcome else None
             out.append(d)
         return out
+
+
+def keep_in_history(now: float, shape: Any, last: tuple[float, Any] | None, interval_s: float) -> bool:
+    """Whether an evaluation goes into the rollout's evaluation history.
+
+    ``shape`` is ``(action, ((metric, verdict), …))``; ``last`` the time and shape of the last row
+    kept. Kept: the first, any that moves the rollout (not ``hold``), any whose verdicts changed, and
+    otherwise one per ``analysis_interval_s`` — data-triggered looks (up to one a second) only
+    refresh the rollout's latest evaluation, so the table grows with the spec's interval, not the load.
+    """
+    if last is None:
+        return True
+    last_at, last_shape = last
+    return shape[0] != "hold" or shape != last_shape or now - last_at >= interval_s
 
 
 def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:

@@ -119,6 +119,25 @@ def _row(r: tuple) -> Rollout:
     return Rollout(**d)
 
 
+def _owner_is_dead(owner: str) -> bool:
+    """A lease owner (``host:pid``) on *this* host whose process is gone: its lease is void at once.
+
+    A controller that crashed (or was killed) must not keep a model without a driver — and so
+    without its safety net, the rollback — until the lease's TTL runs out. An owner on another host
+    cannot be checked from here; its lease expires with the TTL.
+    """
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class RolloutStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,12 +253,15 @@ class RolloutStore:
             self._event(rollout_id, now, kind, new_stage, weight_bp, actor, detail or {})
         return self.get(rollout_id)  # type: ignore[return-value]
 
-    def record_evaluation(self, rollout_id: int, now: float, stage: int, weight_bp: int, judgement: dict) -> None:
+    def record_evaluation(self, rollout_id: int, now: float, stage: int, weight_bp: int, judgement: dict,
+                          history: bool = True) -> None:
+        """Set the rollout's latest evaluation; ``history``: also append it to ``rollout_evaluations``."""
         text = json.dumps(judgement, default=str)
         with self._db:
-            self._db.execute("INSERT INTO rollout_evaluations(rollout_id, ts, stage, weight_bp, decision, "
-                             "judgement_json) VALUES (?,?,?,?,?,?)",
-                             (rollout_id, now, stage, weight_bp, judgement.get("decision", ""), text))
+            if history:
+                self._db.execute("INSERT INTO rollout_evaluations(rollout_id, ts, stage, weight_bp, decision, "
+                                 "judgement_json) VALUES (?,?,?,?,?,?)",
+                                 (rollout_id, now, stage, weight_bp, judgement.get("decision", ""), text))
             self._db.execute("UPDATE rollouts SET last_eval_json=?, last_eval_at=? WHERE id=?",
                              (text, now, rollout_id))
 
@@ -249,7 +271,7 @@ class RolloutStore:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute("SELECT owner, expires_at FROM leases WHERE model=?", (model,)).fetchone()
-            if row and row[0] != self.owner and row[1] > now:
+            if row and row[0] != self.owner and row[1] > now and not _owner_is_dead(row[0]):
                 return False
             self._db.execute("INSERT INTO leases(model, owner, expires_at) VALUES (?,?,?) ON CONFLICT(model) DO "
                              "UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at",

@@ -854,6 +854,7 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
 
     if config is not None and model:
         _check_against_config(config, f, model, canary, errors)
+        _check_metrics_against_config(config, f, model, metrics, errors)
     errors.raise_if_any()
     assert interval is not None and alpha is not None
     spec = RolloutSpec(model=model, canary=canary, analysis_interval_s=interval, alpha=alpha, steps=steps,
@@ -866,6 +867,26 @@ def _with_hash(spec: RolloutSpec) -> RolloutSpec:
     from dataclasses import replace
 
     return replace(spec, sha256=_sha256(spec.canonical()))
+
+
+#: analyzers whose observations never carry a predicted class
+_NO_CLASS_ANALYZERS = ("openai", "sse", "none")
+
+
+def _check_metrics_against_config(config: "LockgateConfig", f: Fields, model: str,
+                                  metrics: tuple[MetricCriterion, ...], errors: ErrorCollector) -> None:
+    """Metrics the model's observations can never feed: per-class metrics on a non-classifier."""
+    try:
+        m = config.model(model)
+    except KeyError:
+        return
+    if m.analyzer not in _NO_CLASS_ANALYZERS:
+        return
+    for i, metric in enumerate(metrics):
+        if metric.name in ("class_recall", "class_precision", "accuracy"):
+            errors.add(f.path + ("metrics", i, "name"),
+                       f"{metric.name} needs predicted classes, but model {model!r} uses analyzer "
+                       f"{m.analyzer!r} in {config.source} (classes come from the classifier analyzer)")
 
 
 def _check_against_config(config: "LockgateConfig", f: Fields, model: str, canary: str,

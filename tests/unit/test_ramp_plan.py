@@ -321,7 +321,7 @@ def test_promoter_start_and_status_carry_the_plan(tmp_path, store_history):
     cfg = config_from_text(f"""
 state_dir: {tmp_path}
 control: {{port: 1}}
-models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:1"]}}, v2: {{endpoints: ["127.0.0.1:2"]}}}}}}]
+models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]}}, v2: {{endpoints: ["127.0.0.1:12"]}}}}}}]
 """)
     spec_text = """
 rollout:

@@ -132,7 +132,7 @@ def fake_promoter(tmp_path, alerts_yaml, registry_yaml=""):
     cfg = config_from_text(f"""
 state_dir: {tmp_path}
 control: {{port: 1}}
-models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:1"]}}, v2: {{endpoints: ["127.0.0.1:2"]}}}}}}]
+models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]}}, v2: {{endpoints: ["127.0.0.1:12"]}}}}}}]
 {alerts_yaml}
 {registry_yaml}
 """)

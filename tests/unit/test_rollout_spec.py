@@ -75,6 +75,7 @@ models:
       v2: {endpoints: ["127.0.0.1:8002"]}
       v3: {endpoints: ["127.0.0.1:8003"]}
   - name: cls
+    match: {path_prefix: /v1/classify}
     stable: a
     versions: {a: {endpoints: ["127.0.0.1:9000"]}}
 """

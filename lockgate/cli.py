@@ -45,10 +45,34 @@ def _load(args) -> LockgateConfig:
 
 
 def _control_stub(args):
+    """Stub for the control API: TLS per the config's ``auth.tls``, and the caller's token — ``$LOCKGATE_TOKEN``,
+    else the config's ``auth.token_file`` — sent as ``authorization: Bearer …`` (the control API records the
+    token's client name as the actor)."""
+    from lockgate.auth import AuthConfig, read_client_token
+    from lockgate.grpc_auth import dial_target, sync_channel
     from lockgate.proto.v1 import control_pb2_grpc
 
-    address = args.control or str(_load(args).control)
-    channel = grpc.insecure_channel(address)
+    config = None
+    if not args.control:
+        config = _load(args)
+    elif os.path.exists(args.config):
+        try:
+            config = load_config(args.config)
+        except ConfigError:
+            config = None  # --control given: the config is only a source of auth settings
+    address = args.control or dial_target(config.control)
+    auth = config.auth if config is not None else AuthConfig()
+    token = read_client_token()
+    if token is None and auth.token_file:
+        try:
+            token = auth.own_token()
+        except OSError as exc:
+            raise CliError(f"cannot read auth.token_file {auth.token_file}: {exc.strerror or exc} "
+                           f"(or set $LOCKGATE_TOKEN)") from None
+    try:
+        channel = sync_channel(address, auth, token)
+    except OSError as exc:
+        raise CliError(f"cannot read the auth.tls files: {exc}") from None
     return control_pb2_grpc.WeightControlStub(channel), address
 
 

@@ -26,6 +26,7 @@ from lockgate.controller import analysis, ramp_plan
 from lockgate.controller.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.spec import RolloutSpec, render_warning, spec_from_text
 from lockgate.controller.stages import StageDecision, StageState, decide, stage_label
+from lockgate.grpc_auth import aio_channel, own_token
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger("lockgate.controller.promoter")
@@ -62,7 +63,8 @@ class Promoter:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
-        self._channel = grpc.aio.insecure_channel(str(self.config.control))
+        # auth.tokens: the control API knows the controller by its own token (auth.token_file)
+        self._channel = aio_channel(self.config.control, self.config.auth, own_token(self.config.auth, "controller"))
         self.control = control_pb2_grpc.WeightControlStub(self._channel)
         self._locks: dict[int, asyncio.Lock] = {}
         #: Called (as background tasks, after the weights moved and the record was written) with every

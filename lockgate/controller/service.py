@@ -25,6 +25,7 @@ from lockgate.controller.evaluation import EvaluationService, evaluation_enabled
 from lockgate.controller.http_api import ControllerHTTP
 from lockgate.controller.observations import ObservationStore
 from lockgate.controller.samples import SampleStore, samples_path
+from lockgate.grpc_auth import add_port, server_interceptors, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lockgate.controller")
@@ -77,11 +78,14 @@ class ControllerService:
 
     async def start(self) -> None:
         cc = self.config.controller
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        warn_if_insecure(self.config, "lockgate controller")
+        # auth.tokens: only configured clients (the ext_proc shippers) may report observations
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+                                      interceptors=server_interceptors(self.config.auth, "observations API"))
         pb_grpc.add_ObservationCollectorServicer_to_server(self.collector, self.server)
         try:
-            port = self.server.add_insecure_port(str(cc.address))
-        except RuntimeError as exc:
+            port = add_port(self.server, str(cc.address), self.config.auth)
+        except (RuntimeError, OSError) as exc:  # port in use, unreadable auth.tls files
             raise ControllerStartError(f"cannot listen on controller.address {cc.address}: {exc}") from None
         if port == 0:
             raise ControllerStartError(f"cannot listen on controller.address {cc.address}")

@@ -7,12 +7,16 @@ STREAMED chunks; every message is answered "continue unchanged" (nothing is ever
 client gets byte-identical responses), and the analysis runs after the answers except a body
 chunk's feed (a buffer append or an incremental SSE parse), so streamed tokens are not held back.
 Each response becomes one :class:`Observation`, shipped in batches to the controller
-(:mod:`.shipper`).
+(:mod:`.shipper`). One exception to "never on the routing decision": a request carrying the QA
+override headers sends its request headers here for the token check (:class:`QACheck`), which
+removes the token header and tells Envoy (dynamic metadata) which version it may reach.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -25,11 +29,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from lockgate.aio import keep_helper_threads_demoted, stop_on_signals
-from lockgate.config import LockgateConfig
+from lockgate.config import LockgateConfig, QAOverride
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
 from lockgate.extproc.shipper import ObservationShipper
+from lockgate.grpc_auth import own_token, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import key_headers
+from lockgate.xds.resources import QA_METADATA_NS, key_headers
 
 log = logging.getLogger("lockgate.extproc")
 
@@ -78,6 +83,8 @@ class CaptureMetrics:
                                registry=registry)
         self.queued = Gauge("lockgate_observations_queued", "Observations waiting for the controller",
                             registry=registry)
+        self.qa_checks = Counter("lockgate_qa_override_checks", "QA override tokens checked (accepted/refused)",
+                                 ["result"], registry=registry)
         self._seen_classes: dict[str, set[str]] = {}
         self._children: dict[tuple, tuple] = {}
 
@@ -121,6 +128,7 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.sampler = body_sampler(config)  #: capture.retain_bodies; None = off
         self.shipper = shipper
         self.metrics = metrics
+        self.qa = QACheck(config.qa_override, metrics) if config.qa_override is not None else None
 
     def _done(self, cap: ResponseCapture, end_of_stream: bool) -> None:
         obs = cap.finish(time.time(), end_of_stream)
@@ -172,8 +180,9 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                     last = _CONTINUE_RESPONSE_HEADERS
                 elif which == "response_trailers":
                     last = _CONTINUE_RESPONSE_TRAILERS
-                elif which == "request_headers":
-                    await write(_CONTINUE_REQUEST_HEADERS)
+                elif which == "request_headers":  # only requests on a QA check route (qa_routes)
+                    await write(self.qa.answer(req.request_headers) if self.qa is not None
+                                else _CONTINUE_REQUEST_HEADERS)
                     continue
                 else:
                     log.debug("unexpected ext_proc message %s", which)
@@ -189,6 +198,40 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         finally:
             if cap is not None:  # cancelled at an await, or the stream ended mid-body
                 self._done(cap, ended)
+
+
+class QACheck:
+    """The QA override's token check (see :func:`lockgate.xds.resources.qa_routes`).
+
+    Envoy sends the request headers of a request carrying both QA headers (and of no other request).
+    The answer always removes the token header and clears the route cache; when the token's sha256
+    matches (constant-time compare) it also sets dynamic metadata ``lockgate.qa.version`` to the
+    version header, which the ``<model>/qa/<version>`` routes match. The token itself never leaves
+    this process: Envoy's configuration holds neither it nor its hash."""
+
+    def __init__(self, qa: QAOverride, metrics: CaptureMetrics | None = None):
+        self.token_header = qa.token_header
+        self.version_header = qa.version_header
+        self._digest = hashlib.sha256(qa.token.encode("utf-8")).digest()
+        self._accepted = metrics.qa_checks.labels("accepted") if metrics is not None else None
+        self._refused = metrics.qa_checks.labels("refused") if metrics is not None else None
+
+    def answer(self, headers: ep.HttpHeaders) -> ep.ProcessingResponse:
+        token = version = None
+        for h in headers.headers.headers:
+            if h.key == self.token_header:
+                token = h.raw_value or h.value.encode("utf-8")
+            elif h.key == self.version_header:
+                version = (h.raw_value or h.value.encode("utf-8")).decode("utf-8", "replace")
+        ok = token is not None and hmac.compare_digest(hashlib.sha256(token).digest(), self._digest)
+        resp = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(remove_headers=[self.token_header]), clear_route_cache=True)))
+        if ok and version:
+            resp.dynamic_metadata.fields[QA_METADATA_NS].struct_value.fields["version"].string_value = version
+        counter = self._accepted if ok else self._refused
+        if counter is not None:
+            counter.inc()
+        return resp
 
 
 async def _send_last(write, answer: ep.ProcessingResponse) -> None:
@@ -219,11 +262,14 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
 
     ``demote_threads``: this process is the ext_proc alone (``lockgate extproc``): put gRPC's helper
     threads under SCHED_BATCH so they stop preempting the event loop (:func:`demote_helper_threads`)."""
+    warn_if_insecure(config, f"lockgate extproc {index}")
     registry = CollectorRegistry()
     metrics = CaptureMetrics(registry)
     cap = config.capture
+    # auth.tokens: the controller's observations API knows this process by lockgate's own token
     shipper = ObservationShipper(str(config.controller.address), cap.queue_size, cap.batch_size,
-                                 cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc)
+                                 cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc,
+                                 auth=config.auth, token=own_token(config.auth, "ext_proc"))
     metrics.queued.set_function(lambda: len(shipper.queue))
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, shipper, metrics), server)

@@ -25,6 +25,8 @@ import time
 
 import grpc
 
+from lockgate.auth import AuthConfig
+from lockgate.grpc_auth import sync_channel
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.proto.v1 import observations_pb2_grpc as obs_grpc
 
@@ -33,8 +35,11 @@ log = logging.getLogger("lockgate.extproc.shipper")
 
 class ObservationShipper:
     def __init__(self, address: str, queue_size: int, batch_size: int, flush_interval_s: float,
-                 on_drop=None, on_sent=None):
+                 on_drop=None, on_sent=None, auth: AuthConfig | None = None, token: str | None = None):
         self.address = address
+        #: ``auth.tls`` for the channel and the bearer token sent with every batch (``auth.tokens``)
+        self.auth = auth or AuthConfig()
+        self.token = token
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -67,7 +72,7 @@ class ObservationShipper:
     def start(self) -> None:
         # gRPC's own reconnect back-off grows to 120 s by default: cap it near the retry back-off
         # below, so a controller that comes back is reached within seconds, not minutes.
-        self._channel = grpc.insecure_channel(self.address, options=[
+        self._channel = sync_channel(self.address, self.auth, self.token, options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000)])
         self._thread = threading.Thread(target=self._run, name="lockgate-shipper", daemon=True)
@@ -106,8 +111,12 @@ class ObservationShipper:
                 now = time.monotonic()
                 if now - last_warning > 30:
                     last_warning = now
-                    log.warning("controller %s unreachable (%s); %d observations queued, retrying",
-                                self.address, exc.code().name, len(queue))
+                    if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        log.error("controller %s refuses this ext_proc's token (%s); %d observations queued, "
+                                  "retrying: check auth.token_file", self.address, exc.details(), len(queue))
+                    else:
+                        log.warning("controller %s unreachable (%s); %d observations queued, retrying",
+                                    self.address, exc.code().name, len(queue))
                 self._stop.wait(backoff)
                 backoff = min(5.0, backoff * 2)
                 continue

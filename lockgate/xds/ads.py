@@ -10,6 +10,9 @@ All protocol rules live here (ACK/NACK, nonces, ordering), per ../shared/ENVOY_N
 * listeners and routes are held back while the stream has not ACKed the current clusters, so a
   route never names a cluster Envoy does not have yet;
 * CDS and LDS are wildcard: every response carries all resources of the type.
+
+With ``auth.tokens`` a stream reaches this servicer only after :class:`lockgate.grpc_auth.AuthInterceptor`
+accepted its bearer token (an unauthenticated stream is closed ``UNAUTHENTICATED`` with no response).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from google.protobuf import any_pb2
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from lockgate.grpc_auth import current_client
 from lockgate.xds.cache import NodeRegistry, SnapshotCache, StreamState
 from lockgate.xds.resources import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, TYPE_ORDER, WILDCARD_TYPES
 
@@ -38,6 +42,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(self, request_iterator, context) -> AsyncIterator[
             discovery_pb2.DiscoveryResponse]:
         stream = self.registry.open(context.peer())
+        client = current_client()
+        if client is not None:
+            log.info("ADS stream %s from %s authenticated as client %s", stream.stream_id, stream.peer, client)
         events: asyncio.Queue = asyncio.Queue()
 
         async def read() -> None:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 import grpc
 
 from lockgate.config import LockgateConfig
+from lockgate.grpc_auth import current_client
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 from lockgate.xds.cache import NodeRegistry, SnapshotCache
 from lockgate.xds.resources import ROUTE_TYPE, TOTAL_WEIGHT, CanaryWeight, build_resources
@@ -244,7 +245,13 @@ class WeightService:
 
 
 class ControlServer(control_pb2_grpc.WeightControlServicer):
-    """gRPC shell around :class:`WeightService`."""
+    """gRPC shell around :class:`WeightService`.
+
+    The actor recorded with a change is the authenticated client's name (``auth.tokens``, checked by
+    :class:`lockgate.grpc_auth.AuthInterceptor` before any method runs); the request's ``actor`` field
+    is then only a claim: kept in the reason when it differs, never recorded as the actor. Without
+    ``auth.tokens`` (loopback only) the field is all there is.
+    """
 
     def __init__(self, service: WeightService):
         self.service = service
@@ -254,6 +261,17 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
             return await coro
         except WeightError as exc:
             await context.abort(exc.code, str(exc))
+
+    @staticmethod
+    def _who(request, reason: str) -> tuple[str, str]:
+        """(actor, reason) to record for a change request."""
+        claimed = request.actor
+        client = current_client()
+        if client is None:
+            return claimed or "unknown", reason
+        if claimed and claimed != client:
+            reason = f"{reason} (claimed actor: {claimed[:100]})"
+        return client, reason
 
     async def GetWeights(self, request, context):
         names = [request.model] if request.model else [m.name for m in self.service.config.models]
@@ -267,16 +285,18 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
         return out
 
     async def SetWeight(self, request, context):
+        actor, reason = self._who(request, request.reason or "set-weight")
         return await self._guard(context, self.service.set_weight(
-            request.model, request.version, request.weight_bp, actor=request.actor or "unknown",
-            reason=request.reason or "set-weight", timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S,
+            request.model, request.version, request.weight_bp, actor=actor,
+            reason=reason, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S,
             stage=request.stage))
 
     async def Rollback(self, request, context):
+        actor, reason = self._who(request, request.reason or "rollback")
         return await self._guard(context, self.service.rollback(
-            request.model, actor=request.actor or "unknown", reason=request.reason or "rollback",
-            timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
+            request.model, actor=actor, reason=reason, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
 
     async def Drill(self, request, context):
+        actor, _ = self._who(request, "drill")
         return await self._guard(context, self.service.drill(
-            request.model, actor=request.actor or "unknown", timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
+            request.model, actor=actor, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))

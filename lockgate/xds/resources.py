@@ -5,7 +5,7 @@ weights only; the ADS server streams what it returns. Names:
 
 * listener ``lockgate``; route configuration ``lockgate``;
 * one EDS cluster per model version, ``<model>.<version>`` (see :meth:`Model.cluster_name`);
-* route names ``<model>/qa/<version>`` (QA override) and
+* route names ``<model>/qa/<version>`` and ``<model>/qa/*`` (QA override, see :func:`qa_routes`) and
   ``<model>/key/<i>?canary=<v>&w=<bp>&stage=<s>`` (sticky key source i, with the split it carries),
   so the ext_proc server learns from ``xds.route_name`` which model, path, canary weight and stage
   routed each request — exactly, not from a poll (see :func:`parse_route_name`).
@@ -32,7 +32,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
 
 from lockgate.config import LockgateConfig, Model
@@ -51,6 +51,9 @@ WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
 LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+#: dynamic metadata namespace the ext_proc writes when a request's QA token is right: ``{version: <v>}``
+QA_METADATA_NS = "lockgate.qa"
 SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
 SAMPLE_MODEL_HEADER = "x-lockgate-sample-model"    #: set on mirrored requests only: the model
 SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set on mirrored requests only: canary at sampling
@@ -110,22 +113,26 @@ def response_attributes(config: LockgateConfig) -> list[str]:
             "upstream.address", "response.code_details"] + [f"request.headers['{h}']" for h in key_headers(config)]
 
 
+def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode:
+    """What Envoy sends lockgate's ext_proc: response headers and STREAMED body chunks (each chunk passes
+    on as soon as ext_proc answers; SSE is never held back); request headers only on the QA check route."""
+    mode = processing_mode_pb2.ProcessingMode
+    return mode(request_header_mode=mode.SEND if request_headers else mode.SKIP, response_header_mode=mode.SEND,
+                request_body_mode=mode.NONE, response_body_mode=mode.STREAMED, request_trailer_mode=mode.SKIP,
+                response_trailer_mode=mode.SKIP)
+
+
 def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
     ext_proc = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
         failure_mode_allow=True,  # a dead ext_proc never fails a request
         message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
-        processing_mode=processing_mode_pb2.ProcessingMode(
-            request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
-            response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-            request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-            # STREAMED: each chunk passes on as soon as ext_proc answers; SSE is never held back.
-            response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
-            request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-            response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP),
+        processing_mode=processing_mode(request_headers=False),
         response_attributes=response_attributes(config),
         stat_prefix="lockgate")
+    if config.qa_override is not None:  # the QA token check (build_routes) answers with lockgate.qa metadata
+        ext_proc.metadata_options.receiving_namespaces.untyped.append(QA_METADATA_NS)
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -136,7 +143,7 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
         http_filters=[
-            hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc)),
+            hcm.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ])
     return listener_pb2.Listener(
@@ -217,21 +224,47 @@ def mirror_policies(model: Model, weight: CanaryWeight) -> list[rc.RouteAction.R
         ])]
 
 
+def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Duration) -> list[rc.Route]:
+    """The QA override (``qa_override``) of one model, without the token in Envoy's config.
+
+    Routes are readable in Envoy's ``/config_dump``, so they never hold the QA token. A request that
+    carries both QA headers takes ``<model>/qa/*``, whose per-route ext_proc override sends its request
+    headers to lockgate's ext_proc — only these requests pay that round trip. The ext_proc compares
+    the token's sha256 in constant time, removes the token header and clears the route cache; on a
+    match it first sets dynamic metadata ``lockgate.qa: {version: <version header>}``. Routed again,
+    the request takes ``<model>/qa/<version>`` (matched on that metadata, which no client can set) or,
+    with a wrong token or an unknown version, the model's normal split. If the ext_proc does not
+    answer, ``qa/*`` answers 503: a QA request is never served a version it was not checked for.
+    """
+    qa = config.qa_override
+    assert qa is not None
+    out = []
+    for version in model.versions:
+        match = _match(model, [])
+        match.dynamic_metadata.append(metadata_pb2.MetadataMatcher(
+            filter=QA_METADATA_NS, path=[metadata_pb2.MetadataMatcher.PathSegment(key="version")],
+            value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=version))))
+        out.append(rc.Route(name=f"{model.name}/qa/{version}", match=match,
+                            route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
+    check = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(
+        processing_mode=processing_mode(request_headers=True)))
+    out.append(rc.Route(
+        name=f"{model.name}/qa/*",
+        match=_match(model, [rc.HeaderMatcher(name=qa.token_header, present_match=True),
+                             rc.HeaderMatcher(name=qa.version_header, present_match=True)]),
+        direct_response=rc.DirectResponseAction(status=503, body=base_pb2.DataSource(
+            inline_string="lockgate: the QA override could not be checked (ext_proc unavailable)\n")),
+        typed_per_filter_config={EXTPROC_FILTER: _any(check)}))
+    return out
+
+
 def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> route_pb2.RouteConfiguration:
     routes: list[rc.Route] = []
     for model in config.models:
         weight = weights.get(model.name, CanaryWeight(None, 0))
         timeout = _duration(model.timeout_s)
-        qa = config.qa_override
-        if qa is not None:
-            for version in model.versions:
-                routes.append(rc.Route(
-                    name=f"{model.name}/qa/{version}",
-                    match=_match(model, [
-                        rc.HeaderMatcher(name=qa.token_header, string_match=string_pb2.StringMatcher(exact=qa.token)),
-                        rc.HeaderMatcher(name=qa.version_header, string_match=string_pb2.StringMatcher(exact=version)),
-                    ]),
-                    route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
+        if config.qa_override is not None:
+            routes.extend(qa_routes(config, model, timeout))
         salt = canary_salt(model.name, weight.canary or model.stable)
         mirrors = mirror_policies(model, weight)
         for i, source in enumerate(model.sticky_keys):

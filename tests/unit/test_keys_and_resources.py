@@ -6,6 +6,8 @@ import re
 
 from hypothesis import given, strategies as st
 
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+
 from lockgate.config import KeySource, config_from_text
 from lockgate.extproc import keys
 from lockgate.xds.resources import (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, TOTAL_WEIGHT,
@@ -79,12 +81,27 @@ def test_canary_first_total_fixed_and_salted_per_canary():
     assert rs["chat/key/2"].route.hash_policy[0].header.header_name == "x-forwarded-for"
     assert [(c.name, c.weight.value) for c in rs["cls/key/0"].route.weighted_clusters.clusters] == [("cls.a", 10000)]
     assert "cls/key/none" in rs  # no client_ip source: a keyless request is still routed by weight
-    # QA routes need the exact token and strip both headers
+    # QA: the version routes match metadata only the ext_proc's token check sets (never the token);
+    # a request with both QA headers takes qa/*, which sends its request headers to the ext_proc
     qa = rs["chat/qa/v2"]
-    assert {h.name: h.string_match.exact for h in qa.match.headers} == {
-        "x-lockgate-qa-token": "0123456789abcdef-token", "x-lockgate-version": "v2"}
+    assert not qa.match.headers and qa.route.cluster == "chat.v2"
+    (md,) = qa.match.dynamic_metadata
+    assert (md.filter, [s.key for s in md.path], md.value.string_match.exact) == ("lockgate.qa", ["version"], "v2")
+    check = rs["chat/qa/*"]
+    assert {h.name: h.present_match for h in check.match.headers} == {"x-lockgate-qa-token": True,
+                                                                       "x-lockgate-version": True}
+    assert check.direct_response.status == 503
+    per_route = ext_proc_pb2.ExtProcPerRoute()
+    check.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(per_route)
+    assert per_route.overrides.processing_mode.request_header_mode == processing_mode_pb2.ProcessingMode.SEND
+    assert list(rs).index("chat/qa/*") < list(rs).index("chat/key/0")
     assert set(rc.virtual_hosts[0].request_headers_to_remove) == {"x-lockgate-qa-token", "x-lockgate-version",
                                                                  "x-lockgate-replay"}
+    # the token is nowhere in what Envoy receives (its /config_dump shows all of it)
+    for resources in build_resources(CFG, {"chat": CanaryWeight("v2", 1234)}).values():
+        for msg in resources.values():
+            assert b"0123456789abcdef-token" not in msg.SerializeToString()
+            assert "0123456789abcdef-token" not in str(msg)
 
 
 def test_weight_change_touches_routes_only():

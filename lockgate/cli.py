@@ -421,6 +421,15 @@ def cmd_rollout_action(args) -> int:
     r = body["rollout"]
     print(f"rollout #{r['id']} {r['model']}: {r['status']}")
     t = body.get("timings")
+    if args.action == "abort" and r["status"] not in ("aborted", "rolled_back"):
+        # Not done until every Envoy has weight 0 and it is recorded: say what is missing and fail, so
+        # scripts do not move on.
+        t = t or {}
+        why = (t.get("error") or ", ".join(t.get("not_acked") or []) or t.get("message")
+               or (f"weight 0 served but not recorded: {t['record_error']}" if t.get("record_error") else "?"))
+        print(f"lockgate: revert NOT complete: {why}; the controller keeps retrying until every Envoy ACKs "
+              f"weight 0 and it is recorded (watch: lockgate rollout status {r['model']})", file=sys.stderr)
+        return 1
     if t and t.get("push_to_ack_ms") is not None:
         print(f"  reverted to {r['baseline']} in {t['push_to_ack_ms']:.1f} ms")
     return 0

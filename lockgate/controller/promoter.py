@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -77,6 +78,8 @@ class Promoter:
         #: rollout id → (time, (action, verdicts)) of the last evaluation written to the history
         self._recorded: dict[int, tuple[float, Any]] = {}
         self._pushed: dict[int, int] = {}  #: rollout id → weight of its last move's push (maybe not ACKed yet)
+        #: rollout id → (final status, reason, actor, detected_at) of a revert not yet written down
+        self._unrecorded: dict[int, tuple[str, str, str, float]] = {}
 
     # ------------------------------------------------------------------ evaluation
     def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
@@ -209,6 +212,21 @@ class Promoter:
         """
         why = reason or "; ".join(decision.reasons if decision else ())
         timings = await self._revert(rollout, detected_at, actor, why)
+        # The intent is kept in memory until it is recorded: if the state directory cannot be written
+        # (a full disk), the loop re-issues it (weights first) instead of forgetting the revert.
+        self._unrecorded[rollout.id] = (final_status, why, actor, detected_at)
+        try:
+            self._record_revert(rollout, spec, summary, timings, why, actor, final_status)
+        except sqlite3.Error as exc:
+            log.error("rollout #%d %s: revert %s but not recorded (%s); will retry", rollout.id, rollout.model,
+                      "complete" if timings["complete"] else "incomplete", exc)
+            timings["record_error"] = str(exc)
+            return timings
+        self._unrecorded.pop(rollout.id, None)
+        return timings
+
+    def _record_revert(self, rollout: Rollout, spec: RolloutSpec | None, summary: dict | None, timings: dict,
+                       why: str, actor: str, final_status: str) -> None:
         if summary is not None:
             self.rollouts.record_evaluation(rollout.id, time.time(), rollout.stage,
                                             spec.steps[rollout.stage].weight_bp if spec else 0, summary)
@@ -311,7 +329,26 @@ class Promoter:
                 self._wake.clear()
                 dirty, self._dirty = self._dirty, set()
                 for rollout in self.rollouts.active():
-                    if not self.rollouts.acquire(rollout.model, LEASE_TTL_S):
+                    try:
+                        mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
+                    except sqlite3.Error as exc:  # cannot renew (full disk): keep driving what is ours
+                        owner = self.rollouts.lease_owner(rollout.model)
+                        mine = owner is not None and owner[0] == self.rollouts.owner
+                        log.error("lease of %s not renewed (%s); %s", rollout.model, exc,
+                                  "still ours" if mine else "not ours")
+                    if not mine:
+                        continue
+                    if rollout.id in self._unrecorded:
+                        final, why, actor, detected = self._unrecorded[rollout.id]
+                        if time.time() >= self._revert_next.get(rollout.id, 0.0):
+                            self._revert_next[rollout.id] = time.time() + REVERT_BACKOFF_S * 4
+                            try:
+                                async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+                                    current = self.rollouts.get(rollout.id) or rollout
+                                    await self._rollback(current, None, None, None, detected, actor, final, why)
+                            except Exception:
+                                log.exception("rollout #%d: re-issuing an unrecorded revert failed; will retry",
+                                              rollout.id)
                         continue
                     if rollout.status == "rolling_back":
                         try:

@@ -13,6 +13,7 @@ For each lockgate part — ext_proc, xDS server, controller — killed (SIGKILL,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -143,3 +144,56 @@ def test_fault_during_a_rollout_moves_nothing_and_fails_no_request(tmp_path, fau
     finally:
         v1.stop()
         v2.stop()
+
+
+def test_full_disk_on_the_state_directory(tmp_path):
+    """The state directory (every lockgate store) on a tmpfs filled to the last byte mid-rollout: traffic
+    keeps flowing, an abort asked for then reaches every Envoy at once (served before it is saved) but
+    is not called done; once space is back the controller records it, without being asked again."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs (a real full disk)")
+    state = tmp_path / "state"
+    state.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(state)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    from tests.unit.test_revert import fill
+
+    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
+    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 10m"))
+    try:
+        with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, \
+                CountingTraffic(fleet.ports["listener"]) as traffic:
+            assert fleet.cli("rollout", "start", str(spec)).returncode == 0
+            assert wait_status(fleet, ("running",), 30)["status"] == "running"
+            import sqlite3
+
+            for db in state.glob("*.db"):  # no WAL pages left to reuse: every write needs new space
+                with contextlib.closing(sqlite3.connect(str(db), timeout=5)) as conn:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            filler = fill(state)
+            time.sleep(3)
+            r = fleet.cli("rollout", "abort", "chat")
+            assert r.returncode == 1 and "revert NOT complete" in r.stderr, (r.stdout, r.stderr)
+            # served before it could be saved: both Envoys already at 0
+            assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
+            assert status(fleet)["status"] in ("running", "rolling_back")  # not called done
+            time.sleep(2)
+            filler.unlink()
+            final = wait_status(fleet, ("aborted",), 60)
+            assert final["status"] == "aborted", final
+            assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
+            codes = traffic.snapshot()
+            assert set(codes) == {200}, codes
+    finally:
+        v1.stop()
+        v2.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)

@@ -147,9 +147,9 @@ def test_ads_stream_without_a_token_is_closed_before_any_response(tmp_path):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
                         metadata=metadata)
-                    await call.write(first)
                     got = []
                     with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call.write(first)  # may already fail: the server closes the stream at once
                         async for resp in call:
                             got.append(resp)
                     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and got == []

@@ -28,7 +28,7 @@ from tests.integration.test_rollout_e2e import SPEC, chat_server, status, wait_s
 pytestmark = [requires_envoy, pytest.mark.envoy]
 
 FAULTS = ["extproc-kill", "extproc-stop", "xds-kill", "xds-stop", "controller-kill", "controller-stop",
-          "envoy-kill"]
+          "envoy-kill", "envoy-stop"]
 
 
 class CountingTraffic:

@@ -304,6 +304,21 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _client_token(config) -> str | None:
+    """The token the CLI presents to the controller: ``$LOCKGATE_TOKEN``, else the config's ``auth.token_file``."""
+    from lockgate.auth import read_client_token
+
+    token = read_client_token()
+    if token or not config.auth.token_file:
+        return token
+    try:
+        with open(config.auth.token_file, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError as exc:
+        raise CliError(f"cannot read auth.token_file {config.auth.token_file}: {exc.strerror or exc} "
+                       "(or set LOCKGATE_TOKEN)") from None
+
+
 def _controller_http(args, method: str, path: str, payload: dict | None = None, timeout: float = 90.0):
     """Call the controller's HTTP API; returns (status, JSON)."""
     import urllib.error
@@ -312,7 +327,11 @@ def _controller_http(args, method: str, path: str, payload: dict | None = None, 
     config = _load(args)
     url = f"http://{config.controller.http}{path}"
     data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    token = _client_token(config)
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"{}")

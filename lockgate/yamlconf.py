@@ -85,6 +85,7 @@ MAX_YAML_NODES = 100_000
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _SCALAR_KEY_TYPES = (str, int, float, bool)
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 def _mark_problem(path: tuple[PathPart, ...], message: str, mark: Any) -> Problem:
@@ -180,6 +181,9 @@ def _construct(node: yaml.Node, path: tuple[PathPart, ...], smap: SourceMap, sou
                constructor: yaml.constructor.SafeConstructor) -> Any:
     """Plain Python data from a node tree (depth is bounded by :func:`_compose`)."""
     smap.add(path, node)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+        raise ConfigError(source, [_mark_problem(path, f"invalid value: the tag {node.tag!r} is not allowed",
+                                                 node.start_mark)])
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:

@@ -1,4 +1,4 @@
-"""The controller's HTTP API on ``controller.http`` (stdlib ``ThreadingHTTPServer``, one thread per request).
+"""The controller's HTTP API on ``controller.http``.
 
 * ``GET /metrics`` — Prometheus text format (the controller's registry).
 * ``GET /healthz`` — ``ok``.
@@ -14,23 +14,40 @@
   observations reach the controller in batches shortly after the response.
 * ``GET /v1/observations/{request_id}`` — the stored observation(s) and labels, for debugging; with
   ``body_sample`` when the response body was retained (``capture.retain_bodies``).
+* Routes added by other parts of the controller (:meth:`ControllerHTTP.add_route`: the rollout API).
 
-Handlers never raise into the server: any unexpected error is a 500 JSON answer, logged.
+The server (stdlib only): an asyncio front end on its own thread and event loop reads and bounds every
+request — the head within ``head_timeout_s`` (also the keep-alive idle limit) and ``max_head_bytes``, the
+body within ``body_timeout_s`` and ``max_body_bytes`` (413 before reading it), at most
+``max_connections`` at once (503 beyond) — and only a complete request is handed to a bounded pool of
+``workers`` threads that run the handlers (SQLite, the rollout API's calls into the controller's loop).
+A stalled upload costs a socket, never a thread; the controller's own event loop never serves HTTP.
+
+With ``auth`` (a :class:`~lockgate.auth.TokenRegistry` with tokens configured) every request needs
+``authorization: Bearer <token>`` (401 otherwise, before the body is read); the client's configured
+name is passed to the routes as the actor. Every refusal is a one-line JSON ``{"error": …}``;
+handlers never raise into the server (an unexpected error is a 500 JSON answer without details, logged).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import http
 import json
 import logging
 import math
+import re
+import socket
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
+from lockgate.auth import TokenRegistry
 from lockgate.controller.collector import ControllerMetrics
 from lockgate.controller.export import record_to_json
 from lockgate.controller.observations import LABEL_KINDS, ObservationStore
@@ -42,6 +59,25 @@ MAX_BODY = 8 * 1024 * 1024
 MAX_ITEMS = 10000
 MAX_ID_LEN = 512
 MAX_CLASS_LEN = 1024
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may cost the controller's HTTP API (see docs/operations.md, "Inputs and limits")."""
+
+    #: request line + headers, and the idle wait for the next request on a kept-alive connection
+    head_timeout_s: float = 10.0
+    #: the whole body, from the end of the head
+    body_timeout_s: float = 30.0
+    #: writing the answer (a client that does not read it is dropped)
+    write_timeout_s: float = 30.0
+    #: a handler's answer (the rollout API waits up to 60 s for the controller's loop)
+    handler_timeout_s: float = 120.0
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = MAX_BODY
+    max_connections: int = 256
+    workers: int = 16
 
 
 class FeedbackError(ValueError):
@@ -118,42 +154,83 @@ def parse_feedback(body: bytes) -> tuple[list[tuple[str, list[tuple[str, Any]]]]
 
 
 class ControllerHTTP:
-    """The HTTP API; ``start()`` serves in a background thread, ``stop()`` shuts down."""
+    """The HTTP API; ``start()`` serves in a background thread, ``stop()`` shuts down.
+
+    The listening socket is bound by the constructor (an address in use raises ``OSError`` there)."""
 
     def __init__(self, host: str, port: int, store: ObservationStore, metrics: ControllerMetrics,
-                 retention_s: float, unknown_grace_s: float = 2.0, samples: Any = None):
+                 retention_s: float, unknown_grace_s: float = 2.0, samples: Any = None,
+                 auth: TokenRegistry | None = None, limits: HttpLimits | None = None):
         self.store = store
         self.samples = samples  #: SampleStore (capture.retain_bodies) or None
         self.metrics = metrics
         self.retention_s = retention_s
         self.unknown_grace_s = unknown_grace_s
-        #: (method, path prefix) → fn(path, query: dict, body: bytes) -> (status, JSON object); added by
-        #: other parts of the controller (e.g. the rollout API), checked before the built-in 404.
+        self.auth = auth if auth is not None and auth.enabled else None
+        self.limits = limits or HttpLimits()
+        #: (method, path prefix) → fn(path, query: dict, body: bytes, client: str | None) -> (status, JSON
+        #: object); added by other parts of the controller (e.g. the rollout API), checked before the
+        #: built-in 404. ``client`` is the authenticated client's name (None when auth is off).
         self.routes: dict[tuple[str, str], Any] = {}
-        api = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.api = api
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self._http_metrics(metrics)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self.sock = socket.create_server((host, port), family=family, backlog=128)
+        self.server = _Listening(self.sock)  # ``server_address`` and ``server_close()``, as before
         self.thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conns: set[asyncio.Task] = set()
+        self._ready = threading.Event()
+
+    def _http_metrics(self, metrics: ControllerMetrics) -> None:
+        r = metrics.registry
+        try:
+            self.m_rejected = Counter("lockgate_controller_http_rejected", "HTTP requests refused before a handler "
+                                      "ran, by reason", ["reason"], registry=r)
+            self.m_conns = Gauge("lockgate_controller_http_connections", "Open HTTP connections", registry=r)
+        except ValueError:  # a second server on the same registry (tests): share the first one's
+            self.m_rejected = r._names_to_collectors["lockgate_controller_http_rejected"]  # noqa: SLF001
+            self.m_conns = r._names_to_collectors["lockgate_controller_http_connections"]  # noqa: SLF001
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="controller-http", daemon=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.limits.workers, thread_name_prefix="controller-http")
+        self.thread = threading.Thread(target=self._run, name="controller-http", daemon=True)
         self.thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self.sock, limit=self.limits.max_head_bytes)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for t in list(self._conns):
+                t.cancel()
+            await asyncio.gather(*self._conns, return_exceptions=True)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self.thread is not None:
+        if self._loop is not None and self.thread is not None and self.thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # loop already closed
+                pass
             self.thread.join(5)
+        self.server.server_close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def add_route(self, method: str, prefix: str, fn) -> None:
         self.routes[(method, prefix)] = fn
@@ -165,6 +242,149 @@ class ControllerHTTP:
                 if best is None or len(prefix) > len(best[0]):
                     best = (prefix, fn)
         return best[1] if best else None
+
+    # ----- the connection (on the HTTP thread's event loop) -----
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= self.limits.max_connections:
+            self.m_rejected.labels("too_many_connections").inc()
+            over = _Conn(reader, writer, self.limits)
+            try:
+                await over.send(503, {"error": f"too many connections (at most {self.limits.max_connections}); "
+                                               "retry later"}, close=True)
+                await over.linger(0.5)  # so the client reads the 503 rather than a reset
+            except Exception:
+                pass
+            finally:
+                writer.close()
+            return
+        task = asyncio.current_task()
+        self._conns.add(task)
+        self.m_conns.inc()
+        conn = _Conn(reader, writer, self.limits)
+        try:
+            while await self._one_request(conn):
+                pass
+        except (ConnectionError, asyncio.CancelledError, TimeoutError, OSError):
+            pass
+        except Exception:  # never let one connection's surprise reach the loop
+            log.exception("HTTP connection from %s failed", conn.peer)
+        finally:
+            self._conns.discard(task)
+            self.m_conns.dec()
+            writer.close()
+
+    async def _one_request(self, conn: "_Conn") -> bool:
+        """Read, check, run and answer one request; False when the connection is to be closed."""
+        lim = self.limits
+        try:
+            head = await conn.read_head()
+        except _Refused as exc:
+            self.m_rejected.labels(exc.reason).inc()
+            await conn.send(exc.status, {"error": exc.message}, close=True)
+            return False
+        if head is None:
+            return False
+        try:
+            req = _parse_head(head, lim)
+        except _Refused as exc:
+            self.m_rejected.labels(exc.reason).inc()
+            await conn.send(exc.status, {"error": exc.message}, close=True)
+            return False
+        conn.head_only = req.method == "HEAD"
+        keep = req.keep_alive
+        refusal = self._precheck(req)
+        if refusal is not None:
+            status, reason, message = refusal
+            self.m_rejected.labels(reason).inc()
+            # the body was not read: the connection cannot carry another request
+            await conn.send(status, {"error": message}, close=True,
+                            extra=(("WWW-Authenticate", 'Bearer realm="lockgate"'),) if status == 401 else ())
+            if req.length or "transfer-encoding" in req.headers:
+                await conn.linger()  # let a client still sending its body read the answer (not a reset)
+            return False
+        if req.length:
+            if req.headers.get("expect", "").lower() == "100-continue":
+                await conn.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                req.body = await conn.read_body(req.length)
+            except _Refused as exc:
+                self.m_rejected.labels(exc.reason).inc()
+                await conn.send(exc.status, {"error": exc.message}, close=True)
+                return False
+        loop = asyncio.get_running_loop()
+        try:
+            status, body, ctype = await asyncio.wait_for(loop.run_in_executor(self._pool, self._handle, req),
+                                                         lim.handler_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("%s %s: no answer within %.0f s", req.method, req.path, lim.handler_timeout_s)
+            status, body, ctype = 503, _json_body({"error": f"no answer within {lim.handler_timeout_s:g} s; "
+                                                            "the controller is busy, retry later"}), "application/json"
+            keep = False
+        await conn.send_bytes(status, body, ctype, close=not keep)
+        return keep
+
+    def _precheck(self, req: "_Request") -> tuple[int, str, str] | None:
+        """Refusals decided from the head alone (before reading the body): (status, reason, message)."""
+        lim = self.limits
+        if self.auth is not None:
+            authz = req.headers.get("authorization")
+            client = self.auth.authenticate(authz)
+            if client is None:
+                log.warning("HTTP %s %s from %s: %s", req.method, req.path, req.peer,
+                            "no authorization header" if not authz else "unknown or malformed bearer token")
+                if not authz:
+                    return 401, "unauthenticated", ("authentication required: send 'authorization: Bearer <token>' "
+                                                    "(the lockgate CLI reads $LOCKGATE_TOKEN or auth.token_file)")
+                return 401, "unauthenticated", "invalid token: 'authorization: Bearer <token>' with a configured token"
+            req.client = client
+        if req.method not in ("GET", "HEAD", "POST"):
+            return 405, "method", f"method {req.method} not allowed (GET, HEAD or POST)"
+        if "transfer-encoding" in req.headers:
+            return 411, "chunked", "send a Content-Length (chunked bodies are not accepted)"
+        if req.length is None:
+            if req.method == "POST":
+                return 411, "no_length", "Content-Length required"
+            req.length = 0
+        if req.length > lim.max_body_bytes:
+            return 413, "too_large", (f"body of {req.length} bytes is larger than the limit of "
+                                      f"{lim.max_body_bytes} bytes")
+        return None
+
+    # ----- the handlers (on the worker pool) -----
+    def _handle(self, req: "_Request") -> tuple[int, bytes, str]:
+        try:
+            return self._dispatch(req)
+        except Exception as exc:  # a bug, not the client's fault: 500 without details, logged
+            log.exception("%s %s failed", req.method, req.path)
+            return 500, _json_body({"error": f"internal error ({type(exc).__name__}); see the controller's log"}), \
+                "application/json"
+
+    def _dispatch(self, req: "_Request") -> tuple[int, bytes, str]:
+        path, method = req.path, req.method
+        if method in ("GET", "HEAD"):
+            if path == "/metrics":
+                return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+            if path == "/healthz":
+                return 200, b"ok\n", "text/plain"
+            if path.startswith("/v1/observations/") and len(path) > len("/v1/observations/"):
+                rid = urllib.parse.unquote(path[len("/v1/observations/"):], errors="replace")
+                return self._json(*self.observation(rid))
+            if path == "/v1/feedback":
+                return self._json(405, {"error": "use POST"})
+            if (fn := self.route("GET", path)) is not None:
+                return self._json(*fn(path, req.query, b"", req.client))
+            return self._json(404, {"error": f"no such endpoint {path}"})
+        if path == "/v1/feedback":
+            return self._json(*self.feedback(req.body))
+        if (fn := self.route("POST", path)) is not None:
+            return self._json(*fn(path, req.query, req.body, req.client))
+        if path.startswith("/v1/observations/") or path in ("/metrics", "/healthz"):
+            return self._json(405, {"error": f"no POST endpoint {path}"})
+        return self._json(404, {"error": f"no POST endpoint {path}"})
+
+    @staticmethod
+    def _json(status: int, obj: Any) -> tuple[int, bytes, str]:
+        return status, _json_body(obj), "application/json"
 
     # ----- handlers' logic (no HTTP here) -----
     def feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -224,107 +444,221 @@ class ControllerHTTP:
         return 200, out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    api: ControllerHTTP
-    server_version = "lockgate-controller"
-    protocol_version = "HTTP/1.1"
+class _Listening:
+    """What the stdlib server offered callers: ``server_address`` and ``server_close()``."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s %s", self.address_string(), format % args)
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.server_address = sock.getsockname()
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, code: int, obj: Any) -> None:
-        self._send(code, (json.dumps(obj, separators=(",", ":")) + "\n").encode(), "application/json")
-
-    def _guard(self, fn) -> None:
+    def server_close(self) -> None:
         try:
-            fn()
-        except (BrokenPipeError, ConnectionResetError):
+            self.sock.close()
+        except OSError:
             pass
-        except Exception as exc:  # never crash the server: answer 500 and log
-            log.exception("%s %s failed", self.command, self.path)
+
+
+class _Refused(Exception):
+    """A request refused by the front end: HTTP ``status``, a metric ``reason`` and a one-line ``message``."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, str]
+    version: str
+    headers: dict[str, str]
+    length: int | None
+    keep_alive: bool
+    peer: str = "?"
+    body: bytes = b""
+    client: str | None = None
+
+
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+
+
+def _parse_head(head: bytes, lim: HttpLimits) -> _Request:
+    """Request line and headers (strict: one Content-Length, no folding, ASCII target) → :class:`_Request`."""
+    lines = head.split(b"\n")
+    lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise _Refused(400, "bad_request_line", "malformed request line (want: METHOD /path HTTP/1.1)")
+    method_b, target_b, version_b = parts
+    try:
+        method, target, version = method_b.decode("ascii"), target_b.decode("ascii"), version_b.decode("ascii")
+    except UnicodeDecodeError:
+        raise _Refused(400, "bad_request_line", "request line is not ASCII (percent-encode the path)") from None
+    if not _METHOD.match(method):
+        raise _Refused(400, "bad_request_line", f"malformed method {method[:20]!r}")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise _Refused(505 if version.startswith("HTTP/") else 400, "bad_version",
+                       f"HTTP version {version[:20]!r} not supported (HTTP/1.1 or HTTP/1.0)")
+    if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
+        raise _Refused(400, "bad_target", "the request target must be an absolute path such as /v1/feedback")
+    headers: dict[str, str] = {}
+    lengths: set[str] = set()
+    if len(lines) - 1 > lim.max_headers:
+        raise _Refused(431, "too_many_headers", f"more than {lim.max_headers} header lines")
+    for i, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise _Refused(400, "bad_header", f"header line {i}: folded header lines are not accepted")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise _Refused(400, "bad_header", f"header line {i}: malformed (want 'Name: value')")
+        key = name.decode("ascii").lower()
+        val = value.strip(b" \t").decode("latin-1")
+        if key == "content-length":
+            lengths.update(v.strip() for v in val.split(","))
+        headers[key] = f"{headers[key]}, {val}" if key in headers else val
+    length = None
+    if lengths:
+        if len(lengths) != 1:
+            raise _Refused(400, "bad_length", "conflicting Content-Length headers")
+        (raw,) = lengths
+        if not raw.isdigit() or not raw.isascii() or len(raw) > 18:
+            raise _Refused(400, "bad_length", f"Content-Length must be a number of bytes, got {raw[:40]!r}")
+        length = int(raw)
+    conn_tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep = ("close" not in conn_tokens) if version == "HTTP/1.1" else ("keep-alive" in conn_tokens)
+    split = urllib.parse.urlsplit(target)
+    try:
+        query = dict(urllib.parse.parse_qsl(split.query, max_num_fields=64, errors="replace"))
+    except ValueError:
+        raise _Refused(400, "bad_query", "too many query parameters (at most 64)") from None
+    return _Request(method, target, split.path, query, version, headers, length, keep)
+
+
+class _Conn:
+    """One client connection: buffered reads under deadlines, whole-response writes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: HttpLimits):
+        self.reader, self.writer, self.limits = reader, writer, limits
+        self.buf = bytearray()
+        self.head_only = False
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+    async def _fill(self, deadline: float) -> bool:
+        """Read more into ``buf`` before ``deadline``; False at end of stream; TimeoutError after it."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        data = await asyncio.wait_for(self.reader.read(65536), remaining)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    async def read_head(self) -> bytes | None:
+        """The request head (without the blank line), or None: closed or idle with nothing sent."""
+        lim = self.limits
+        deadline = asyncio.get_running_loop().time() + lim.head_timeout_s
+        while True:
+            while self.buf[:1] in (b"\r", b"\n"):  # blank lines before a request are allowed
+                del self.buf[:1]
+            end = self.buf.find(b"\n\r\n")
+            end2 = self.buf.find(b"\n\n")
+            if end >= 0 and (end2 < 0 or end < end2):
+                head, rest = bytes(self.buf[:end]), end + 3
+            elif end2 >= 0:
+                head, rest = bytes(self.buf[:end2]), end2 + 2
+            else:
+                head = None
+            if head is not None:
+                if len(head) > lim.max_head_bytes:
+                    raise _Refused(431, "head_too_large", f"request head larger than {lim.max_head_bytes} bytes")
+                del self.buf[:rest]
+                return head
+            if len(self.buf) > lim.max_head_bytes:
+                raise _Refused(431, "head_too_large", f"request head larger than {lim.max_head_bytes} bytes")
             try:
-                self._json(500, {"error": f"internal error: {type(exc).__name__}"})
-            except Exception:
-                pass
+                more = await self._fill(deadline)
+            except TimeoutError:
+                if not self.buf:
+                    return None  # an idle kept-alive connection: close it quietly
+                raise _Refused(408, "head_timeout", f"request head not complete within "
+                                                    f"{lim.head_timeout_s:g} s") from None
+            if not more:
+                if self.buf:
+                    raise _Refused(400, "short_head", "connection closed in the middle of the request head")
+                return None
 
-    def do_GET(self) -> None:
-        self._guard(self._get)
+    async def read_body(self, length: int) -> bytes:
+        lim = self.limits
+        deadline = asyncio.get_running_loop().time() + lim.body_timeout_s
+        while len(self.buf) < length:
+            try:
+                more = await self._fill(deadline)
+            except TimeoutError:
+                raise _Refused(408, "body_timeout", f"body not received within {lim.body_timeout_s:g} s "
+                                                    f"(got {len(self.buf)} of {length} bytes)") from None
+            if not more:
+                raise _Refused(400, "short_body", f"body shorter than its Content-Length (got {len(self.buf)} "
+                                                  f"of {length} bytes before the client stopped sending)")
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        return body
 
-    def do_HEAD(self) -> None:
-        self._guard(self._get)
-
-    def do_POST(self) -> None:
-        self._guard(self._post)
-
-    def _path(self) -> str:
-        return urllib.parse.urlsplit(self.path).path
-
-    def _get(self) -> None:
-        path = self._path()
-        if path == "/metrics":
-            self._send(200, generate_latest(self.api.metrics.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
-        elif path.startswith("/v1/observations/") and len(path) > len("/v1/observations/"):
-            rid = urllib.parse.unquote(path[len("/v1/observations/"):])
-            self._json(*self.api.observation(rid))
-        elif path == "/v1/feedback":
-            self._json(405, {"error": "use POST"})
-        elif (fn := self.api.route("GET", path)) is not None:
-            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-            self._json(*fn(path, query, b""))
-        else:
-            self._json(404, {"error": f"no such endpoint {path}"})
-
-    def _post(self) -> None:
-        path = self._path()
-        extra = self.api.route("POST", path) if path != "/v1/feedback" else None
-        if path != "/v1/feedback" and extra is None:
-            self._discard_body()
-            self._json(404 if not path.startswith("/v1/observations/") and path != "/metrics" else 405,
-                       {"error": f"no POST endpoint {path}"})
-            return
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            self._json(411, {"error": "send a Content-Length (chunked bodies are not accepted)"})
-            return
-        raw_len = self.headers.get("Content-Length")
+    async def linger(self, seconds: float = 2.0) -> None:
+        """After answering without reading the body: stop writing, then read and discard what the client still
+        sends (up to ``seconds`` and twice the body limit), so it can read the answer instead of a reset."""
         try:
-            length = int(raw_len) if raw_len is not None else -1
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._json(411, {"error": "Content-Length required"})
+            self.writer.write_eof()
+        except (OSError, RuntimeError):
             return
-        if length > MAX_BODY:
-            self.close_connection = True
-            self._json(413, {"error": f"body larger than {MAX_BODY} bytes"})
-            return
-        body = self.rfile.read(length)
-        if extra is not None:
-            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-            self._json(*extra(path, query, body))
-            return
-        self._json(*self.api.feedback(body))
-
-    def _discard_body(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline, budget = loop.time() + seconds, 2 * self.limits.max_body_bytes
+        self.buf.clear()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if 0 < length <= MAX_BODY:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
+            while budget > 0 and (remaining := deadline - loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(65536), remaining)
+                if not data:
+                    return
+                budget -= len(data)
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError):
+            return
+
+    async def write_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await asyncio.wait_for(self.writer.drain(), self.limits.write_timeout_s)
+
+    async def send(self, status: int, obj: Any, close: bool = False, extra: tuple = ()) -> None:
+        await self.send_bytes(status, _json_body(obj), "application/json", close, extra)
+
+    async def send_bytes(self, status: int, body: bytes, ctype: str, close: bool = False, extra: tuple = ()) -> None:
+        try:
+            await self.write_raw(_response(status, body, ctype, close, self.head_only, extra))
+        except (ConnectionError, OSError):
+            pass
 
 
-__all__ = ["ControllerHTTP", "FeedbackError", "parse_feedback"]
+def _json_body(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
+def _response(status: int, body: bytes, ctype: str, close: bool, head_only: bool, extra: tuple = ()) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Status"
+    lines = [f"HTTP/1.1 {status} {phrase}", "Server: lockgate-controller", f"Content-Type: {ctype}",
+             f"Content-Length: {len(body)}"]
+    if close:
+        lines.append("Connection: close")
+    lines.extend(f"{k}: {v}" for k, v in extra)
+    out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return out if head_only else out + body
+
+
+__all__ = ["ControllerHTTP", "FeedbackError", "HttpLimits", "parse_feedback"]

@@ -27,6 +27,7 @@ from lockgate.controller import analysis, ramp_plan
 from lockgate.controller.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.spec import RolloutSpec, render_warning, spec_from_text
 from lockgate.controller.stages import StageDecision, StageState, decide, stage_label
+from lockgate.yamlconf import type_name
 from lockgate.grpc_auth import aio_channel, own_token
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 
@@ -395,8 +396,11 @@ class Promoter:
 
     # ------------------------------------------------------------------ starting
     async def start(self, spec_text: str, source: str, actor: str) -> dict:
-        try:
-            spec = spec_from_text(spec_text, source, self.config)
+        try:  # parsed on a worker thread: a hostile or huge spec never holds the event loop
+            spec = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, spec_from_text, spec_text, source, self.config), SPEC_PARSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RolloutError(f"invalid rollout spec: not parsed within {SPEC_PARSE_TIMEOUT_S:g} s", 400) from None
         except ConfigError as exc:
             raise RolloutError("invalid rollout spec", 400, [p.render(exc.source) for p in exc.problems]) from None
         model = self.config.model(spec.model)
@@ -577,46 +581,87 @@ def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
     return d
 
 
+#: A rollout spec posted to the controller is parsed on a worker thread, and refused if that takes longer.
+SPEC_PARSE_TIMEOUT_S = 10.0
+ACTIONS = ("pause", "resume", "abort", "promote")
+
+
+def _json_object(body: bytes, shape: str) -> dict:
+    """The request body as a JSON object (an empty body is ``{}``); RolloutError 400 naming what is wrong."""
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RolloutError(f"body is not UTF-8 (byte {exc.start})", 400) from None
+    except (ValueError, RecursionError) as exc:
+        raise RolloutError(f"body is not valid JSON: {str(exc)[:200]}", 400) from None
+    if not isinstance(data, dict):
+        raise RolloutError(f"body must be a JSON object {shape}, got {type_name(data)}", 400)
+    return data
+
+
+def _actor(req: dict, client: str | None) -> str:
+    """Who did it: the authenticated client's name when the API requires tokens (an ``actor`` field in the
+    body is then ignored); without auth (loopback only), what the caller wrote, as before."""
+    if client is not None:
+        return client
+    actor = req.get("actor", "unknown")
+    if not isinstance(actor, str) or not actor.strip() or len(actor) > 200 or "\n" in actor:
+        raise RolloutError(f"actor: must be a one-line string of at most 200 characters, got {type_name(actor)}",
+                           400)
+    return actor
+
+
 def register_http(promoter: Promoter, http) -> None:
-    """Rollout routes on the controller's HTTP API (called from its threads)."""
+    """Rollout routes on the controller's HTTP API (called from its worker threads). Every malformed body
+    is a 400 naming what is wrong; ``client`` is the authenticated client (None when auth is off)."""
     loop = promoter.loop or asyncio.get_event_loop()
 
     def call(coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise RolloutError(f"the controller did not answer within {timeout:g} s; check `lockgate rollout "
+                               "status` before retrying", 504) from None
 
     def guard(fn):
-        def inner(path, query, body):
+        def inner(path, query, body, client=None):
             try:
-                return fn(path, query, body)
+                return fn(path, query, body, client)
             except RolloutError as exc:
                 return exc.status, {"error": str(exc), "detail": exc.detail}
             except RolloutConflict as exc:
                 return 409, {"error": str(exc)}
         return inner
 
-    def start(path, query, body):
-        try:
-            req = json.loads(body)
-            spec_text, source, actor = req["spec"], req.get("source", "<request>"), req.get("actor", "unknown")
-        except (ValueError, KeyError, TypeError):
-            return 400, {"error": "body must be JSON {\"spec\": <YAML text>, \"source\": <file name>, \"actor\": …}"}
-        return 200, call(promoter.start(spec_text, source, actor))
+    def start(path, query, body, client):
+        req = _json_object(body, '{"spec": <YAML text>, "source": <file name>}')
+        spec_text, source = req.get("spec"), req.get("source", "<request>")
+        if not isinstance(spec_text, str):
+            raise RolloutError("spec: must be the rollout spec's YAML text (a string), got "
+                               f"{type_name(spec_text) if 'spec' in req else 'nothing'}", 400)
+        if not isinstance(source, str) or not source or len(source) > 500 or "\n" in source:
+            raise RolloutError(f"source: must be a one-line file name of at most 500 characters, got "
+                               f"{type_name(source)}", 400)
+        return 200, call(promoter.start(spec_text, source, _actor(req, client)))
 
-    def status(path, query, body):
+    def status(path, query, body, client):
         model = query.get("model")
         if model and model not in {m.name for m in promoter.config.models}:
             return 404, {"error": f"unknown model {model!r}"}
         return 200, {"rollouts": promoter.status(model)}
 
-    def act(path, query, body):
+    def act(path, query, body, client):
         parts = path.strip("/").split("/")  # v1/rollouts/<model>/<action>
         if len(parts) != 4:
             return 404, {"error": f"no such endpoint {path}"}
-        try:
-            actor = json.loads(body or b"{}").get("actor", "unknown")
-        except ValueError:
-            actor = "unknown"
-        return 200, call(promoter.action(parts[2], parts[3], actor))
+        if parts[3] not in ACTIONS:
+            raise RolloutError(f"unknown action {parts[3][:50]!r} (one of: {', '.join(ACTIONS)})", 400)
+        req = _json_object(body, '{"actor": …} (or an empty body)')
+        return 200, call(promoter.action(parts[2], parts[3], _actor(req, client)))
 
     http.add_route("POST", "/v1/rollouts/start", guard(start))
     http.add_route("GET", "/v1/rollouts", guard(status))

@@ -91,7 +91,7 @@ class ControllerService:
             raise ControllerStartError(f"cannot listen on controller.address {cc.address}")
         try:
             self.http = ControllerHTTP(cc.http.host, cc.http.port, self.store, self.metrics, self.retention_s,
-                                       samples=self.samples)
+                                       samples=self.samples, auth=self.config.auth.registry())
         except OSError as exc:
             raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
         await self.server.start()

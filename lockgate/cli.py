@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import json_format
 
 from lockgate.config import ConfigError, LockgateConfig, load_config
+from lockgate.grpc_auth import NoTokenError
 
 DEFAULT_CONFIG = os.environ.get("LOCKGATE_CONFIG", "lockgate.yaml")
 
@@ -658,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CliError as exc:
+        print(f"lockgate: {exc}", file=sys.stderr)
+        return 2
+    except NoTokenError as exc:  # auth.tokens set, but this process has no token of its own
         print(f"lockgate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -54,8 +54,10 @@ TOKEN, OTHER = "tok-ci-deployer-0123456789", "tok-someone-else-0123456789"
 @pytest.fixture(scope="module", autouse=True)
 def report_times():
     yield
-    for label, keep in (("in-process and HTTP", lambda k: not k.startswith("cli-process:")),
-                        ("CLI processes (interpreter start included)", lambda k: k.startswith("cli-process:"))):
+    for label, keep in (("parsers, CLI in-process, HTTP API, bodies",
+                         lambda k: not k.startswith(("cli-process:", "slow:"))),
+                        ("CLI processes (interpreter start included)", lambda k: k.startswith("cli-process:")),
+                        ("slow clients (0.5 s timeouts on purpose)", lambda k: k.startswith("slow:"))):
         times = {k: v for k, v in TIMES.items() if keep(k)}
         if times:
             worst = max(times, key=times.get)

@@ -17,9 +17,10 @@
 * Routes added by other parts of the controller (:meth:`ControllerHTTP.add_route`: the rollout API).
 
 The server (stdlib only): an asyncio front end on its own thread and event loop reads and bounds every
-request — the head within ``head_timeout_s`` (also the keep-alive idle limit) and ``max_head_bytes``, the
-body within ``body_timeout_s`` and ``max_body_bytes`` (413 before reading it), at most
-``max_connections`` at once (503 beyond) — and only a complete request is handed to a bounded pool of
+request — the head within ``head_timeout_s`` and ``max_head_bytes`` (an idle kept-alive connection waits
+at most ``keepalive_timeout_s`` for its next request), the body within ``body_timeout_s`` and
+``max_body_bytes`` (413 before reading it), at most ``max_connections`` at once (503 beyond) — and
+only a complete request is handed to a bounded pool of
 ``workers`` threads that run the handlers (SQLite, the rollout API's calls into the controller's loop).
 A stalled upload costs a socket, never a thread; the controller's own event loop never serves HTTP.
 
@@ -65,8 +66,11 @@ MAX_CLASS_LEN = 1024
 class HttpLimits:
     """What one client may cost the controller's HTTP API (see docs/operations.md, "Inputs and limits")."""
 
-    #: request line + headers, and the idle wait for the next request on a kept-alive connection
+    #: request line + headers (on a new connection: from its accept)
     head_timeout_s: float = 10.0
+    #: how long a kept-alive connection may wait, idle, for its next request (only after an answered request,
+    #: which with auth means an authenticated one); its head then has head_timeout_s like any other
+    keepalive_timeout_s: float = 60.0
     #: the whole body, from the end of the head
     body_timeout_s: float = 30.0
     #: writing the answer (a client that does not read it is dropped)
@@ -321,6 +325,7 @@ class ControllerHTTP:
                                                             "the controller is busy, retry later"}), "application/json"
             keep = False
         await conn.send_bytes(status, body, ctype, close=not keep)
+        conn.answered = True
         return keep
 
     def _precheck(self, req: "_Request") -> tuple[int, str, str] | None:
@@ -546,6 +551,7 @@ class _Conn:
         self.reader, self.writer, self.limits = reader, writer, limits
         self.buf = bytearray()
         self.head_only = False
+        self.answered = False  #: a request was answered on this connection (it is kept alive)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
@@ -563,7 +569,14 @@ class _Conn:
     async def read_head(self) -> bytes | None:
         """The request head (without the blank line), or None: closed or idle with nothing sent."""
         lim = self.limits
-        deadline = asyncio.get_running_loop().time() + lim.head_timeout_s
+        loop = asyncio.get_running_loop()
+        if self.answered and not self.buf:  # kept alive: wait for the next request's first bytes
+            try:
+                if not await self._fill(loop.time() + lim.keepalive_timeout_s):
+                    return None
+            except TimeoutError:
+                return None  # idle too long: close quietly
+        deadline = loop.time() + lim.head_timeout_s
         while True:
             while self.buf[:1] in (b"\r", b"\n"):  # blank lines before a request are allowed
                 del self.buf[:1]

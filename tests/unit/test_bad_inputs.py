@@ -437,7 +437,8 @@ def test_http_good_requests_still_work(controllers):
 @pytest.fixture
 def fast_limits_server(tmp_path):
     store = ObservationStore(tmp_path / "obs.db")
-    limits = HttpLimits(head_timeout_s=0.5, body_timeout_s=0.5, max_connections=40, workers=4)
+    limits = HttpLimits(head_timeout_s=0.5, body_timeout_s=0.5, keepalive_timeout_s=0.5, max_connections=40,
+                        workers=4)
     api = ControllerHTTP("127.0.0.1", 0, store, ControllerMetrics(), retention_s=86400, unknown_grace_s=0.0,
                          limits=limits)
     api.start()

@@ -22,6 +22,7 @@ from typing import IO
 
 from lockgate.config import LockgateConfig
 from lockgate.envoy_proc import envoy_command, render_bootstrap
+from lockgate.grpc_auth import warn_if_insecure
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Supervisor:
                 self._start(comp)
             self.say(f"serving models on http://{self.config.listener} "
                      f"({', '.join(m.name for m in self.config.models)}); Ctrl-C stops")
+            warn_if_insecure(self.config, "lockgate up", out=self.out)  # auth.insecure with off-loopback binds
             while not self.stop_event.wait(0.5):
                 for comp in self.comps:
                     try:

@@ -113,6 +113,18 @@ class Proc:
         self.log.close()
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """lockgate refuses YAML aliases (a bounded parser); PyYAML writes them for shared objects."""
+
+    def ignore_aliases(self, data):  # noqa: ARG002 - PyYAML's signature
+        return True
+
+
+def dump_yaml(data) -> str:
+    """YAML for a lockgate config or spec written by a test: key order kept, no aliases."""
+    return yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -201,7 +213,7 @@ class Fleet:
         }
         cfg.update(self.extra)
         self.config_path = self.tmp / "lockgate.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.config_path.write_text(dump_yaml(cfg))
 
     # ----- lifecycle -----
     def start(self) -> "Fleet":

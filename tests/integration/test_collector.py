@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lockgate.proto.v1 import observations_pb2 as pb
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
-from tests.harness import PY, REPO, Proc, _env, free_port
+from tests.harness import dump_yaml, PY, REPO, Proc, _env, free_port
 
 DAY = 86400.0
 
@@ -40,7 +40,7 @@ def controller(tmp_path):
                                  "v2": {"endpoints": ["127.0.0.1:18002"]}}}],
     }
     path = tmp_path / "lockgate.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(dump_yaml(cfg))
     procs: list[Proc] = []
 
     def start() -> Proc:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from tests.harness import REPO, _env, free_port, requires_envoy
+from tests.harness import dump_yaml, REPO, _env, free_port, requires_envoy
 
 pytestmark = [requires_envoy, pytest.mark.envoy, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def test_demo_promotes_the_good_canary_and_rolls_back_the_bad_one(tmp_path):
         for version in model["versions"].values():
             version["endpoints"] = [f"127.0.0.1:{free_port()}"]
     path = tmp_path / "lockgate.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(dump_yaml(cfg))
     r = subprocess.run([sys.executable, "-m", "lockgate.demo", "-c", str(path), "--timeout", "200", "--no-report"],
                        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
     out = r.stdout

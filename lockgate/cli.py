@@ -456,11 +456,17 @@ def cmd_rollout_action(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    from lockgate.controller.export import parse_time
     from lockgate.controller.replay import analyze_file
 
     try:
+        start = parse_time(args.start) if args.start is not None else None
+        until = parse_time(args.until) if args.until is not None else None
+    except ValueError as exc:
+        raise CliError(f"--start/--until: {exc}") from None
+    try:
         result = analyze_file(args.spec, args.observations, config_path=args.config if os.path.exists(args.config)
-                              else None)
+                              else None, until=until, start=start)
     except ConfigError as exc:
         raise CliError(f"invalid rollout spec:\n{exc}") from None
     except (OSError, ValueError) as exc:
@@ -649,6 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("analyze", cmd_analyze, "replay the controller's decisions offline on recorded observations")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--observations", required=True, help="JSONL from `lockgate observations export`")
+    sp.add_argument("--start", metavar="TS",
+                    help="rollout start (epoch seconds or ISO 8601, UTC if no offset): looks are every "
+                         "analysis_interval_s from here; earlier observations are left out (default: the first "
+                         "observation)")
+    sp.add_argument("--until", metavar="TS",
+                    help="horizon (epoch seconds or ISO 8601): the last look is the first at or after TS "
+                         "(default: the last observation)")
     return p
 
 

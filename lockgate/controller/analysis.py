@@ -12,6 +12,11 @@ Columns are those of :meth:`ObservationStore.fetch` (or :func:`export.read_jsonl
 * ``cluster`` = the hashed sticky-user key (falls back to the request id: then requests count as
   independent users); ``share`` = the canary weight in force when the request was routed.
 Rows of neither arm (``role`` other than baseline/canary) and rows after ``now`` are dropped.
+
+:func:`prepare` is two parts: :func:`prepare_dataset` (once per dataset: sort by ``ts``, the arm
+filter and everything that does not depend on ``now``) and :func:`prepare_at` (per ``now``: the
+prefix of rows with ``ts <= now`` and the labels arrived by then). :func:`evaluate_at` is built from
+them, and ``lockgate analyze`` calls the same two parts at every look (:mod:`.replay`).
 """
 
 from __future__ import annotations
@@ -36,34 +41,52 @@ def _col(data: Mapping[str, np.ndarray], name: str, n: int, dtype=float) -> np.n
     return np.full(n, np.nan) if dtype is float else np.full(n, None, dtype=object)
 
 
-def prepare(data: Mapping[str, np.ndarray], now: float) -> dict[str, np.ndarray]:
-    """Columns ready for the statistics core (see the module docstring)."""
-    ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
-    n = ts.size
-    role = _col(data, "role", n, object)
-    keep = (ts <= now) & ((role == "baseline") | (role == "canary"))
+@dataclass(frozen=True)
+class Dataset:
+    """The once-per-dataset part of :func:`prepare` (see :func:`prepare_dataset`)."""
+
+    ts: np.ndarray                        #: sorted observation times of the rows of both arms
+    columns: dict[str, np.ndarray]        #: per-row columns, in ``ts`` order; nothing here depends on ``now``
+    label_known: np.ndarray               #: a ``true_class`` label exists (it may not have arrived yet)
+    label_match: np.ndarray               #: 1.0 where ``predicted_class == true_class``
+    label_ts: np.ndarray                  #: ``label_arrival_ts``
+    feedback_ts: dict[str, np.ndarray]    #: label-fed column → its arrival times
+
+
+def prepare_dataset(data: Mapping[str, np.ndarray]) -> Dataset:
+    """What :func:`prepare` derives without knowing ``now``: done once per dataset.
+
+    Rows of neither arm are dropped and the rest sorted by ``ts`` (stable: the input order among equal
+    timestamps), so the rows up to any ``now`` are a prefix. ``error``, ``is_canary``, ``share`` and the
+    integer ``cluster`` codes are derived here. Cluster codes are numbered in order of first appearance
+    in that order, so the codes of any prefix are exactly the codes :func:`prepare` would give the prefix
+    alone (the same grouping, even the same numbers).
+    """
+    ts_all = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
+    n = ts_all.size
+    role_all = _col(data, "role", n, object)
+    rows = np.flatnonzero((role_all == "baseline") | (role_all == "canary"))
+    rows = rows[np.argsort(ts_all[rows], kind="stable")]
     out: dict[str, np.ndarray] = {}
     for k, v in data.items():
         arr = np.asarray(v)
         if arr.shape[:1] == (n,):
-            out[k] = arr[keep]
-    m = int(keep.sum())
+            out[k] = arr[rows]
+    m = int(rows.size)
     out["is_canary"] = (_col(out, "role", m, object) == "canary")
     status = _col(out, "status_code", m).astype(float)
     timeout = _col(out, "timeout", m).astype(float)
     err = np.where(np.isnan(status), np.nan, (status >= 500).astype(float))
     err = np.where(np.nan_to_num(timeout) > 0, 1.0, err)
     out["error"] = err
-    label_ts = _col(out, "label_arrival_ts", m).astype(float)
     true = _col(out, "true_class", m, object)
     pred = _col(out, "predicted_class", m, object)
-    usable = np.array([t is not None for t in true], dtype=bool) & (label_ts <= now)
-    out["correct"] = np.where(usable, (pred == true).astype(float), np.nan)
-    for col, ts_col in LABEL_TS.items():
-        if col in out:
-            vals = np.asarray(out[col], dtype=float)
-            arrived = _col(out, ts_col, m).astype(float) <= now
-            out[col] = np.where(arrived, vals, np.nan)
+    label_known = np.array([t is not None for t in true], dtype=bool)
+    label_match = (pred == true).astype(float)
+    label_ts = _col(out, "label_arrival_ts", m).astype(float)
+    feedback_ts = {col: _col(out, ts_col, m).astype(float) for col, ts_col in LABEL_TS.items() if col in out}
+    for col in feedback_ts:
+        out[col] = np.asarray(out[col], dtype=float)
     users = _col(out, "user_key", m, object)
     rids = _col(out, "request_id", m, object)
     # Integer user codes: the statistics core groups by cluster many times, and sorting integers is
@@ -72,7 +95,25 @@ def prepare(data: Mapping[str, np.ndarray], now: float) -> dict[str, np.ndarray]
     out["cluster"] = np.fromiter((codes.setdefault(u if u else (r or ("row", i)), len(codes))
                                   for i, (u, r) in enumerate(zip(users, rids))), dtype=np.int64, count=m)
     out["share"] = np.nan_to_num(_col(out, "weight", m).astype(float))
+    return Dataset(ts=_col(out, "ts", m).astype(float), columns=out, label_known=label_known,
+                   label_match=label_match, label_ts=label_ts, feedback_ts=feedback_ts)
+
+
+def prepare_at(ds: Dataset, now: float) -> dict[str, np.ndarray]:
+    """The per-``now`` part of :func:`prepare`: the rows with ``ts <= now``; ``correct`` and the
+    label-fed columns only where their label had arrived by ``now``."""
+    k = int(np.searchsorted(ds.ts, now, side="right"))
+    out = {name: col[:k] for name, col in ds.columns.items()}
+    usable = ds.label_known[:k] & (ds.label_ts[:k] <= now)
+    out["correct"] = np.where(usable, ds.label_match[:k], np.nan)
+    for col, arrival in ds.feedback_ts.items():
+        out[col] = np.where(arrival[:k] <= now, out[col], np.nan)
     return out
+
+
+def prepare(data: Mapping[str, np.ndarray], now: float) -> dict[str, np.ndarray]:
+    """Columns ready for the statistics core (see the module docstring); rows in ``ts`` order."""
+    return prepare_at(prepare_dataset(data), now)
 
 
 def merge_evaluations(data: Mapping[str, np.ndarray], ev: Mapping[str, np.ndarray], baseline: str,
@@ -143,8 +184,25 @@ def stats_specs(spec: RolloutSpec, auto: Mapping[str, Any]) -> list[MetricSpec]:
 def evaluate_at(spec: RolloutSpec, data: Mapping[str, np.ndarray], now: float,
                 auto: Mapping[str, Any] | None = None) -> Judgement:
     """The statistics core's judgement of all metrics on the observations up to ``now``."""
-    prepared = prepare(data, now)
-    return evaluate_all(stats_specs(spec, auto or {}), prepared, spec.alpha, now=now)
+    return evaluate_dataset(spec, prepare_dataset(data), now, auto)
+
+
+def evaluate_dataset(spec: RolloutSpec, ds: Dataset, now: float, auto: Mapping[str, Any] | None = None, *,
+                     quantile_intervals: bool = True) -> Judgement:
+    """:func:`evaluate_at` on a :func:`prepare_dataset` result (prepared once, evaluated at many ``now``).
+
+    ``quantile_intervals=False`` only leaves the quantile metrics' reported intervals out (cheaper);
+    every verdict is the same.
+    """
+    return evaluate_all(stats_specs(spec, auto or {}), prepare_at(ds, now), spec.alpha, now=now,
+                        quantile_intervals=quantile_intervals)
+
+
+def canary_samples_in_stage(ts: np.ndarray, is_canary: np.ndarray, stage_started_at: float, now: float) -> int:
+    """Canary observations of the current stage as :func:`stages.decide` counts them:
+    ``stage_started_at <= ts <= now``."""
+    ts = np.asarray(ts, dtype=float)
+    return int(np.count_nonzero((ts >= stage_started_at) & (ts <= now) & np.asarray(is_canary, dtype=bool)))
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class Promoter:
         judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
         ts = np.asarray(data.get("ts", []), dtype=float)
         role = np.asarray(data.get("role", []), dtype=object)
-        in_stage = int(np.count_nonzero((ts >= rollout.stage_started_at) & (role == "canary")))
+        in_stage = analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now)
         rate = analysis.request_rate_per_hour(ts, now)
         share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / 10000
         plans = analysis.plan(judgement, rate, share)

@@ -85,3 +85,23 @@ def test_bad_input_names_the_line(tmp_path):
                         str(spec), "--observations", str(tmp_path / "broken.jsonl")], capture_output=True, text=True,
                        cwd=REPO, env=_env(), timeout=60)
     assert r.returncode == 2 and "line 2" in r.stderr, r.stderr
+
+
+def test_start_and_until_bound_the_looks(tmp_path):
+    write_stream(tmp_path / "bad.jsonl", canary_error=0.05)
+    full = analyze(tmp_path, tmp_path / "bad.jsonl")
+    assert full["looks_evaluated"] <= full["looks"] == 120 and full["looks_thinned"] is False
+    spec = tmp_path / "spec.yaml"
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "lockgate", "-c", str(tmp_path / "none.yaml"), "analyze",
+                               "--spec", str(spec), "--observations", str(tmp_path / "bad.jsonl"), *extra],
+                              capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+
+    t0 = 1.8e9
+    r = run("--start", str(t0 + 30), "--until", "2027-01-15T08:10:00Z")  # = t0 + 600 s
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["looks"] == 10 and out["at_ts"] == t0 + 30 + 60 * out["looks_evaluated"]
+    r = run("--until", "soon")
+    assert r.returncode == 2 and "--start/--until" in r.stderr

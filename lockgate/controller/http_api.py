@@ -149,6 +149,9 @@ def parse_feedback(body: bytes) -> tuple[list[tuple[str, list[tuple[str, Any]]]]
             else:  # evaluator_score
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise FeedbackError(name, f"must be a finite number, got {json.dumps(v)}")
+                if not 0.0 <= v <= 1.0:  # lockgate's own evaluators score on the same [0, 1] scale
+                    raise FeedbackError(name, f"must be between 0 and 1 (scale other scores to [0, 1]: "
+                                              f"a 1-10 rubric score s is (s - 1) / 9), got {json.dumps(v)}")
                 v = float(v)
             labels.append((kind, v))
         if not labels:

@@ -652,8 +652,10 @@ def _allowed(value: Any, path: tuple[PathPart, ...], d: MetricDef, harmful: str,
             return None
         return mode, x
     if mode == "absolute":
-        hi = 1.0 if d.fraction else 1e12
-        what = " (a fraction: 0.01 = 1 point)" if d.fraction else ""
+        unit_scale = d.fraction or d.name == "evaluator_score"  # scores are in [0, 1]
+        hi = 1.0 if unit_scale else 1e12
+        what = (" (a fraction: 0.01 = 1 point)" if d.fraction else
+                " (evaluator scores are in [0, 1])" if unit_scale else "")
         x = _number(af, "absolute", None, lo=0.0, hi=hi, what=what, required=True)
     else:
         if harmful == "decrease":

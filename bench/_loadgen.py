@@ -10,7 +10,7 @@ goes out on an idle keep-alive connection; when every connection is busy a new o
 (actual send − due time) is recorded, so a slow server can never lower the offered rate silently:
 ``achieved_rps`` (sent / sending window), ``lateness`` and ``failures`` tell what really happened.
 
-Every request carries a unique ``x-request-id`` (``<prefix>-<i>``; Envoy keeps a client-chosen id) and a
+Every request carries a unique ``x-request-id`` (``<prefix>-<i>``; lockgate keeps it as ``client_request_id``) and a
 random ``x-user-id``; per request it records due offset, lateness, status, time to the first body byte
 and to the complete response (both from the actual send), so results can be matched with what lockgate
 stored. Responses may be ``content-length`` or chunked (lockgate's STREAMED capture makes Envoy chunk).

@@ -243,7 +243,8 @@ class Snapshot:
 def stored_count(fleet, prefix: str) -> int:
     db = sqlite3.connect(f"file:{fleet.tmp / 'state' / 'observations.db'}?mode=ro", uri=True, timeout=30)
     try:
-        return db.execute("SELECT COUNT(*) FROM observations WHERE request_id LIKE ?", (prefix + "-%",)).fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM observations WHERE client_request_id LIKE ?",
+                          (prefix + "-%",)).fetchone()[0]
     finally:
         db.close()
 
@@ -251,7 +252,7 @@ def stored_count(fleet, prefix: str) -> int:
 def stored_ids(fleet, prefix: str) -> set[str]:
     db = sqlite3.connect(f"file:{fleet.tmp / 'state' / 'observations.db'}?mode=ro", uri=True, timeout=30)
     try:
-        return {r for (r,) in db.execute("SELECT request_id FROM observations WHERE request_id LIKE ?",
+        return {r for (r,) in db.execute("SELECT client_request_id FROM observations WHERE client_request_id LIKE ?",
                                          (prefix + "-%",))}
     finally:
         db.close()

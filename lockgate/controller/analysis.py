@@ -5,7 +5,8 @@ The live controller and ``lockgate analyze`` (offline replay of recorded observa
 
 Columns are those of :meth:`ObservationStore.fetch` (or :func:`export.read_jsonl`). Derived here:
 
-* ``error`` = 1 if ``status_code >= 500`` or ``timeout``, else 0 (NaN if the status is unknown);
+* ``error`` = 1 if ``status_code >= 500`` or ``timeout`` or the model cut the stream (``error_kind``
+  ``upstream_reset``/``upstream_timeout``), else 0 (NaN if the status is unknown);
 * ``correct`` = ``predicted_class == true_class`` over requests whose label had arrived by ``now``;
 * label-fed columns (``thumbs``, ``task_success``, ``evaluator_score``) are NaN where the label
   arrived after ``now`` — a label is used only from its arrival time;
@@ -27,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lockgate.controller.observations import model_failure
 from lockgate.controller.spec import MetricCriterion, RolloutSpec
 from lockgate.controller.stats import Judgement, MetricSpec, auto_allowed, evaluate_all, hours_needed
 
@@ -78,6 +80,7 @@ def prepare_dataset(data: Mapping[str, np.ndarray]) -> Dataset:
     timeout = _col(out, "timeout", m).astype(float)
     err = np.where(np.isnan(status), np.nan, (status >= 500).astype(float))
     err = np.where(np.nan_to_num(timeout) > 0, 1.0, err)
+    err = np.where(model_failure(_col(out, "error_kind", m, object)), 1.0, err)  # the model cut the stream
     out["error"] = err
     true = _col(out, "true_class", m, object)
     pred = _col(out, "predicted_class", m, object)

@@ -38,7 +38,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from lockgate.controller.observations import ObservationStore
+from lockgate.controller.observations import MODEL_FAILURE_KINDS, ObservationStore
 from lockgate.proto.v1 import observations_pb2 as pb
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
@@ -58,6 +58,11 @@ class _SourceStats:
         self._lock = threading.Lock()
         self.dropped: dict[str, int] = {}
         self.last_report: dict[str, float] = {}
+
+    def update_dropped(self, source: str, dropped_total: int) -> None:
+        """The dropped count from an ended source's ledger (it may never have reported its last drops)."""
+        with self._lock:
+            self.dropped[source] = max(self.dropped.get(source, 0), int(dropped_total))
 
     def update(self, source: str, dropped_total: int, now: float) -> None:
         with self._lock:
@@ -80,6 +85,30 @@ class _SourceStats:
         for source, ts in sorted(last.items()):
             g.add_metric([source], ts)
         yield g
+
+    def describe(self):
+        return []
+
+
+class _LossStats:
+    """``lockgate_controller_observations_lost_total{source}``: per ext_proc source that ended with
+    observations neither stored nor counted as dropped (killed with a queue), read from the store's
+    ``sources`` table at each scrape (so it survives controller restarts)."""
+
+    def __init__(self, store: ObservationStore):
+        self.store = store
+
+    def collect(self):
+        c = CounterMetricFamily("lockgate_controller_observations_lost",
+                                "Observations an ext_proc process created and lost when it died (captured - "
+                                "dropped - stored, from the ledger the next process reported)", labels=["source"])
+        try:
+            losses = self.store.source_losses()
+        except Exception:  # the store is closed or failing: report nothing rather than break /metrics
+            losses = []
+        for x in losses:
+            c.add_metric([x["source"]], x["lost"])
+        yield c
 
     def describe(self):
         return []
@@ -117,8 +146,9 @@ class ControllerMetrics:
         # traffic, as observed by the ext_proc processes (replays excluded)
         self.requests = Counter("lockgate_requests", "Requests by routed version and status class",
                                 LABELS + ("status",), registry=r)
-        self.errors = Counter("lockgate_request_errors", "Requests answered 5xx or timed out upstream", LABELS,
-                              registry=r)
+        self.errors = Counter("lockgate_request_errors",
+                              "Requests answered 5xx, timed out upstream, or cut off mid-stream by the model server",
+                              LABELS, registry=r)
         self.timeouts = Counter("lockgate_request_timeouts", "Upstream timeouts", LABELS, registry=r)
         self.duration = Histogram("lockgate_request_duration_seconds", "Request start to end of response body",
                                   LABELS, buckets=LATENCY_BUCKETS, registry=r)
@@ -130,10 +160,31 @@ class ControllerMetrics:
         self.refusals = Counter("lockgate_refusals", "Responses detected as refusals", LABELS, registry=r)
         self.classes = Counter("lockgate_predicted_class", "Classifier responses by predicted class",
                                LABELS + ("class",), registry=r)
+        self.stream_outcomes = Counter("lockgate_stream_outcomes", "Response streams cut mid-way, by cause "
+                                       "(upstream_reset, upstream_timeout: the model's; client_reset)",
+                                       LABELS + ("kind",), registry=r)
+        self._loss_stats: _LossStats | None = None
         self._classes_seen: dict[str, set[str]] = {}
         self._classes_lock = threading.Lock()
         #: (metric id, label values) -> child: ``labels()`` costs ~1 µs per call (a lock and a dict)
         self._children: dict[tuple, Any] = {}
+
+    def track_losses(self, store: ObservationStore) -> None:
+        """Export ``lockgate_controller_observations_lost_total`` from ``store`` (once per registry)."""
+        if self._loss_stats is None:
+            self._loss_stats = _LossStats(store)
+            self.registry.register(self._loss_stats)
+
+    def observe_outcome(self, outcome: Any) -> None:
+        """Count a newly stored :class:`StreamOutcome`: a model failure is a request error (and an upstream
+        timeout a timeout) — Envoy reports only streams whose status was below 500, so no request is
+        counted twice."""
+        lv = (outcome.model or "unknown", outcome.version or "unknown", outcome.role or "other")
+        self._child(self.stream_outcomes, *lv, outcome.error_kind).inc()
+        if outcome.error_kind in MODEL_FAILURE_KINDS:
+            self._child(self.errors, *lv).inc()
+            if outcome.error_kind == "upstream_timeout":
+                self._child(self.timeouts, *lv).inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), labels)
@@ -231,6 +282,24 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         #: called on the event loop with the set of models a stored batch had new observations for
         #: (the promotion loop re-checks for harm at once: rollback is event-driven, not polled).
         self.on_stored: list = []
+        metrics.track_losses(store)
+
+    def _store_extras(self, request: pb.ObservationBatch, now: float) -> None:
+        """Store a batch's stream outcomes and ended-source ledgers (idempotent, so a retried batch is fine)."""
+        if request.outcomes:
+            for i in self.store.insert_outcomes(request.outcomes, now):
+                self.metrics.observe_outcome(request.outcomes[i])
+        if request.ended_sources:
+            for x in self.store.record_ended_sources(request.ended_sources, request.source, now):
+                self.metrics.sources.update_dropped(x["source"], x["dropped"])
+                if x["lost"]:
+                    log.warning("ext_proc %s ended (reported by %s) having lost %d observations: captured %d, "
+                                "stored %d, dropped %d (counted in lockgate_controller_observations_lost_total)",
+                                x["source"], request.source or "?", x["lost"], x["captured"], x["stored"],
+                                x["dropped"])
+                else:
+                    log.info("ext_proc %s ended: captured %d, stored %d, dropped %d, nothing lost", x["source"],
+                             x["captured"], x["stored"], x["dropped"])
 
     def _store_slice(self, obs: Any, source: str, now: float, last: bool) -> tuple[pb.ReportAck, float]:
         """Store one slice (one transaction) and count it; returns its ack and the seconds it took.
@@ -270,6 +339,8 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         obs = request.observations
         ack = pb.ReportAck()
         try:
+            if request.outcomes or request.ended_sources:
+                await loop.run_in_executor(self.executor, self._store_extras, request, now)
             bounds = slice_bounds(len(obs), self.min_slice, self.max_slices)
             for k, (start, end) in enumerate(bounds):
                 part, elapsed = await loop.run_in_executor(self.executor, self._store_slice, obs[start:end],

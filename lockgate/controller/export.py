@@ -2,10 +2,12 @@
 
 The format is documented in ``docs/observations.md``. In short, one JSON object per line:
 
-* an observation (no ``kind``, or ``"kind": "observation"``): ``ts``, ``request_id``, ``model``,
+* an observation (no ``kind``, or ``"kind": "observation"``): ``ts``, ``request_id`` (lockgate's,
+  minted by Envoy), ``client_request_id`` (the request's ``x-request-id``), ``model``,
   ``version``, ``role``, ``weight`` (canary share 0–1), ``stage``, ``status_code``, ``timeout``,
   ``latency_ms``, ``ttfb_ms``, ``output_tokens``, ``refusal``, ``predicted_class``, ``confidence``,
-  ``entropy``, ``user_key``, ``upstream_host``, … and its labels inline (``true_class`` +
+  ``entropy``, ``error_kind`` (a stream cut mid-way: ``upstream_reset``/``upstream_timeout``/``client_reset``),
+  ``user_key``, ``upstream_host``, … and its labels inline (``true_class`` +
   ``label_arrival_ts``, ``thumbs`` + ``thumbs_arrival_ts``, ``task_success`` +
   ``task_success_arrival_ts``, ``evaluator_score`` + ``evaluator_score_arrival_ts``);
 * a label (``"kind": "label"``): ``request_id``, ``ts`` (arrival time) and one or more of
@@ -33,7 +35,8 @@ from lockgate.controller.observations import (
 
 #: store column → JSONL field (in output order); label fields follow.
 _FIELDS = (
-    ("ts", "ts"), ("request_id", "request_id"), ("model", "model"), ("version", "version"), ("role", "role"),
+    ("ts", "ts"), ("request_id", "request_id"), ("client_request_id", "client_request_id"), ("model", "model"),
+    ("version", "version"), ("role", "role"),
     ("weight_bp", "weight"), ("stage", "stage"), ("route", "route"), ("status_code", "status_code"),
     ("timeout", "timeout"), ("duration_ms", "latency_ms"), ("ttfb_ms", "ttfb_ms"),
     ("request_bytes", "request_bytes"), ("response_bytes", "response_bytes"),
@@ -41,7 +44,8 @@ _FIELDS = (
     ("output_chars", "output_chars"), ("finish_reason", "finish_reason"), ("refusal", "refusal"),
     ("entropy", "entropy"), ("predicted_class", "predicted_class"), ("confidence", "confidence"),
     ("class_entropy", "class_entropy"), ("events", "events"), ("analyzer", "analyzer"),
-    ("truncated", "truncated"), ("parse_error", "parse_error"), ("user_key", "user_key"),
+    ("truncated", "truncated"), ("parse_error", "parse_error"), ("error_kind", "error_kind"),
+    ("user_key", "user_key"),
     ("upstream_host", "upstream_host"), ("replay", "replay"),
 )
 #: booleans written only when true (false is the default when absent)
@@ -154,7 +158,8 @@ _NUMERIC = {"ts", "weight", "status_code", "latency_ms", "ttfb_ms", "request_byt
             "output_tokens", "output_chars", "entropy", "confidence", "class_entropy", "events",
             "evaluator_score", *LABEL_TS_COLUMN.values()}
 _BOOLS = {"timeout", "truncated", "output_tokens_estimated", "replay", "refusal", "task_success"}
-_STRINGS = {"request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key", "analyzer",
+_STRINGS = {"request_id", "client_request_id", "error_kind", "model", "version", "role", "stage", "route",
+            "upstream_host", "user_key", "analyzer",
             "parse_error", "finish_reason", "predicted_class", "true_class"}
 
 

@@ -6,7 +6,9 @@
 
       {"request_id": "…", "true_class": "spam", "thumbs": "up", "task_success": true, "evaluator_score": 0.8}
 
-  Each is joined to the stored observation by request id, with the arrival time. One object:
+  Each is joined to the stored observation by request id (lockgate's, from the response header
+  ``x-lockgate-request-id``) or by ``client_request_id`` (the request's own ``x-request-id``; 409 when
+  several observations carry it), with the arrival time. One object:
   200 ``{"stored": 1, …}``; 404 unknown request id; 410 expired (older than the retention or pruned);
   400 malformed (naming the field). A list is validated whole first (any malformed item → 400, nothing
   stored), then every known id is stored: 200 if all were, else 207 with a per-item ``results`` list.
@@ -92,6 +94,11 @@ class FeedbackError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class ClientRequestId(str):
+    """A feedback item keyed by ``client_request_id`` (the client's ``x-request-id``) instead of lockgate's
+    request id; resolved to the one observation carrying it (several: 409, ambiguous)."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
@@ -99,6 +106,7 @@ def _reject_constant(name: str) -> Any:
 def parse_feedback(body: bytes) -> tuple[list[tuple[str, list[tuple[str, Any]]]], bool]:
     """Validate a feedback body → ``([(request_id, [(kind, value), …]), …], was_list)``.
 
+    An item keyed by ``client_request_id`` (instead of ``request_id``) yields a :class:`ClientRequestId`.
     Raises :class:`FeedbackError` naming the field (``[3].thumbs``, ``request_id``, …)."""
     try:
         text = body.decode("utf-8")
@@ -120,14 +128,19 @@ def parse_feedback(body: bytes) -> tuple[list[tuple[str, list[tuple[str, Any]]]]
         if not isinstance(item, dict):
             raise FeedbackError(f"[{i}]" if was_list else "<body>", "must be a JSON object")
         for key in item:
-            if key != "request_id" and key not in LABEL_KINDS:
-                raise FeedbackError(prefix + str(key),
-                                    f"unknown field (known: request_id, {', '.join(LABEL_KINDS)})")
-        rid = item.get("request_id")
+            if key not in ("request_id", "client_request_id") and key not in LABEL_KINDS:
+                raise FeedbackError(prefix + str(key), "unknown field (known: request_id, client_request_id, "
+                                                       f"{', '.join(LABEL_KINDS)})")
+        id_field = "client_request_id" if "client_request_id" in item else "request_id"
+        if id_field == "client_request_id" and "request_id" in item:
+            raise FeedbackError(prefix + "client_request_id", "give request_id or client_request_id, not both")
+        rid = item.get(id_field)
         if not isinstance(rid, str) or not rid.strip():
-            raise FeedbackError(prefix + "request_id", "is required (a non-empty string)")
+            raise FeedbackError(prefix + id_field, "is required (a non-empty string)")
         if len(rid) > MAX_ID_LEN:
-            raise FeedbackError(prefix + "request_id", f"longer than {MAX_ID_LEN} characters")
+            raise FeedbackError(prefix + id_field, f"longer than {MAX_ID_LEN} characters")
+        if id_field == "client_request_id":
+            rid = ClientRequestId(rid)
         labels: list[tuple[str, Any]] = []
         for kind in LABEL_KINDS:
             if kind not in item:
@@ -401,25 +414,44 @@ class ControllerHTTP:
         except FeedbackError as exc:
             self.metrics.feedback.labels("-", "malformed").inc()
             return 400, {"error": str(exc), "field": exc.field}
-        ids = [rid for rid, _ in items]
-        status = self.store.lookup_status(ids, retention_s=self.retention_s)
         deadline = time.monotonic() + self.unknown_grace_s
+        resolved = self._resolve_client_ids(items, deadline)  # client_request_id -> [request ids]
+
+        def target(key: str) -> str:  # the lockgate request id an item's labels go to
+            found = resolved.get(key) if isinstance(key, ClientRequestId) else None
+            return found[0] if found is not None and len(found) == 1 else key
+
+        ids = [target(rid) for rid, _ in items if not isinstance(target(rid), ClientRequestId)]
+        status = self.store.lookup_status(ids, retention_s=self.retention_s)
         while any(s == "unknown" for s in status.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
             unknown = [rid for rid, s in status.items() if s == "unknown"]
             status.update(self.store.lookup_status(unknown, retention_s=self.retention_s))
-        flat = [(rid, kind, value) for rid, labels in items if status[rid] == "stored" for kind, value in labels]
+        for key, found in resolved.items():
+            if len(found) != 1:
+                status[key] = "ambiguous" if found else "unknown"
+        flat = [(target(rid), kind, value) for rid, labels in items if status[target(rid)] == "stored"
+                for kind, value in labels]
         if flat:
             final = self.store.add_labels(flat, retention_s=self.retention_s)
             for r in final:  # pruned between the lookup and the write
                 if r.status != "stored":
                     status[r.request_id] = r.status
         results = []
-        for rid, labels in items:
+        for key, labels in items:
+            rid = target(key)
             s = status[rid]
             for kind, _ in labels:
                 self.metrics.feedback.labels(kind, s).inc()
-            if s == "stored":
+            if isinstance(key, ClientRequestId) and s == "ambiguous":
+                results.append({"client_request_id": key, "status": 409,
+                                "error": f"ambiguous client_request_id {key!r}: {len(resolved[key])} observations "
+                                         "carry it (the client reused its x-request-id); post with request_id "
+                                         "(the x-lockgate-request-id response header)"})
+            elif isinstance(key, ClientRequestId) and s == "unknown":
+                results.append({"client_request_id": key, "status": 404,
+                                "error": f"unknown client_request_id {key!r}: no observation carries it"})
+            elif s == "stored":
                 results.append({"request_id": rid, "status": 200, "stored": [k for k, _ in labels]})
             elif s == "expired":
                 results.append({"request_id": rid, "status": 410,
@@ -432,9 +464,21 @@ class ControllerHTTP:
         if not was_list:
             r = results[0]
             if r["status"] != 200:
-                return r["status"], {"error": r["error"], "request_id": r["request_id"]}
+                return r["status"], {k: v for k, v in r.items() if k != "status"}
             return 200, {"stored": 1, "request_id": r["request_id"], "labels": r["stored"]}
         return (200 if stored == len(results) else 207), {"stored": stored, "results": results}
+
+    def _resolve_client_ids(self, items: list, deadline: float) -> dict[str, list[str]]:
+        """``client_request_id -> [request ids]`` for the items keyed by one; an id not found yet is
+        re-checked until ``deadline`` (its observation may still be on its way)."""
+        keys = [rid for rid, _ in items if isinstance(rid, ClientRequestId)]
+        if not keys:
+            return {}
+        found = self.store.resolve_client_ids(keys)
+        while any(not v for v in found.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found.update(self.store.resolve_client_ids([k for k, v in found.items() if not v]))
+        return {ClientRequestId(k): v for k, v in found.items()}
 
     def observation(self, request_id: str) -> tuple[int, dict[str, Any]]:
         rows = self.store.get(request_id)

@@ -11,6 +11,17 @@ SQLite in WAL mode at ``<state_dir>/observations.db``:
   one (and its arrival time); re-sending the same value keeps the original arrival time.
 * ``expired`` — request ids whose observations were pruned (tombstones, kept for one more retention
   period), so late feedback is answered "gone" (410) rather than "unknown" (404).
+* ``outcomes`` — how a response stream ended when it did not end normally (Envoy's access log flags,
+  forwarded by the ext_proc server): ``error_kind`` ``upstream_reset`` / ``upstream_timeout`` (the model
+  failed mid-stream) or ``client_reset``. Joined to the observation of the same request id (either may
+  arrive first); ``fetch`` returns it as the ``error_kind`` column.
+* ``sources`` — per ext_proc source (``host:pid``): observations stored from it, and — once a later
+  ext_proc process reported the ledger the source left when it ended (lockgate/extproc/ledger.py) —
+  how many it captured and dropped, so ``captured − dropped − stored`` is exactly what it lost
+  (:meth:`ObservationStore.source_losses`).
+
+Request ids are minted by Envoy per request (``x-lockgate-request-id``), so two requests never share
+one; ``(request_id, replay)`` is unique and a second copy (a retried batch) is counted as a duplicate.
 
 Writes go through one connection under a lock (the collector's batches, feedback, pruning); reads
 (:meth:`ObservationStore.fetch`, lookups) use a small pool of their own connections and never block
@@ -72,6 +83,7 @@ _OBS_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("class_entropy", "REAL", "class_entropy", "opt"),
     ("events", "INTEGER", "events", "opt"),
     ("replay", "INTEGER NOT NULL", "replay", "plain"),
+    ("client_request_id", "TEXT", "client_request_id", "str"),
     ("source", "TEXT", None, ""),
     ("received_ts", "REAL NOT NULL", None, ""),
 )
@@ -88,6 +100,7 @@ CREATE INDEX IF NOT EXISTS obs_ts ON observations(ts);
 CREATE INDEX IF NOT EXISTS obs_model_ts ON observations(model, ts);
 CREATE INDEX IF NOT EXISTS obs_model_version_ts ON observations(model, version, ts);
 CREATE INDEX IF NOT EXISTS obs_model_stage_ts ON observations(model, stage, ts);
+CREATE INDEX IF NOT EXISTS obs_client_request_id ON observations(client_request_id);
 CREATE TABLE IF NOT EXISTS labels (
     request_id TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('true_class', 'thumbs', 'task_success', 'evaluator_score')),
@@ -100,6 +113,24 @@ CREATE TABLE IF NOT EXISTS expired (request_id TEXT PRIMARY KEY, ts REAL NOT NUL
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS expired_pruned_at ON expired(pruned_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT PRIMARY KEY,
+    error_kind TEXT NOT NULL,
+    response_flags TEXT,
+    details TEXT,
+    status_code INTEGER,
+    model TEXT, version TEXT, role TEXT,
+    ts REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes(ts);
+CREATE TABLE IF NOT EXISTS sources (
+    source TEXT PRIMARY KEY,
+    stored INTEGER NOT NULL DEFAULT 0,    -- observations stored from it (new rows)
+    rejected INTEGER NOT NULL DEFAULT 0,  -- observations rejected as invalid
+    last_ts REAL NOT NULL,                -- last batch or report
+    captured INTEGER, acked INTEGER, dropped INTEGER,  -- from its ledger, once it ended (else NULL)
+    ended_ts REAL, reported_by TEXT
+) WITHOUT ROWID;
 """
 )
 
@@ -116,7 +147,8 @@ FLOAT_COLUMNS = ("ts", "weight", "status_code", "latency_ms", "ttfb_ms", "reques
 BOOL_COLUMNS = ("is_canary", "timeout", "truncated", "output_tokens_estimated", "replay")
 #: object columns, None = not set.
 OBJECT_COLUMNS = ("request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key",
-                  "analyzer", "parse_error", "finish_reason", "predicted_class", "true_class")
+                  "analyzer", "parse_error", "finish_reason", "predicted_class", "true_class", "client_request_id",
+                  "error_kind")
 FETCH_COLUMNS = FLOAT_COLUMNS + BOOL_COLUMNS + OBJECT_COLUMNS
 #: label kind -> its arrival-time column
 LABEL_TS_COLUMN = {"true_class": "label_arrival_ts", "thumbs": "thumbs_arrival_ts",
@@ -135,13 +167,23 @@ _SELECT: dict[str, str] = {
     "task_success_arrival_ts": "l_task_success.ts", "evaluator_score_arrival_ts": "l_evaluator_score.ts",
     "is_canary": "o.role = 'canary'", "timeout": "o.timeout", "truncated": "o.truncated",
     "output_tokens_estimated": "o.output_tokens_estimated", "replay": "o.replay",
-    "request_id": "o.request_id", "model": "o.model", "version": "o.version", "role": "o.role",
+    "request_id": "o.request_id", "client_request_id": "o.client_request_id",
+    "model": "o.model", "version": "o.version", "role": "o.role",
     "stage": "o.stage", "route": "o.route", "upstream_host": "o.upstream_host", "user_key": "o.user_key",
     "analyzer": "o.analyzer", "parse_error": "o.parse_error", "finish_reason": "o.finish_reason",
-    "predicted_class": "o.predicted_class", "true_class": "l_true_class.value",
+    "predicted_class": "o.predicted_class", "true_class": "l_true_class.value", "error_kind": "x.error_kind",
 }
 _LABEL_JOINS = " ".join(
     f"LEFT JOIN labels l_{k} ON l_{k}.request_id = o.request_id AND l_{k}.kind = '{k}'" for k in LABEL_KINDS)
+_OUTCOME_JOIN = " LEFT JOIN outcomes x ON x.request_id = o.request_id AND o.replay = 0"
+#: ``error_kind`` values that are the model's failure (they count as errors, like a 5xx or a timeout);
+#: ``client_reset`` (the client went away mid-stream) is not
+MODEL_FAILURE_KINDS = ("upstream_reset", "upstream_timeout")
+
+
+def model_failure(error_kind: Any) -> np.ndarray:
+    """Bool per row: the ``error_kind`` column names a model failure (see :data:`MODEL_FAILURE_KINDS`)."""
+    return np.isin(np.asarray(error_kind, dtype=object), MODEL_FAILURE_KINDS)
 
 
 class ObservationRejected(ValueError):
@@ -259,7 +301,18 @@ class ObservationStore:
             self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._add_missing_columns()
             self._db.executescript(SCHEMA)
+
+    def _add_missing_columns(self) -> None:
+        """A store created by an older lockgate gains the newer observation columns (NULL in old rows)."""
+        assert self._db is not None
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(observations)")}
+        if not have:
+            return  # a new store: SCHEMA creates the table
+        for name, typ, _, _ in _OBS_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE observations ADD COLUMN {name} {typ.replace(' NOT NULL', '')}")
 
     # ----- connections -----
     def _connect_reader(self) -> sqlite3.Connection:
@@ -344,17 +397,18 @@ class ObservationStore:
                 index.append(i)
             except ObservationRejected:
                 rejected += 1
-        return self._insert_rows(rows, index, rejected, durable)
+        return self._insert_rows(rows, index, rejected, durable, source, now)
 
     def insert_rows(self, rows: Sequence[tuple]) -> InsertResult:
         """Store already-converted rows (see :func:`observation_row`)."""
         return self._insert_rows(list(rows), list(range(len(rows))), 0)
 
-    def _insert_rows(self, rows: list[tuple], index: list[int], rejected: int, durable: bool = True
-                     ) -> InsertResult:
-        if not rows:
+    def _insert_rows(self, rows: list[tuple], index: list[int], rejected: int, durable: bool = True,
+                     source: str = "", now: float = 0.0) -> InsertResult:
+        if not rows and not (source and rejected):
             return InsertResult([], 0, rejected)
         keys = [(r[0], r[OBS_COLUMN_NAMES.index("replay")]) for r in rows]
+        new: list[int] = []
         with self._writer(durable) as db:
             existing: set[tuple[str, int]] = set()
             ids = list({k[0] for k in keys})
@@ -364,14 +418,70 @@ class ObservationStore:
                     f"SELECT request_id, replay FROM observations WHERE request_id IN ({','.join('?' * len(chunk))})",
                     chunk).fetchall())
             db.executemany(_INSERT_SQL, rows)
-        new: list[int] = []
-        seen: set[tuple[str, int]] = set()
-        for k, i in zip(keys, index):
-            if k in existing or k in seen:
-                continue
-            seen.add(k)
-            new.append(i)
+            seen: set[tuple[str, int]] = set()
+            for k, i in zip(keys, index):
+                if k in existing or k in seen:
+                    continue
+                seen.add(k)
+                new.append(i)
+            if source:  # in the same transaction: the per-source count is exactly what was stored
+                db.execute("INSERT INTO sources(source, stored, rejected, last_ts) VALUES (?,?,?,?) "
+                           "ON CONFLICT(source) DO UPDATE SET stored = stored + excluded.stored, "
+                           "rejected = rejected + excluded.rejected, last_ts = excluded.last_ts",
+                           (source, len(new), rejected, now))
         return InsertResult(new, len(rows) - len(new), rejected)
+
+    def insert_outcomes(self, outcomes: Iterable[Any], now: float | None = None) -> list[int]:
+        """Store :class:`StreamOutcome` records (idempotent on request id: the first one kept); returns the
+        indexes (into the input) of those that are new."""
+        now = time.time() if now is None else now
+        new: list[int] = []
+        with self._writer() as db:
+            for i, o in enumerate(outcomes):
+                if not o.request_id or not o.error_kind:
+                    continue
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO outcomes(request_id, error_kind, response_flags, details, status_code, "
+                    "model, version, role, ts) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (o.request_id, o.error_kind, o.response_flags or None, o.details or None, o.status_code or None,
+                     o.model or None, o.version or None, o.role or None, o.ts if o.ts > 0 else now))
+                if cur.rowcount:
+                    new.append(i)
+        return new
+
+    def record_ended_sources(self, ledgers: Iterable[Any], reported_by: str = "",
+                             now: float | None = None) -> list[dict[str, Any]]:
+        """Store the ledgers of ext_proc processes that ended (:class:`SourceLedger`: captured, acked,
+        dropped); a repeated report keeps the larger counts. Returns each source's loss (see
+        :meth:`source_losses`)."""
+        now = time.time() if now is None else now
+        names = []
+        with self._writer() as db:
+            for k in ledgers:
+                if not k.source:
+                    continue
+                names.append(k.source)
+                db.execute(
+                    "INSERT INTO sources(source, last_ts, captured, acked, dropped, ended_ts, reported_by) "
+                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(source) DO UPDATE SET "
+                    "captured = MAX(COALESCE(captured, 0), excluded.captured), "
+                    "acked = MAX(COALESCE(acked, 0), excluded.acked), "
+                    "dropped = MAX(COALESCE(dropped, 0), excluded.dropped), "
+                    "ended_ts = COALESCE(ended_ts, excluded.ended_ts), reported_by = excluded.reported_by",
+                    (k.source, now, int(k.captured), int(k.acked), int(k.dropped), now, reported_by or None))
+        return [x for x in self.source_losses() if x["source"] in names]
+
+    def source_losses(self) -> list[dict[str, Any]]:
+        """Per ended ext_proc source: ``captured``, ``dropped``, ``stored``, ``rejected`` and ``lost`` =
+        captured − dropped − stored − rejected (observations it created that were neither stored nor
+        counted as dropped: lost when the process died). A batch the controller stores after the report
+        lowers it."""
+        with self._reader() as db:
+            rows = db.execute("SELECT source, captured, acked, dropped, stored, rejected, ended_ts, reported_by "
+                              "FROM sources WHERE captured IS NOT NULL ORDER BY ended_ts, source").fetchall()
+        return [{"source": src, "captured": cap, "acked": ack, "dropped": drop, "stored": st, "rejected": rej,
+                 "lost": max(0, cap - drop - st - rej), "ended_ts": ended, "reported_by": by}
+                for src, cap, ack, drop, st, rej, ended, by in rows]
 
     def add_labels(self, labels: Sequence[tuple[str, str, Any]], now: float | None = None,
                    retention_s: float | None = None) -> list[LabelResult]:
@@ -413,6 +523,7 @@ class ObservationStore:
                 db.executemany("INSERT OR REPLACE INTO expired(request_id, ts, pruned_at) VALUES (?,?,?)",
                                [(rid, ts, now) for _, rid, ts in rows])
                 db.executemany("DELETE FROM labels WHERE request_id = ?", [(rid,) for _, rid, _ in rows])
+                db.executemany("DELETE FROM outcomes WHERE request_id = ?", [(rid,) for _, rid, _ in rows])
                 db.executemany("DELETE FROM observations WHERE id = ?", [(i,) for i, _, _ in rows])
             deleted += len(rows)
             if len(rows) < chunk:
@@ -420,6 +531,9 @@ class ObservationStore:
         keep = (now - older_than_ts) if tombstone_s is None else tombstone_s
         with self._writer() as db:
             db.execute("DELETE FROM expired WHERE pruned_at < ?", (now - keep,))
+            db.execute("DELETE FROM outcomes WHERE ts < ?", (older_than_ts,))  # outcomes of no observation
+            db.execute("DELETE FROM sources WHERE last_ts < ? AND COALESCE(ended_ts, 0) < ?",
+                       (older_than_ts, older_than_ts))
             db.execute("INSERT INTO meta(key, value) VALUES ('pruned_before', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value "
                        "WHERE CAST(meta.value AS REAL) < CAST(excluded.value AS REAL)", (repr(older_than_ts),))
@@ -452,8 +566,23 @@ class ObservationStore:
                 out[rid] = "expired" if rid in expired else "unknown"
         return out
 
+    def resolve_client_ids(self, client_request_ids: Sequence[str]) -> dict[str, list[str]]:
+        """``client_request_id -> [request_id, …]`` of the stored (non-replay) observations carrying it:
+        none (unknown), one, or several (the client reused its x-request-id: ambiguous)."""
+        ids = list(dict.fromkeys(client_request_ids))
+        out: dict[str, list[str]] = {c: [] for c in ids}
+        with self._reader() as db:
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                for cid, rid in db.execute(
+                        "SELECT client_request_id, request_id FROM observations WHERE replay = 0 AND "
+                        f"client_request_id IN ({','.join('?' * len(chunk))}) ORDER BY id", chunk):
+                    out[cid].append(rid)
+        return out
+
     def _query(self, where: str, params: list[Any], columns: Sequence[str]) -> list[tuple]:
-        sql = (f"SELECT {', '.join(_SELECT[c] for c in columns)} FROM observations o {_LABEL_JOINS} "
+        joins = _LABEL_JOINS + (_OUTCOME_JOIN if "error_kind" in columns else "")
+        sql = (f"SELECT {', '.join(_SELECT[c] for c in columns)} FROM observations o {joins} "
                f"WHERE {where} ORDER BY o.ts, o.id")
         with self._reader() as db:
             return db.execute(sql, params).fetchall()
@@ -510,8 +639,8 @@ class ObservationStore:
             if last is not None:
                 w += " AND (o.ts > ? OR (o.ts = ? AND o.id > ?))"
                 p += [last[0], last[0], last[1]]
-            sql = (f"SELECT o.id, {obs_cols}, {label_cols} FROM observations o {_LABEL_JOINS} WHERE {w} "
-                   f"ORDER BY o.ts, o.id LIMIT {int(batch)}")
+            sql = (f"SELECT o.id, {obs_cols}, {label_cols}, x.error_kind FROM observations o {_LABEL_JOINS}"
+                   f"{_OUTCOME_JOIN} WHERE {w} ORDER BY o.ts, o.id LIMIT {int(batch)}")
             with self._reader() as db:
                 rows = db.execute(sql, p).fetchall()
             for row in rows:
@@ -526,8 +655,9 @@ class ObservationStore:
         label_cols = ", ".join(f"l_{k}.value, l_{k}.ts" for k in LABEL_KINDS)
         obs_cols = ", ".join(f"o.{c}" for c in OBS_COLUMN_NAMES)
         with self._reader() as db:
-            rows = db.execute(f"SELECT o.id, {obs_cols}, {label_cols} FROM observations o {_LABEL_JOINS} "
-                              f"WHERE {where} ORDER BY o.replay, o.id", (request_id,)).fetchall()
+            rows = db.execute(f"SELECT o.id, {obs_cols}, {label_cols}, x.error_kind FROM observations o "
+                              f"{_LABEL_JOINS}{_OUTCOME_JOIN} WHERE {where} ORDER BY o.replay, o.id",
+                              (request_id,)).fetchall()
         return [_record(row) for row in rows]
 
     def count(self, model: str | None = None) -> int:
@@ -542,13 +672,14 @@ class ObservationStore:
 
 
 def _record(row: tuple) -> dict[str, Any]:
-    """One ``SELECT o.id, <OBS_COLUMN_NAMES>, <label value, ts per kind>`` row as an export dict."""
+    """One ``SELECT o.id, <OBS_COLUMN_NAMES>, <label value, ts per kind>, x.error_kind`` row as an export dict."""
     rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
+    rec["error_kind"] = row[-1]
     for c in _BOOL_COLUMNS:
         rec[c] = bool(rec[c])
     if rec["refusal"] is not None:
         rec["refusal"] = bool(rec["refusal"])
-    labels = row[1 + len(OBS_COLUMN_NAMES):]
+    labels = row[1 + len(OBS_COLUMN_NAMES):-1]
     for j, kind in enumerate(LABEL_KINDS):
         value, ts = labels[2 * j], labels[2 * j + 1]
         if ts is not None:
@@ -581,5 +712,5 @@ def _label_py_value(kind: str, value: Any) -> Any:
 
 
 __all__ = ["BOOL_COLUMNS", "FETCH_COLUMNS", "FLOAT_COLUMNS", "InsertResult", "LABEL_KINDS", "LABEL_TS_COLUMN",
-           "LabelResult", "OBJECT_COLUMNS", "OBS_COLUMN_NAMES", "ObservationRejected", "ObservationStore",
-           "columns_to_arrays", "empty_columns", "observation_row"]
+           "LabelResult", "MODEL_FAILURE_KINDS", "OBJECT_COLUMNS", "OBS_COLUMN_NAMES", "ObservationRejected",
+           "ObservationStore", "columns_to_arrays", "empty_columns", "model_failure", "observation_row"]

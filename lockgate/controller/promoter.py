@@ -38,9 +38,9 @@ REVERT_BACKOFF_S = 0.5     #: first retry of an incomplete revert; doubles per a
 REVERT_BACKOFF_MAX_S = 10.0  #: ... up to this
 LEASE_TTL_S = 15.0
 AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
-EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "latency_ms",
-                "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key", "upstream_host",
-                "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
+EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "error_kind",
+                "latency_ms", "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key",
+                "upstream_host", "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
                 "task_success_arrival_ts", "evaluator_score", "evaluator_score_arrival_ts")
 
 

@@ -3,7 +3,8 @@
 
 Envoy sends the mirror fire-and-forget and ignores its response; the sampler reads the request,
 answers ``204`` at once (whatever the method or path) and stores, off the event loop, one sample:
-request id (``x-request-id``, the same as the original request's and its observation's), model,
+request id (``x-lockgate-request-id``, the same as the original request's and its observation's; a
+mirror without it, configured by hand, falls back to ``x-request-id``), model,
 time, method, path, ``content-type``, ``accept``, the model's ``replay_headers`` and the body (at most the model's
 ``max_body_bytes``; a larger body is not stored, since a cut body cannot be replayed).
 
@@ -23,7 +24,7 @@ from typing import Callable
 
 from lockgate.config import LockgateConfig, Model
 from lockgate.controller.evaluation import EvaluationMetrics, EvaluationStore, Sample
-from lockgate.xds.resources import SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER
+from lockgate.xds.resources import REQUEST_ID_HEADER, SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER
 
 log = logging.getLogger("lockgate.controller.sampler")
 
@@ -197,7 +198,7 @@ class SamplerServer:
         if model is None or ev is None:
             self.metrics.dropped.labels("no_model" if model is None else "not_enabled").inc()
             return keep_alive
-        rid = headers.get("x-request-id", "")
+        rid = headers.get(REQUEST_ID_HEADER) or headers.get("x-request-id", "")
         if not rid or len(rid) > 512:
             self.metrics.dropped.labels("no_request_id").inc()
             return keep_alive

@@ -100,8 +100,9 @@ class MetricDef:
 
 BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
     MetricDef("error_rate", "rate", "increase", "error",
-              derived="1 if status_code >= 500 or timeout else 0 (NaN if neither is known)",
-              description="share of requests answered 5xx or timed out"),
+              derived="1 if status_code >= 500, timeout, or the model cut the stream (error_kind upstream_reset / "
+                      "upstream_timeout) else 0 (NaN if neither is known)",
+              description="share of requests answered 5xx, timed out, or cut off by the model server"),
     MetricDef("latency_p50", "quantile", "increase", "latency_ms", "ms", 0.50,
               description="median request duration (first request byte to last response byte)"),
     MetricDef("latency_p95", "quantile", "increase", "latency_ms", "ms", 0.95,

@@ -26,6 +26,8 @@ import math
 import os
 import random
 import signal
+import socket
+import struct
 import sys
 import time
 import traceback
@@ -120,7 +122,12 @@ class StreamResponse:
 
 class AbortStream(Exception):
     """Raise inside a StreamResponse iterator to close the connection
-    mid-stream (no terminating chunk is written)."""
+    mid-stream (no terminating chunk is written).  ``reset=True`` resets it
+    instead (TCP RST: ``SO_LINGER`` 0), as a crashing server would."""
+
+    def __init__(self, reset: bool = False) -> None:
+        super().__init__("stream aborted")
+        self.reset = reset
 
 
 class HTTPError(Exception):
@@ -393,8 +400,12 @@ class HTTPServer:
                 if chunk:
                     writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     await writer.drain()
-        except AbortStream:
+        except AbortStream as exc:
             await writer.drain()
+            if exc.reset:
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
         finally:
             aclose = getattr(it, "aclose", None)

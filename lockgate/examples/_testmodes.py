@@ -16,6 +16,8 @@ tune them):
 ``cut-sse``    SSE chat stream that sends ``x-test-events`` (default 3) chunks
                ``x-test-interval-ms`` (default 20) apart and then closes the
                connection (no terminating chunk, no [DONE])
+``reset-sse``  like ``cut-sse`` but resets the connection (TCP RST) instead
+               of closing it, as a crashing model server would
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Optional
 from ._http import (AbortStream, HTTPError, Request, Response, SSE_DONE, StreamResponse,
                     error_response, gzip_bytes, json_response, new_id, sse_event)
 
-MODES = ("huge", "binary", "malformed", "gzip", "error", "slow-sse", "cut-sse")
+MODES = ("huge", "binary", "malformed", "gzip", "error", "slow-sse", "cut-sse", "reset-sse")
 
 _PAD_WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod "
               "tempor incididunt ut labore et dolore magna aliqua ")
@@ -86,7 +88,7 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: Optional[str
     })
 
 
-async def _sse(model: str, events: int, interval_s: float, cut: bool):
+async def _sse(model: str, events: int, interval_s: float, cut: bool, reset: bool = False):
     cid = new_id("chatcmpl-")
     created = int(time.time())
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
@@ -95,7 +97,7 @@ async def _sse(model: str, events: int, interval_s: float, cut: bool):
             await asyncio.sleep(interval_s)
         yield _chunk(cid, created, model, {"content": f"event{i} "}, None)
     if cut:
-        raise AbortStream()
+        raise AbortStream(reset=reset)
     await asyncio.sleep(interval_s)
     yield _chunk(cid, created, model, {}, "stop")
     yield SSE_DONE
@@ -127,5 +129,8 @@ def test_mode_response(req: Request, model: str):
     if mode == "cut-sse":
         return StreamResponse(_sse(model, _int_header(req, "x-test-events", 3),
                                    _int_header(req, "x-test-interval-ms", 20) / 1000.0, True))
+    if mode == "reset-sse":
+        return StreamResponse(_sse(model, _int_header(req, "x-test-events", 3),
+                                   _int_header(req, "x-test-interval-ms", 20) / 1000.0, True, reset=True))
     return json_response({"error": {"message": f"unknown x-test-mode {mode!r}; known: {', '.join(MODES)}",
                                     "type": "invalid_request_error", "param": None, "code": "400"}}, 400)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,17 @@ from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyz
 from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
 from lockgate.extproc.keys import extract_key, hash_key
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import parse_cluster_name, parse_route_name
+from lockgate.xds.resources import REQUEST_ID_HEADER, parse_cluster_name, parse_route_name
 
 ATTR_NS = "envoy.filters.http.ext_proc"
+_ID_ATTR = f"request.headers['{REQUEST_ID_HEADER}']"
+
+
+def mint_request_id() -> str:
+    """A request id when Envoy did not set :data:`REQUEST_ID_HEADER` (an Envoy config without lockgate's
+    routes): random, so still never a client's choice (the client cannot learn it; its feedback then
+    goes by ``client_request_id``)."""
+    return "lg-" + os.urandom(16).hex()
 
 
 def analyzer_config(config: LockgateConfig) -> AnalyzerConfig:
@@ -168,7 +177,8 @@ class ResponseCapture:
                 req_headers[name] = v
         key = extract_key(who.model.sticky_keys, req_headers)
         obs = obs_pb2.Observation(
-            request_id=_str(fields, "request.id"), ts=now, model=who.model.name, version=who.version, role=who.role,
+            request_id=_str(fields, _ID_ATTR) or mint_request_id(), client_request_id=_str(fields, "request.id"),
+            ts=now, model=who.model.name, version=who.version, role=who.role,
             weight_bp=who.weight_bp, stage=who.stage, route=who.route,
             upstream_host=_str(fields, "upstream.address"), status_code=status,
             user_key=hash_key(key[1], key_secret) if key else "",

@@ -26,11 +26,14 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from lockgate.aio import keep_helper_threads_demoted, stop_on_signals
 from lockgate.config import LockgateConfig, QAOverride
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
+from lockgate.extproc.ledger import Ledger, claim_ended
+from lockgate.extproc.outcomes import AccessLogReceiver
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.grpc_auth import own_token, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
@@ -83,6 +86,12 @@ class CaptureMetrics:
                                registry=registry)
         self.queued = Gauge("lockgate_observations_queued", "Observations waiting for the controller",
                             registry=registry)
+        self.unacked_at_exit = Counter("lockgate_ended_process_unacked_observations",
+                                       "Observations ext_proc processes that died before this one left neither "
+                                       "acknowledged nor dropped (read from their ledgers at this start; the "
+                                       "controller counts the exact loss)", registry=registry)
+        self.stream_outcomes = Counter("lockgate_stream_outcomes", "Response streams cut mid-way, by cause",
+                                       ["model", "version", "role", "kind"], registry=registry)
         self.qa_checks = Counter("lockgate_qa_override_checks", "QA override tokens checked (accepted/refused)",
                                  ["result"], registry=registry)
         self._seen_classes: dict[str, set[str]] = {}
@@ -130,9 +139,9 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.metrics = metrics
         self.qa = QACheck(config.qa_override, metrics) if config.qa_override is not None else None
 
-    def _done(self, cap: ResponseCapture, end_of_stream: bool) -> None:
+    def _done(self, cap: ResponseCapture, end_of_stream: bool, owed: bool = False) -> None:
         obs = cap.finish(time.time(), end_of_stream)
-        self.shipper.offer(obs)
+        self.shipper.offer(obs, owed)
         self.metrics.record(obs)
 
     def _start(self, req: ep.ProcessingRequest, now: float) -> ResponseCapture | None:
@@ -190,14 +199,16 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
                 # nothing more will come: answer, end the RPC ourselves (don't wait for Envoy), and
                 # finish the observation once the handler has returned and the status is on its way
                 ended = True
+                if cap is not None:  # counted before Envoy has the last answer: if this process is killed
+                    self.shipper.owe()  # from here on, the observation is counted lost, never silently
                 await _send_last(write, last)
                 if cap is not None:
-                    asyncio.get_running_loop().call_soon(self._done, cap, True)
+                    asyncio.get_running_loop().call_soon(self._done, cap, True, True)
                     cap = None
                 return
         finally:
             if cap is not None:  # cancelled at an await, or the stream ended mid-body
-                self._done(cap, ended)
+                self._done(cap, ended, ended)
 
 
 class QACheck:
@@ -271,8 +282,23 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
                                  cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc,
                                  auth=config.auth, token=own_token(config.auth, "ext_proc"))
     metrics.queued.set_function(lambda: len(shipper.queue))
+    # what this process captures is counted in a file that outlives a SIGKILL; the ledgers of ext_proc
+    # processes that died before delivering everything are claimed and reported (lockgate/extproc/ledger.py)
+    ledger_dir = config.state_dir / "extproc-ledgers"
+    shipper.ledger = Ledger(ledger_dir, shipper.source)
+    shipper.ended = claim_ended(ledger_dir, own=shipper.ledger.path)
+    for c in shipper.ended:
+        k = c.counts
+        log.warning("ext_proc %s (pid %d) ended before its controller acknowledged everything: captured %d, "
+                    "acknowledged %d, dropped %d; reporting it (up to %d observations lost)", k.source, k.pid,
+                    k.captured, k.acked, k.dropped, k.unacked)
+        metrics.unacked_at_exit.inc(k.unacked)
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServer(config, shipper, metrics), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogReceiver({m.name: m for m in config.models}, shipper,
+                          lambda o: metrics.stream_outcomes.labels(o.model, o.version, o.role, o.error_kind).inc()),
+        server)
     address = config.extproc_addresses()[index]
     metrics_address = config.extproc_metrics_address(index)
     server.add_insecure_port(str(address))

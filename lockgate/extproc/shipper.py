@@ -5,6 +5,9 @@ queue is full the observation is dropped and counted (exported on /metrics and r
 controller in every batch as ``dropped_total``). A background thread sends batches over gRPC
 (``ObservationCollector.Report``, a blocking call on its own channel); a failed batch is kept and
 retried with back-off, so a controller restart loses nothing as long as the queue has room.
+A process that is killed cannot count what it loses: its :class:`~lockgate.extproc.ledger.Ledger`
+(captured / acknowledged / dropped, in a memory-mapped file) survives it, and the next process reports
+it (``ended``). Batches also carry the :class:`StreamOutcome` records of cut streams (``offer_outcome``).
 
 Why a thread and not a task on the ext_proc's event loop: a ``grpc.aio`` client call is a few
 hundred µs of Python and completion hand-offs on the loop that answers Envoy, and responses that
@@ -27,6 +30,7 @@ import grpc
 
 from lockgate.auth import AuthConfig
 from lockgate.grpc_auth import sync_channel
+from lockgate.extproc.ledger import CAPTURED, DROPPED, ClaimedLedger, Ledger
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.proto.v1 import observations_pb2_grpc as obs_grpc
 
@@ -56,18 +60,51 @@ class ObservationShipper:
         self._channel: grpc.Channel | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        #: this process's crash-proof counts (set by the server before ``start``; None: not kept)
+        self.ledger: Ledger | None = None
+        #: ledgers of ext_proc processes that are gone, to report once (claimed at start)
+        self.ended: list[ClaimedLedger] = []
+        #: how cut streams ended (Envoy's access log), sent with the next batch
+        self.outcomes: collections.deque[obs_pb2.StreamOutcome] = collections.deque()
+        self.outcomes_dropped = 0
 
-    def offer(self, observation: obs_pb2.Observation) -> bool:
-        """Queue one observation; False (and counted) when the queue is full. Never blocks."""
+    def owe(self) -> None:
+        """Count an observation in the ledger before it exists: the ext_proc server calls this just before
+        Envoy gets a response's last answer, so a kill between that answer and :meth:`offer` is counted
+        (Envoy, which had its answer, does not count it), never silent; then ``offer(..., owed=True)``."""
+        if self.ledger is not None:
+            self.ledger.slots[CAPTURED] += 1
+
+    def offer(self, observation: obs_pb2.Observation, owed: bool = False) -> bool:
+        """Queue one observation; False (and counted) when the queue is full. Never blocks.
+        ``owed``: already counted by :meth:`owe`."""
         queue = self.queue
+        slots = self.ledger.slots if self.ledger is not None else None
+        if slots is not None and not owed:
+            slots[CAPTURED] += 1
         if len(queue) >= self.queue_size:
             self.dropped_total += 1
+            if slots is not None:
+                slots[DROPPED] += 1
             self._on_drop(1)
             return False
         queue.append(observation)
         if len(queue) == 1 or len(queue) == self.batch_size:
             self._wake.set()
         return True
+
+    def offer_outcome(self, outcome: obs_pb2.StreamOutcome) -> bool:
+        """Queue how a cut stream ended (sent with the next batch); False (and counted) beyond
+        ``queue_size`` pending."""
+        if len(self.outcomes) >= self.queue_size:
+            self.outcomes_dropped += 1
+            return False
+        self.outcomes.append(outcome)
+        self._wake.set()
+        return True
+
+    def _pending_extras(self) -> bool:
+        return bool(self.outcomes) or any(c.fd >= 0 for c in self.ended)
 
     def start(self) -> None:
         # gRPC's own reconnect back-off grows to 120 s by default: cap it near the retry back-off
@@ -89,11 +126,11 @@ class ObservationShipper:
             # batch) and send. Steady batches (default every 100 ms): sending whatever arrived during
             # the last call costs a call every few responses; the controller paces the storing of a
             # batch, so a bigger one is not a burst on a CPU an Envoy shares (docs/observations.md).
-            if not queue:
+            if not queue and not self._pending_extras():
                 if self._closing:
                     return
                 wake.clear()
-                if not queue:  # re-checked after clear: an offer in between has set it again
+                if not queue and not self._pending_extras():  # re-checked after clear: an offer in between set it
                     wake.wait()
                 continue
             if len(queue) < self.batch_size and not self._closing:
@@ -103,6 +140,14 @@ class ObservationShipper:
             n = min(self.batch_size, len(queue))
             batch = obs_pb2.ObservationBatch(source=self.source, dropped_total=self.dropped_total)
             batch.observations.extend([queue[i] for i in range(n)])
+            outcomes = self.outcomes
+            n_out = len(outcomes)
+            batch.outcomes.extend([outcomes[i] for i in range(n_out)])
+            ended = [c for c in self.ended if c.fd >= 0]
+            for c in ended:
+                k = c.counts
+                batch.ended_sources.add(source=k.source, captured=k.captured, acked=k.acked, dropped=k.dropped,
+                                        started_ts=k.started_ts)
             try:
                 report(batch, timeout=5.0)
             except grpc.RpcError as exc:
@@ -126,6 +171,12 @@ class ObservationShipper:
             last_warning = 0.0
             for _ in range(n):
                 queue.popleft()
+            for _ in range(n_out):
+                outcomes.popleft()
+            if self.ledger is not None:
+                self.ledger.add_acked(n, batch.dropped_total)
+            for c in ended:  # reported: the controller keeps the counts; the file is done
+                c.release(delete=True)
             self.sent_total += n
             self._on_sent(n)
 
@@ -144,8 +195,14 @@ class ObservationShipper:
         if self.queue:
             n = len(self.queue)
             self.dropped_total += n
+            if self.ledger is not None:
+                self.ledger.add_dropped(n)
             self._on_drop(n)
             log.warning("dropped %d unsent observations at shutdown", n)
             self.queue.clear()
         if self._channel is not None:
             self._channel.close()
+        for c in self.ended:  # not reported: left for the next process
+            c.release(delete=False)
+        if self.ledger is not None:
+            self.ledger.close()

@@ -57,6 +57,11 @@ QA_METADATA_NS = "lockgate.qa"
 SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
 SAMPLE_MODEL_HEADER = "x-lockgate-sample-model"    #: set on mirrored requests only: the model
 SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set on mirrored requests only: canary at sampling
+#: lockgate's id of a request: a fresh UUID Envoy sets on every routed request (overwriting any a client
+#: sent, so it cannot be chosen or reused) and returns on the response; observations, feedback, body
+#: samples and evaluation samples are keyed by it. The client's own x-request-id is kept beside it
+#: (``Observation.client_request_id``).
+REQUEST_ID_HEADER = "x-lockgate-request-id"
 
 
 
@@ -109,8 +114,9 @@ def response_attributes(config: LockgateConfig) -> list[str]:
     """Attributes Envoy attaches to the response-headers message sent to lockgate's ext_proc: who
     served the request (cluster, route), its id, start time, size, upstream host, and the request
     headers the sticky-key policy reads (hashed into the observation, never stored raw)."""
-    return ["xds.cluster_name", "xds.route_name", "request.id", "request.time", "request.size",
-            "upstream.address", "response.code_details"] + [f"request.headers['{h}']" for h in key_headers(config)]
+    return ["xds.cluster_name", "xds.route_name", "request.id", f"request.headers['{REQUEST_ID_HEADER}']",
+            "request.time", "request.size", "upstream.address", "response.code_details"] + \
+        [f"request.headers['{h}']" for h in key_headers(config)]
 
 
 def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode:
@@ -123,6 +129,8 @@ def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode
 
 
 def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
+    from lockgate.extproc.outcomes import access_log  # (it imports this module)
+
     ext_proc = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
@@ -136,10 +144,13 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
         codec_type=hcm.HttpConnectionManager.AUTO,
+        # streams cut mid-way (upstream reset or timeout, client gone) are reported to the ext_proc
+        # server, which labels their observations (lockgate/extproc/outcomes.py); no other request is logged
+        access_log=[access_log(EXTPROC_CLUSTER)],
         rds=hcm.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
-        # Feedback is joined by request id: keep a client-chosen x-request-id, and tell the client
-        # the id Envoy generated otherwise (a response header; the body is never touched).
+        # The client's x-request-id is kept (and returned) as it is: lockgate records it as
+        # client_request_id. Observations are keyed by REQUEST_ID_HEADER, which the routes set.
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
         http_filters=[
@@ -281,8 +292,17 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
                                                         request_mirror_policies=mirrors)))
     strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
     strip.append("x-lockgate-replay")  # only the controller's out-of-band replays carry it
-    vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip)
+    vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip,
+                           request_headers_to_add=[_set_header(REQUEST_ID_HEADER, "%UNIQUE_ID%")],
+                           response_headers_to_add=[_set_header(REQUEST_ID_HEADER, f"%REQ({REQUEST_ID_HEADER})%")])
     return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=[vhost])
+
+
+def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    """A header Envoy sets (a client-sent one of that name is overwritten); ``value`` may use Envoy's
+    formatter (``%UNIQUE_ID%``: a fresh UUID per request; ``%REQ(h)%``: a request header)."""
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
 def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> dict[str, dict[str, Message]]:

@@ -77,16 +77,19 @@ def http_observation(fleet, rid: str) -> dict:
 def test_sampled_bodies_are_byte_exact_and_responses_unchanged(sampled):
     f = sampled
     assert f.set_weight("fx", "v2", 100)["allAcked"]
-    sent: dict[str, bytes] = {}
+    sent: dict[str, bytes] = {}  # by lockgate's request id
+    lg: dict[str, str] = {}  # the client's x-request-id -> lockgate's (the x-lockgate-request-id header)
     for name, (status, _, body) in FIXTURES.items():
         rid = f"bs-{name}"
         st, headers, got = get(f.ports["listener"], f"/fixture/{name}", {"x-request-id": rid})
         assert st == status and got == body, f"{name}: the client's body differs from the upstream's"
         assert got == get(f.canary_port, f"/fixture/{name}")[2]
-        sent[rid] = body
-    st, _, got = get(f.ports["listener"], "/sse/stream?interval_ms=20", {"x-request-id": "bs-sse"})
+        lg[rid] = headers["x-lockgate-request-id"]
+        sent[lg[rid]] = body
+    st, headers, got = get(f.ports["listener"], "/sse/stream?interval_ms=20", {"x-request-id": "bs-sse"})
     assert got == b"".join(SSE["stream"])
-    sent["bs-sse"] = got
+    lg["bs-sse"] = headers["x-lockgate-request-id"]
+    sent[lg["bs-sse"]] = got
     assert len(wait_samples(f, len(sent))) == len(sent)
     s = samples(f)
     try:
@@ -96,30 +99,33 @@ def test_sampled_bodies_are_byte_exact_and_responses_unchanged(sampled):
             assert rec["body"] == body[:MAX_BYTES], rid
             assert rec["truncated"] == (len(body) > MAX_BYTES), rid
             assert (rec["model"], rec["version"], rec["role"]) == ("fx", "v2", "canary")
-        assert s.get("bs-huge")["truncated"] and s.get("bs-binary")["body"] == FIXTURES["binary"][2][:MAX_BYTES]
-        assert s.get("bs-gzip")["content_encoding"] == "gzip" and s.get("bs-error")["status_code"] == 500
-        assert s.get("bs-empty")["body"] == b"" and s.get("bs-sse")["content_type"] == "text/event-stream"
+        assert s.get(lg["bs-huge"])["truncated"]
+        assert s.get(lg["bs-binary"])["body"] == FIXTURES["binary"][2][:MAX_BYTES]
+        assert s.get(lg["bs-gzip"])["content_encoding"] == "gzip" and s.get(lg["bs-error"])["status_code"] == 500
+        assert s.get(lg["bs-empty"])["body"] == b"" and s.get(lg["bs-sse"])["content_type"] == "text/event-stream"
     finally:
         s.close()
     # the observation itself is unchanged (analysis as before), and the HTTP API shows the sample
-    (o,) = f.observations("bs-chat")
+    (o,) = f.observations(lg["bs-chat"])
     assert o["analyzer"] == "openai" and o["output_tokens"] == 6 and "body_sample" not in o
-    d = http_observation(f, "bs-binary")
+    d = http_observation(f, lg["bs-binary"])
     assert base64.b64decode(d["body_sample"]["body_base64"]) == FIXTURES["binary"][2][:MAX_BYTES]
     assert d["body_sample"]["truncated"] and d["body_sample"]["status"] == 200
-    assert "The answer is forty two." in http_observation(f, "bs-chat")["body_sample"]["text"]
+    assert "The answer is forty two." in http_observation(f, lg["bs-chat"])["body_sample"]["text"]
 
     # after a rollback the baseline answers: its responses are not kept (roles: [canary]), the canary's stay
     f.rollback("fx")
     c = Client(f.ports["listener"])
+    after = []
     for i in range(20):
         r = c.request("/fixture/chat", {"x-request-id": f"bs-after-{i}"})
         assert r.status == 200 and r.body == FIXTURES["chat"][2]
+        after.append(r.headers["x-lockgate-request-id"])
     c.close()
     obs = f.wait_observations(len(sent) + 20)
-    assert {o["role"] for o in obs if o["request_id"].startswith("bs-after-")} == {"baseline"}
+    assert {o["role"] for o in obs if o["client_request_id"].startswith("bs-after-")} == {"baseline"}
     assert sorted(wait_samples(f, len(sent) + 1, timeout=2)) == sorted(sent)
-    assert "body_sample" not in http_observation(f, "bs-after-0")
+    assert "body_sample" not in http_observation(f, after[0])
 
 
 def test_sampling_rate_and_max_count(tmp_path):
@@ -127,10 +133,12 @@ def test_sampling_rate_and_max_count(tmp_path):
     f = start(tmp_path, {"sample_rate": rate, "max_bytes": 64, "max_count": max_count})
     try:
         f.set_weight("fx", "v2", 100)
-        ids = [f"rate-{i:03d}" for i in range(n)]
+        ids = []  # lockgate's request ids (Envoy's x-lockgate-request-id), which the sampling hashes
         c = Client(f.ports["listener"])
-        for rid in ids:
-            assert c.request("/fixture/classifier", {"x-request-id": rid}).body == FIXTURES["classifier"][2]
+        for i in range(n):
+            r = c.request("/fixture/classifier", {"x-request-id": f"rate-{i:03d}"})
+            assert r.body == FIXTURES["classifier"][2]
+            ids.append(r.headers["x-lockgate-request-id"])
         c.close()
         f.wait_observations(n)
         sampler = BodySampler(RetainBodies(sample_rate=rate))
@@ -151,13 +159,16 @@ def test_nothing_is_stored_when_off(tmp_path):
     try:
         f.set_weight("fx", "v2", 100)
         c = Client(f.ports["listener"])
+        first = None
         for i in range(30):
-            assert c.request("/fixture/chat", {"x-request-id": f"off-{i}"}).body == FIXTURES["chat"][2]
+            r = c.request("/fixture/chat", {"x-request-id": f"off-{i}"})
+            assert r.body == FIXTURES["chat"][2]
+            first = first or r.headers["x-lockgate-request-id"]
         c.close()
         obs = f.wait_observations(30)
         assert len(obs) == 30 and {o["role"] for o in obs} == {"canary"}
         assert not samples_path(f.tmp / "state").exists()
-        assert "body_sample" not in http_observation(f, "off-0")
+        assert "body_sample" not in http_observation(f, first)
     finally:
         f.stop()
         for u in f.upstreams:
@@ -169,8 +180,8 @@ def test_diagnose_shows_the_canarys_sampled_responses(sampled):
     f.set_weight("fx", "v2", 100)
     t0 = time.time()
     c = Client(f.ports["listener"])
-    for i in range(6):
-        c.request("/fixture/refusal" if i % 2 else "/fixture/chat", {"x-request-id": f"dg-{i}"})
+    ids = [c.request("/fixture/refusal" if i % 2 else "/fixture/chat", {"x-request-id": f"dg-{i}"}
+                     ).headers["x-lockgate-request-id"] for i in range(6)]
     c.close()
     assert len(wait_samples(f, 6)) == 6
     f.rollback("fx")
@@ -184,10 +195,10 @@ def test_diagnose_shows_the_canarys_sampled_responses(sampled):
     rs.close()
     d = json.loads(f.cli("rollout", "diagnose", str(r.id), "--json", check=True).stdout)
     shown = d["samples"]
-    assert [s["request_id"] for s in shown] == [f"dg-{i}" for i in range(5)]  # the first N of the window
+    assert [s["request_id"] for s in shown] == ids[:5]  # the first N of the window
     assert base64.b64decode(shown[0]["body_base64"]) == FIXTURES["chat"][2]
     assert "can't help" in shown[1]["text"] and shown[1]["status"] == 200
     assert shown[0]["host"] == f"127.0.0.1:{f.canary_port}"
     text = f.cli("rollout", "diagnose", str(r.id), check=True).stdout
-    assert "sampled canary responses:" in text and "dg-0" in text and "The answer is forty two." in text
+    assert "sampled canary responses:" in text and ids[0] in text and "The answer is forty two." in text
     assert f"host 127.0.0.1:{f.canary_port}" in text

@@ -57,14 +57,15 @@ def test_every_analyzer_field_and_byte_identity(fixture_fleet):
         st, headers, got = get(f.ports["listener"], f"/fixture/{name}", {"x-request-id": rid, "x-user-id": "alice"})
         assert st == status, name
         assert got == body, f"{name}: body through lockgate differs from the upstream's"
-        assert headers.get("x-request-id") == rid
+        assert headers.get("x-request-id") == rid  # the client's id comes back as it was sent
+        assert headers.get("x-lockgate-request-id")  # and lockgate's own beside it
         direct = get(f.upstream_port, f"/fixture/{name}")[2]
         assert direct == got
         ids[name] = rid
     st, _, got = get(f.ports["listener"], "/sse/stream", {"x-request-id": "req-sse"})
     assert got == b"".join(SSE["stream"])
     get(f.ports["listener"], "/cut-sse", {"x-request-id": "req-cut"})
-    obs = {o["request_id"]: o for o in f.wait_observations(len(FIXTURES) + 2)}
+    obs = {o["client_request_id"]: o for o in f.wait_observations(len(FIXTURES) + 2)}
 
     chat = obs["req-chat"]
     assert (chat["model"], chat["version"], chat["role"], chat["status_code"]) == ("fx", "v1", "baseline", 200)
@@ -116,13 +117,13 @@ def test_bodiless_responses_are_observed_once(fixture_fleet):
     f.wait_observations(len(cases))
     time.sleep(0.5)  # a late extra or duplicate observation would show up by now
     obs = f.observations()
-    assert sorted(o["request_id"] for o in obs) == sorted(cases)  # each exactly once
+    assert sorted(o["client_request_id"] for o in obs) == sorted(cases)  # each exactly once
     for o in obs:
-        method, path, status = cases[o["request_id"]]
+        method, path, status = cases[o["client_request_id"]]
         assert (o["model"], o["version"], o["role"], o["status_code"]) == ("fx", "v1", "baseline", status)
         assert o["user_key"] and o["upstream_host"] == f"127.0.0.1:{f.upstream_port}"
         assert o["duration_ms"] >= o["ttfb_ms"] >= 0
-        if o["request_id"] != "b-chat":
+        if o["client_request_id"] != "b-chat":
             assert o["response_bytes"] == 0, o
 
 
@@ -144,16 +145,18 @@ def test_sse_first_chunk_reaches_client_before_upstream_sends_the_last(fixture_f
     n_events = len(SSE["stream"])
     assert total >= 0.3 * (n_events - 1) * 0.9
     assert first_at is not None and first_at < total - 1.0, (first_at, total)
-    (o,) = [o for o in f.wait_observations(1) if o["request_id"] == "slow-sse"]
+    (o,) = [o for o in f.wait_observations(1) if o["client_request_id"] == "slow-sse"]
     assert o["output_tokens"] == 6 and o["duration_ms"] >= 0.3 * (n_events - 1) * 900
 
 
 def test_feedback_joins_and_metrics_parse(fixture_fleet):
     f = fixture_fleet
     c = Client(f.ports["listener"])
+    lockgate_id = {}
     for i in range(20):
         r = c.request("/fixture/classifier", {"x-request-id": f"fb-{i}", "x-user-id": f"u{i}"})
         assert r.status == 200
+        lockgate_id[f"fb-{i}"] = r.headers["x-lockgate-request-id"]
     c.close()
     f.wait_observations(20)
     base = f"http://127.0.0.1:{f.ports['controller_http']}"
@@ -167,13 +170,16 @@ def test_feedback_joins_and_metrics_parse(fixture_fleet):
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    status, _ = post({"request_id": "fb-3", "true_class": "billing", "thumbs": "down"})
+    status, _ = post({"request_id": lockgate_id["fb-3"], "true_class": "billing", "thumbs": "down"})
     assert status == 200
+    status, _ = post({"client_request_id": "fb-5", "thumbs": "up"})  # by the client's own id
+    assert status == 200 and f.observations(lockgate_id["fb-5"])[0]["thumbs"] == "up"
     status, body = post({"request_id": "no-such-request", "true_class": "x"})
     assert status == 404 and "unknown" in json.dumps(body)
-    status, body = post({"request_id": "fb-4", "thumbs": "sideways"})
+    status, body = post({"request_id": lockgate_id["fb-4"], "thumbs": "sideways"})
     assert status == 400 and "thumbs" in json.dumps(body)
-    (o,) = f.observations("fb-3")
+    (o,) = f.observations(lockgate_id["fb-3"])
+    assert o["client_request_id"] == "fb-3"
     assert o["true_class"] == "billing" and o["predicted_class"] == "fraud"
 
     ep_metrics = urllib.request.urlopen(f"http://127.0.0.1:{f.ports['extproc_metrics']}/metrics").read().decode()
@@ -205,5 +211,5 @@ def test_controller_down_observations_are_kept_and_delivered_later(fixture_fleet
         assert c.request("/fixture/chat", {"x-request-id": f"down-{i}"}).status == 200
     c.close()
     f.start_controller()
-    got = [o for o in f.wait_observations(50, timeout=30) if o["request_id"].startswith("down-")]
+    got = [o for o in f.wait_observations(50, timeout=30) if o["client_request_id"].startswith("down-")]
     assert len(got) == 50

@@ -42,8 +42,8 @@ def metric(port: int, name: str) -> float:
 def stored_ids(fleet: Fleet, prefix: str) -> set[str]:
     db = sqlite3.connect(f"file:{fleet.tmp / 'state' / 'observations.db'}?mode=ro", uri=True, timeout=10)
     try:
-        return {rid for (rid,) in db.execute("SELECT request_id FROM observations WHERE request_id LIKE ?",
-                                             (prefix + "-%",))}
+        return {rid for (rid,) in db.execute("SELECT client_request_id FROM observations "
+                                             "WHERE client_request_id LIKE ?", (prefix + "-%",))}
     finally:
         db.close()
 

@@ -133,12 +133,14 @@ def test_sampled_requests_are_replayed_to_both_versions_and_evaluated(tmp_path, 
     fleet.set_weight("legacy", "v2", 50)
     ids = [f"eval-{i}" for i in range(8)]
     served = {}
+    lg = {}  # the client's x-request-id -> lockgate's request id (samples and evaluations are keyed by it)
     for i, rid in enumerate(ids):
         r = c.request("/v1/chat/completions",
                       {"x-request-id": rid, "x-user-id": f"user-{i}", "x-request-seed": str(i),
                        "content-type": "application/json"}, "POST", chat_body(prompt, stream=(i == 0)))
         assert r.status == 200
         served[rid] = r.version
+        lg[rid] = r.headers["x-lockgate-request-id"]
     for i in range(4):
         r = c.request("/v1/completions", {"x-request-id": f"legacy-{i}", "x-user-id": f"user-{i}",
                                           "content-type": "application/json"}, "POST",
@@ -152,27 +154,28 @@ def test_sampled_requests_are_replayed_to_both_versions_and_evaluated(tmp_path, 
 
     # samples: exactly the sampled chat requests, with the request id of their observation
     got = samples(fleet)
-    assert sorted(s["request_id"] for s in got) == sorted(ids)
+    assert sorted(s["request_id"] for s in got) == sorted(lg[rid] for rid in ids)
     assert all(s["model"] == "chat" and s["canary"] == "v2" and s["state"] == "done" for s in got)
     assert all(s["path"] == "/v1/chat/completions" and s["content_type"] == "application/json" for s in got)
-    first = next(s for s in got if s["request_id"] == "eval-0")
+    first = next(s for s in got if s["request_id"] == lg["eval-0"])
     assert json.loads(first["body"])["stream"] is True  # stored as sent
     assert json.loads(first["headers"]) == {"x-request-seed": "0"}
-    obs = {o["request_id"]: o for o in fleet.wait_observations(len(ids) + 5)}
+    obs = {o["client_request_id"]: o for o in fleet.wait_observations(len(ids) + 5)}
     for rid in ids:
         assert obs[rid]["model"] == "chat" and obs[rid]["version"] == served[rid]
+        assert obs[rid]["request_id"] == lg[rid]
 
     # replays reached both versions directly (never through Envoy: no observation, not traffic)
     seen1, seen2 = log_ids(log1), log_ids(log2)
-    for rid in ids:
-        assert seen1.count(rid) == 1 + (served[rid] == "v1"), (rid, served[rid])
-        assert seen2.count(rid) == 1 + (served[rid] == "v2"), (rid, served[rid])
+    for rid in ids:  # the original carries the client's x-request-id, each replay lockgate's id
+        assert (seen1.count(rid), seen1.count(lg[rid])) == (int(served[rid] == "v1"), 1), (rid, served[rid])
+        assert (seen2.count(rid), seen2.count(lg[rid])) == (int(served[rid] == "v2"), 1), (rid, served[rid])
     assert len(fleet.observations(model="chat")) == len(ids) + 1
     assert not any(o["replay"] for o in fleet.observations())
 
     # evaluations: one per version and request; the refusing canary scores lower on every request
     for rid in ids:
-        base, can = evs[(rid, "baseline")], evs[(rid, "canary")]
+        base, can = evs[(lg[rid], "baseline")], evs[(lg[rid], "canary")]
         assert (base["version"], can["version"]) == ("v1", "v2")
         assert base["evaluator"] == "heuristic" and base["error"] is None and can["error"] is None
         assert 0.0 <= can["score"] <= 0.2 and can["score"] < base["score"] <= 1.0, (base, can)
@@ -195,11 +198,11 @@ def test_sampled_requests_are_replayed_to_both_versions_and_evaluated(tmp_path, 
 
     # export: each chat observation carries its version's evaluator score and the similarity
     r = fleet.cli("observations", "export", "--model", "chat", check=True)
-    lines = {o["request_id"]: o for o in map(json.loads, r.stdout.splitlines())}
+    lines = {o["client_request_id"]: o for o in map(json.loads, r.stdout.splitlines())}
     for rid in ids:
         role = "canary" if served[rid] == "v2" else "baseline"
-        assert lines[rid]["evaluator_score"] == pytest.approx(evs[(rid, role)]["score"])
-        assert lines[rid]["similarity"] == pytest.approx(evs[(rid, role)]["similarity"])
+        assert lines[rid]["evaluator_score"] == pytest.approx(evs[(lg[rid], role)]["score"])
+        assert lines[rid]["similarity"] == pytest.approx(evs[(lg[rid], role)]["similarity"])
         assert lines[rid]["evaluator"] == "heuristic" and lines[rid]["evaluator_score_arrival_ts"] > 0
     assert "evaluator_score" not in lines["before-canary"]
 
@@ -222,12 +225,13 @@ def test_http_judge_similarity_and_retention_limit(tmp_path, procs):
     fleet.start()
     fleet.set_weight("chat", "v2", 30)
     c = Client(fleet.ports["listener"])
-    ids = [f"judge-{i}" for i in range(3)]
-    for i, rid in enumerate(ids):
-        r = c.request("/v1/chat/completions", {"x-request-id": rid, "x-user-id": f"u{i}", "x-request-seed": str(i),
-                                               "content-type": "application/json"}, "POST",
+    ids = []  # lockgate's request ids
+    for i in range(3):
+        r = c.request("/v1/chat/completions", {"x-request-id": f"judge-{i}", "x-user-id": f"u{i}",
+                                               "x-request-seed": str(i), "content-type": "application/json"}, "POST",
                       chat_body(f"Explain the rollout step number {i}."))
         assert r.status == 200
+        ids.append(r.headers["x-lockgate-request-id"])
     evs = wait_for(lambda: (lambda e: e if len(e) >= 6 else None)(evaluations(fleet)))
     assert evs, (tmp_path / "controller.log").read_text()[-3000:]
     for rid in ids:
@@ -241,11 +245,13 @@ def test_http_judge_similarity_and_retention_limit(tmp_path, procs):
     assert any("Explain the rollout step number 1." in cl["messages"][-1]["content"] for cl in calls)
 
     # retention: at most max_samples rows, the oldest pruned first
-    more = [f"later-{i}" for i in range(4)]
-    for i, rid in enumerate(more):
-        assert c.request("/v1/chat/completions", {"x-request-id": rid, "x-user-id": f"w{i}",
-                                                  "content-type": "application/json"}, "POST",
-                         chat_body("Summarize the canary.")).status == 200
+    more = []
+    for i in range(4):
+        r = c.request("/v1/chat/completions", {"x-request-id": f"later-{i}", "x-user-id": f"w{i}",
+                                               "content-type": "application/json"}, "POST",
+                      chat_body("Summarize the canary."))
+        assert r.status == 200
+        more.append(r.headers["x-lockgate-request-id"])
     c.close()
     stored = wait_for(lambda: (lambda s: s if [x["request_id"] for x in s] == more[-3:] else None)(samples(fleet)),
                       timeout=10)

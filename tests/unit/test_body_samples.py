@@ -113,7 +113,8 @@ def messages(version: str, rid: str, body: bytes, chunks: int, content_type: str
              content_encoding: str | None = None) -> list[ep.ProcessingRequest]:
     attrs = struct_pb2.Struct()
     attrs.update({"xds.cluster_name": f"chat.{version}", "xds.route_name": "chat/sticky?canary=v2&w=500&stage=",
-                  "request.id": rid, "request.time": "2026-01-01T00:00:00.000000Z",
+                  "request.headers['x-lockgate-request-id']": rid, "request.id": f"client-{rid}",
+                  "request.time": "2026-01-01T00:00:00.000000Z",
                   "upstream.address": "127.0.0.1:1"})
     h = ep.ProcessingRequest()
     h.response_headers.headers.headers.extend([base_pb2.HeaderValue(key=":status", raw_value=b"200"),

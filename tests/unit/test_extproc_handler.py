@@ -28,9 +28,12 @@ class Sink:
     def __init__(self):
         self.got = []
 
-    def offer(self, o):
+    def offer(self, o, owed=False):
         self.got.append(o)
         return True
+
+    def owe(self):
+        pass
 
 
 class Context:

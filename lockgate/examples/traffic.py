@@ -4,8 +4,9 @@ requests to the controller's feedback API.
 
 ``python -m lockgate.examples.traffic --listener 127.0.0.1:10000 --feedback 127.0.0.1:18021 --rate 80``
 
-Each request carries ``x-user-id`` (sticky key) and its own ``x-request-id`` (Envoy keeps it), so
-feedback can name the request later. Classifier requests also carry the ticket's true class in
+Each request carries ``x-user-id`` (sticky key) and its own ``x-request-id``; feedback names the
+request later by lockgate's id, which Envoy returns in the ``x-lockgate-request-id`` response header
+(by ``client_request_id`` if that header is missing). Classifier requests also carry the ticket's true class in
 ``x-true-class`` so the example classifier server can be right or wrong per its configured
 per-class accuracy; the true class is posted as feedback ``label_delay_s`` later.
 """
@@ -163,6 +164,7 @@ class TrafficGenerator:
                 conn.request("POST", path, body=json.dumps(body), headers=headers)
                 resp = conn.getresponse()
                 resp.read()
+                lockgate_id = resp.getheader("x-lockgate-request-id")
                 self.stats.count(resp.getheader("x-model-version"), resp.status < 500)
             except (OSError, http.client.HTTPException):
                 self.stats.count(None, False)
@@ -172,12 +174,11 @@ class TrafficGenerator:
                 continue
             if self.poster is None:
                 continue
+            key = {"request_id": lockgate_id} if lockgate_id else {"client_request_id": rid}
             if true_class is not None and rng.random() < self.label_share:
-                self.poster.later(self.label_delay_s * (0.5 + rng.random()), {"request_id": rid,
-                                                                            "true_class": true_class})
+                self.poster.later(self.label_delay_s * (0.5 + rng.random()), {**key, "true_class": true_class})
             elif true_class is None and rng.random() < self.thumbs_share:
-                self.poster.later(self.label_delay_s, {"request_id": rid,
-                                                       "thumbs": "up" if rng.random() < 0.8 else "down"})
+                self.poster.later(self.label_delay_s, {**key, "thumbs": "up" if rng.random() < 0.8 else "down"})
         if conn is not None:
             conn.close()
 

@@ -251,7 +251,6 @@ class Promoter:
                                 rollout.stage, 0)
             log.error("rollout #%d %s: revert to weight 0 not complete (%s); rolling_back, will retry",
                       rollout.id, rollout.model, timings.get("error") or timings.get("not_acked"))
-        return timings
 
     async def _revert(self, rollout: Rollout, detected_at: float, actor: str, why: str) -> dict:
         """One Rollback call to the xDS server; ``complete`` says whether every Envoy has weight 0, saved."""

@@ -345,6 +345,7 @@ class LockgateConfig:
     alerts: tuple[AlertSink, ...] = ()
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: "RequestLimits" = field(default_factory=lambda: RequestLimits())
 
     def extproc_addresses(self) -> list[Address]:
         return [Address(self.extproc.host, self.extproc.port + i) for i in range(self.extproc_processes)]
@@ -554,6 +555,41 @@ def _token_env(f: Fields) -> str | None:
         f.errors.add(f.path + ("bearer_token_env",), f"must be an environment variable name, got {env!r}")
         return None
     return env
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one client request may cost Envoy (``limits:`` in lockgate.yaml; Envoy answers 431/413/408).
+
+    ``max_request_headers_kb``: the request's headers together (Envoy's default 60);
+    ``max_headers_count``: how many (Envoy's default 100); ``request_headers_timeout_s``: time to
+    receive them (0 = none; slow-header clients are cut after it); ``max_request_body_bytes``: 0 = no
+    limit (requests stream through); otherwise Envoy buffers each request body up to this size and
+    answers 413 beyond it — fine for model APIs, whose requests are small JSON.
+    """
+
+    max_request_headers_kb: int = 60
+    max_headers_count: int = 100
+    request_headers_timeout_s: float = 10.0
+    max_request_body_bytes: int = 0
+
+
+def _limits(f: Fields) -> RequestLimits:
+    d = RequestLimits()
+    if "limits" not in f.data:
+        f.raw("limits")
+        return d
+    sub = f.sub("limits")
+    out = RequestLimits(
+        max_request_headers_kb=sub.int("max_request_headers_kb", d.max_request_headers_kb, min=1, max=8192)
+        or d.max_request_headers_kb,
+        max_headers_count=sub.int("max_headers_count", d.max_headers_count, min=1, max=10000) or d.max_headers_count,
+        request_headers_timeout_s=sub.float("request_headers_timeout_s", d.request_headers_timeout_s, min=0.0,
+                                            max=3600.0) or 0.0,
+        max_request_body_bytes=sub.int("max_request_body_bytes", d.max_request_body_bytes, min=0,
+                                       max=4 * 1024**3 - 1) or 0)
+    sub.finish()
+    return out
 
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -944,6 +980,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     alerts = _alerts(f)
     registry = _registry(f, base_dir, models)
     auth = _auth(f, base_dir)
+    limits = _limits(f)
     # Off loopback only with callers to check: auth.tokens, or auth.insecure (then each process warns loudly at
     # startup). Envoy's traffic listener is meant to be reached; its admin serves /config_dump and /quitquitquit.
     if not auth.insecure:
@@ -1014,7 +1051,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
             routes[key] = i
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
-                          state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth)
+                          state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth,
+                          limits)
 
 
 def load_config(path: str | Path) -> LockgateConfig:

@@ -24,11 +24,12 @@ from google.protobuf.message import Message
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -141,6 +142,7 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
         stat_prefix="lockgate")
     if config.qa_override is not None:  # the QA token check (build_routes) answers with lockgate.qa metadata
         ext_proc.metadata_options.receiving_namespaces.untyped.append(QA_METADATA_NS)
+    limits = config.limits
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -154,9 +156,18 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
         http_filters=[
+            *([hcm.HttpFilter(name="envoy.filters.http.buffer", typed_config=_any(buffer_pb2.Buffer(
+                max_request_bytes=wrappers_pb2.UInt32Value(value=limits.max_request_body_bytes))))]
+              if limits.max_request_body_bytes else []),
             hcm.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
-        ])
+        ],
+        # what one request may cost (lockgate.yaml limits:): Envoy answers 431 / 408 / 413
+        max_request_headers_kb=wrappers_pb2.UInt32Value(value=limits.max_request_headers_kb),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            max_headers_count=wrappers_pb2.UInt32Value(value=limits.max_headers_count)),
+        **({"request_headers_timeout": _duration(limits.request_headers_timeout_s)}
+           if limits.request_headers_timeout_s else {}))
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(

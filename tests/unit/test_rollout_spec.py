@@ -833,3 +833,13 @@ def test_random_mutations_never_crash(data):
     assert len(spec.metrics) == len(raw["metrics"])
     if "steps" in raw:
         assert len(spec.steps) == len([s for s in raw["steps"] if s["weight_percent"] != 100])
+
+
+def test_evaluator_score_allowance_is_on_the_unit_scale():
+    from lockgate.controller.spec import ConfigError, spec_from_text
+
+    with pytest.raises(ConfigError) as exc:
+        spec_from_text("rollout:\n  model: chat\n  canary: v2\n  metrics:\n"
+                       "    - {name: evaluator_score, allowed: {absolute: 3}}\n", "r.yaml")
+    assert "r.yaml:5:51: rollout.metrics[0].allowed.absolute: must be at least 0 and at most 1 (evaluator scores " \
+           "are in [0, 1])" in str(exc.value), str(exc.value)

@@ -116,6 +116,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             ts.acked_version = ts.sent_version
             ts.acked_nonce = req.response_nonce
             ts.acked_at = time.monotonic()
+            for listener in self.registry.ack_listeners:
+                listener(stream, type_url)
             await self.registry.notify()
             if type_url not in WILDCARD_TYPES and names != ts.subscribed:
                 ts.subscribed = names

@@ -104,6 +104,8 @@ class NodeRegistry:
 
     def __init__(self) -> None:
         self.streams: dict[int, StreamState] = {}
+        #: called with (stream, type_url) after every ACK (the weight service records who holds what)
+        self.ack_listeners: list = []
         self._ids = itertools.count(1)
         self._cond = asyncio.Condition()
 

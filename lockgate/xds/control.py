@@ -33,6 +33,8 @@ from lockgate.xds.store import WeightStore
 
 log = logging.getLogger("lockgate.xds.control")
 DEFAULT_TIMEOUT_S = 5.0
+#: an Envoy with no ACK for this long no longer keeps a revert incomplete (a decommissioned host)
+FORGET_NODE_AFTER_S = 24 * 3600.0
 
 
 class WeightError(Exception):
@@ -85,9 +87,46 @@ class WeightService:
         self.routes_history: OrderedDict[int, dict[str, CanaryWeight]] = OrderedDict(
             {version: dict(self.weights)})
         self._lock = asyncio.Lock()
+        #: Envoys seen before (also by an earlier run of this server) → (last ACK time, {model: (canary, bp)}).
+        #: One that has not reconnected since still serves the routes it last ACKed (Envoy keeps its config).
+        try:
+            self.known_nodes = store.load_nodes()
+        except sqlite3.Error:
+            self.known_nodes = {}
+        self.registry.ack_listeners.append(self._on_ack)
         #: model → (weight, previous, actor, reason, version) served but not yet saved (rollbacks only)
         self.unsaved: dict[str, tuple[CanaryWeight, CanaryWeight, str, str, int]] = {}
         self._saver: asyncio.Task | None = None
+
+    def _on_ack(self, stream, type_url: str) -> None:
+        """Record the weights an Envoy just ACKed (best effort: a failing disk never blocks an ACK)."""
+        if type_url != ROUTE_TYPE or not stream.node_id:
+            return
+        acked = self.routes_history.get(stream.types[ROUTE_TYPE].acked_version)
+        if acked is None:
+            return
+        weights = {m: (w.canary, w.weight_bp) for m, w in acked.items()}
+        if self.known_nodes.get(stream.node_id, (0.0, None))[1] == weights:
+            self.known_nodes[stream.node_id] = (time.time(), weights)
+            return
+        self.known_nodes[stream.node_id] = (time.time(), weights)
+        try:
+            self.store.save_node(stream.node_id, weights)
+        except sqlite3.Error as exc:
+            log.error("cannot record what %s ACKed: %s", stream.node_id, exc)
+
+    def not_reconnected_holders(self, model_name: str) -> list[str]:
+        """Envoys this server has not seen since it started whose last ACKed routes gave ``model_name`` a
+        canary weight (forgotten after ``FORGET_NODE_AFTER_S`` without an ACK)."""
+        seen = set(self.registry.latest_by_node())
+        now = time.time()
+        out = []
+        for node_id, (ts, weights) in sorted(self.known_nodes.items()):
+            canary, bp = weights.get(model_name, (None, 0))
+            if node_id not in seen and bp > 0 and now - ts < FORGET_NODE_AFTER_S:
+                out.append(f"{node_id} (not reconnected since the xDS server started; last ACKed {canary} at "
+                           f"{bp / 100:g}%)")
+        return out
 
     # ----- persistence of served-first rollbacks -----
     def _try_save_unsaved(self) -> bool:
@@ -229,6 +268,7 @@ class WeightService:
                 if not env.connected and env.acked_weight_bp > 0:
                     not_acked.append(f"{env.node_id} (disconnected, last ACKed {env.acked_canary} at "
                                      f"{env.acked_weight_bp / 100:g}%)")
+            not_acked.extend(self.not_reconnected_holders(model_name))
         all_acked = bool(results) and not not_acked
         ack_times = [env.ack_ms for env in state.envoys if env.ack_ms]
         if all_acked and ack_times:

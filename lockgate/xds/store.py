@@ -7,6 +7,7 @@ The snapshot version counter is persisted too, so versions keep increasing acros
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -34,6 +35,11 @@ CREATE TABLE IF NOT EXISTS weight_changes (
     xds_version INTEGER
 );
 CREATE TABLE IF NOT EXISTS xds_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envoy_nodes (
+    node_id TEXT PRIMARY KEY,
+    weights_json TEXT NOT NULL,   -- {model: [canary, weight_bp]} of the routes it last ACKed
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -72,6 +78,20 @@ class WeightStore:
                  actor, reason, xds_version))
             self._db.execute("INSERT INTO xds_meta(key, value) VALUES ('version', ?) "
                              "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(xds_version),))
+
+    def save_node(self, node_id: str, weights: dict[str, tuple[str | None, int]]) -> None:
+        """The canary weights an Envoy last ACKed, so a restarted server still knows who holds a canary."""
+        self._db.execute("INSERT INTO envoy_nodes(node_id, weights_json, updated_at) VALUES (?,?,?) "
+                         "ON CONFLICT(node_id) DO UPDATE SET weights_json=excluded.weights_json, "
+                         "updated_at=excluded.updated_at",
+                         (node_id, json.dumps({m: list(w) for m, w in weights.items()}), time.time()))
+
+    def load_nodes(self) -> dict[str, tuple[float, dict[str, tuple[str | None, int]]]]:
+        """node id → (when it last ACKed, {model: (canary, weight_bp)})."""
+        out = {}
+        for node_id, text, ts in self._db.execute("SELECT node_id, weights_json, updated_at FROM envoy_nodes"):
+            out[node_id] = (ts, {m: (w[0], int(w[1])) for m, w in json.loads(text).items()})
+        return out
 
     def last_version(self) -> int:
         row = self._db.execute("SELECT value FROM xds_meta WHERE key='version'").fetchone()

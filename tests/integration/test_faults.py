@@ -136,10 +136,13 @@ def test_fault_during_a_rollout_moves_nothing_and_fails_no_request(tmp_path, fau
             assert after["status"] == "running" and after["stage"] == 0 and after["id"] == before["id"], after
             kinds = _events(fleet, after["id"])
             assert not {"rolled_back", "aborted", "rolling_back", "weight_drift", "paused"} & set(kinds), kinds
-            # a revert asked for now reaches every Envoy
+            # a revert asked for now reaches every Envoy; it is recorded done only once every Envoy has it
+            # (after an xDS restart an Envoy may not have reconnected yet: then the abort says so, exits 1,
+            # and the controller completes it when that Envoy is back)
             r = fleet.cli("rollout", "abort", "chat")
-            assert r.returncode == 0, (r.stdout, r.stderr)
-            assert status(fleet)["status"] == "aborted"
+            assert r.returncode == 0 or (r.returncode == 1 and "revert NOT complete" in r.stderr), (r.stdout, r.stderr)
+            final = wait_status(fleet, ("aborted",), 60)
+            assert final["status"] == "aborted", final
             assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
     finally:
         v1.stop()

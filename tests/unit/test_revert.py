@@ -194,3 +194,30 @@ def test_full_disk_a_rollback_is_served_first_and_saved_when_it_can(tiny_disk):
         store.close()
 
     asyncio.run(run())
+
+
+def test_after_an_xds_restart_a_revert_waits_for_the_envoys_that_held_the_canary(tmp_path):
+    """A restarted xDS server knows (from its store) which Envoys last ACKed a canary weight: until each
+    has reconnected and ACKed weight 0, the revert is not complete (Envoy keeps its last routes)."""
+    async def run():
+        cfg, store = make(tmp_path)
+        svc = WeightService(cfg, store)
+        ads = AdsServer(svc.cache, svc.registry)
+        e0 = await connect(ads, svc, "e0")
+        task = asyncio.ensure_future(svc.set_weight("chat", "v2", 1000, actor="t", reason="t", timeout_s=5))
+        await ack_routes(ads, e0)
+        assert (await task).all_acked
+        store.close()
+        # the xDS server restarts; e0 has not reconnected yet (it keeps serving 10 %)
+        store2 = WeightStore(cfg.db_path)
+        svc2 = WeightService(cfg, store2)
+        ads2 = AdsServer(svc2.cache, svc2.registry)
+        resp = await svc2.rollback("chat", actor="t", reason="abort", timeout_s=0.5)
+        assert not resp.all_acked
+        assert resp.not_acked == ["e0 (not reconnected since the xDS server started; last ACKed v2 at 10%)"]
+        await connect(ads2, svc2, "e0")  # it reconnects and ACKs the current routes (weight 0)
+        resp = await svc2.rollback("chat", actor="t", reason="retry", timeout_s=5)
+        assert resp.all_acked and resp.persisted and not resp.not_acked
+        store2.close()
+
+    asyncio.run(run())

@@ -27,6 +27,23 @@ from tests.integration.test_rollout_e2e import SPEC, chat_server, status, wait_s
 
 pytestmark = [requires_envoy, pytest.mark.envoy]
 
+@contextlib.contextmanager
+def chat_rollout(tmp_path, min_duration: str):
+    """Two real chat servers (v1 stable, v2 canary) as one model, and a rollout spec for them whose stages
+    last ``min_duration`` (so a test stays at stage 1); the servers are stopped afterwards."""
+    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
+    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", f"min_duration: {min_duration}"))
+    try:
+        yield models, spec
+    finally:
+        v1.stop()
+        v2.stop()
+
+
 FAULTS = ["extproc-kill", "extproc-stop", "xds-kill", "xds-stop", "controller-kill", "controller-stop",
           "envoy-kill", "envoy-stop"]
 
@@ -96,13 +113,7 @@ def _events(fleet: Fleet, rollout_id: int) -> list[str]:
 def test_fault_during_a_rollout_moves_nothing_and_fails_no_request(tmp_path, fault):
     part, how = fault.rsplit("-", 1)
     target = "envoy-1" if part == "envoy" else part
-    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
-    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
-    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
-               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
-    spec = tmp_path / "rollout.yaml"
-    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 10m"))
-    try:
+    with chat_rollout(tmp_path, "10m") as (models, spec):
         with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, \
                 CountingTraffic(fleet.ports["listener"]) as traffic:
             assert fleet.cli("rollout", "start", str(spec)).returncode == 0
@@ -144,9 +155,6 @@ def test_fault_during_a_rollout_moves_nothing_and_fails_no_request(tmp_path, fau
             final = wait_status(fleet, ("aborted",), 60)
             assert final["status"] == "aborted", final
             assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
-    finally:
-        v1.stop()
-        v2.stop()
 
 
 def test_full_disk_on_the_state_directory(tmp_path):
@@ -166,37 +174,30 @@ def test_full_disk_on_the_state_directory(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     from tests.unit.test_revert import fill
 
-    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
-    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
-    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
-               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
-    spec = tmp_path / "rollout.yaml"
-    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 10m"))
     try:
-        with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, \
-                CountingTraffic(fleet.ports["listener"]) as traffic:
-            assert fleet.cli("rollout", "start", str(spec)).returncode == 0
-            assert wait_status(fleet, ("running",), 30)["status"] == "running"
-            import sqlite3
+        with chat_rollout(tmp_path, "10m") as (models, spec):
+            with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, \
+                    CountingTraffic(fleet.ports["listener"]) as traffic:
+                assert fleet.cli("rollout", "start", str(spec)).returncode == 0
+                assert wait_status(fleet, ("running",), 30)["status"] == "running"
+                import sqlite3
 
-            for db in state.glob("*.db"):  # no WAL pages left to reuse: every write needs new space
-                with contextlib.closing(sqlite3.connect(str(db), timeout=5)) as conn:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            filler = fill(state)
-            time.sleep(3)
-            r = fleet.cli("rollout", "abort", "chat")
-            assert r.returncode == 1 and "revert NOT complete" in r.stderr, (r.stdout, r.stderr)
-            # served before it could be saved: both Envoys already at 0
-            assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
-            assert status(fleet)["status"] in ("running", "rolling_back")  # not called done
-            time.sleep(2)
-            filler.unlink()
-            final = wait_status(fleet, ("aborted",), 60)
-            assert final["status"] == "aborted", final
-            assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
-            codes = traffic.snapshot()
-            assert set(codes) == {200}, codes
+                for db in state.glob("*.db"):  # no WAL pages left to reuse: every write needs new space
+                    with contextlib.closing(sqlite3.connect(str(db), timeout=5)) as conn:
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                filler = fill(state)
+                time.sleep(3)
+                r = fleet.cli("rollout", "abort", "chat")
+                assert r.returncode == 1 and "revert NOT complete" in r.stderr, (r.stdout, r.stderr)
+                # served before it could be saved: both Envoys already at 0
+                assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
+                assert status(fleet)["status"] in ("running", "rolling_back")  # not called done
+                time.sleep(2)
+                filler.unlink()
+                final = wait_status(fleet, ("aborted",), 60)
+                assert final["status"] == "aborted", final
+                assert all(fleet.route_weights(i)["chat/key/0"][0] == ("chat.v2", 0) for i in range(2))
+                codes = traffic.snapshot()
+                assert set(codes) == {200}, codes
     finally:
-        v1.stop()
-        v2.stop()
         subprocess.run(["umount", "-l", str(state)], check=False)

@@ -11,19 +11,14 @@ import time
 import pytest
 
 from tests.harness import Fleet, requires_envoy
-from tests.integration.test_rollout_e2e import SPEC, Traffic, chat_server, status, wait_status
+from tests.integration.test_faults import chat_rollout
+from tests.integration.test_rollout_e2e import Traffic, status, wait_status
 
 pytestmark = [requires_envoy, pytest.mark.envoy]
 
 
 def test_abort_while_xds_is_frozen_is_retried_until_every_envoy_has_weight_0(tmp_path):
-    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
-    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
-    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
-               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
-    spec = tmp_path / "rollout.yaml"
-    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 5m"))
-    try:
+    with chat_rollout(tmp_path, "5m") as (models, spec):
         with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, \
                 Traffic(fleet.ports["listener"], max_s=120):
             assert fleet.cli("rollout", "start", str(spec)).returncode == 0
@@ -51,19 +46,10 @@ def test_abort_while_xds_is_frozen_is_retried_until_every_envoy_has_weight_0(tmp
             assert events.returncode == 0
             text = events.stdout
             assert "revert_incomplete" in text and "rolling_back" in text and "aborted" in text
-    finally:
-        v1.stop()
-        v2.stop()
 
 
 def test_a_manual_set_weight_during_a_rollout_pauses_it_and_resume_reapplies_the_stage(tmp_path):
-    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
-    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
-    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
-               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
-    spec = tmp_path / "rollout.yaml"
-    spec.write_text(SPEC.format(max_duration="1h").replace("min_duration: 2s", "min_duration: 5m"))
-    try:
+    with chat_rollout(tmp_path, "5m") as (models, spec):
         with Fleet(tmp_path, models, with_controller=True) as fleet, Traffic(fleet.ports["listener"], max_s=60):
             assert fleet.cli("rollout", "start", str(spec)).returncode == 0
             assert wait_status(fleet, ("running",), 30)["status"] == "running"
@@ -76,6 +62,3 @@ def test_a_manual_set_weight_during_a_rollout_pauses_it_and_resume_reapplies_the
             assert r.returncode == 0, r.stderr
             assert status(fleet)["status"] == "running"
             assert fleet.route_weights(0)["chat/key/0"][0] == ("chat.v2", 1000)  # the stage's 10 %, re-applied
-    finally:
-        v1.stop()
-        v2.stop()

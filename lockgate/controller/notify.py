@@ -414,6 +414,7 @@ class TroubleMonitor:
             if not self._cooled(key, time.time()):
                 continue
             missing = ", ".join(d.get("not_acked") or []) or "some Envoys"
+            severity = "warning"
             if comp == "weights":
                 title = (f"{e['model']}: weight changed outside rollout #{e['rollout_id']} "
                          f"({e['canary']} at {d.get('live_bp', 0) / 100:g}% instead of {d.get('stage_bp', 0) / 100:g}%);"
@@ -421,11 +422,8 @@ class TroubleMonitor:
                 lines = list(d.get("reasons") or []) + [
                     "Harm still rolls back while paused. `lockgate rollout resume` re-applies the stage weight; "
                     "`lockgate rollout abort` reverts to the baseline."]
-                await self.n.raise_trouble(trouble_alert(comp, title, lines, severity="warning", model=e["model"],
-                                                         canary=e["canary"], rollout_id=e["rollout_id"], key=key,
-                                                         ts=e["ts"]))
-                continue
-            if comp == "revert":
+            elif comp == "revert":
+                severity = "critical"  # the canary may still be serving
                 title = (f"{e['model']}: revert of {e['canary']} (rollout #{e['rollout_id']}) NOT complete: "
                          f"{d.get('message') or ('not ACKed by ' + missing)}")
                 lines = [f"Wanted: {d.get('final', 'rolled_back')}, weight 0 on every Envoy, saved by the xDS server "
@@ -433,11 +431,7 @@ class TroubleMonitor:
                          "The canary may still be serving. The rollout stays rolling_back and the controller "
                          "re-pushes weight 0 with back-off until every Envoy ACKs it; check the xDS server "
                          "(lockgate status, its disk) and those Envoys."]
-                await self.n.raise_trouble(trouble_alert(comp, title, lines, severity="critical", model=e["model"],
-                                                         canary=e["canary"], rollout_id=e["rollout_id"], key=key,
-                                                         ts=e["ts"]))
-                continue
-            if comp == "push":
+            elif comp == "push":
                 title = (f"{e['model']}: weight push to {d.get('wanted_bp', 0) / 100:g}% for {e['canary']} "
                          f"(rollout #{e['rollout_id']}) not ACKed by {missing}")
                 lines = [f"xDS answer: {d.get('message') or 'timeout waiting for ACKs'}",
@@ -449,7 +443,7 @@ class TroubleMonitor:
                 slow = [f"{x['node_id']}: {'ACKed in %.0f ms' % x['ack_ms'] if x.get('acked') else 'no ACK'}"
                         for x in d.get("envoys") or []]
                 lines = [f"Drill took {float(d.get('elapsed_ms') or 0):.0f} ms"] + slow
-            await self.n.raise_trouble(trouble_alert(comp, title, lines, severity="warning", model=e["model"],
+            await self.n.raise_trouble(trouble_alert(comp, title, lines, severity=severity, model=e["model"],
                                                      canary=e["canary"], rollout_id=e["rollout_id"], key=key,
                                                      ts=e["ts"]))
 

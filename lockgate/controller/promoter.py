@@ -276,20 +276,26 @@ class Promoter:
         return timings
 
     async def _retry_revert(self, rollout: Rollout, now: float) -> None:
-        """Re-issue the rollback of a ``rolling_back`` rollout when its back-off has passed."""
+        """Re-issue a revert that is not done when its back-off has passed: a ``rolling_back`` rollout
+        (intent from its ``rolling_back`` event), or one whose revert could not be recorded (intent kept
+        in memory, whatever the stored status says)."""
         due = self._revert_next.get(rollout.id, 0.0)
         if now < due:
             return
-        pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
-        final = pending["detail"].get("final", "rolled_back")
-        why = "; ".join(pending["detail"].get("reasons") or ["revert retried"])
+        if rollout.id in self._unrecorded:
+            final, why, actor, detected = self._unrecorded[rollout.id]
+        else:
+            pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
+            final = pending["detail"].get("final", "rolled_back")
+            why = "; ".join(pending["detail"].get("reasons") or ["revert retried"])
+            actor, detected = "controller", pending.get("ts", now)
         attempt = self._revert_attempts.get(rollout.id, 0)
         self._revert_next[rollout.id] = now + min(REVERT_BACKOFF_MAX_S, REVERT_BACKOFF_S * 2 ** min(attempt, 8))
         async with self._locks.setdefault(rollout.id, asyncio.Lock()):
             current = self.rollouts.get(rollout.id)
-            if current is None or current.status != "rolling_back":
+            if current is None or (current.status != "rolling_back" and rollout.id not in self._unrecorded):
                 return
-            timings = await self._rollback(current, None, None, None, pending.get("ts", now), "controller", final, why)
+            timings = await self._rollback(current, None, None, None, detected, actor, final, why)
         if timings["complete"]:
             self._revert_next.pop(rollout.id, None)
 
@@ -338,19 +344,7 @@ class Promoter:
                                   "still ours" if mine else "not ours")
                     if not mine:
                         continue
-                    if rollout.id in self._unrecorded:
-                        final, why, actor, detected = self._unrecorded[rollout.id]
-                        if time.time() >= self._revert_next.get(rollout.id, 0.0):
-                            self._revert_next[rollout.id] = time.time() + REVERT_BACKOFF_S * 4
-                            try:
-                                async with self._locks.setdefault(rollout.id, asyncio.Lock()):
-                                    current = self.rollouts.get(rollout.id) or rollout
-                                    await self._rollback(current, None, None, None, detected, actor, final, why)
-                            except Exception:
-                                log.exception("rollout #%d: re-issuing an unrecorded revert failed; will retry",
-                                              rollout.id)
-                        continue
-                    if rollout.status == "rolling_back":
+                    if rollout.id in self._unrecorded or rollout.status == "rolling_back":
                         try:
                             await self._retry_revert(rollout, time.time())
                         except RolloutConflict as exc:

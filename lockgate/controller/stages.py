@@ -2,7 +2,8 @@
 
 States: ``pending`` → ``running`` (stage k = 0 … len(steps)-1) → ``promoted`` | ``rolled_back`` |
 ``aborted`` | ``inconclusive``; ``paused`` holds a running rollout where it is (harm still rolls
-back: pausing never disables the safety net).
+back: pausing never disables the safety net); ``rolling_back`` is a rollback or abort not yet on every
+Envoy (see ``rollouts.ACTIVE_STATUSES``, the one list of the statuses that still need the controller).
 
 :func:`decide` maps (spec, current state, judgement, clock, canary samples in this stage) to one
 :class:`StageDecision`. Rules, in order:
@@ -24,8 +25,6 @@ from dataclasses import dataclass, field
 from lockgate.controller.spec import RolloutSpec
 from lockgate.controller.stats import Judgement
 
-ACTIVE = ("pending", "running", "paused")
-FINAL = ("promoted", "rolled_back", "aborted", "inconclusive")
 TOTAL_BP = 10000
 
 

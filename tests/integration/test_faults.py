@@ -3,8 +3,9 @@
 For each lockgate part — ext_proc, xDS server, controller — killed (SIGKILL, then restarted) or frozen
 (SIGSTOP, then SIGCONT), and for one of two Envoys killed and restarted:
 
-* 0 non-2xx answers caused by lockgate (traffic goes through the Envoy that stays up; ext_proc fails
-  open, the xDS server and the controller are not on the request path);
+* 0 non-2xx answers caused by lockgate (ext_proc fails open, the xDS server and the controller are not on
+  the request path); the two Envoys share the listener port, so killing one drops the connections it
+  held — the only requests allowed to go unanswered;
 * no weight moved except by a decision (every Envoy still has the stage's 10 %, the rollout is still
   running at its stage: the controller re-took it after a restart);
 * the deployment log holds nothing but the rollout's own events (no rollback, no drift);
@@ -132,7 +133,10 @@ def test_fault_during_a_rollout_moves_nothing_and_fails_no_request(tmp_path, fau
             time.sleep(4)
             codes = traffic.snapshot()
             assert sum(codes.values()) > 200, codes
-            assert set(codes) == {200}, f"{fault}: answers other than 200: {codes}"
+            # Every answer is a 200. Both Envoys listen on one port, so when one is *killed* the connections it
+            # held die with it (the data plane itself, not lockgate): those, and only those, may have no answer.
+            assert set(codes) - {0} == {200}, f"{fault}: answers other than 200: {codes}"
+            assert codes[0] == 0 or fault == "envoy-kill", f"{fault}: requests without an answer: {codes}"
             # no weight moved: both Envoys (a restarted one got the current weights at once) at 10 %
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:

@@ -137,9 +137,9 @@ def first_visible(fleet: Fleet, rollout, detected_at: float) -> dict:
     import numpy as np
 
     from lockgate.config import load_config
-    from lockgate.controller import analysis
-    from lockgate.controller.observations import ObservationStore
-    from lockgate.controller.promoter import EVAL_COLUMNS, load_spec_of
+    from lockgate.controller.decide import analysis
+    from lockgate.controller.ingest.observations import ObservationStore
+    from lockgate.controller.decide.promoter import EVAL_COLUMNS, load_spec_of
 
     config = load_config(fleet.config_path)
     spec = load_spec_of(rollout, config)
@@ -196,7 +196,7 @@ def stats(xs: list[float]) -> dict:
 
 
 def run(args) -> dict:
-    from lockgate.controller.rollouts import RolloutStore
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     m = machine()
     trials: list[dict] = []

@@ -198,10 +198,10 @@ def cmd_extproc(args) -> int:
 
 
 def cmd_controller(args) -> int:
-    from lockgate.controller.service import ControllerStartError, serve
+    from lockgate.controller.app import ControllerStartError, serve
 
-    from lockgate.controller.envoy_watch import envoy_watch_task
-    from lockgate.controller.promoter import promotion_task
+    from lockgate.controller.ingest.envoy_watch import envoy_watch_task
+    from lockgate.controller.decide.promoter import promotion_task
 
     config = _load(args)
     try:
@@ -213,8 +213,8 @@ def cmd_controller(args) -> int:
 def cmd_observations_export(args) -> int:
     import sqlite3
 
-    from lockgate.controller.export import export_jsonl, parse_time
-    from lockgate.controller.observations import ObservationStore
+    from lockgate.controller.ingest.export import export_jsonl, parse_time
+    from lockgate.controller.ingest.observations import ObservationStore
 
     try:
         since = parse_time(args.since) if args.since is not None else None
@@ -262,7 +262,7 @@ def cmd_validate_config(args) -> int:
 
 def cmd_validate(args) -> int:
     """``lockgate validate FILE...``: check rollout specs (against lockgate.yaml when there is one)."""
-    from lockgate.controller.spec import load_spec, render_warning
+    from lockgate.controller.decide.spec import load_spec, render_warning
 
     config = None
     note = ""
@@ -299,7 +299,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from lockgate.controller.spec_schema import schema_json
+    from lockgate.controller.decide.spec_schema import schema_json
 
     sys.stdout.write(schema_json())
     return 0
@@ -355,7 +355,7 @@ def _fail(status: int, body: dict) -> None:
 
 
 def _plan_lines(plan: dict | None) -> list[str]:
-    """The promotion plan of ``rollout start`` / ``rollout status`` (see :mod:`lockgate.controller.ramp_plan`):
+    """The promotion plan of ``rollout start`` / ``rollout status`` (see :mod:`lockgate.controller.decide.ramp_plan`):
     its summary (traffic, ramp, max_duration), then one line per gating metric ("!": it has a warning)."""
     if not plan or not plan.get("metrics"):
         return []
@@ -396,7 +396,7 @@ def cmd_rollout_start(args) -> int:
 
 def _verdict_table(last_eval: dict) -> list[str]:
     """Per-metric verdicts of the last judgement; ``allowed`` is the rollback line (fail = beyond it)."""
-    from lockgate.controller.history import verdict_rows
+    from lockgate.controller.tell.history import verdict_rows
 
     return ["  " + line for line in verdict_rows(last_eval.get("verdicts", []), gating_default=False)]
 
@@ -456,8 +456,8 @@ def cmd_rollout_action(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from lockgate.controller.export import parse_time
-    from lockgate.controller.replay import analyze_file
+    from lockgate.controller.ingest.export import parse_time
+    from lockgate.controller.decide.replay import analyze_file
 
     try:
         start = parse_time(args.start) if args.start is not None else None
@@ -481,7 +481,7 @@ def _log_state_dir(args):
 
 
 def _log_call(fn):
-    from lockgate.controller.history import LogError
+    from lockgate.controller.tell.history import LogError
 
     try:
         return fn()
@@ -490,8 +490,7 @@ def _log_call(fn):
 
 
 def cmd_history(args) -> int:
-    from lockgate.controller import history as h
-
+    from lockgate.controller.tell import history as h
     state_dir = _log_state_dir(args)
 
     def run():
@@ -511,8 +510,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from lockgate.controller import history as h
-
+    from lockgate.controller.tell import history as h
     state_dir = _log_state_dir(args)
 
     def run():
@@ -528,8 +526,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from lockgate.controller import history as h
-
+    from lockgate.controller.tell import history as h
     state_dir = _log_state_dir(args)
     detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor()))
     print(f"rollout #{args.id}: root cause recorded [{detail['category']}] {detail['root_cause']}")
@@ -537,8 +534,7 @@ def cmd_annotate(args) -> int:
 
 
 def cmd_rollout_diagnose(args) -> int:
-    from lockgate.controller import diagnose as dg
-
+    from lockgate.controller.tell import diagnose as dg
     config = _load(args)
     d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit))
     print(json.dumps(d, indent=2) if args.json else dg.render(d))
@@ -548,7 +544,7 @@ def cmd_rollout_diagnose(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from lockgate.controller.report import write_report
+    from lockgate.controller.tell.report import write_report
 
     state_dir = _log_state_dir(args)
     html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png))

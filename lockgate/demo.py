@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from lockgate.config import LockgateConfig, load_config
-from lockgate.controller.spec import parse_duration
+from lockgate.controller.decide.spec import parse_duration
 from lockgate.examples.traffic import TrafficGenerator
 
 REPO = Path(__file__).resolve().parent.parent

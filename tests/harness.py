@@ -240,7 +240,7 @@ class Fleet:
 
     def observations(self, request_id: str | None = None, model: str | None = None) -> list[dict]:
         """Stored observations (read from the controller's SQLite store)."""
-        from lockgate.controller.observations import ObservationStore
+        from lockgate.controller.ingest.observations import ObservationStore
 
         store = ObservationStore(self.tmp / "state" / "observations.db", read_only=True)
         try:

@@ -18,7 +18,7 @@ gone), reports the counts to the controller (``ObservationBatch.ended_sources``)
 file once the controller acknowledged the report. The controller knows how many observations it
 stored from that source, so the loss it counts is exact — ``captured − dropped − stored`` — also for
 a batch it stored but could not acknowledge before the sender died (see
-:meth:`lockgate.controller.observations.ObservationStore.record_ended_sources`).
+:meth:`lockgate.controller.ingest.observations.ObservationStore.record_ended_sources`).
 A clean shutdown whose observations were all acknowledged deletes its own ledger.
 """
 

@@ -101,7 +101,7 @@ FAST = {"initial_backoff_s": 0.3, "max_backoff_s": 1.0}
 
 
 def log_events(tmp_path, rollout_id):
-    from lockgate.controller.rollouts import RolloutStore
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     store = RolloutStore(tmp_path / "state" / "rollouts.db")
     try:
@@ -309,8 +309,8 @@ def mlflow_server(tmp_path):
 @requires_mlflow
 def test_mlflow_registry_against_a_real_server(tmp_path, mlflow_server):
     from lockgate.config import config_from_text
-    from lockgate.controller.registry import RegistryError, update_from_event
-    from lockgate.controller.registry.mlflow import MlflowRegistry
+    from lockgate.controller.tell.registry import RegistryError, update_from_event
+    from lockgate.controller.tell.registry.mlflow import MlflowRegistry
 
     base = mlflow_server
     _mlflow(base, "POST", "registered-models/create", {"name": "chat-llm"})

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from lockgate.config import RetainBodies
-from lockgate.controller.rollouts import RolloutStore
-from lockgate.controller.samples import SampleStore, samples_path
+from lockgate.controller.decide.rollouts import RolloutStore
+from lockgate.controller.ingest.samples import SampleStore, samples_path
 from lockgate.extproc.capture import BodySampler
 from tests.fixture_upstream import FIXTURES, SSE
 from tests.harness import Client, Fleet, Proc, PY, requires_envoy

@@ -118,7 +118,7 @@ def deployment(tmp_path_factory):
             s.stop()
     # the controller and everything else is stopped now: the log is read from the state dir alone
     ids = {}
-    from lockgate.controller.rollouts import RolloutStore
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     store = RolloutStore(tmp / "state" / "rollouts.db")
     for r in store.history():
@@ -308,7 +308,7 @@ def test_report_renders_in_headless_chromium(deployment):
 
     if _chromium() is None:
         pytest.skip("chromium not installed (Debian: apt-get install -y chromium) — cannot check the page renders")
-    from lockgate.controller.rollouts import RolloutStore
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     store = RolloutStore(tmp / "state" / "rollouts.db")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lockgate.controller.evaluation import EvaluationStore
+from lockgate.controller.evaluate.evaluation import EvaluationStore
 from tests.harness import Client, Fleet, Proc, PY, requires_envoy
 
 pytestmark = [requires_envoy, pytest.mark.envoy]

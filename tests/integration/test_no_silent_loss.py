@@ -310,8 +310,8 @@ def test_upstream_cut_stream_is_a_model_failure_a_client_reset_is_not(chat_fleet
     assert {k: o["error_kind"] for k, o in got.items()} == want
     assert all(o["status_code"] == 200 for o in obs)  # the headers went out before every cut
 
-    from lockgate.controller.analysis import prepare
-    from lockgate.controller.observations import ObservationStore
+    from lockgate.controller.decide.analysis import prepare
+    from lockgate.controller.ingest.observations import ObservationStore
 
     store = ObservationStore(f.tmp / "state" / "observations.db", read_only=True)
     try:

@@ -157,7 +157,7 @@ def test_controller_killed_mid_stage_resumes_same_stage_same_evidence(tmp_path):
         v1.stop()
         v2.stop()
     assert final["status"] == "promoted"
-    from lockgate.controller.rollouts import RolloutStore
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     store = RolloutStore(tmp_path / "state" / "rollouts.db")
     kinds = [(e["kind"], e["stage"]) for e in store.events(final["id"]) if e["kind"] not in ("alert", "registry")]

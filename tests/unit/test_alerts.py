@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from lockgate.config import RetryPolicy, config_from_text
-from lockgate.controller.alerts import (Alert, DeliveryError, alert_from_event, alertmanager_payload,
+from lockgate.controller.tell.alerts import (Alert, DeliveryError, alert_from_event, alertmanager_payload,
                                         alertmanager_url, backoff_delay, classify_status, describe_beyond,
                                         describe_timings,
                                         describe_verdict, http_request, render, rollback_push_trouble,
                                         send_alert, slack_payload, total_retry_window, trouble_alert,
                                         webhook_payload)
-from lockgate.controller.notify import Outbox
+from lockgate.controller.tell.notify import Outbox
 from lockgate.yamlconf import ConfigError
 
 FAIL = {"metric": "error_rate", "kind": "rate", "verdict": "fail", "gating": True, "baseline": 0.02,

@@ -25,10 +25,10 @@ import yaml
 from lockgate.auth import hash_token
 from lockgate.cli import main
 from lockgate.config import ConfigError, config_from_text, load_config
-from lockgate.controller.collector import ControllerMetrics
-from lockgate.controller.http_api import ControllerHTTP, HttpLimits
-from lockgate.controller.observations import ObservationStore
-from lockgate.controller.spec import load_spec, spec_from_text
+from lockgate.controller.ingest.collector import ControllerMetrics
+from lockgate.controller.api.http import ControllerHTTP, HttpLimits
+from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.controller.decide.spec import load_spec, spec_from_text
 from lockgate.extproc.analyzers import AnalyzerConfig, make_analyzer
 from tests.harness import PY, REPO, Proc, _env, free_port
 
@@ -506,7 +506,7 @@ def test_actor_is_the_authenticated_client(tmp_path):
     """With auth on, the actor recorded for a rollout action is the token's client name, never the body's
     ``actor``; with auth off, the body's actor as before."""
     from lockgate.auth import ClientToken, TokenRegistry
-    from lockgate.controller.promoter import register_http
+    from lockgate.controller.decide.promoter import register_http
 
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)

@@ -15,12 +15,12 @@ from google.protobuf import struct_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from lockgate.config import ConfigError, RetainBodies, config_from_text
-from lockgate.controller import diagnose as dg
-from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
-from lockgate.controller.http_api import ControllerHTTP
-from lockgate.controller.observations import OBS_COLUMN_NAMES, ObservationStore
-from lockgate.controller.rollouts import RolloutStore
-from lockgate.controller.samples import SampleStore, decoded_text, sample_json, samples_path
+from lockgate.controller.tell import diagnose as dg
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.api.http import ControllerHTTP
+from lockgate.controller.ingest.observations import OBS_COLUMN_NAMES, ObservationStore
+from lockgate.controller.decide.rollouts import RolloutStore
+from lockgate.controller.ingest.samples import SampleStore, decoded_text, sample_json, samples_path
 from lockgate.extproc.analyzers import AnalyzerConfig
 from lockgate.extproc.capture import ATTR_NS, BodySampler, ResponseCapture, SampledCapture, body_sampler
 from lockgate.proto.v1 import observations_pb2 as pb

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer, slice_bounds
-from lockgate.controller.observations import ObservationStore
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer, slice_bounds
+from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.proto.v1 import observations_pb2 as pb
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 

@@ -13,15 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from lockgate.config import ConfigError, config_from_text
-from lockgate.controller.evaluation import (
+from lockgate.controller.evaluate.evaluation import (
     EvaluationMetrics, EvaluationRow, EvaluationStore, Sample, pick_endpoint, replay_headers,
 )
-from lockgate.controller.evaluators import (
+from lockgate.controller.evaluate.evaluators import (
     HeuristicEvaluator, HttpJudgeEvaluator, judge_request, make_evaluator, parse_judge_score, run_score,
 )
-from lockgate.controller.export import add_evaluation
-from lockgate.controller.similarity import CharNgramCosine, TokenJaccard, make_similarity, safe_compare
-from lockgate.controller.texts import extract_prompt, extract_text, replay_body
+from lockgate.controller.ingest.export import add_evaluation
+from lockgate.controller.evaluate.similarity import CharNgramCosine, TokenJaccard, make_similarity, safe_compare
+from lockgate.controller.evaluate.texts import extract_prompt, extract_text, replay_body
 
 PROMPT = "What is the capital of France, and why is it important?"
 GOOD = ("Paris is the capital of France. It is important because it is the political, economic and cultural "
@@ -106,7 +106,7 @@ def test_token_jaccard_and_factory():
     assert make_similarity(None) is None
     assert isinstance(make_similarity("char3"), CharNgramCosine)
     assert isinstance(make_similarity("jaccard"), TokenJaccard)
-    plug = make_similarity("lockgate.controller.similarity:TokenJaccard")
+    plug = make_similarity("lockgate.controller.evaluate.similarity:TokenJaccard")
     assert plug.compare("x y", "x y") == 1.0
     with pytest.raises(ImportError):
         make_similarity("no.such.module:Thing")
@@ -399,7 +399,7 @@ def test_pick_endpoint_is_deterministic_and_spreads():
 def test_make_evaluator_kinds():
     cfg = config_from_text(BASE % ("{sample_rate: 1, evaluator: http, judge: {url: 'http://127.0.0.1:9/x', model: j}}"))
     assert isinstance(make_evaluator(cfg.models[0].evaluation), HttpJudgeEvaluator)
-    cfg = config_from_text(BASE % "{sample_rate: 1, evaluator: 'lockgate.controller.evaluators:HeuristicEvaluator'}")
+    cfg = config_from_text(BASE % "{sample_rate: 1, evaluator: 'lockgate.controller.evaluate.evaluators:HeuristicEvaluator'}")
     assert make_evaluator(cfg.models[0].evaluation).score(PROMPT, GOOD) > 0.9
 
 
@@ -407,7 +407,7 @@ def test_make_evaluator_kinds():
 def test_sampler_stores_mirrored_requests(tmp_path):
     from prometheus_client import CollectorRegistry
 
-    from lockgate.controller.sampler import SamplerServer, match_model
+    from lockgate.controller.evaluate.sampler import SamplerServer, match_model
     from tests.harness import free_port
 
     port = free_port()
@@ -490,7 +490,7 @@ def test_worker_replays_evaluates_and_skips(tmp_path):
 
     from prometheus_client import CollectorRegistry
 
-    from lockgate.controller.evaluation import EvaluationWorker
+    from lockgate.controller.evaluate.evaluation import EvaluationWorker
     from tests.harness import free_port
 
     servers = [_QuietServer(("127.0.0.1", 0), _Model) for _ in range(2)]

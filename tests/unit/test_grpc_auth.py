@@ -23,8 +23,8 @@ from envoy.config.core.v3 import base_pb2
 
 from lockgate.auth import hash_token
 from lockgate.config import ConfigError, config_from_text
-from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
-from lockgate.controller.observations import ObservationStore
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.grpc_auth import (NoTokenError, add_port, aio_channel, server_interceptors, sync_channel,
                                 warn_if_insecure)

@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from lockgate.controller import history as h
-from lockgate.controller.rollouts import RolloutStore
+from lockgate.controller.tell import history as h
+from lockgate.controller.decide.rollouts import RolloutStore
 
 SPEC = """rollout:
   model: {model}

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lockgate.controller import diagnose as dg
-
-
+from lockgate.controller.tell import diagnose as dg
 def columns():
     rng = np.random.default_rng(7)
     rows = []
@@ -98,7 +96,7 @@ def test_render():
 
 
 def test_diagnose_after_retention_says_pruned(tmp_path):
-    from lockgate.controller.observations import ObservationStore
+    from lockgate.controller.ingest.observations import ObservationStore
     from tests.unit.test_history import T0, build
 
     build(tmp_path)

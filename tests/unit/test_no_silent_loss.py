@@ -21,11 +21,11 @@ from google.protobuf import struct_pb2
 
 from envoy.data.accesslog.v3 import accesslog_pb2 as ald
 from lockgate.config import config_from_text
-from lockgate.controller.analysis import prepare
-from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
-from lockgate.controller.export import export_jsonl, read_jsonl
-from lockgate.controller.http_api import ControllerHTTP, FeedbackError, parse_feedback
-from lockgate.controller.observations import ObservationStore, model_failure
+from lockgate.controller.decide.analysis import prepare
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.ingest.export import export_jsonl, read_jsonl
+from lockgate.controller.api.http import ControllerHTTP, FeedbackError, parse_feedback
+from lockgate.controller.ingest.observations import ObservationStore, model_failure
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture
 from lockgate.extproc.analyzers import AnalyzerConfig
 from lockgate.extproc.ledger import Ledger, claim_ended

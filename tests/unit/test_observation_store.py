@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lockgate.config import ConfigError, config_from_text
-from lockgate.controller.collector import ControllerMetrics, ObservationCollectorServicer
-from lockgate.controller.export import export_jsonl, parse_time, read_jsonl, record_to_json
-from lockgate.controller.http_api import ControllerHTTP, FeedbackError, parse_feedback
-from lockgate.controller.observations import (
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.ingest.export import export_jsonl, parse_time, read_jsonl, record_to_json
+from lockgate.controller.api.http import ControllerHTTP, FeedbackError, parse_feedback
+from lockgate.controller.ingest.observations import (
     BOOL_COLUMNS, FETCH_COLUMNS, FLOAT_COLUMNS, ObservationStore, observation_row,
 )
 from lockgate.proto.v1 import observations_pb2 as pb

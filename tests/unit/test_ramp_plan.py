@@ -1,4 +1,4 @@
-"""Promotion you can plan: the ramp planner (lockgate.controller.ramp_plan), its use by the promoter and the CLI."""
+"""Promotion you can plan: the ramp planner (lockgate.controller.decide.ramp_plan), its use by the promoter and the CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from lockgate.controller import analysis
-from lockgate.controller.ramp_plan import (
+from lockgate.controller.decide import analysis
+from lockgate.controller.decide.ramp_plan import (
     StageSpan,
     hours_to_reach,
     metric_estimate,
@@ -20,7 +20,7 @@ from lockgate.controller.ramp_plan import (
     plan_status,
     stage_hours,
 )
-from lockgate.controller.spec import spec_from_text
+from lockgate.controller.decide.spec import spec_from_text
 from lockgate.controller.stats import MetricSpec, evaluate_all, samples_needed, split_alpha
 from lockgate.controller.stats.simulate import CLASSES, RolloutConfig, default_specs, prefix, simulate_rollout
 
@@ -315,7 +315,7 @@ def test_cli_plan_lines():
 
 def test_promoter_start_and_status_carry_the_plan(tmp_path, store_history):
     from lockgate.config import config_from_text
-    from lockgate.controller.promoter import Promoter
+    from lockgate.controller.decide.promoter import Promoter
 
     history, now = store_history
     cfg = config_from_text(f"""
@@ -350,7 +350,7 @@ rollout:
             return {}
 
         promoter._begin = no_envoy
-        import lockgate.controller.promoter as pm
+        import lockgate.controller.decide.promoter as pm
 
         real_time = pm.time.time
         pm.time.time = lambda: now

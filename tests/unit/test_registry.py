@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 from lockgate.config import config_from_text
-from lockgate.controller.registry import RegistryUpdate, make_registry, update_from_event
-from lockgate.controller.registry.file import FileRegistry
-from lockgate.controller.registry.mlflow import MlflowRegistry, tag_key
-from lockgate.controller.rollouts import RolloutStore
+from lockgate.controller.tell.registry import RegistryUpdate, make_registry, update_from_event
+from lockgate.controller.tell.registry.file import FileRegistry
+from lockgate.controller.tell.registry.mlflow import MlflowRegistry, tag_key
+from lockgate.controller.decide.rollouts import RolloutStore
 
 VERDICT = {"metric": "error_rate", "kind": "rate", "verdict": "fail", "gating": True, "baseline": 0.02,
            "canary": 0.1, "difference": 0.08, "interval": [0.05, 0.11], "allowed": 0.015, "allowed_mode": "absolute",
@@ -145,7 +145,7 @@ models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]
 
 
 def test_notifier_retries_with_backoff_then_delivers_and_logs(tmp_path):
-    from lockgate.controller.notify import install
+    from lockgate.controller.tell.notify import install
 
     ok, flaky, perm = Receiver(), Receiver(fail=2), Receiver(fail=99, status=400)
     try:
@@ -191,7 +191,7 @@ def test_notifier_retries_with_backoff_then_delivers_and_logs(tmp_path):
 
 
 def test_notifier_gives_up_after_max_attempts_and_a_hanging_sink_blocks_nothing(tmp_path):
-    from lockgate.controller.notify import Outbox, install
+    from lockgate.controller.tell.notify import Outbox, install
 
     down, hang, ok = Receiver(fail=99), Receiver(hang=True), Receiver()
     try:

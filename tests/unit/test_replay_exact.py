@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockgate.controller import analysis
-from lockgate.controller.replay import cut_stream, look_time, replay
-from lockgate.controller.spec import spec_from_text
-from lockgate.controller.stages import StageState, decide
+from lockgate.controller.decide import analysis
+from lockgate.controller.decide.replay import cut_stream, look_time, replay
+from lockgate.controller.decide.spec import spec_from_text
+from lockgate.controller.decide.stages import StageState, decide
 
 T0 = 1.8e9
 STEPS = """

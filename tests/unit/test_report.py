@@ -9,11 +9,11 @@ import zlib
 
 import pytest
 
-from lockgate.controller import history as h
-from lockgate.controller.report import ReportData, main_figure, main_metric, render_html, render_png, write_report
-from lockgate.controller.report.charts import (Band, Figure, HLine, Marker, Panel, Series, Span, fmt_elapsed, layout,
+from lockgate.controller.tell import history as h
+from lockgate.controller.tell.report import ReportData, main_figure, main_metric, render_html, render_png, write_report
+from lockgate.controller.tell.report.charts import (Band, Figure, HLine, Marker, Panel, Series, Span, fmt_elapsed, layout,
                                                nice_ticks, to_svg)
-from lockgate.controller.report.raster import Canvas, _GLYPHS, read_png_size, to_png
+from lockgate.controller.tell.report.raster import Canvas, _GLYPHS, read_png_size, to_png
 from tests.unit.test_history import build
 
 
@@ -175,7 +175,7 @@ def _rollout(tmp_path, rid=2):
 
 def _interval_geometry(fig):
     """The interval panel, its plot rectangle (pixels) and data -> pixel y of that panel."""
-    from lockgate.controller.report.charts import _yrange
+    from lockgate.controller.tell.report.charts import _yrange
 
     w, hgt, prims = layout(fig)
     panel = fig.panels[1]
@@ -185,8 +185,8 @@ def _interval_geometry(fig):
 
 
 def test_chart_draws_the_rollback_line_at_the_allowance(tmp_path):
-    from lockgate.controller.report import metric_figure, verdict_table
-    from lockgate.controller.report.charts import HARM, ZERO
+    from lockgate.controller.tell.report import metric_figure, verdict_table
+    from lockgate.controller.tell.report.charts import HARM, ZERO
 
     r, events, evaluations = _rollout(tmp_path)  # fail: interval [0.1, 0.4], allowed 0.05, stored without a line
     d = ReportData(r, events, evaluations)
@@ -220,7 +220,7 @@ def test_chart_draws_the_rollback_line_at_the_allowance(tmp_path):
 
 
 def test_chart_uses_the_recorded_line_harmful_decrease(tmp_path):
-    from lockgate.controller.report import metric_figure
+    from lockgate.controller.tell.report import metric_figure
 
     r, events, evaluations = _rollout(tmp_path)
     v = {"metric": "class_recall[fraud]", "kind": "class_recall", "verdict": "fail", "baseline": 0.9, "canary": 0.8,
@@ -234,7 +234,7 @@ def test_chart_uses_the_recorded_line_harmful_decrease(tmp_path):
 
 
 def test_pass_above_zero_but_within_the_allowance_is_drawn_and_shown_as_within(tmp_path):
-    from lockgate.controller.report import metric_figure
+    from lockgate.controller.tell.report import metric_figure
 
     r, events, evaluations = _rollout(tmp_path)
     ok = dict(evaluations[0]["judgement"]["verdicts"][0], verdict="pass", canary=0.045, difference=0.025,
@@ -254,7 +254,7 @@ def test_pass_above_zero_but_within_the_allowance_is_drawn_and_shown_as_within(t
 
 
 def test_relative_allowance_line_moves_with_the_baseline(tmp_path):
-    from lockgate.controller.report import metric_figure
+    from lockgate.controller.tell.report import metric_figure
 
     r, events, evaluations = _rollout(tmp_path)
     v = dict(evaluations[0]["judgement"]["verdicts"][0], verdict="not-yet", interval=[-0.01, 0.03],
@@ -270,7 +270,7 @@ def test_relative_allowance_line_moves_with_the_baseline(tmp_path):
 
 
 def test_exceedance_ratio_chart_and_table_are_on_the_exceedance_share_scale(tmp_path):
-    from lockgate.controller.report import metric_figure, verdict_table
+    from lockgate.controller.tell.report import metric_figure, verdict_table
 
     r, events, evaluations = _rollout(tmp_path)
     v = {"metric": "latency_p95", "kind": "quantile", "verdict": "pass", "baseline": 790.0, "canary": 805.0,

@@ -1,4 +1,4 @@
-"""Rollout spec (lockgate/controller/spec.py): parsing, defaults, every problem with line and path,
+"""Rollout spec (lockgate/controller/decide/spec.py): parsing, defaults, every problem with line and path,
 the lock hash, the JSON Schema and the mapping onto the statistics core."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from lockgate.cli import main
 from lockgate.config import config_from_text, load_config
-from lockgate.controller import spec as S
-from lockgate.controller.spec import (
+from lockgate.controller.decide import spec as S
+from lockgate.controller.decide.spec import (
     BUILTIN_METRICS,
     DEFAULT_STEPS,
     ConfigError,
@@ -29,7 +29,7 @@ from lockgate.controller.spec import (
     spec_from_text,
     spec_hash,
 )
-from lockgate.controller.spec_schema import rollout_schema
+from lockgate.controller.decide.spec_schema import rollout_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "rollouts").glob("*.yaml"))
@@ -836,7 +836,7 @@ def test_random_mutations_never_crash(data):
 
 
 def test_evaluator_score_allowance_is_on_the_unit_scale():
-    from lockgate.controller.spec import ConfigError, spec_from_text
+    from lockgate.controller.decide.spec import ConfigError, spec_from_text
 
     with pytest.raises(ConfigError) as exc:
         spec_from_text("rollout:\n  model: chat\n  canary: v2\n  metrics:\n"

@@ -9,9 +9,9 @@ import stat
 import subprocess
 import sys
 
-from lockgate.controller.evaluation import EvaluationStore
-from lockgate.controller.promoter import keep_in_history
-from lockgate.controller.rollouts import RolloutStore
+from lockgate.controller.evaluate.evaluation import EvaluationStore
+from lockgate.controller.decide.promoter import keep_in_history
+from lockgate.controller.decide.rollouts import RolloutStore
 from lockgate.supervisor import rotate_if_large
 
 
@@ -75,7 +75,7 @@ def test_component_logs_rotate_and_keep_a_few(tmp_path):
 import pytest  # noqa: E402
 
 from lockgate.config import ConfigError, config_from_text  # noqa: E402
-from lockgate.controller.spec import spec_from_text  # noqa: E402
+from lockgate.controller.decide.spec import spec_from_text  # noqa: E402
 
 MODEL = '{name: chat, stable: v1, versions: {v1: {endpoints: ["127.0.0.1:7001"]}, v2: {endpoints: ["127.0.0.1:7002"]}}}'
 

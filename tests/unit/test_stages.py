@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.controller.rollouts import RolloutConflict, RolloutStore
-from lockgate.controller.spec import spec_from_text
-from lockgate.controller.stages import StageState, decide
+from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
+from lockgate.controller.decide.spec import spec_from_text
+from lockgate.controller.decide.stages import StageState, decide
 from lockgate.controller.stats import Judgement
 
 SPEC = spec_from_text("""
@@ -96,7 +96,7 @@ def test_only_one_controller_holds_a_model(tmp_path):
 def test_replay_evaluations_join_the_columns_for_score_and_similarity_only():
     import numpy as np
 
-    from lockgate.controller.analysis import merge_evaluations, prepare
+    from lockgate.controller.decide.analysis import merge_evaluations, prepare
 
     data = {"ts": np.array([1.0, 2.0]), "role": np.array(["baseline", "canary"], dtype=object),
             "status_code": np.array([200.0, 500.0]), "weight": np.array([0.1, 0.1]),
@@ -114,7 +114,7 @@ def test_replay_evaluations_join_the_columns_for_score_and_similarity_only():
 
 
 def test_envoy_unobserved_counters_parse():
-    from lockgate.controller.envoy_watch import parse_stats
+    from lockgate.controller.ingest.envoy_watch import parse_stats
 
     text = ("http.lockgate.ext_proc.lockgate.message_timeouts: 3\nhttp.lockgate.ext_proc.lockgate.streams_started: 9\n"
             "http.lockgate.ext_proc.lockgate.failure_mode_allowed: 4\n")

@@ -1,0 +1,1 @@
+"""API: the controller's HTTP front end (feedback, observations, rollout API, ``/metrics``)."""

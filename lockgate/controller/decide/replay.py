@@ -1,0 +1,186 @@
+"""``lockgate analyze``: replay the controller's decisions on recorded observations, offline.
+
+The replay *is* the live controller, run on a recording. Observations (JSONL from ``lockgate
+observations export``, see docs/observations.md) are evaluated at every look the live controller
+makes — look ``k`` at ``start + k * analysis_interval_s`` for ``k = 1 … K``, ``start`` being the
+rollout start (``--start``) or else the first observation, and look ``K`` the first at or after the
+horizon (``--until``, or else the last observation) — in order, each with the same pure functions the
+controller calls (:func:`analysis.prepare_dataset`/:func:`analysis.prepare_at`, i.e.
+:func:`analysis.evaluate_at`, and :func:`stages.decide`). A look at ``t`` sees what the controller saw
+at ``t``: observations with ``ts <= t`` and labels that had arrived by ``t`` (:func:`cut_stream` builds
+exactly that stream). The stage in force at a look is the one whose weight the recorded requests were
+routed with. The first look that rolls back, promotes or ends the rollout as inconclusive is the
+answer; otherwise the result is ``continue`` at the last look. No look is skipped: a bound can be
+crossed at one look and left again at the next, so nothing can be inferred about a look without
+evaluating it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from lockgate.controller.decide import analysis
+from lockgate.controller.ingest.export import read_jsonl
+from lockgate.controller.decide.spec import RolloutSpec, load_spec
+from lockgate.controller.decide.stages import StageState, decide, stage_label
+
+#: label value column → its arrival-time column (``label``/``label_ts`` are read_jsonl's aliases)
+ARRIVAL_COLUMNS = {"true_class": "label_arrival_ts", "label": "label_ts", "thumbs": "thumbs_arrival_ts",
+                   "task_success": "task_success_arrival_ts", "evaluator_score": "evaluator_score_arrival_ts"}
+#: slack for float error when counting looks up to the horizon
+LOOK_EPS = 1e-9
+#: decisions that end the rollout (the controller stops evaluating it)
+FINAL_ACTIONS = {"rollback": "rollback", "promote": "promote", "inconclusive": "inconclusive"}
+
+
+def look_time(start: float, interval_s: float, k: int) -> float:
+    """Time of look ``k`` (1-based). Always computed this way, so equal looks compare equal."""
+    return float(start + interval_s * k)
+
+
+def look_count(start: float, horizon: float, interval_s: float) -> int:
+    """K: looks up to the first one at or after ``horizon`` (at least one)."""
+    return max(1, int(math.ceil((horizon - start) / interval_s - LOOK_EPS)))
+
+
+def cut_stream(data: Mapping[str, Any], t: float) -> dict[str, np.ndarray]:
+    """The stream as the controller saw it at ``t``: rows with ``ts <= t`` (in their order), and each
+    label that arrived after ``t`` removed (its arrival time and its value set to NaN / None)."""
+    ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
+    n = ts.size
+    keep = ts <= t
+    out: dict[str, np.ndarray] = {}
+    for k, v in data.items():
+        arr = np.asarray(v)
+        out[k] = arr[keep] if arr.shape[:1] == (n,) else v
+    for col, ts_col in ARRIVAL_COLUMNS.items():
+        if ts_col not in out or np.asarray(out[ts_col]).shape[:1] != (int(keep.sum()),):
+            continue
+        arrival = np.asarray(out[ts_col], dtype=float)
+        late = arrival > t
+        if not late.any():
+            continue
+        out[ts_col] = np.where(late, np.nan, arrival)
+        if col in out:
+            vals = np.asarray(out[col])
+            if vals.dtype.kind in "fc":
+                out[col] = np.where(late, np.nan, vals)
+            else:
+                vals = vals.astype(object, copy=True)
+                vals[late] = None
+                out[col] = vals
+    return out
+
+
+def _stage_of(spec: RolloutSpec, weight_bp: float) -> int:
+    """Index of the step whose weight is closest to ``weight_bp`` from below (0 if below the first)."""
+    idx = 0
+    for i, step in enumerate(spec.steps):
+        if weight_bp + 0.5 >= step.weight_bp:
+            idx = i
+    return idx
+
+
+class _Stages:
+    """The stage in force at ``now``, derived from the recorded weights, as the rollout record holds it.
+
+    The stage is the step of the weight the last request up to ``now`` was routed with; it started
+    when the first request was routed with that step's weight (stage 1: at the rollout start).
+    """
+
+    def __init__(self, spec: RolloutSpec, ts: np.ndarray, weight: np.ndarray, start: float):
+        self.spec, self.ts, self.start = spec, ts, start
+        self.weight_bp = np.nan_to_num(np.asarray(weight, dtype=float)) * 10000
+        self.first_ts: list[float] = []
+        for step in spec.steps:
+            hit = np.flatnonzero(np.abs(self.weight_bp - step.weight_bp) < 0.5)
+            self.first_ts.append(float(ts[hit[0]]) if hit.size else math.inf)
+
+    def at(self, now: float) -> tuple[int, float]:
+        upto = int(np.searchsorted(self.ts, now, side="right"))
+        stage = _stage_of(self.spec, float(self.weight_bp[upto - 1]) if upto else 0.0)
+        if stage == 0:
+            return 0, self.start
+        first = self.first_ts[stage]
+        return stage, first if first <= now else float(now)
+
+
+def replay(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] | None = None, *,
+           until: float | None = None, start: float | None = None) -> dict:
+    """Evaluate every look in order; the first deciding one (or the last look) is the result.
+
+    ``start``: the rollout start (looks are anchored there; earlier observations are not part of the
+    rollout and are left out); default: the first observation. ``until``: the horizon (the last look
+    is the first at or after it); default: the last observation.
+    """
+    ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
+    n = ts.size
+    keep = np.isfinite(ts) if start is None else ts >= float(start)
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(ts[order], kind="stable")]
+    if order.size == 0:
+        raise ValueError("no observations of this model in the file" + ("" if start is None else
+                                                                       f" at or after --start {start:g}"))
+    data = {k: (np.asarray(v)[order] if np.asarray(v).shape[:1] == (n,) else v) for k, v in data.items()}
+    ts = ts[order]
+    start_ts = float(ts[0]) if start is None else float(start)
+    horizon = float(ts[-1]) if until is None else float(until)
+    if horizon < start_ts:
+        raise ValueError(f"--until {horizon:g} is before the rollout start {start_ts:g}")
+    interval = float(spec.analysis_interval_s)
+    n_looks = look_count(start_ts, horizon, interval)
+
+    ds = analysis.prepare_dataset(data)
+    stages = _Stages(spec, ts, data.get("weight", np.zeros(ts.size)), start_ts)
+    is_canary = np.asarray(data.get("role", np.full(ts.size, None)), dtype=object) == "canary"
+
+    def at(now: float, intervals: bool):
+        stage, stage_start = stages.at(now)
+        judgement = analysis.evaluate_dataset(spec, ds, now, auto, quantile_intervals=intervals)
+        in_stage = analysis.canary_samples_in_stage(ts, is_canary, stage_start, now)
+        decision = decide(spec, StageState("running", stage, start_ts, stage_start), judgement, now, in_stage)
+        return stage, judgement, decision
+
+    k, action = 0, "hold"
+    for k in range(1, n_looks + 1):
+        action = at(look_time(start_ts, interval, k), False)[2].action
+        if action in FINAL_ACTIONS:
+            break
+    now = look_time(start_ts, interval, k)
+    stage, judgement, decision = at(now, True)  # the same look again, with quantile intervals for the report
+    if decision.action != action:  # cannot happen: the intervals are reported, never used for a verdict
+        raise RuntimeError(f"look {k}: {action} without quantile intervals, {decision.action} with them")
+    verdict = FINAL_ACTIONS.get(decision.action, "continue")
+    return {
+        "decision": verdict, "at_ts": now, "stage": stage_label(spec, stage),
+        "reasons": [_reason(v) for v in judgement.verdicts],
+        "stage_reasons": list(decision.reasons), "alpha_statement": judgement.alpha_statement,
+        "looks": n_looks, "looks_evaluated": k, "looks_thinned": False,
+    }
+
+
+def _reason(v) -> dict:
+    d = v.to_dict()
+    return {"metric": d["metric"], "baseline": d["baseline"], "canary": d["canary"], "interval": d["interval"],
+            "allowed": d["allowed"], "verdict": d["verdict"], "gating": d["gating"], "n_baseline": d["n_baseline"],
+            "n_canary": d["n_canary"], "reason": d["reason"]}
+
+
+def analyze_file(spec_path: str, observations_path: str, config_path: str | None = None, *,
+                 until: float | None = None, start: float | None = None) -> dict:
+    config = None
+    if config_path:
+        from lockgate.config import load_config
+
+        config = load_config(config_path)
+    spec = load_spec(spec_path, config)
+    if any(m.allowed_mode == "auto" for m in spec.metrics):
+        raise ValueError("the spec uses allowed: auto; offline analysis needs explicit allowed changes "
+                         "(auto is derived from the live baseline history at rollout start)")
+    with open(Path(observations_path), encoding="utf-8") as f:
+        data = read_jsonl(f, spec.model, since_ts=start)
+    return replay(spec, data, until=until, start=start)

@@ -1,0 +1,94 @@
+"""The rollout stage machine, as a pure function.
+
+States: ``pending`` → ``running`` (stage k = 0 … len(steps)-1) → ``promoted`` | ``rolled_back`` |
+``aborted`` | ``inconclusive``; ``paused`` holds a running rollout where it is (harm still rolls
+back: pausing never disables the safety net); ``rolling_back`` is a rollback or abort not yet on every
+Envoy (see ``rollouts.ACTIVE_STATUSES``, the one list of the statuses that still need the controller).
+
+:func:`decide` maps (spec, current state, judgement, clock, canary samples in this stage) to one
+:class:`StageDecision`. Rules, in order:
+
+1. any gating metric shows harm → ``rollback`` (at once, whatever the stage's minimums);
+2. paused → ``hold``;
+3. the stage's minimum duration or minimum canary samples not met → ``hold``;
+4. not the last stage → ``advance`` to the next stage's weight (no harm is enough to ramp);
+5. last stage → ``promote`` to 100 % when every gating metric shows non-inferiority (or, with
+   ``require_non_inferiority: false``, when none shows harm);
+6. the rollout's ``max_duration`` used up without 5 → ``inconclusive`` (held at its weight for a
+   human; never promoted silently); otherwise ``hold`` collecting evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lockgate.controller.decide.spec import RolloutSpec
+from lockgate.controller.stats import Judgement
+
+TOTAL_BP = 10000
+
+
+@dataclass(frozen=True)
+class StageState:
+    status: str          #: pending | running | paused | promoted | rolled_back | aborted | inconclusive
+    stage: int           #: index into spec.steps (meaningful while running/paused)
+    started_at: float    #: epoch s, rollout start
+    stage_started_at: float
+
+
+@dataclass(frozen=True)
+class StageDecision:
+    action: str          #: hold | advance | promote | rollback | inconclusive
+    stage: int           #: stage index after the decision (len(steps) after promotion)
+    weight_bp: int       #: canary weight after the decision
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def moves_weight(self) -> bool:
+        return self.action in ("advance", "promote", "rollback")
+
+
+def stage_label(spec: RolloutSpec, stage: int) -> str:
+    if stage >= len(spec.steps):
+        return "100%"
+    return f"stage {stage + 1}/{len(spec.steps)} ({spec.steps[stage].weight_bp / 100:g}%)"
+
+
+def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: float,
+           canary_samples_in_stage: int) -> StageDecision:
+    if state.status not in ("running", "paused"):
+        raise ValueError(f"decide() needs a running or paused rollout, not {state.status}")
+    step = spec.steps[state.stage]
+    current_bp = step.weight_bp
+    if judgement.decision == "rollback":
+        return StageDecision("rollback", state.stage, 0,
+                             ("harm shown: " + "; ".join(r for r in judgement.reasons if not r.startswith("(")),))
+    if state.status == "paused":
+        return StageDecision("hold", state.stage, current_bp, ("paused by an operator (harm still rolls back)",))
+    in_stage = now - state.stage_started_at
+    waiting = []
+    if in_stage < step.min_duration_s:
+        waiting.append(f"minimum duration: {in_stage:.0f} of {step.min_duration_s:.0f} s")
+    if canary_samples_in_stage < step.min_canary_samples:
+        waiting.append(f"minimum canary samples: {canary_samples_in_stage} of {step.min_canary_samples}")
+    overdue = now - state.started_at >= spec.promotion.max_duration_s
+    last = state.stage == len(spec.steps) - 1
+    if not waiting:
+        if not last:
+            nxt = spec.steps[state.stage + 1]
+            return StageDecision("advance", state.stage + 1, nxt.weight_bp,
+                                 (f"{stage_label(spec, state.stage)} done, no gating metric shows harm; "
+                                  f"advancing to {nxt.weight_bp / 100:g}%",))
+        if judgement.decision == "promote" or (not spec.promotion.require_non_inferiority and
+                                               judgement.decision == "continue"):
+            why = ("every gating metric shown within its allowed change" if judgement.decision == "promote"
+                   else "no gating metric shows harm (non-inferiority not required by the spec)")
+            return StageDecision("promote", len(spec.steps), TOTAL_BP, (f"promoting to 100%: {why}",))
+        waiting.append("promotion needs every gating metric shown within its allowed change: "
+                       + "; ".join(v.metric for v in judgement.verdicts if v.gating and v.verdict != "pass")
+                       + " not yet")
+    if overdue:
+        return StageDecision("inconclusive", state.stage, current_bp,
+                             (f"max duration {spec.promotion.max_duration_s:.0f} s reached without evidence for "
+                              f"promotion; holding at {current_bp / 100:g}% for a human",) + tuple(waiting))
+    return StageDecision("hold", state.stage, current_bp, tuple(waiting) or ("collecting evidence",))

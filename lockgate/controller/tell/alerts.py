@@ -1,0 +1,528 @@
+"""Alerts: what a rollout outcome or a component problem looks like on the wire, and how it gets there.
+
+Pure parts (unit-tested without a network):
+
+* :class:`Alert` — one notification (kind, severity, model/canary, a one-line ``title`` and explanatory
+  ``lines`` with the numbers: which gating metric, canary vs baseline, the interval, the allowed change
+  (the rollback line: a rollback says by how much the canary was shown worse than the baseline against it),
+  and for rollbacks detected → pushed → all Envoys ACKed in N ms). Built from a promoter outcome event by
+  :func:`alert_from_event`, or for component trouble by :func:`trouble_alert`.
+* Renderers: :func:`webhook_payload` (generic JSON), :func:`slack_payload` (Slack-compatible incoming
+  webhook: ``{"text", "blocks"}``), :func:`alertmanager_payload` (Alertmanager v2 ``POST /api/v2/alerts``).
+* :func:`backoff_delay` — bounded exponential backoff; :func:`classify_status` — retry or give up.
+
+Delivery: :func:`http_request`, a small asyncio HTTP/1.1 client (no threads, so a receiver that hangs is
+cut off by its timeout and can be cancelled at shutdown), and :func:`send_alert`. Queuing, persistence
+and retries live in :mod:`lockgate.controller.tell.notify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import random
+import ssl
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from lockgate.config import AlertSink, RetryPolicy
+from lockgate.controller.tell.history import (allowance_state, any_harm_fail, on_exceedance_scale, rollback_line,
+                                         worse_bound)
+
+MAX_RESPONSE = 4 * 1024 * 1024
+SEVERITY = {"rolled_back": "critical", "aborted": "warning", "inconclusive": "warning", "promoted": "info",
+            "advanced": "info", "started": "info"}
+PROPORTION_KINDS = ("rate", "class_recall", "class_precision")
+
+
+# ---------------------------------------------------------------------------------------------- delivery errors
+class DeliveryError(Exception):
+    """A delivery attempt failed. ``retryable`` False: trying again cannot help (e.g. HTTP 400)."""
+
+    def __init__(self, message: str, retryable: bool = True, status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+def classify_status(status: int) -> str:
+    """``ok`` (2xx), ``retry`` (5xx, 408, 425, 429, and anything odd), or ``permanent`` (other 4xx)."""
+    if 200 <= status < 300:
+        return "ok"
+    if status in (408, 425, 429) or status >= 500 or status < 200 or 300 <= status < 400:
+        return "retry"
+    return "permanent"
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy, jitter: float = 0.1, rnd: random.Random | None = None) -> float:
+    """Delay before try ``attempt + 1`` after ``attempt`` failed tries (attempt ≥ 1):
+    ``initial × 2^(attempt-1)`` capped at ``max_backoff_s``, minus up to ``jitter`` of it (so retries of
+    many items spread out). Never above ``max_backoff_s``, never below ``(1 - jitter) × initial``."""
+    if attempt < 1:
+        return 0.0
+    base = policy.initial_backoff_s * (2.0 ** min(attempt - 1, 60))
+    base = min(base, policy.max_backoff_s)
+    r = (rnd or random).random() if jitter > 0 else 0.0
+    return base * (1.0 - jitter * r)
+
+
+def total_retry_window(policy: RetryPolicy) -> float:
+    """Longest time from the first try to giving up (no jitter)."""
+    return sum(backoff_delay(a, policy, jitter=0.0) for a in range(1, policy.max_attempts))
+
+
+# ---------------------------------------------------------------------------------------------- HTTP client
+@dataclass
+class HTTPResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8") or "null")
+
+
+async def http_request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                       timeout: float = 5.0) -> HTTPResult:
+    """One HTTP/1.1 request (``Connection: close``) on asyncio streams, bounded by ``timeout`` as a whole.
+
+    Raises :class:`DeliveryError` (retryable) on connection problems and timeouts; any HTTP status is
+    returned (the caller decides with :func:`classify_status`). Credentials in the URL become basic auth.
+    Proxies are not used."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DeliveryError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}", retryable=False)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    if parts.port:
+        host_header += f":{parts.port}"
+    hdrs = {"Host": host_header, "User-Agent": "lockgate-controller", "Accept": "application/json",
+            "Connection": "close"}
+    if parts.username is not None:
+        cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        hdrs["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+    if body is not None:
+        hdrs["Content-Type"] = "application/json"
+        hdrs["Content-Length"] = str(len(body))
+    hdrs.update(headers or {})
+
+    async def go() -> HTTPResult:
+        ctx = ssl.create_default_context() if https else None
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=ctx,
+                                                       server_hostname=parts.hostname if https else None)
+        try:
+            head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+            writer.write(head.encode("latin-1") + (body or b""))
+            await writer.drain()
+            line = await reader.readline()
+            bits = line.decode("latin-1").split(None, 2)
+            if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdigit():
+                raise DeliveryError(f"not an HTTP response: {line[:80]!r}")
+            status = int(bits[1])
+            rh: dict[str, str] = {}
+            while True:
+                h = await reader.readline()
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                rh[k.strip().lower()] = v.strip()
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                data = b""
+            elif "chunked" in rh.get("transfer-encoding", "").lower():
+                chunks = []
+                size = 0
+                while True:
+                    n = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+                    if n == 0:
+                        break
+                    size += n
+                    if size > MAX_RESPONSE:
+                        raise DeliveryError("response too large")
+                    chunks.append(await reader.readexactly(n))
+                    await reader.readline()
+                data = b"".join(chunks)
+            elif "content-length" in rh:
+                data = await reader.readexactly(min(int(rh["content-length"]), MAX_RESPONSE))
+            else:
+                data = await reader.read(MAX_RESPONSE)
+            return HTTPResult(status, rh, data)
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (asyncio.TimeoutError, OSError, ssl.SSLError):
+                pass
+
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except asyncio.TimeoutError:
+        raise DeliveryError(f"no answer within {timeout:g} s") from None
+    except (OSError, asyncio.IncompleteReadError, ValueError, ssl.SSLError) as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the alert
+@dataclass
+class Alert:
+    kind: str                       #: rolled_back | aborted | inconclusive | promoted | advanced | trouble
+    severity: str                   #: critical | warning | info
+    title: str
+    lines: list[str] = field(default_factory=list)
+    model: str = "*"
+    canary: str = "*"
+    baseline: str | None = None
+    rollout_id: int | None = None
+    status: str = "firing"          #: firing | resolved
+    component: str | None = None    #: trouble only: control_api, push, rollback_push, drill, observations, envoy
+    key: str = ""                   #: identity (Alertmanager labels; resolution of a firing condition)
+    ts: float = field(default_factory=time.time)
+    weight_bp: int | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    timings: dict | None = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join([self.title, *self.lines])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Alert":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def _num(x: Any, kind: str = "", unit: str = "", signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(f):
+        return "∞" if f > 0 else "-∞"
+    if kind in PROPORTION_KINDS:
+        s = f"{f * 100:+.2f}" if signed else f"{f * 100:.2f}"
+        return s + (" pp" if signed else "%")
+    s = f"{f:+.4g}" if signed else f"{f:.4g}"
+    return f"{s} {unit}".rstrip() if unit else s
+
+
+def _interval(v: dict) -> str:
+    lo, hi = (v.get("interval") or [None, None])[:2]
+    kind, unit = _diff_kind_unit(v)
+    lo_s = "-∞" if lo is None else _num(lo, kind, "", True).replace(" pp", "")
+    hi_s = "+∞" if hi is None else _num(hi, kind, "", True).replace(" pp", "")
+    suffix = " pp" if kind in PROPORTION_KINDS else (f" {unit}" if unit else "")
+    if on_exceedance_scale(v):
+        suffix = " (exceedance share difference, unitless)"
+    return f"[{lo_s}, {hi_s}]{suffix}"
+
+
+def _diff_kind_unit(v: dict) -> tuple[str, str]:
+    """How to print a verdict's difference / interval / allowed: exceedance-share differences of an
+    ``exceedance_ratio`` quantile verdict are unitless fractions (never the quantile's ms)."""
+    if on_exceedance_scale(v):
+        return "", ""
+    return v.get("kind", ""), v.get("unit", "")
+
+
+def _signed(x: Any, v: dict) -> str:
+    """A value on the interval's scale, signed: ``+1.50 pp`` / ``+79 ms`` / ``+0.01 (exceedance share difference)``."""
+    if x is None:
+        return "n/a"
+    kind, unit = _diff_kind_unit(v)
+    return _num(x, kind, unit, True)
+
+
+def describe_beyond(v: dict) -> str:
+    """A failing metric against its rollback line: ``error_rate: shown worse than baseline by at least +5.10 pp,
+    allowed +1.50 pp`` — the interval end on the harmful side vs the allowed change."""
+    out = (f"{v.get('metric', '?')}: shown worse than baseline by at least {_signed(worse_bound(v), v)}, "
+           f"allowed {_signed(rollback_line(v), v)}")
+    if on_exceedance_scale(v):
+        out += " (exceedance share difference)"
+    return out + (" (judged by the earlier any-harm rule, not beyond the allowance)" if any_harm_fail(v) else "")
+
+
+def describe_verdict(v: dict) -> str:
+    """One metric, self-explaining: ``error_rate (gating) FAIL: canary 10.20% vs baseline 2.00%, change
+    +8.20 pp, interval [+5.10, +11.30] pp (α 0.05 per side); allowed +1.50 pp (absolute): beyond the
+    allowance``. ``allowed`` is the rollback line (the allowed change in the harmful direction): FAIL = the
+    interval lies beyond it, pass = within it."""
+    kind, unit = v.get("kind", ""), v.get("unit", "")
+    gating = "gating" if v.get("gating") else "not gating"
+    verdict = str(v.get("verdict", "?"))
+    verdict = verdict.upper() if verdict == "fail" else verdict
+    allowed_s = _signed(rollback_line(v), v)
+    mode = v.get("allowed_mode") or ""
+    if mode == "auto" and v.get("allowed_derivation"):
+        mode = f"auto: {v['allowed_derivation']}"
+    alpha = v.get("alpha")
+    alpha_s = f" (α {alpha:.3g} per side)" if isinstance(alpha, (int, float)) else ""
+    change = "exceedance share change" if on_exceedance_scale(v) else "change"
+    out = (f"{v.get('metric', '?')} ({gating}) {verdict}: canary {_num(v.get('canary'), kind, unit)} vs baseline "
+           f"{_num(v.get('baseline'), kind, unit)}, {change} {_signed(v.get('difference'), v)}, "
+           f"interval {_interval(v)}{alpha_s}; allowed {allowed_s}" + (f" ({mode})" if mode else "")
+           + f": {allowance_state(v)}")
+    n_c, n_b = v.get("n_canary"), v.get("n_baseline")
+    if n_c is not None:
+        out += f"; n canary {n_c:,} / baseline {n_b or 0:,}"
+        if v.get("verdict") not in ("pass", "fail") and v.get("n_needed"):
+            out += f" (~{int(v['n_needed']):,} canary needed)"
+    return out
+
+
+def describe_timings(t: dict | None) -> str | None:
+    """``Rollback: detected → pushed 3 ms → all 2 Envoys ACKed 11 ms later (detected → all ACKed 14 ms)``."""
+    if not t:
+        return None
+    if t.get("error"):
+        return f"Rollback push FAILED: {t['error']} — weights may still send traffic to the canary"
+    detected, pushed = t.get("detected_at"), t.get("pushed_at")
+    envoys = t.get("envoys") or []
+    push_ms = (pushed - detected) * 1000 if detected and pushed else None
+    ack_ms = t.get("push_to_ack_ms")
+    n = len(envoys)
+    parts = ["Rollback: detected"]
+    if push_ms is not None:
+        parts.append(f"pushed {max(push_ms, 0):.0f} ms later")
+    if t.get("all_acked"):
+        parts.append(f"all {n} Envoy{'s' if n != 1 else ''} ACKed {ack_ms:.0f} ms after the push"
+                     if ack_ms is not None else f"all {n} Envoys ACKed")
+        total = (push_ms or 0) + (ack_ms or 0)
+        return " → ".join(parts) + f" (detected → all ACKed: {total:.0f} ms)"
+    missing = ", ".join(t.get("not_acked") or []) or "some Envoys"
+    parts.append(f"NOT ACKed by {missing} after {ack_ms:.0f} ms" if ack_ms is not None else f"NOT ACKed by {missing}")
+    return " → ".join(parts)
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _ordered_metrics(verdicts: list[dict]) -> list[dict]:
+    order = {"fail": 0, "continue": 1, "inconclusive": 1, "pass": 2}
+    return sorted(verdicts or [], key=lambda v: (not v.get("gating"), order.get(v.get("verdict"), 1)))
+
+
+def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
+    """The alert for a promoter outcome event (``{"kind", "rollout", "detail", "ts"}``).
+    ``weight_bp``: the canary weight in force when it happened (for the message)."""
+    kind = event.get("kind", "?")
+    r = event.get("rollout") or {}
+    d = event.get("detail") or {}
+    model, canary, baseline, rid = r.get("model", "?"), r.get("canary", "?"), r.get("baseline"), r.get("id")
+    ts = float(event.get("ts") or time.time())
+    share = f" at {weight_bp / 100:g}% of traffic" if weight_bp is not None else ""
+    ran = _dur((r.get("ended_at") or ts) - r["started_at"]) if r.get("started_at") else "?"
+    reasons = [str(x) for x in d.get("reasons") or []]
+    verdicts = _ordered_metrics(d.get("verdicts") or [])
+    timings = d.get("timings")
+    lines: list[str] = []
+    if kind == "rolled_back":
+        title = f"{model}: canary {canary} ROLLED BACK to {baseline}{share} (rollout #{rid}, after {ran})"
+        failing = [v for v in verdicts if v.get("gating") and v.get("verdict") == "fail"]
+        if failing:
+            lines.append("Why: gating metric" + ("s " if len(failing) > 1 else " ")
+                         + ", ".join(v["metric"] for v in failing) + " shown worse than baseline beyond the allowance")
+            lines.extend(describe_beyond(v) for v in failing)
+    elif kind == "aborted":
+        title = f"{model}: rollout #{rid} of {canary} aborted{share}; traffic back on {baseline}"
+    elif kind == "inconclusive":
+        title = (f"{model}: canary {canary} INCONCLUSIVE after {ran} (rollout #{rid}); weight held"
+                 f"{share}, not promoted")
+    elif kind == "promoted":
+        manual = any("manual promotion" in x for x in reasons)
+        title = (f"{model}: canary {canary} promoted to 100% (rollout #{rid}, after {ran}"
+                 + (", MANUAL — not by evidence)" if manual else ")"))
+        if d.get("ack_ms") is not None:
+            lines.append(f"Promotion push ACKed by every Envoy in {float(d['ack_ms']):.0f} ms")
+    elif kind == "advanced":
+        title = (f"{model}: canary {canary} advanced" + (f" to {weight_bp / 100:g}%" if weight_bp is not None else "")
+                 + f" (rollout #{rid})")
+    else:
+        title = f"{model}: rollout #{rid} {kind}"
+    for x in reasons:
+        lines.append(f"Reason: {x}")
+    t_line = describe_timings(timings) if kind in ("rolled_back", "aborted") else None
+    if t_line:
+        lines.append(t_line)
+    lines.extend(describe_verdict(v) for v in verdicts)
+    if d.get("alpha_statement"):
+        lines.append(str(d["alpha_statement"]))
+    return Alert(kind=kind, severity=SEVERITY.get(kind, "info"), title=title, lines=lines, model=model,
+                 canary=canary, baseline=baseline, rollout_id=rid, key=f"{kind}:{model}:{canary}:{rid}", ts=ts,
+                 weight_bp=weight_bp, reasons=reasons, metrics=[_metric_summary(v) for v in verdicts],
+                 timings=timings)
+
+
+def _metric_summary(v: dict) -> dict:
+    keys = ("metric", "kind", "verdict", "gating", "baseline", "canary", "difference", "interval", "allowed",
+            "allowed_mode", "harmful", "n_baseline", "n_canary", "n_needed", "alpha", "unit")
+    out = {k: v.get(k) for k in keys if k in v}
+    # the signed line the verdict was judged against (fail = interval beyond it), and the interval's scale
+    out["rollback_line"] = rollback_line(v)
+    scale = (v.get("details") or {}).get("interval_scale")
+    if scale:
+        out["interval_scale"] = scale
+    return out
+
+
+def trouble_alert(component: str, title: str, lines: list[str] | None = None, *, severity: str = "warning",
+                  model: str = "*", canary: str = "*", rollout_id: int | None = None, resolved: bool = False,
+                  key: str | None = None, ts: float | None = None) -> Alert:
+    return Alert(kind="trouble", severity=severity, title=title, lines=list(lines or []), model=model,
+                 canary=canary, rollout_id=rollout_id, status="resolved" if resolved else "firing",
+                 component=component, key=key or f"trouble:{component}:{model}", ts=ts or time.time())
+
+
+def rollback_push_trouble(alert: Alert) -> Alert | None:
+    """A rollback (or abort) whose weight push failed or was not ACKed by every Envoy: component trouble."""
+    t = alert.timings or {}
+    if alert.kind not in ("rolled_back", "aborted") or (t.get("all_acked") and not t.get("error")):
+        return None
+    if not t:
+        return None
+    what = t.get("error") or f"not ACKed by {', '.join(t.get('not_acked') or []) or 'some Envoys'}"
+    return trouble_alert("rollback_push", f"{alert.model}: rollback of {alert.canary} (rollout #{alert.rollout_id}) "
+                         f"not confirmed by every Envoy: {what}",
+                         [describe_timings(t) or "", "Check the xDS server and `lockgate status`; the controller "
+                          "does not re-push a finished rollback — run `lockgate rollback " f"{alert.model}` once "
+                          "the Envoys are back."], severity="critical", model=alert.model, canary=alert.canary,
+                         rollout_id=alert.rollout_id, key=f"trouble:rollback_push:{alert.model}:{alert.rollout_id}",
+                         ts=alert.ts)
+
+
+# ---------------------------------------------------------------------------------------------- renderers
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def webhook_payload(alert: Alert) -> dict:
+    """Generic JSON: every field of the alert, plus ``text`` (title + lines) and ``time`` (ISO 8601)."""
+    d = alert.to_dict()
+    d.update({"source": "lockgate", "schema": 1, "text": alert.text, "time": iso(alert.ts)})
+    return d
+
+
+def _mrkdwn(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+SLACK_EMOJI = {"critical": ":red_circle:", "warning": ":warning:", "info": ":large_green_circle:"}
+
+
+def slack_payload(alert: Alert) -> dict:
+    """Slack-compatible incoming webhook body: ``text`` (fallback / notifications) and Block Kit ``blocks``."""
+    icon = ":white_check_mark:" if alert.status == "resolved" else SLACK_EMOJI.get(alert.severity, "")
+    title = ("RESOLVED: " if alert.status == "resolved" else "") + alert.title
+    blocks: list[dict] = [{"type": "header", "text": {"type": "plain_text", "text": title[:150], "emoji": True}}]
+    if len(title) > 150:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn(title)[:3000]}})
+    why = [x for x in alert.lines if not x.startswith(tuple(m.get("metric", "\0") + " (" for m in alert.metrics))]
+    if why:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn("\n".join(why))[:3000]}})
+    metric_lines = [x for x in alert.lines if x not in why]
+    if metric_lines:
+        body = "\n".join(f"• {_mrkdwn(x)}" for x in metric_lines)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": ("*Metrics*\n" + body)[:3000]}})
+    ctx = [f"lockgate · {alert.kind}" + (f" ({alert.component})" if alert.component else ""),
+           f"severity {alert.severity}", iso(alert.ts)]
+    if alert.rollout_id is not None:
+        ctx.insert(1, f"rollout #{alert.rollout_id}")
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _mrkdwn(" · ".join(ctx))}]})
+    return {"text": f"{icon} {title}\n" + "\n".join(alert.lines), "blocks": blocks[:50]}
+
+
+def alertname(alert: Alert) -> str:
+    if alert.kind == "trouble":
+        return "LockgateComponentTrouble"
+    return "LockgateCanary" + "".join(p.capitalize() for p in alert.kind.split("_"))
+
+
+def alertmanager_payload(alert: Alert, generator_url: str | None = None, resolve_after_s: float = 3600.0) -> list[dict]:
+    """Alertmanager v2 ``POST /api/v2/alerts`` body (a list with one alert).
+
+    Labels: alertname, model, canary, severity (+ rollout, component when known). One-shot outcomes carry
+    ``endsAt = startsAt + resolve_after_s``; a resolved condition carries ``endsAt`` = when it cleared; a
+    firing condition none (the notifier re-sends it while it lasts)."""
+    labels = {"alertname": alertname(alert), "model": alert.model, "canary": alert.canary,
+              "severity": alert.severity}
+    if alert.rollout_id is not None:
+        labels["rollout"] = str(alert.rollout_id)
+    if alert.component:
+        labels["component"] = alert.component
+    out: dict[str, Any] = {"labels": labels,
+                           "annotations": {"summary": alert.title, "description": "\n".join(alert.lines)},
+                           "startsAt": iso(alert.ts)}
+    if alert.status == "resolved":
+        out["endsAt"] = iso(alert.ts)
+        out["startsAt"] = iso(alert.ts - 1)
+    elif alert.kind != "trouble" or alert.component not in ("control_api", "envoy"):
+        out["endsAt"] = iso(alert.ts + resolve_after_s)
+    if generator_url:
+        out["generatorURL"] = generator_url
+    return [out]
+
+
+def alertmanager_url(url: str) -> str:
+    """``http://am:9093`` → ``http://am:9093/api/v2/alerts`` (a URL already ending so is kept)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/api/v2/alerts"):
+        path += "/api/v2/alerts"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def render(alert: Alert, sink: AlertSink, default_generator_url: str | None = None) -> tuple[str, bytes]:
+    """(URL, JSON body) of ``alert`` for ``sink``."""
+    if sink.type == "slack":
+        return sink.url, json.dumps(slack_payload(alert)).encode()
+    if sink.type == "alertmanager":
+        gen = sink.generator_url or default_generator_url
+        if gen and alert.model != "*":
+            gen = gen.replace("{model}", urllib.parse.quote(alert.model))
+        elif gen:
+            gen = gen.replace("{model}", "")
+        return alertmanager_url(sink.url), json.dumps(alertmanager_payload(alert, gen, sink.resolve_after_s)).encode()
+    return sink.url, json.dumps(webhook_payload(alert), default=str).encode()
+
+
+async def send_alert(sink: AlertSink, alert: Alert, default_generator_url: str | None = None,
+                     env: dict[str, str] | None = None) -> dict:
+    """Deliver one alert to one sink; returns ``{"http_status": …}``; raises :class:`DeliveryError`."""
+    import os
+
+    url, body = render(alert, sink, default_generator_url)
+    headers = {}
+    if sink.bearer_token_env:
+        token = (env if env is not None else os.environ).get(sink.bearer_token_env)
+        if not token:
+            raise DeliveryError(f"environment variable {sink.bearer_token_env} (bearer token) is not set")
+        headers["Authorization"] = f"Bearer {token}"
+    res = await http_request("POST", url, body, headers, timeout=sink.timeout_s)
+    verdict = classify_status(res.status)
+    if verdict != "ok":
+        snippet = res.body[:200].decode("utf-8", "replace").strip()
+        raise DeliveryError(f"HTTP {res.status}" + (f": {snippet}" if snippet else ""), verdict == "retry", res.status)
+    return {"http_status": res.status}
+
+
+__all__ = ["Alert", "DeliveryError", "HTTPResult", "alert_from_event", "alertmanager_payload", "backoff_delay",
+           "classify_status", "describe_beyond", "describe_timings", "describe_verdict", "http_request", "render",
+           "rollback_push_trouble", "send_alert", "slack_payload", "trouble_alert", "webhook_payload"]

@@ -6,20 +6,30 @@ import contextlib
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
-def open_store(path: Path, schema: str, *, read_only: bool, what: str, private: bool = False) -> sqlite3.Connection:
-    """A connection shared across threads (callers serialise with their own lock).
+def open_store(path: Path, schema: str = "", *, read_only: bool, what: str, private: bool = False,
+               synchronous: str = "NORMAL", timeout_s: float = 30.0,
+               before_schema: Callable[[sqlite3.Connection], None] | None = None) -> sqlite3.Connection:
+    """Open one of lockgate's SQLite stores: the one way every store opens its file.
+
+    The connection may be shared across threads (callers serialise with their own lock) and runs in
+    autocommit mode (``isolation_level=None``; callers open transactions explicitly). ``timeout_s``:
+    how long a statement waits for another writer's lock (seconds).
 
     ``read_only``: the file must exist (FileNotFoundError naming ``what`` otherwise) and is opened
-    ``mode=ro`` with ``query_only``. Otherwise the directory and file are created (``private``: the
-    file is created 0600, for user data), WAL journaling is on and ``schema`` is applied.
+    ``mode=ro`` with ``query_only``; ``schema`` is not applied. Otherwise the directory and file are
+    created (``private``: the file is created 0600, for user data), WAL journaling is on with
+    ``synchronous`` (``"NORMAL"``, or ``"FULL"`` for stores whose every commit must survive a power
+    cut), ``before_schema(db)`` runs (migrations of an older file) and ``schema`` is applied.
     """
+    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
     if read_only:
         if not path.exists():
             raise FileNotFoundError(f"no {what} at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30,
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=timeout_s,
                              check_same_thread=False)
         db.execute("PRAGMA query_only=1")
         return db
@@ -28,10 +38,13 @@ def open_store(path: Path, schema: str, *, read_only: bool, what: str, private: 
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.chmod(path, 0o600)  # also a file an older version created world-readable (SQLite gives -wal/-shm its mode)
-    db = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+    db = sqlite3.connect(str(path), isolation_level=None, timeout=timeout_s, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(schema)
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    if before_schema is not None:
+        before_schema(db)
+    if schema:
+        db.executescript(schema)
     return db
 
 

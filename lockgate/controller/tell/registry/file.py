@@ -27,7 +27,7 @@ MAX_HISTORY = 500
 
 
 def _iso(ts: float) -> str:
-    from lockgate.controller.tell.alerts import iso
+    from lockgate.controller.tell.alerts.delivery import iso
 
     return iso(ts)
 

@@ -26,7 +26,7 @@ import re
 import urllib.parse
 
 from lockgate.config import RegistryConfig
-from lockgate.controller.tell.alerts import DeliveryError, classify_status, http_request, iso
+from lockgate.controller.tell.alerts.delivery import DeliveryError, classify_status, http_request, iso
 from lockgate.controller.tell.registry.base import ModelRegistry, RegistryError, RegistryUpdate, key_metrics_text
 
 TAG_VALUE_MAX = 5000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from lockgate.controller.tell.alerts import DeliveryError, classify_status, http_request, iso
+from lockgate.controller.tell.alerts.delivery import DeliveryError, classify_status, http_request, iso
 from lockgate.controller.tell.registry.base import ModelRegistry, RegistryError, RegistryUpdate, key_metrics_text
 
 

@@ -45,13 +45,12 @@ def _load(args) -> LockgateConfig:
         raise CliError(f"invalid config:\n{exc}") from None
 
 
-def _control_stub(args):
-    """Stub for the control API: TLS per the config's ``auth.tls``, and the caller's token — ``$LOCKGATE_TOKEN``,
-    else the config's ``auth.token_file`` — sent as ``authorization: Bearer …`` (the control API records the
-    token's client name as the actor)."""
+def _control_client(args):
+    """The control API client (:class:`lockgate.control_client.ControlClient`): TLS per the config's ``auth.tls``,
+    and the caller's token — ``$LOCKGATE_TOKEN``, else the config's ``auth.token_file`` — sent as
+    ``authorization: Bearer …`` (the control API records the token's client name as the actor)."""
     from lockgate.auth import AuthConfig, read_client_token
-    from lockgate.grpc_auth import dial_target, sync_channel
-    from lockgate.proto.v1 import control_pb2_grpc
+    from lockgate.control_client import ControlClient
 
     config = None
     if not args.control:
@@ -61,7 +60,6 @@ def _control_stub(args):
             config = load_config(args.config)
         except ConfigError:
             config = None  # --control given: the config is only a source of auth settings
-    address = args.control or dial_target(config.control)
     auth = config.auth if config is not None else AuthConfig()
     token = read_client_token()
     if token is None and auth.token_file:
@@ -71,19 +69,22 @@ def _control_stub(args):
             raise CliError(f"cannot read auth.token_file {auth.token_file}: {exc.strerror or exc} "
                            f"(or set $LOCKGATE_TOKEN)") from None
     try:
-        channel = sync_channel(address, auth, token)
+        return ControlClient(args.control or config.control, auth, token)
     except OSError as exc:
         raise CliError(f"cannot read the auth.tls files: {exc}") from None
-    return control_pb2_grpc.WeightControlStub(channel), address
 
 
-def _call(fn, request, address: str, timeout: float):
+def _call(client, method: str, *args, **kwargs):
+    """``client.<method>(*args, **kwargs)``; an unreachable or refusing control API is a :class:`CliError`."""
     try:
-        return fn(request, timeout=timeout)
+        return getattr(client, method)(*args, **kwargs)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            raise CliError(f"cannot reach the lockgate control API at {address} (is `lockgate up` running?)") from None
+            raise CliError(f"cannot reach the lockgate control API at {client.address} (is `lockgate up` running?)") \
+                from None
         raise CliError(exc.details() or str(exc.code())) from None
+    finally:
+        client.close()
 
 
 def _actor() -> str:
@@ -114,10 +115,7 @@ def _print_model(m, out=sys.stdout) -> None:
 
 
 def cmd_weights(args) -> int:
-    from lockgate.proto.v1 import control_pb2
-
-    stub, address = _control_stub(args)
-    resp = _call(stub.GetWeights, control_pb2.GetWeightsRequest(model=args.model or ""), address, 5)
+    resp = _call(_control_client(args), "get_weights", args.model or "", deadline_s=5)
     if args.json:
         print(json_format.MessageToJson(resp, always_print_fields_with_no_presence=True))
         return 0
@@ -144,32 +142,21 @@ def _report(resp, verb: str, args) -> int:
 
 
 def cmd_set_weight(args) -> int:
-    from lockgate.proto.v1 import control_pb2
-
     bp = parse_percent(args.percent)
-    stub, address = _control_stub(args)
-    resp = _call(stub.SetWeight, control_pb2.SetWeightRequest(
-        model=args.model, version=args.version, weight_bp=bp, timeout_s=args.timeout, actor=_actor(),
-        reason=args.reason or "set-weight"), address, args.timeout + 5)
+    resp = _call(_control_client(args), "set_weight", args.model, args.version, bp, actor=_actor(),
+                 reason=args.reason or "set-weight", timeout_s=args.timeout, deadline_s=args.timeout + 5)
     return _report(resp, f"set {args.model} canary {args.version} to {_pct(bp)}", args)
 
 
 def cmd_rollback(args) -> int:
-    from lockgate.proto.v1 import control_pb2
-
-    stub, address = _control_stub(args)
-    resp = _call(stub.Rollback, control_pb2.RollbackRequest(
-        model=args.model, timeout_s=args.timeout, actor=_actor(), reason=args.reason or "manual rollback"),
-        address, args.timeout + 5)
+    resp = _call(_control_client(args), "rollback", args.model, actor=_actor(),
+                 reason=args.reason or "manual rollback", timeout_s=args.timeout, deadline_s=args.timeout + 5)
     return _report(resp, f"reverted {args.model} to {resp.model.stable}", args)
 
 
 def cmd_drill(args) -> int:
-    from lockgate.proto.v1 import control_pb2
-
-    stub, address = _control_stub(args)
-    resp = _call(stub.Drill, control_pb2.DrillRequest(model=args.model, timeout_s=args.timeout, actor=_actor()),
-                 address, args.timeout + 5)
+    resp = _call(_control_client(args), "drill", args.model, actor=_actor(), timeout_s=args.timeout,
+                 deadline_s=args.timeout + 5)
     return _report(resp, f"drill for {args.model}: routes re-pushed (no traffic moved)", args)
 
 

@@ -358,7 +358,7 @@ rollout:
             out = await promoter.start(spec_text, "chat.yaml", "tester")
         finally:
             pm.time.time = real_time
-        await promoter._channel.close()
+        await promoter.control.close()
         return promoter, out
 
     promoter, out = asyncio.run(main())

@@ -29,8 +29,8 @@ from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, Rollou
 from lockgate.controller.decide.spec import RolloutSpec, render_warning, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
 from lockgate.yamlconf import type_name
-from lockgate.grpc_auth import aio_channel, own_token
-from lockgate.proto.v1 import control_pb2, control_pb2_grpc
+from lockgate.control_client import for_process
+from lockgate.proto.v1 import control_pb2
 
 log = logging.getLogger("lockgate.controller.decide.promoter")
 
@@ -67,8 +67,7 @@ class Promoter:
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
         # auth.tokens: the control API knows the controller by its own token (auth.token_file)
-        self._channel = aio_channel(self.config.control, self.config.auth, own_token(self.config.auth, "controller"))
-        self.control = control_pb2_grpc.WeightControlStub(self._channel)
+        self.control = for_process(self.config, "controller")
         self._locks: dict[int, asyncio.Lock] = {}
         #: Called (as background tasks, after the weights moved and the record was written) with every
         #: outcome event: {"kind": rolled_back|promoted|inconclusive|aborted|advanced|started, "rollout": …,
@@ -157,7 +156,7 @@ class Promoter:
         """A weight someone else set (``lockgate set-weight`` during a rollout) is never silently
         ignored: the rollout pauses where it is (harm still rolls back), says what it found and
         alerts; ``rollout resume`` re-applies the stage's weight, ``abort`` reverts."""
-        resp = await self.control.GetWeights(control_pb2.GetWeightsRequest(model=rollout.model), timeout=5.0)
+        resp = await self.control.get_weights(rollout.model, deadline_s=5.0)
         live = resp.models[0] if resp.models else None
         want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
         pushed = self._pushed.get(rollout.id)  # a move whose push is not yet ACKed everywhere is no drift
@@ -174,9 +173,8 @@ class Promoter:
 
     async def _push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
                     ) -> control_pb2.SetWeightResponse:
-        return await self.control.SetWeight(control_pb2.SetWeightRequest(
-            model=model, version=version, weight_bp=weight_bp, timeout_s=5.0, actor="controller", reason=reason,
-            stage=stage), timeout=10.0, wait_for_ready=True)
+        return await self.control.set_weight(model, version, weight_bp, actor="controller", reason=reason,
+                                             stage=stage, timeout_s=5.0, deadline_s=10.0)
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
@@ -258,8 +256,8 @@ class Promoter:
         attempt = self._revert_attempts.get(rollout.id, 0) + 1
         self._revert_attempts[rollout.id] = attempt
         try:
-            resp = await self.control.Rollback(control_pb2.RollbackRequest(
-                model=rollout.model, timeout_s=5.0, actor=actor, reason=why[:500]), timeout=10.0, wait_for_ready=True)
+            resp = await self.control.rollback(rollout.model, actor=actor, reason=why[:500], timeout_s=5.0,
+                                               deadline_s=10.0)
             envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms, "connected": e.connected,
                        "acked_weight_bp": e.acked_weight_bp} for e in resp.model.envoys]
             complete = bool(resp.all_acked and resp.persisted)
@@ -386,7 +384,7 @@ class Promoter:
                         log.exception("rollout #%d: evaluation failed; will retry", rollout.id)
         finally:
             self.service.collector.on_stored.remove(self.notify)
-            await self._channel.close()
+            await self.control.close()
 
     # ------------------------------------------------------------------ starting
     async def start(self, spec_text: str, source: str, actor: str) -> dict:
@@ -437,9 +435,8 @@ class Promoter:
         spec = load_spec_of(rollout, self.config)
         out: dict[str, Any] = {}
         if spec.promotion.preflight == "drill":
-            drill = await self.control.Drill(control_pb2.DrillRequest(model=rollout.model, timeout_s=5.0,
-                                                                      actor=f"rollout#{rollout.id}"), timeout=10.0,
-                                            wait_for_ready=True)
+            drill = await self.control.drill(rollout.model, actor=f"rollout#{rollout.id}", timeout_s=5.0,
+                                             deadline_s=10.0)
             out["drill"] = {"all_acked": drill.all_acked, "elapsed_ms": drill.elapsed_ms,
                             "envoys": [{"node_id": e.node_id, "ack_ms": e.ack_ms, "acked": e.acked}
                                        for e in drill.model.envoys], "not_acked": list(drill.not_acked)}

@@ -494,13 +494,11 @@ class TroubleMonitor:
         return [f"Active: rollout #{r.id} {r.model} {r.canary} ({r.status}, stage {r.stage + 1})" for r in active]
 
     # ----- the control API and the Envoys behind it -----
-    async def check_control(self, stub, now: float | None = None) -> None:
-        from lockgate.proto.v1 import control_pb2
-
+    async def check_control(self, control, now: float | None = None) -> None:
         now = time.time() if now is None else now
         addr = str(self.n.config.control)
         try:
-            resp = await stub.GetWeights(control_pb2.GetWeightsRequest(), timeout=2.0)
+            resp = await control.get_weights(deadline_s=2.0)
         except grpc.aio.AioRpcError as exc:
             self._control_failures += 1
             if self._control_down_since is None:
@@ -552,15 +550,12 @@ class TroubleMonitor:
                                                      key=f"trouble:envoy:{node}", resolved=True, ts=now))
 
     async def run(self, stop: asyncio.Event) -> None:
-        from lockgate.grpc_auth import aio_channel, own_token
-        from lockgate.proto.v1 import control_pb2_grpc
+        from lockgate.control_client import for_process
 
-        config = self.n.config
-        channel = aio_channel(config.control, config.auth, own_token(config.auth, "controller (trouble checks)"))
-        stub = control_pb2_grpc.WeightControlStub(channel)
+        control = for_process(self.n.config, "controller (trouble checks)")
         try:
             while not stop.is_set():
-                for check in (self.check_log_events, self.check_drops, lambda: self.check_control(stub)):
+                for check in (self.check_log_events, self.check_drops, lambda: self.check_control(control)):
                     try:
                         await check()
                     except asyncio.CancelledError:
@@ -572,7 +567,7 @@ class TroubleMonitor:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            await channel.close()
+            await control.close()
 
 
 def install(promoter) -> Notifier:

@@ -13,12 +13,16 @@ so they are testable on synthetic data.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import sqlite3
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from lockgate.controller.decide.rollouts import Rollout, RolloutStore
+# the verdict helpers are re-exported here for callers that still import them from the history module
+from lockgate.controller.tell.verdicts import (EXCEEDANCE_SCALE, allowance_state, any_harm_fail, beyond_text,
+                                               fmt_line, is_gating, on_exceedance_scale, plain, rollback_line,
+                                               scale_suffix, verdict_label, worse_bound)
+from lockgate.controller.tell.verdicts import verdict_rows as _verdict_rows
 
 CATEGORIES = ("data", "preprocessing", "tokenizer", "hardware", "other")
 #: statuses that count as a failed rollout for ``history --causes``
@@ -182,12 +186,10 @@ def _reason_summary(outcome: dict | None) -> str:
     if outcome is None:
         return ""
     d = outcome["detail"]
-    fails = [v for v in d.get("verdicts") or [] if v.get("verdict") == "fail" and v.get("gating", True)]
+    fails = [v for v in d.get("verdicts") or [] if v.get("verdict") == "fail" and is_gating(v)]
     if fails:
-        def f(x):
-            return "-" if x is None else f"{x:.4g}"
-        return "harm: " + "; ".join(f"{v['metric']} canary {f(v.get('canary'))} vs baseline {f(v.get('baseline'))}, "
-                                    f"{beyond_text(v)}" for v in fails)
+        return "harm: " + "; ".join(f"{v['metric']} canary {plain(v.get('canary'))} vs baseline "
+                                    f"{plain(v.get('baseline'))}, {beyond_text(v)}" for v in fails)
     reasons = d.get("reasons") or []
     return _short(reasons[0], 90) if reasons else ""
 
@@ -296,119 +298,11 @@ def describe(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], no
 
 
 # ---------------------------------------------------------------------------------------- verdicts
-#: ``details["interval_scale"]`` of an ``exceedance_ratio`` quantile verdict: its interval, difference and
-#: allowed are differences of exceedance shares (unitless fractions), not quantile shifts in the metric's unit
-EXCEEDANCE_SCALE = "exceedance share difference"
-
-
-def _finite(x) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def rollback_line(v: dict) -> float | None:
-    """The signed line a stored verdict was judged against, on its interval's (canary - baseline) scale:
-    ``details["rollback_line"]`` when recorded, else ``+allowed`` (harmful increase) / ``-allowed`` (harmful
-    decrease) — evaluations stored before the line was recorded; ``None`` without an allowance."""
-    line = _finite((v.get("details") or {}).get("rollback_line"))
-    if line is not None:
-        return line
-    allowed = _finite(v.get("allowed"))
-    if allowed is None:
-        return None
-    return -abs(allowed) if v.get("harmful") == "decrease" else abs(allowed)
-
-
-def on_exceedance_scale(v: dict) -> bool:
-    """Interval / difference / allowed are exceedance-share differences (``allowed_mode: exceedance_ratio``)."""
-    return (v.get("details") or {}).get("interval_scale") == EXCEEDANCE_SCALE
-
-
-def worse_bound(v: dict) -> float | None:
-    """The interval end on the harmful side of no difference: the canary is shown worse than the baseline by
-    at least this much (lower end for a harmful increase, upper end for a harmful decrease); None = unbounded."""
-    lo, hi = (v.get("interval") or (None, None))[:2]
-    return _finite(hi if v.get("harmful") == "decrease" else lo)
-
-
-def any_harm_fail(v: dict) -> bool:
-    """A ``fail`` stored before verdicts respected the allowance ("interval excludes 0"), whose interval does
-    not lie beyond the allowance (recorded verdicts are never re-judged; this only words them honestly)."""
-    if v.get("verdict") != "fail" or "rollback_line" in (v.get("details") or {}):
-        return False
-    line, b = rollback_line(v), worse_bound(v)
-    if line is None or b is None:
-        return False
-    return b <= line if v.get("harmful") != "decrease" else b >= line
-
-
-def allowance_state(v: dict) -> str:
-    """The verdict against the rollback line: ``beyond the allowance`` (fail: roll back), ``within the
-    allowance`` (pass), else neither shown yet."""
-    verdict = v.get("verdict")
-    if verdict == "fail":
-        if any_harm_fail(v):
-            return "worse than baseline but not beyond the allowance (judged by the earlier any-harm rule)"
-        return "beyond the allowance"
-    if verdict == "pass":
-        return "within the allowance"
-    return "neither beyond nor within the allowance yet"
-
-
-def verdict_label(v: dict) -> str:
-    """``fail (beyond the allowance)`` / ``pass (within the allowance)`` / the bare verdict otherwise."""
-    verdict = str(v.get("verdict"))
-    if verdict == "fail":
-        return "fail (any-harm rule; not beyond the allowance)" if any_harm_fail(v) else "fail (beyond the allowance)"
-    if verdict == "pass":
-        return "pass (within the allowance)"
-    return verdict
-
-
-def scale_suffix(v: dict) -> str:
-    """`` exceedance share`` for exceedance-share differences (unitless), else the verdict's unit (if any)."""
-    if on_exceedance_scale(v):
-        return " exceedance share"
-    return f" {v['unit']}" if v.get("unit") else ""
-
-
-def fmt_line(v: dict, unit: bool = True) -> str:
-    """The rollback line, signed: ``+0.05`` (harm above it) / ``-0.02`` (harm below it); ``-`` without one."""
-    line = rollback_line(v)
-    if line is None:
-        return "-"
-    return f"{line:+.4g}" + (scale_suffix(v) if unit else "")
-
-
-def beyond_text(v: dict) -> str:
-    """How far a failing metric was shown beyond the line: ``shown worse than baseline by at least +0.1,
-    allowed +0.05`` (in the interval's scale)."""
-    b = worse_bound(v)
-    shown = "n/a" if b is None else f"{b:+.4g}{scale_suffix(v)}"
-    text = f"shown worse than baseline by at least {shown}, allowed {fmt_line(v)}"
-    return text + (" (judged by the earlier any-harm rule)" if any_harm_fail(v) else "")
-
-
-def verdict_rows(verdicts: Iterable[dict], gating_default: bool = True) -> list[str]:
-    """The per-metric evidence as aligned text rows (header first). ``allowed`` is the rollback line (signed:
-    the allowance in the harmful direction); a ``fail`` lies beyond it, a ``pass`` within it.
-    ``gating_default``: how a verdict without a ``gating`` field is shown."""
-    def f(x):
-        return "-" if x is None else f"{x:.4g}"
-
-    rows = [("metric", "verdict", "baseline", "canary", "interval (canary-baseline)", "allowed (rollback line)",
-             "n base/canary")]
-    for v in verdicts:
-        lo, hi = v.get("interval") or (None, None)
-        exc = " exceedance share" if on_exceedance_scale(v) else ""
-        rows.append((v["metric"] + ("" if v.get("gating", gating_default) else " (info)"), verdict_label(v),
-                     f(v.get("baseline")), f(v.get("canary")), f"[{f(lo)}, {f(hi)}]{exc}", fmt_line(v, unit=bool(exc)),
-                     f"{v.get('n_baseline', 0)}/{v.get('n_canary', 0)}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+def verdict_rows(verdicts: Iterable[dict], gating_default: bool | None = None) -> list[str]:
+    """:func:`lockgate.controller.tell.verdicts.verdict_rows` (the one verdict table). ``gating_default`` is
+    ignored — :func:`~lockgate.controller.tell.verdicts.is_gating` is the one rule — and goes once ``cli.py``
+    imports the table from :mod:`lockgate.controller.tell.verdicts`."""
+    return _verdict_rows(verdicts)
 
 
 def render_show(d: dict) -> str:

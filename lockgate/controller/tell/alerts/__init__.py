@@ -19,12 +19,13 @@ from __future__ import annotations
 from lockgate.controller.tell.alerts.alertmanager import alertmanager_payload, alertmanager_url, alertname
 from lockgate.controller.tell.alerts.delivery import (MAX_RESPONSE, DeliveryError, HTTPResult, backoff_delay,
                                                       classify_status, http_request, iso, total_retry_window)
-from lockgate.controller.tell.alerts.message import (PROPORTION_KINDS, SEVERITY, Alert, alert_from_event,
+from lockgate.controller.tell.alerts.message import (SEVERITY, Alert, alert_from_event,
                                                      describe_beyond, describe_timings, describe_verdict,
                                                      rollback_push_trouble, trouble_alert)
 from lockgate.controller.tell.alerts.send import render, send_alert
 from lockgate.controller.tell.alerts.slack import SLACK_EMOJI, slack_payload
 from lockgate.controller.tell.alerts.webhook import webhook_payload
+from lockgate.controller.tell.verdicts import PROPORTION_KINDS
 
 __all__ = ["MAX_RESPONSE", "PROPORTION_KINDS", "SEVERITY", "SLACK_EMOJI", "Alert", "DeliveryError", "HTTPResult",
            "alert_from_event", "alertmanager_payload", "alertmanager_url", "alertname", "backoff_delay",

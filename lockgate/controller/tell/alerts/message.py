@@ -5,28 +5,28 @@
   (the rollback line: a rollback says by how much the canary was shown worse than the baseline against it),
   and for rollbacks detected → pushed → all Envoys ACKed in N ms). Built from a promoter outcome event by
   :func:`alert_from_event`, or for component trouble by :func:`trouble_alert`.
-* ``describe_*`` — the lines of text (per metric, rollback timings).
+* the lines of text: per metric :func:`describe_verdict` / :func:`describe_beyond` (from
+  :mod:`lockgate.controller.tell.verdicts`, the one verdict renderer), rollback timings :func:`describe_timings`.
 
 Pure: no I/O. How an alert looks for each sink is in :mod:`.webhook`, :mod:`.slack`, :mod:`.alertmanager`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from lockgate.controller.tell.history import (allowance_state, any_harm_fail, on_exceedance_scale, rollback_line,
-                                         worse_bound)
+from lockgate.controller.tell.verdicts import describe_beyond, describe_verdict, is_gating, ordered, rollback_line
 
 SEVERITY = {"rolled_back": "critical", "aborted": "warning", "inconclusive": "warning", "promoted": "info",
             "advanced": "info", "started": "info"}
-PROPORTION_KINDS = ("rate", "class_recall", "class_precision")
 
 
 @dataclass
 class Alert:
+    """One notification; ``ts`` in seconds since the epoch; ``metrics`` one summary per verdict (gating first,
+    failing first); ``timings`` the rollback's detected/pushed/ACKed record (``rolled_back`` / ``aborted``)."""
+
     kind: str                       #: rolled_back | aborted | inconclusive | promoted | advanced | trouble
     severity: str                   #: critical | warning | info
     title: str
@@ -54,87 +54,6 @@ class Alert:
     @classmethod
     def from_dict(cls, d: dict) -> "Alert":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def _num(x: Any, kind: str = "", unit: str = "", signed: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(f):
-        return "∞" if f > 0 else "-∞"
-    if kind in PROPORTION_KINDS:
-        s = f"{f * 100:+.2f}" if signed else f"{f * 100:.2f}"
-        return s + (" pp" if signed else "%")
-    s = f"{f:+.4g}" if signed else f"{f:.4g}"
-    return f"{s} {unit}".rstrip() if unit else s
-
-
-def _interval(v: dict) -> str:
-    lo, hi = (v.get("interval") or [None, None])[:2]
-    kind, unit = _diff_kind_unit(v)
-    lo_s = "-∞" if lo is None else _num(lo, kind, "", True).replace(" pp", "")
-    hi_s = "+∞" if hi is None else _num(hi, kind, "", True).replace(" pp", "")
-    suffix = " pp" if kind in PROPORTION_KINDS else (f" {unit}" if unit else "")
-    if on_exceedance_scale(v):
-        suffix = " (exceedance share difference, unitless)"
-    return f"[{lo_s}, {hi_s}]{suffix}"
-
-
-def _diff_kind_unit(v: dict) -> tuple[str, str]:
-    """How to print a verdict's difference / interval / allowed: exceedance-share differences of an
-    ``exceedance_ratio`` quantile verdict are unitless fractions (never the quantile's ms)."""
-    if on_exceedance_scale(v):
-        return "", ""
-    return v.get("kind", ""), v.get("unit", "")
-
-
-def _signed(x: Any, v: dict) -> str:
-    """A value on the interval's scale, signed: ``+1.50 pp`` / ``+79 ms`` / ``+0.01 (exceedance share difference)``."""
-    if x is None:
-        return "n/a"
-    kind, unit = _diff_kind_unit(v)
-    return _num(x, kind, unit, True)
-
-
-def describe_beyond(v: dict) -> str:
-    """A failing metric against its rollback line: ``error_rate: shown worse than baseline by at least +5.10 pp,
-    allowed +1.50 pp`` — the interval end on the harmful side vs the allowed change."""
-    out = (f"{v.get('metric', '?')}: shown worse than baseline by at least {_signed(worse_bound(v), v)}, "
-           f"allowed {_signed(rollback_line(v), v)}")
-    if on_exceedance_scale(v):
-        out += " (exceedance share difference)"
-    return out + (" (judged by the earlier any-harm rule, not beyond the allowance)" if any_harm_fail(v) else "")
-
-
-def describe_verdict(v: dict) -> str:
-    """One metric, self-explaining: ``error_rate (gating) FAIL: canary 10.20% vs baseline 2.00%, change
-    +8.20 pp, interval [+5.10, +11.30] pp (α 0.05 per side); allowed +1.50 pp (absolute): beyond the
-    allowance``. ``allowed`` is the rollback line (the allowed change in the harmful direction): FAIL = the
-    interval lies beyond it, pass = within it."""
-    kind, unit = v.get("kind", ""), v.get("unit", "")
-    gating = "gating" if v.get("gating") else "not gating"
-    verdict = str(v.get("verdict", "?"))
-    verdict = verdict.upper() if verdict == "fail" else verdict
-    allowed_s = _signed(rollback_line(v), v)
-    mode = v.get("allowed_mode") or ""
-    if mode == "auto" and v.get("allowed_derivation"):
-        mode = f"auto: {v['allowed_derivation']}"
-    alpha = v.get("alpha")
-    alpha_s = f" (α {alpha:.3g} per side)" if isinstance(alpha, (int, float)) else ""
-    change = "exceedance share change" if on_exceedance_scale(v) else "change"
-    out = (f"{v.get('metric', '?')} ({gating}) {verdict}: canary {_num(v.get('canary'), kind, unit)} vs baseline "
-           f"{_num(v.get('baseline'), kind, unit)}, {change} {_signed(v.get('difference'), v)}, "
-           f"interval {_interval(v)}{alpha_s}; allowed {allowed_s}" + (f" ({mode})" if mode else "")
-           + f": {allowance_state(v)}")
-    n_c, n_b = v.get("n_canary"), v.get("n_baseline")
-    if n_c is not None:
-        out += f"; n canary {n_c:,} / baseline {n_b or 0:,}"
-        if v.get("verdict") not in ("pass", "fail") and v.get("n_needed"):
-            out += f" (~{int(v['n_needed']):,} canary needed)"
-    return out
 
 
 def describe_timings(t: dict | None) -> str | None:
@@ -171,11 +90,6 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _ordered_metrics(verdicts: list[dict]) -> list[dict]:
-    order = {"fail": 0, "continue": 1, "inconclusive": 1, "pass": 2}
-    return sorted(verdicts or [], key=lambda v: (not v.get("gating"), order.get(v.get("verdict"), 1)))
-
-
 def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
     """The alert for a promoter outcome event (``{"kind", "rollout", "detail", "ts"}``).
     ``weight_bp``: the canary weight in force when it happened (for the message)."""
@@ -187,12 +101,12 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
     share = f" at {weight_bp / 100:g}% of traffic" if weight_bp is not None else ""
     ran = _dur((r.get("ended_at") or ts) - r["started_at"]) if r.get("started_at") else "?"
     reasons = [str(x) for x in d.get("reasons") or []]
-    verdicts = _ordered_metrics(d.get("verdicts") or [])
+    verdicts = ordered(d.get("verdicts"))
     timings = d.get("timings")
     lines: list[str] = []
     if kind == "rolled_back":
         title = f"{model}: canary {canary} ROLLED BACK to {baseline}{share} (rollout #{rid}, after {ran})"
-        failing = [v for v in verdicts if v.get("gating") and v.get("verdict") == "fail"]
+        failing = [v for v in verdicts if is_gating(v) and v.get("verdict") == "fail"]
         if failing:
             lines.append("Why: gating metric" + ("s " if len(failing) > 1 else " ")
                          + ", ".join(v["metric"] for v in failing) + " shown worse than baseline beyond the allowance")

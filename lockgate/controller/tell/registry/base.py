@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lockgate.controller.tell.verdicts import is_gating
+
 STATUS_FOR_KIND = {"promoted": "production", "rolled_back": "failed-canary", "inconclusive": "inconclusive",
                    "aborted": "aborted"}
 METRIC_KEYS = ("kind", "verdict", "gating", "baseline", "canary", "difference", "interval", "allowed",
@@ -103,7 +105,7 @@ def key_metrics_text(metrics: dict[str, dict]) -> dict[str, str]:
         out[name] = (f"verdict={m.get('verdict')} canary={f(m.get('canary'))} baseline={f(m.get('baseline'))} "
                      f"diff={'n/a' if diff is None else f'{diff:+.4g}'} interval=[{f(lo)},{f(hi)}] "
                      f"allowed={f(m.get('allowed'))} n={m.get('n_canary', 0)}/{m.get('n_baseline', 0)}"
-                     + ("" if m.get("gating", True) else " gating=false"))
+                     + ("" if is_gating(m) else " gating=false"))
     return out
 
 

@@ -712,6 +712,26 @@ def test_examples_validate_against_schema():
     assert len(list(validator.iter_errors(new))) == 3
 
 
+def test_document_models_accept_every_example_and_match_the_parser_tables():
+    """The typed file-format models (the schema's source) accept what the parser accepts, field for field."""
+    from lockgate.controller.decide.spec.document import (
+        MetricDocument,
+        PromotionDocument,
+        RolloutDocument,
+        SpecDocument,
+        StepDocument,
+    )
+
+    def aliases(model):
+        return {f.alias or name for name, f in model.model_fields.items()}
+
+    assert aliases(RolloutDocument) == set(S.ROLLOUT_KEYS) and aliases(StepDocument) == set(S.STEP_KEYS)
+    assert aliases(PromotionDocument) == set(S.PROMOTION_KEYS) and aliases(MetricDocument) == set(S.METRIC_KEYS)
+    for text in [p.read_text() for p in EXAMPLES] + [ISSUE_EXAMPLE, NEW_FIELDS]:
+        doc = SpecDocument.model_validate(yaml.safe_load(text))
+        assert doc.rollout.metrics and spec_from_text(text).canary == doc.rollout.canary
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -1,57 +1,56 @@
-"""The rollout spec: one YAML file per rollout, saying how a canary is ramped and judged.
-
-Example (``examples/rollouts/chat-v2.yaml``; every field in ``docs/rollout-spec.md``)::
-
-    rollout:
-      model: chat
-      canary: v2
-      alpha: 0.01
-      steps:
-        - {weight_percent: 1, min_duration: 10m, min_canary_samples: 200}
-        - {weight_percent: 5, min_duration: 30m, min_canary_samples: 1000}
-      promotion: {require_non_inferiority: true, max_duration: 24h, preflight: drill}
-      metrics:
-        - {name: error_rate, allowed: {absolute: 0.005}}
-        - {name: latency_p95, allowed: {relative: 0.10}}
-        - {name: output_tokens, gating: false, allowed: auto}
-
-Each gating metric's ``allowed`` change is the contract: the canary is rolled back once it is shown
-worse than the baseline by more than it, promoted only once every gating metric is shown within it.
-Quantile metrics may instead allow an ``{exceedance_ratio: R}`` (at most R x the baseline's share of
-requests beyond the baseline's quantile). A metric may take an explicit share of the rollout's
-``alpha`` (``alpha: X``) or share one metric's share with others (``family: NAME``).
+"""Parsing and validating a rollout spec (YAML) into a :class:`~.model.RolloutSpec`.
 
 Validated like ``lockgate.yaml`` (:mod:`lockgate.yamlconf`): every problem is collected and reported
 together as one :class:`~lockgate.yamlconf.ConfigError`, each naming file:line:col and the field path;
-unknown keys are reported with the known ones (and a "did you mean" for typos).
+unknown keys are reported with the known ones (and a "did you mean" for typos). Cross-field rules (the
+100 % step, a per-class metric without its class, alpha shares, model/version against lockgate.yaml) are
+checked even when other fields are wrong, so one run lists everything; nothing is half-applied.
 
-The spec is locked at rollout start by :func:`spec_hash` / :attr:`RolloutSpec.sha256`: the sha256 of
-the *normalised* spec (:meth:`RolloutSpec.canonical`: defaults filled in, durations in seconds, weights
-in basis points), so whitespace, comments, key order and spelling (``10m`` vs ``600``) do not change
-it, while any change to a criterion does.
-
-:meth:`RolloutSpec.to_stats_specs` maps the metric criteria onto the statistics core's
-:class:`~lockgate.controller.stats.MetricSpec` (imported lazily: parsing needs no numpy).
+Over ~500 lines on purpose: it is the one place where every rule of the spec format is written, in the
+order a reader meets the fields in a file.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
+from lockgate.controller.decide.spec.catalogue import (
+    ALLOWED_MODES,
+    BUILTIN_METRICS,
+    DEFAULT_ALPHA,
+    DEFAULT_ANALYSIS_INTERVAL_S,
+    DEFAULT_STEP_MIN_CANARY_SAMPLES,
+    DEFAULT_STEP_MIN_DURATION_S,
+    HARMFUL,
+    MAX_ALPHA,
+    MAX_ANALYSIS_INTERVAL_S,
+    MAX_DURATION_S,
+    MAX_EXCEEDANCE_RATIO,
+    MAX_RELATIVE,
+    NAME_RE,
+    PREFLIGHTS,
+    QUANTILE_METRICS,
+    MetricDef,
+)
+from lockgate.controller.decide.spec.model import (
+    DEFAULT_STEPS,
+    MetricCriterion,
+    PromotionPolicy,
+    RolloutSpec,
+    Step,
+    _sha256,
+)
 from lockgate.yamlconf import (
     ConfigError,
     ErrorCollector,
     Fields,
     PathPart,
     Problem,
-    format_path,
     load_yaml,
     load_yaml_file,
     type_name,
@@ -59,359 +58,6 @@ from lockgate.yamlconf import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from lockgate.config import LockgateConfig
-    from lockgate.controller.stats import MetricSpec
-
-#: Version tag of the spec format; part of the canonical form (and so of the hash).
-SPEC_FORMAT = "lockgate.rollout/v1"
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # same rule as lockgate.yaml names
-
-
-# --------------------------------------------------------------------------- built-in metrics
-
-
-@dataclass(frozen=True)
-class MetricDef:
-    """A built-in metric: how the statistics core tests it and which observation column it reads.
-
-    ``kind`` is a statistics-core kind (``rate``, ``mean``, ``quantile``, ``class_recall``,
-    ``class_precision``). ``column`` is the column of the observation store's ``fetch()`` result
-    the values come from — or, for ``error`` and ``correct``, a column the controller derives
-    (see ``derived``). ``label_ts_column``: for metrics fed by feedback labels, the label's arrival
-    time (labels that arrive after an evaluation's ``now`` must not be used).
-    """
-
-    name: str
-    kind: str
-    harmful: str
-    column: str
-    unit: str = ""
-    quantile: float | None = None
-    per_class: bool = False
-    label_ts_column: str | None = None
-    derived: str | None = None
-    description: str = ""
-
-    @property
-    def fraction(self) -> bool:
-        """Values are fractions in [0, 1] (rates, recall, precision): absolute allowed ≤ 1."""
-        return self.kind in ("rate", "class_recall", "class_precision")
-
-
-BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
-    MetricDef("error_rate", "rate", "increase", "error",
-              derived="1 if status_code >= 500, timeout, or the model cut the stream (error_kind upstream_reset / "
-                      "upstream_timeout) else 0 (NaN if neither is known)",
-              description="share of requests answered 5xx, timed out, or cut off by the model server"),
-    MetricDef("latency_p50", "quantile", "increase", "latency_ms", "ms", 0.50,
-              description="median request duration (first request byte to last response byte)"),
-    MetricDef("latency_p95", "quantile", "increase", "latency_ms", "ms", 0.95,
-              description="95th percentile of request duration"),
-    MetricDef("latency_p99", "quantile", "increase", "latency_ms", "ms", 0.99,
-              description="99th percentile of request duration"),
-    MetricDef("ttft_p95", "quantile", "increase", "ttfb_ms", "ms", 0.95,
-              description="95th percentile of time to first response byte (= first token when streaming)"),
-    MetricDef("output_tokens", "mean", "increase", "output_tokens", "tokens",
-              description="mean output tokens per response (cost and latency; override harmful: decrease "
-                          "if shorter answers are the risk)"),
-    MetricDef("refusal_rate", "rate", "increase", "refusal",
-              description="share of responses the analyzer classified as refusals"),
-    MetricDef("entropy", "mean", "increase", "entropy", "nats",
-              description="mean token entropy from logprobs (model uncertainty)"),
-    MetricDef("evaluator_score", "mean", "decrease", "evaluator_score", label_ts_column="evaluator_score_arrival_ts",
-              description="mean score posted by an evaluator (feedback label evaluator_score)"),
-    MetricDef("similarity", "mean", "decrease", "similarity",
-              description="mean similarity of canary answers to the baseline's answers (replay/shadow "
-                          "comparison; 0..1)"),
-    MetricDef("feedback_positive_rate", "rate", "decrease", "thumbs", label_ts_column="thumbs_arrival_ts",
-              description="share of thumbs-up among requests with thumbs feedback"),
-    MetricDef("task_success_rate", "rate", "decrease", "task_success", label_ts_column="task_success_arrival_ts",
-              description="share of successful tasks among requests with task_success feedback"),
-    MetricDef("accuracy", "rate", "decrease", "correct", label_ts_column="label_arrival_ts",
-              derived="1 if predicted_class == true_class else 0, over requests with a usable true_class label",
-              description="aggregate accuracy over labelled requests (never a substitute for per-class metrics)"),
-    MetricDef("class_recall", "class_recall", "decrease", "predicted_class", per_class=True,
-              label_ts_column="label_arrival_ts",
-              description="recall of one class: share of requests labelled CLASS that were predicted CLASS"),
-    MetricDef("class_precision", "class_precision", "decrease", "predicted_class", per_class=True,
-              label_ts_column="label_arrival_ts",
-              description="precision of one class: share of requests predicted CLASS that are labelled CLASS"),
-)}
-
-# --------------------------------------------------------------------------- field names (shared with the schema)
-
-ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics")
-STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples")
-PROMOTION_KEYS = ("require_non_inferiority", "max_duration", "preflight")
-METRIC_KEYS = ("name", "class", "gating", "harmful", "allowed", "alpha", "family")
-ALLOWED_MODES = ("absolute", "relative", "exceedance_ratio")
-PREFLIGHTS = ("none", "drill")
-HARMFUL = ("increase", "decrease")
-
-# --------------------------------------------------------------------------- defaults
-
-DEFAULT_ANALYSIS_INTERVAL_S = 30.0
-DEFAULT_ALPHA = 0.05
-DEFAULT_STEP_MIN_DURATION_S = 600.0
-DEFAULT_STEP_MIN_CANARY_SAMPLES = 100
-DEFAULT_MAX_DURATION_S = 86400.0
-DEFAULT_PREFLIGHT = "drill"
-MAX_DURATION_S = 365 * 86400.0
-MAX_ANALYSIS_INTERVAL_S = 3600.0
-MAX_ALPHA = 0.2
-MAX_RELATIVE = 10.0
-MAX_EXCEEDANCE_RATIO = 10.0
-#: Built-in metrics that take ``allowed: {exceedance_ratio: R}`` (the quantile metrics).
-QUANTILE_METRICS = tuple(n for n, d in BUILTIN_METRICS.items() if d.kind == "quantile")
-
-
-# --------------------------------------------------------------------------- the spec
-
-
-@dataclass(frozen=True)
-class Step:
-    """One stage of the ramp: hold ``weight_bp`` (basis points, 100 = 1 %) of the model's traffic on
-    the canary for at least ``min_duration_s`` seconds and ``min_canary_samples`` canary observations
-    before the next stage may start (a gating metric shown worse than its allowance rolls back instead)."""
-
-    weight_bp: int
-    min_duration_s: float
-    min_canary_samples: int
-
-    @property
-    def weight_percent(self) -> float:
-        return self.weight_bp / 100
-
-    def canonical(self) -> dict:
-        return {"weight_bp": self.weight_bp, "min_duration_s": self.min_duration_s,
-                "min_canary_samples": self.min_canary_samples}
-
-
-DEFAULT_STEPS: tuple[Step, ...] = (
-    Step(100, 600.0, 200),
-    Step(500, 1800.0, 1000),
-    Step(2000, 3600.0, 3000),
-    Step(5000, 3600.0, 5000),
-)
-
-
-@dataclass(frozen=True)
-class PromotionPolicy:
-    """The last move, from the final stage to 100 %.
-
-    ``require_non_inferiority``: promotion needs every gating metric shown within its allowed change
-    (verdict ``pass``); if false, the final stage's minimums without any gating metric shown worse than
-    its allowance are enough.
-    ``max_duration_s``: wall-clock budget of the whole rollout, from its start; when it runs out
-    without promotion being justified the rollout holds where it is as ``inconclusive`` for a human
-    (never promoted silently). ``preflight``: ``drill`` proves the revert path (``lockgate drill``:
-    every Envoy ACKs a route re-push) before the first stage; ``none`` skips it.
-    """
-
-    require_non_inferiority: bool = True
-    max_duration_s: float = DEFAULT_MAX_DURATION_S
-    preflight: str = DEFAULT_PREFLIGHT
-
-    def canonical(self) -> dict:
-        return {"require_non_inferiority": self.require_non_inferiority, "max_duration_s": self.max_duration_s,
-                "preflight": self.preflight}
-
-
-@dataclass(frozen=True)
-class MetricCriterion:
-    """One metric and what counts as acceptable for it.
-
-    ``allowed_mode`` is ``absolute`` (``allowed`` in the metric's units; fractions for rates and
-    class metrics: 0.01 = 1 point), ``relative`` (``allowed`` as a fraction of the baseline value:
-    0.10 = 10 %), ``exceedance_ratio`` (quantile metrics only: ``allowed`` is a ratio R >= 1, at
-    most R x the baseline's share of canary requests beyond the baseline's quantile) or ``auto``
-    (``allowed`` is None: derived at rollout start from the baseline's historical variance, see
-    :func:`lockgate.controller.stats.auto_allowed`).
-
-    ``alpha``: an explicit share of the rollout's alpha for this metric (None: an even split).
-    ``family``: metrics with the same family share one metric's share of alpha, split evenly
-    among them (see :func:`lockgate.controller.stats.split_alpha`).
-    """
-
-    name: str
-    kind: str
-    harmful: str
-    allowed_mode: str
-    allowed: float | None
-    gating: bool = True
-    cls: str | None = None
-    quantile: float | None = None
-    column: str = ""
-    unit: str = ""
-    alpha: float | None = None
-    family: str | None = None
-
-    @property
-    def key(self) -> str:
-        """Unique name within a spec: ``class_recall[fraud]`` for class metrics, else ``name``."""
-        return f"{self.name}[{self.cls}]" if self.cls is not None else self.name
-
-    @property
-    def definition(self) -> MetricDef:
-        return BUILTIN_METRICS[self.name]
-
-    @property
-    def auto_statistic(self) -> tuple[str, float | None]:
-        """``(statistic, quantile)`` arguments for ``auto_allowed`` when ``allowed_mode == "auto"``."""
-        return ("quantile", self.quantile) if self.kind == "quantile" else ("mean", None)
-
-    @property
-    def exceedance_share(self) -> float | None:
-        """For a quantile metric, the baseline's share of requests beyond its quantile in the harmful
-        direction (p95 harmful increase: 0.05 above it; harmful decrease: 0.95 below it)."""
-        if self.quantile is None:
-            return None
-        return 1.0 - self.quantile if self.harmful == "increase" else self.quantile
-
-    def describe_allowed(self) -> str:
-        """``+0.5% of baseline``, ``+150 ms``, ``exceedance ratio 1.2 (at most 6% of canary requests
-        above the baseline's p95)`` or ``auto``."""
-        if self.allowed_mode == "auto":
-            return "auto"
-        if self.allowed_mode == "exceedance_ratio":
-            share = self.exceedance_share or 0.0
-            side = "above" if self.harmful == "increase" else "below"
-            pct = f"p{(self.quantile or 0) * 100:g}"
-            return (f"exceedance ratio {self.allowed:g} (at most {self.allowed * share * 100:.4g}% of canary "
-                    f"requests {side} the baseline's {pct})")
-        sign = "+" if self.harmful == "increase" else "-"
-        if self.allowed_mode == "relative":
-            return f"{sign}{self.allowed * 100:g}% of baseline"
-        unit = f" {self.unit}" if self.unit else ""
-        return f"{sign}{self.allowed:g}{unit}"
-
-    def canonical(self) -> dict:
-        out = {"name": self.name, "class": self.cls, "gating": self.gating, "harmful": self.harmful,
-               "allowed_mode": self.allowed_mode, "allowed": self.allowed}
-        # only when set, so that specs written before these fields existed keep their hash
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        if self.family is not None:
-            out["family"] = self.family
-        return out
-
-    def to_stats_spec(self, auto: Any = None) -> "MetricSpec":
-        """This criterion as a statistics-core ``MetricSpec``.
-
-        ``auto`` resolves an ``allowed: auto`` criterion: an ``AutoAllowed`` (from
-        ``stats.auto_allowed``), a ``(value, derivation)`` pair or a plain number (absolute, in the
-        metric's units). Raises ``ValueError`` if the criterion is ``auto`` and ``auto`` is None.
-        """
-        from lockgate.controller.stats import MetricSpec
-
-        derivation = None
-        if self.allowed_mode == "auto":
-            if auto is None:
-                raise ValueError(f"{self.key}: allowed is auto; derive it from the baseline first "
-                                 "(stats.auto_allowed) and pass it in")
-            if isinstance(auto, (int, float)) and not isinstance(auto, bool):
-                value, derivation = float(auto), "auto (given)"
-            elif isinstance(auto, tuple):
-                value, derivation = float(auto[0]), str(auto[1])
-            else:
-                value, derivation = float(auto.value), str(auto.derivation)
-            mode = "absolute"
-        else:
-            value, mode = float(self.allowed or 0.0), self.allowed_mode
-        labels = {"label_column": "true_class", "label_ts_column": "label_arrival_ts"} if self.cls is not None else {}
-        return MetricSpec(
-            name=self.key, kind=self.kind, harmful=self.harmful, allowed=value, allowed_mode=mode,
-            gating=self.gating, quantile=self.quantile, cls=self.cls, column=self.column,
-            allowed_derivation=derivation, unit=self.unit, alpha=self.alpha, family=self.family, **labels)
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    """A validated rollout spec. ``steps`` are the stages below 100 % (a ``weight_percent: 100``
-    step in the file is the promotion itself and is folded into ``promotion``); ``sha256`` locks
-    the spec (see :func:`spec_hash`); ``warnings`` are non-fatal problems worth showing."""
-
-    model: str
-    canary: str
-    analysis_interval_s: float
-    alpha: float
-    steps: tuple[Step, ...]
-    promotion: PromotionPolicy
-    metrics: tuple[MetricCriterion, ...]
-    source: str = "<string>"
-    sha256: str = ""
-    warnings: tuple[Problem, ...] = ()
-
-    @property
-    def gating_metrics(self) -> tuple[MetricCriterion, ...]:
-        return tuple(m for m in self.metrics if m.gating)
-
-    @property
-    def alpha_per_metric(self) -> float:
-        """The even Bonferroni share of ``alpha`` per gating metric (``alpha / n_gating``); the split in
-        force, with explicit ``alpha`` and ``family`` taken into account, is :attr:`alphas`."""
-        return self.alpha / max(1, len(self.gating_metrics))
-
-    @property
-    def alphas(self) -> dict[str, float]:
-        """Per-metric alpha by :attr:`MetricCriterion.key`, as ``stats.split_alpha`` splits the rollout's
-        ``alpha`` (explicit ``alpha`` shares, families sharing one share, the rest split evenly; a
-        non-gating metric gets an even share but never decides). Needs no ``auto`` resolution."""
-        from lockgate.controller.stats import MetricSpec, split_alpha
-
-        specs = [MetricSpec(name=m.key, kind=m.kind, harmful=m.harmful, gating=m.gating, quantile=m.quantile,
-                            cls=m.cls, alpha=m.alpha, family=m.family) for m in self.metrics]
-        return split_alpha(specs, self.alpha)
-
-    def metric(self, key: str) -> MetricCriterion:
-        for m in self.metrics:
-            if m.key == key:
-                return m
-        raise KeyError(key)
-
-    def canonical(self) -> dict:
-        """The normalised spec as plain JSON data (defaults filled in, seconds, basis points).
-        Its sorted-keys JSON is what :attr:`sha256` hashes."""
-        return {
-            "format": SPEC_FORMAT,
-            "model": self.model,
-            "canary": self.canary,
-            "analysis_interval_s": self.analysis_interval_s,
-            "alpha": self.alpha,
-            "steps": [s.canonical() for s in self.steps],
-            "promotion": self.promotion.canonical(),
-            "metrics": [m.canonical() for m in self.metrics],
-        }
-
-    def canonical_json(self) -> str:
-        return canonical_json(self.canonical())
-
-    def summary(self) -> str:
-        """``model chat, canary v2, 4 stages + promotion, 5 metrics (4 gating)``."""
-        n, g = len(self.metrics), len(self.gating_metrics)
-        return (f"model {self.model}, canary {self.canary}, {len(self.steps)} stage{'s' * (len(self.steps) != 1)}"
-                f" + promotion, {n} metric{'s' * (n != 1)} ({g} gating)")
-
-    def to_stats_specs(self, auto: Mapping[str, Any] | None = None) -> list["MetricSpec"]:
-        """Every criterion as a statistics-core ``MetricSpec`` (named by :attr:`MetricCriterion.key`).
-
-        ``auto`` maps the key of each ``allowed: auto`` criterion to its resolved allowed change (see
-        :meth:`MetricCriterion.to_stats_spec`); a missing one raises ``ValueError``.
-        """
-        auto = auto or {}
-        return [m.to_stats_spec(auto.get(m.key)) for m in self.metrics]
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def _sha256(data: Any) -> str:
-    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
-
 
 def spec_hash(spec_text: str, source: str = "<string>") -> str:
     """sha256 (hex) of the normalised spec in ``spec_text``; raises ConfigError if the spec is invalid.
@@ -867,8 +513,6 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
 
 
 def _with_hash(spec: RolloutSpec) -> RolloutSpec:
-    from dataclasses import replace
-
     return replace(spec, sha256=_sha256(spec.canonical()))
 
 
@@ -928,8 +572,3 @@ def load_spec(path: str | Path, config: "LockgateConfig | None" = None) -> Rollo
 def render_warning(problem: Problem, source: str) -> str:
     """A warning line: ``file:line:col: path: warning: message``."""
     return Problem(problem.path, f"warning: {problem.message}", problem.line, problem.column).render(source)
-
-
-__all__ = ["BUILTIN_METRICS", "ConfigError", "DEFAULT_STEPS", "MetricCriterion", "MetricDef", "PromotionPolicy",
-           "RolloutSpec", "SPEC_FORMAT", "Step", "format_path", "load_spec", "parse_duration", "parse_spec",
-           "render_warning", "spec_from_text", "spec_hash"]

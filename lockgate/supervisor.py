@@ -1,10 +1,18 @@
-"""``lockgate up``: run the controller, the xDS server, the ext_proc server and Envoy until told to stop.
+"""``lockgate up``: run the xDS server, the ext_proc server, Envoy and the controller until told to stop.
 
-Each component is a child process with its output in ``<state_dir>/logs/<name>.log``. Start order is
-controller (observation store) → xDS (weights loaded from SQLite) → ext_proc → Envoy, each awaited
-until ready. A component that
-dies is restarted after a short back-off (traffic keeps flowing meanwhile: Envoy keeps its config
-without xDS and skips a dead ext_proc). SIGINT/SIGTERM stops all three: Envoy first, then the rest.
+Each component is a child process with its output in ``<state_dir>/logs/<name>.log``.
+
+Start order follows what the data path needs: xDS (weights loaded from SQLite) → ext_proc → Envoy,
+each awaited until ready — then traffic flows — and only then the controller. The data path never
+needs the controller (ext_proc queues observations until it is back, Envoy keeps its config), so a
+controller that cannot start does not stop ``lockgate up``: it says so on stderr and keeps retrying
+the controller with back-off (0.5 s doubling to :data:`RETRY_MAX_S`) while traffic flows. A data-path
+component that fails its *first* start ends ``lockgate up`` (exit 1: there is nothing to serve).
+
+Any component that dies later is restarted with the same back-off (traffic keeps flowing meanwhile:
+Envoy keeps its config without xDS and skips a dead ext_proc). Status lines go to stdout (``serving
+models on …`` once the first controller attempt has ended, ready or not); failures go to stderr.
+SIGINT/SIGTERM stops everything: Envoy first, then ext_proc, xDS and the controller.
 """
 
 from __future__ import annotations
@@ -25,10 +33,22 @@ from lockgate.envoy_proc import envoy_command, render_bootstrap
 from lockgate.grpc_auth import warn_if_insecure
 
 
+#: longest wait between two start attempts of a component that keeps failing (seconds)
+RETRY_MAX_S = 10.0
+#: first wait after a failure (seconds); doubles with each consecutive failure up to RETRY_MAX_S
+RETRY_MIN_S = 0.5
+#: how long a start may take before the attempt counts as failed (seconds)
+START_TIMEOUT_S = 30.0
+
+
 @dataclass
 class Component:
     """One child process. Ready when ``ready_url`` answers 200, or (no URL) when its log prints
-    a line starting ``ready `` after this start."""
+    a line starting ``ready `` after this start.
+
+    Its supervision state is one of ``down`` (not running; next attempt at ``next_attempt``,
+    monotonic seconds), ``starting`` (started, not ready before ``start_deadline``) and ``ready``.
+    """
 
     name: str
     argv: list[str]
@@ -38,6 +58,10 @@ class Component:
     log: IO | None = None
     restarts: int = 0
     log_offset: int = field(default=0)
+    state: str = "down"
+    failures: int = 0  # consecutive failed attempts (reset once ready); sets the back-off
+    next_attempt: float = 0.0
+    start_deadline: float = 0.0
 
     def start(self) -> None:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -55,12 +79,24 @@ class Component:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self.log_offset)
-                return b"ready " in f.read()
+                return any(line.startswith(b"ready ") for line in f.read().splitlines())  # not "already in use"
         except OSError:
             return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def retry_delay(self) -> float:
+        """Back-off before the next attempt after ``failures`` consecutive failures (seconds)."""
+        return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** max(0, self.failures - 1))
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -76,19 +112,19 @@ class Component:
 
 
 def components(config: LockgateConfig, config_path: str) -> list[Component]:
-    """xDS, ext_proc and Envoy, in start order."""
+    """xDS, ext_proc, Envoy and the controller, in start order (the data path first)."""
     logs = config.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     bootstrap = config.state_dir / "envoy-bootstrap.yaml"
     bootstrap.write_text(render_bootstrap(config))
     py = [sys.executable, "-m", "lockgate", "-c", config_path]
     return [
-        Component("controller", py + ["controller"], logs / "controller.log"),
         Component("xds", py + ["xds"], logs / "xds.log"),
         *(Component(f"extproc-{i}" if config.extproc_processes > 1 else "extproc", py + ["extproc", "--index", str(i)],
                     logs / (f"extproc-{i}.log" if config.extproc_processes > 1 else "extproc.log"))
           for i in range(config.extproc_processes)),
         Component("envoy", envoy_command(bootstrap), logs / "envoy.log", ready_url=f"http://{config.admin}/ready"),
+        Component("controller", py + ["controller"], logs / "controller.log"),
     ]
 
 
@@ -120,62 +156,116 @@ def rotate_if_large(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_
 
 
 class Supervisor:
-    def __init__(self, config: LockgateConfig, config_path: str, out=sys.stdout):
+    """Starts and watches the components of :func:`components` (see the module docstring)."""
+
+    def __init__(self, config: LockgateConfig, config_path: str, out: IO = sys.stdout, err: IO = sys.stderr):
         self.config = config
         self.comps = components(config, config_path)
+        self.data_path = [c for c in self.comps if c.name != "controller"]
+        self.controller = next(c for c in self.comps if c.name == "controller")
         self.stop_event = threading.Event()
         self.out = out
+        self.err = err
 
     def say(self, msg: str) -> None:
+        """A status line (stdout)."""
         print(f"lockgate up: {msg}", file=self.out, flush=True)
 
-    def _start(self, comp: Component, timeout: float = 30.0) -> None:
-        comp.start()
-        deadline = time.monotonic() + timeout
-        while not comp.ready():
-            if not comp.alive():
-                raise RuntimeError(f"{comp.name} exited with status {comp.proc.returncode}; see {comp.log_path}:\n"
-                                   + comp.log_path.read_text(errors="replace")[-2000:])
-            if time.monotonic() > deadline or self.stop_event.is_set():
-                raise RuntimeError(f"{comp.name} not ready after {timeout:.0f} s; see {comp.log_path}")
+    def warn(self, msg: str) -> None:
+        """A failure the operator should see (stderr)."""
+        print(f"lockgate up: {msg}", file=self.err, flush=True)
+
+    def _start_data_path(self, comp: Component) -> None:
+        """First start of a data-path component, awaited; raises RuntimeError if it is not ready in time."""
+        self._launch(comp)
+        while comp.state == "starting":
+            if self.stop_event.is_set():
+                raise RuntimeError(f"stopped while starting {comp.name}")
             time.sleep(0.05)
-        self.say(f"{comp.name} ready (pid {comp.proc.pid}, log {comp.log_path})")
+            self._tick(comp, fatal=True)
+
+    def _launch(self, comp: Component) -> None:
+        comp.start()
+        comp.state = "starting"
+        comp.start_deadline = time.monotonic() + START_TIMEOUT_S
+
+    def _failed(self, comp: Component, why: str, fatal: bool, detail: str = "") -> None:
+        """Count a failed attempt; raise RuntimeError if ``fatal``, else say so (stderr) and schedule a retry."""
+        comp.stop()
+        comp.failures += 1
+        comp.state = "down"
+        if fatal:
+            raise RuntimeError(why + (f":\n{detail}" if detail else ""))
+        comp.next_attempt = time.monotonic() + comp.retry_delay()
+        consequence = ("traffic keeps flowing through Envoy without it" if comp is self.controller
+                       else "Envoy keeps its last configuration meanwhile")
+        self.warn(f"{why}; {consequence}; retrying in {comp.retry_delay():.1f} s"
+                  + (f"\n  {detail}" if detail else ""))
+
+    def _tick(self, comp: Component, fatal: bool = False) -> None:
+        """Advance one component's state: notice readiness, death, a start timeout; (re)start when due."""
+        now = time.monotonic()
+        if comp.state == "starting":
+            if comp.ready():
+                comp.state = "ready"
+                comp.failures = 0
+                self.say(f"{comp.name} ready (pid {comp.proc.pid}, log {comp.log_path})")
+            elif not comp.alive():
+                tail = comp.log_tail() if fatal else (comp.log_tail().strip().splitlines() or [""])[-1]
+                self._failed(comp, f"{comp.name} could not start: exited with status {comp.proc.returncode} "
+                                   f"(log {comp.log_path})", fatal, tail)
+            elif now > comp.start_deadline:
+                self._failed(comp, f"{comp.name} not ready after {START_TIMEOUT_S:.0f} s; see {comp.log_path}", fatal)
+        elif comp.state == "ready":
+            if not comp.alive():
+                comp.restarts += 1
+                self._failed(comp, f"{comp.name} exited with status {comp.proc.returncode} "
+                                   f"(restart #{comp.restarts}, log {comp.log_path})", fatal)
+        elif now >= comp.next_attempt:
+            self._launch(comp)
+
+    def _rotate_logs(self) -> None:
+        for comp in self.comps:
+            try:
+                if rotate_if_large(comp.log_path):
+                    self.say(f"{comp.name}: log rotated ({comp.log_path}.1 … .{LOG_KEEP} kept)")
+            except OSError as exc:  # a full disk must not stop supervising
+                self.warn(f"{comp.name}: cannot rotate {comp.log_path}: {exc}")
 
     def run(self) -> int:
+        """Start the data path (awaited), then the controller, then supervise until SIGINT/SIGTERM.
+
+        Returns 0 after a signal, 1 if the data path could not start.
+        """
         def on_signal(signum, _frame):
             self.stop_event.set()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for comp in self.comps:
-                self._start(comp)
+            for comp in self.data_path:
+                self._start_data_path(comp)
+            self.say(f"data path up: Envoy takes traffic on http://{self.config.listener}; starting the controller")
+            self._launch(self.controller)
+            while self.controller.state == "starting" and not self.stop_event.wait(0.05):
+                for comp in self.comps:
+                    self._tick(comp)
+            note = "" if self.controller.state == "ready" else " (the controller is not running yet: retrying)"
             self.say(f"serving models on http://{self.config.listener} "
-                     f"({', '.join(m.name for m in self.config.models)}); Ctrl-C stops")
+                     f"({', '.join(m.name for m in self.config.models)}){note}; Ctrl-C stops")
             warn_if_insecure(self.config, "lockgate up", out=self.out)  # auth.insecure with off-loopback binds
             while not self.stop_event.wait(0.5):
+                self._rotate_logs()
                 for comp in self.comps:
-                    try:
-                        if rotate_if_large(comp.log_path):
-                            self.say(f"{comp.name}: log rotated ({comp.log_path}.1 … .{LOG_KEEP} kept)")
-                    except OSError as exc:  # a full disk must not stop supervising
-                        self.say(f"{comp.name}: cannot rotate {comp.log_path}: {exc}")
-                    if not comp.alive():
-                        comp.restarts += 1
-                        self.say(f"{comp.name} exited with status {comp.proc.returncode}; restarting "
-                                 f"(restart #{comp.restarts}, log {comp.log_path})")
-                        comp.stop()
-                        time.sleep(min(5.0, 0.5 * comp.restarts))
-                        try:
-                            self._start(comp)
-                        except RuntimeError as exc:
-                            self.say(str(exc))
+                    self._tick(comp)
             return 0
         except RuntimeError as exc:
-            self.say(str(exc))
+            self.warn(str(exc))
             return 1
         finally:
-            for comp in reversed(self.comps):
+            stop_order = sorted(self.comps, key=lambda c: ("envoy", "extproc", "xds", "controller").index(
+                c.name.partition("-")[0]))
+            for comp in stop_order:
                 comp.stop()
-            self.say("stopped " + ", ".join(c.name for c in reversed(self.comps)))
+            self.say("stopped " + ", ".join(c.name for c in stop_order))
             for s, h in old.items():
                 signal.signal(s, h)

@@ -46,7 +46,6 @@ from lockgate.controller.decide.spec.model import (
     _sha256,
 )
 from lockgate.yamlconf import (
-    ConfigError,
     ErrorCollector,
     Fields,
     PathPart,

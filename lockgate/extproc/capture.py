@@ -25,13 +25,15 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from lockgate.config import LockgateConfig, Model, RetainBodies
 from lockgate.extproc.analyzers import AnalyzerConfig, BodyAnalyzer, make_analyzer
-from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
-from lockgate.extproc.keys import extract_key, hash_key
+from lockgate.extproc.keys import hash_key
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import REQUEST_ID_HEADER, parse_cluster_name, parse_route_name
+from lockgate.refusal import DEFAULT_REFUSAL_PATTERNS
+from lockgate.routing import (ATTR_CLIENT_REQUEST_ID, ATTR_CLUSTER, ATTR_CODE_DETAILS, ATTR_REQUEST_ID,
+                              ATTR_REQUEST_SIZE, ATTR_REQUEST_TIME, ATTR_ROUTE, ATTR_UPSTREAM_ADDRESS,
+                              EXTPROC_FILTER, REQUEST_ID_HEADER, STICKY_PATH, extract_key, parse_cluster_name,
+                              parse_route_name, request_header_attribute)
 
-ATTR_NS = "envoy.filters.http.ext_proc"
-_ID_ATTR = f"request.headers['{REQUEST_ID_HEADER}']"
+ATTR_NS = EXTPROC_FILTER  #: the namespace of the attributes Envoy sends (the filter's name)
 
 
 def mint_request_id() -> str:
@@ -134,7 +136,7 @@ def attribute(config_models: dict[str, Model], cluster_name: str, route_name: st
         role = "canary"
     else:
         role = "other"  # e.g. a QA-forced version that is not the current canary
-    return Attribution(model, version, role, info.path if info else "sticky", info.weight_bp if info else 0,
+    return Attribution(model, version, role, info.path if info else STICKY_PATH, info.weight_bp if info else 0,
                        info.stage if info else "")
 
 
@@ -156,7 +158,7 @@ class ResponseCapture:
         if attrs is None:
             return None
         fields = attrs.fields
-        who = attribute(models, _str(fields, "xds.cluster_name"), _str(fields, "xds.route_name"))
+        who = attribute(models, _str(fields, ATTR_CLUSTER), _str(fields, ATTR_ROUTE))
         if who is None:
             return None
         status = 0
@@ -169,23 +171,24 @@ class ResponseCapture:
                 content_type = h.raw_value.decode("latin-1")
             elif key == "content-encoding":
                 content_encoding = h.raw_value.decode("latin-1")
-        start_ts = _epoch(fields.get("request.time"))
+        start_ts = _epoch(fields.get(ATTR_REQUEST_TIME))
         req_headers = {}
         for name in header_names:
-            v = _str(fields, f"request.headers['{name}']")
+            v = _str(fields, request_header_attribute(name))
             if v:
                 req_headers[name] = v
         key = extract_key(who.model.sticky_keys, req_headers)
         obs = obs_pb2.Observation(
-            request_id=_str(fields, _ID_ATTR) or mint_request_id(), client_request_id=_str(fields, "request.id"),
+            request_id=_str(fields, ATTR_REQUEST_ID) or mint_request_id(),
+            client_request_id=_str(fields, ATTR_CLIENT_REQUEST_ID),
             ts=now, model=who.model.name, version=who.version, role=who.role,
             weight_bp=who.weight_bp, stage=who.stage, route=who.route,
-            upstream_host=_str(fields, "upstream.address"), status_code=status,
+            upstream_host=_str(fields, ATTR_UPSTREAM_ADDRESS), status_code=status,
             user_key=hash_key(key[1], key_secret) if key else "",
-            timeout=_str(fields, "response.code_details") == "upstream_response_timeout")
+            timeout=_str(fields, ATTR_CODE_DETAILS) == "upstream_response_timeout")
         if start_ts is not None:
             obs.ttfb_ms = max(0.0, (now - start_ts) * 1000)
-        size = fields.get("request.size")
+        size = fields.get(ATTR_REQUEST_SIZE)
         if size is not None and size.WhichOneof("kind") == "number_value" and size.number_value >= 0:
             obs.request_bytes = int(size.number_value)
         analyzer = make_analyzer(who.model.analyzer, content_type, content_encoding, analyzer_cfg)

@@ -6,7 +6,8 @@ the body's end of stream. Envoy itself knows which side ended it (checked on Env
 the upstream closes mid-chunk is ``UPE`` with details
 ``upstream_reset_after_response_started{protocol_error}``; a client that disconnects is ``DC``,
 ``downstream_remote_disconnect``; the route timeout firing mid-stream is ``UT``, ``response_timeout``;
-the status stays 200 in all three). So lockgate's HCM has a gRPC access log (:func:`access_log`) that
+the status stays 200 in all three). So lockgate's HCM has a gRPC access log
+(:func:`lockgate.xds.resources.access_log`) that
 sends an entry to this process **only** for a stream with one of those response flags and a status
 below 500 (a 5xx already counts as an error by its status), and this servicer turns each entry into a
 :class:`StreamOutcome` shipped with the next batch; the controller joins it to the observation with
@@ -18,44 +19,21 @@ from __future__ import annotations
 import logging
 import time
 
-from google.protobuf import any_pb2, wrappers_pb2
-
-from envoy.config.accesslog.v3 import accesslog_pb2 as alc
-from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as ald
-from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_cfg
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from lockgate.extproc.capture import attribute
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import REQUEST_ID_HEADER
+from lockgate.routing import OUTCOME_FLAGS, REQUEST_ID_HEADER
 
 log = logging.getLogger("lockgate.extproc.outcomes")
-
-LOG_NAME = "lockgate_stream_outcomes"
-
-#: Envoy response flag (ResponseFlags field, short name) → error_kind. Order matters: the first that is
-#: set wins, upstream causes before downstream ones (a stream the upstream cut may also see the client go).
-FLAG_KINDS: tuple[tuple[str, str, str], ...] = (
-    ("upstream_remote_reset", "UR", "upstream_reset"),
-    ("upstream_connection_termination", "UC", "upstream_reset"),
-    ("upstream_protocol_error", "UPE", "upstream_reset"),
-    ("upstream_request_timeout", "UT", "upstream_timeout"),
-    ("upstream_max_stream_duration_reached", "UMSDR", "upstream_timeout"),
-    ("stream_idle_timeout", "SI", "upstream_timeout"),
-    ("downstream_connection_termination", "DC", "client_reset"),
-    ("downstream_remote_reset", "DR", "client_reset"),
-    ("downstream_protocol_error", "DPE", "client_reset"),
-)
-#: the flags the access log filter passes (Envoy's short names)
-LOGGED_FLAGS = tuple(short for _, short, _ in FLAG_KINDS)
 
 
 def classify(flags: ald.ResponseFlags) -> tuple[str, str]:
     """``(error_kind, short flags)`` of an entry's response flags; ``("", …)`` when none of ours is set."""
     kind = ""
     names = []
-    for field, short, k in FLAG_KINDS:
+    for field, short, k in OUTCOME_FLAGS:  # first set wins (upstream causes first)
         if getattr(flags, field):
             names.append(short)
             kind = kind or k
@@ -79,33 +57,6 @@ def outcome_from_entry(entry: ald.HTTPAccessLogEntry, models: dict, now: float) 
         request_id=rid, model=who.model.name, version=who.version, role=who.role, error_kind=kind,
         response_flags=flags, details=entry.response.response_code_details[:256],
         status_code=entry.response.response_code.value, ts=now)
-
-
-def access_log(cluster_name: str) -> alc.AccessLog:
-    """The HCM access log that reports cut streams to lockgate's ext_proc cluster: gRPC, unbuffered
-    (``buffer_size_bytes: 0``; it only carries the rare flagged streams), for a status in 100–499 with
-    one of :data:`LOGGED_FLAGS`."""
-    def status(op, value: int) -> alc.AccessLogFilter:
-        return alc.AccessLogFilter(status_code_filter=alc.StatusCodeFilter(comparison=alc.ComparisonFilter(
-            op=op, value=base_pb2.RuntimeUInt32(default_value=value, runtime_key=f"lockgate.als_status_{value}"))))
-
-    config = als_cfg.HttpGrpcAccessLogConfig(
-        common_config=als_cfg.CommonGrpcAccessLogConfig(
-            log_name=LOG_NAME,
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster_name)),
-            transport_api_version=config_source_pb2.V3,
-            buffer_size_bytes=wrappers_pb2.UInt32Value(value=0)),
-        additional_request_headers_to_log=[REQUEST_ID_HEADER])
-    typed = any_pb2.Any()
-    typed.Pack(config)
-    return alc.AccessLog(
-        name="envoy.access_loggers.http_grpc",
-        filter=alc.AccessLogFilter(and_filter=alc.AndFilter(filters=[
-            alc.AccessLogFilter(response_flag_filter=alc.ResponseFlagFilter(flags=list(LOGGED_FLAGS))),
-            status(alc.ComparisonFilter.GE, 100),
-            status(alc.ComparisonFilter.LE, 499)])),
-        typed_config=typed)
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
@@ -132,4 +83,4 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
-__all__ = ["AccessLogReceiver", "FLAG_KINDS", "LOGGED_FLAGS", "access_log", "classify", "outcome_from_entry"]
+__all__ = ["AccessLogReceiver", "classify", "outcome_from_entry"]

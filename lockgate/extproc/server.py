@@ -1,6 +1,6 @@
 """``lockgate extproc``: the ext_proc gRPC server beside each Envoy.
 
-It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.extproc.keys`)
+It is never on the routing decision (Envoy splits by hash policy, see :mod:`lockgate.xds.sticky`)
 and Envoy runs it with ``failure_mode_allow``: if this process dies, requests flow, split and sticky.
 Envoy sends it response headers (with attributes naming what it routed) and the response body in
 STREAMED chunks; every message is answered "continue unchanged" (nothing is ever mutated, so the
@@ -37,7 +37,7 @@ from lockgate.extproc.outcomes import AccessLogReceiver
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.grpc_auth import own_token, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2 as obs_pb2
-from lockgate.xds.resources import QA_METADATA_NS, key_headers
+from lockgate.routing import QA_METADATA_KEY, QA_METADATA_NS, key_headers
 
 log = logging.getLogger("lockgate.extproc")
 
@@ -212,7 +212,7 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
 
 
 class QACheck:
-    """The QA override's token check (see :func:`lockgate.xds.resources.qa_routes`).
+    """The QA override's token check (see ``lockgate.xds.resources.qa_routes``).
 
     Envoy sends the request headers of a request carrying both QA headers (and of no other request).
     The answer always removes the token header and clears the route cache; when the token's sha256
@@ -238,7 +238,7 @@ class QACheck:
         resp = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
             header_mutation=ep.HeaderMutation(remove_headers=[self.token_header]), clear_route_cache=True)))
         if ok and version:
-            resp.dynamic_metadata.fields[QA_METADATA_NS].struct_value.fields["version"].string_value = version
+            resp.dynamic_metadata.fields[QA_METADATA_NS].struct_value.fields[QA_METADATA_KEY].string_value = version
         counter = self._accepted if ok else self._refused
         if counter is not None:
             counter.inc()

@@ -28,7 +28,8 @@ from lockgate.config import LockgateConfig
 from lockgate.grpc_auth import current_client
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 from lockgate.xds.cache import NodeRegistry, SnapshotCache
-from lockgate.xds.resources import ROUTE_TYPE, TOTAL_WEIGHT, CanaryWeight, build_resources
+from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
+from lockgate.xds.resources import ROUTE_TYPE, build_resources
 from lockgate.xds.store import WeightStore
 
 log = logging.getLogger("lockgate.xds.control")
@@ -193,8 +194,8 @@ class WeightService:
                               f"(versions: {', '.join(model.versions)})", grpc.StatusCode.NOT_FOUND)
         if version == model.stable:
             raise WeightError(f"{version!r} is the stable version of {model_name!r}; choose a canary version")
-        if not 0 <= weight_bp <= TOTAL_WEIGHT:
-            raise WeightError(f"weight must be 0..{TOTAL_WEIGHT} basis points (0-100 %), got {weight_bp}")
+        if not 0 <= weight_bp <= TOTAL_WEIGHT_BP:
+            raise WeightError(f"weight must be 0..{TOTAL_WEIGHT_BP} basis points (0-100 %), got {weight_bp}")
         async with self._lock:
             current = self.weights[model_name]
             if current.canary not in (None, version) and current.weight_bp > 0:

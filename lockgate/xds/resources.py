@@ -1,27 +1,25 @@
 """Pure construction of the Envoy resources lockgate serves (listener, routes, clusters, endpoints).
 
 ``build_resources(config, weights)`` is a function of the fleet config and the desired canary
-weights only; the ADS server streams what it returns. Names:
+weights only; the ADS server streams what it returns. The names, headers, weights and the sticky-key
+policy it renders are the routing contract, :mod:`lockgate.routing`:
 
 * listener ``lockgate``; route configuration ``lockgate``;
-* one EDS cluster per model version, ``<model>.<version>`` (see :meth:`Model.cluster_name`);
+* one EDS cluster per model version, ``<model>.<version>`` (:func:`lockgate.routing.cluster_name`);
 * route names ``<model>/qa/<version>`` and ``<model>/qa/*`` (QA override, see :func:`qa_routes`) and
   ``<model>/key/<i>?canary=<v>&w=<bp>&stage=<s>`` (sticky key source i, with the split it carries),
   so the ext_proc server learns from ``xds.route_name`` which model, path, canary weight and stage
-  routed each request — exactly, not from a poll (see :func:`parse_route_name`).
+  routed each request — exactly, not from a poll (see :func:`lockgate.routing.parse_route_name`).
 
-Every model's split lists the canary first with the total fixed at :data:`TOTAL_WEIGHT`.
+Every model's split lists the canary first with the total fixed at :data:`lockgate.routing.TOTAL_WEIGHT_BP`.
 """
 
 from __future__ import annotations
 
-import functools
-import urllib.parse
-from dataclasses import dataclass
-
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from envoy.config.accesslog.v3 import accesslog_pb2 as alc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
@@ -29,6 +27,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_cfg
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -37,9 +36,11 @@ from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
 
 from lockgate.config import LockgateConfig, Model
-from lockgate.extproc.keys import canary_salt, hash_policy, route_header_matcher
-
-TOTAL_WEIGHT = 10000  #: basis points: weight 1 = 0.01 % of a model's traffic
+from lockgate.routing import (ACCESS_LOG_NAME, EXTPROC_FILTER, LOGGED_FLAGS, NO_CANARY, QA_METADATA_KEY,
+                              QA_METADATA_NS, REQUEST_ID_HEADER, SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER,
+                              TOTAL_WEIGHT_BP, CanaryWeight, canary_salt, key_headers, qa_route_name,
+                              response_attributes, sticky_route_name, stripped_request_headers)
+from lockgate.xds.sticky import hash_policy, route_header_matcher
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -52,35 +53,7 @@ WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
 LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
-EXTPROC_FILTER = "envoy.filters.http.ext_proc"
-#: dynamic metadata namespace the ext_proc writes when a request's QA token is right: ``{version: <v>}``
-QA_METADATA_NS = "lockgate.qa"
 SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
-SAMPLE_MODEL_HEADER = "x-lockgate-sample-model"    #: set on mirrored requests only: the model
-SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set on mirrored requests only: canary at sampling
-#: lockgate's id of a request: a fresh UUID Envoy sets on every routed request (overwriting any a client
-#: sent, so it cannot be chosen or reused) and returns on the response; observations, feedback, body
-#: samples and evaluation samples are keyed by it. The client's own x-request-id is kept beside it
-#: (``Observation.client_request_id``).
-REQUEST_ID_HEADER = "x-lockgate-request-id"
-
-
-
-@dataclass(frozen=True)
-class CanaryWeight:
-    """Desired split of one model: ``weight_bp`` of :data:`TOTAL_WEIGHT` to ``canary`` (None: no canary).
-
-    ``stage`` labels the rollout stage that asked for this weight ("" when set by hand)."""
-
-    canary: str | None
-    weight_bp: int
-    stage: str = ""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.weight_bp <= TOTAL_WEIGHT:
-            raise ValueError(f"weight_bp must be 0..{TOTAL_WEIGHT}, got {self.weight_bp}")
-        if self.canary is None and self.weight_bp:
-            raise ValueError("a weight needs a canary version")
 
 
 def _any(msg: Message) -> any_pb2.Any:
@@ -100,26 +73,6 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def key_headers(config: LockgateConfig) -> list[str]:
-    """Request headers the sticky-key policy of any model reads."""
-    names: list[str] = []
-    for model in config.models:
-        for source in model.sticky_keys:
-            name = {"header": source.name, "cookie": "cookie"}.get(source.kind, "x-forwarded-for")
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def response_attributes(config: LockgateConfig) -> list[str]:
-    """Attributes Envoy attaches to the response-headers message sent to lockgate's ext_proc: who
-    served the request (cluster, route), its id, start time, size, upstream host, and the request
-    headers the sticky-key policy reads (hashed into the observation, never stored raw)."""
-    return ["xds.cluster_name", "xds.route_name", "request.id", f"request.headers['{REQUEST_ID_HEADER}']",
-            "request.time", "request.size", "upstream.address", "response.code_details"] + \
-        [f"request.headers['{h}']" for h in key_headers(config)]
-
-
 def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode:
     """What Envoy sends lockgate's ext_proc: response headers and STREAMED body chunks (each chunk passes
     on as soon as ext_proc answers; SSE is never held back); request headers only on the QA check route."""
@@ -129,16 +82,40 @@ def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode
                 response_trailer_mode=mode.SKIP)
 
 
-def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
-    from lockgate.extproc.outcomes import access_log  # (it imports this module)
+def access_log(cluster_name: str) -> alc.AccessLog:
+    """The HCM access log that reports cut streams to lockgate's ext_proc cluster
+    (``lockgate/extproc/outcomes.py`` receives it): gRPC, unbuffered (``buffer_size_bytes: 0``; it only
+    carries the rare flagged streams), for a status in 100–499 with one of
+    :data:`lockgate.routing.LOGGED_FLAGS`."""
+    def status(op, value: int) -> alc.AccessLogFilter:
+        return alc.AccessLogFilter(status_code_filter=alc.StatusCodeFilter(comparison=alc.ComparisonFilter(
+            op=op, value=base_pb2.RuntimeUInt32(default_value=value, runtime_key=f"lockgate.als_status_{value}"))))
 
+    config = als_cfg.HttpGrpcAccessLogConfig(
+        common_config=als_cfg.CommonGrpcAccessLogConfig(
+            log_name=ACCESS_LOG_NAME,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster_name)),
+            transport_api_version=config_source_pb2.V3,
+            buffer_size_bytes=wrappers_pb2.UInt32Value(value=0)),
+        additional_request_headers_to_log=[REQUEST_ID_HEADER])
+    return alc.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=alc.AccessLogFilter(and_filter=alc.AndFilter(filters=[
+            alc.AccessLogFilter(response_flag_filter=alc.ResponseFlagFilter(flags=list(LOGGED_FLAGS))),
+            status(alc.ComparisonFilter.GE, 100),
+            status(alc.ComparisonFilter.LE, 499)])),
+        typed_config=_any(config))
+
+
+def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
     ext_proc = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
         failure_mode_allow=True,  # a dead ext_proc never fails a request
         message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
         processing_mode=processing_mode(request_headers=False),
-        response_attributes=response_attributes(config),
+        response_attributes=response_attributes(key_headers(config)),
         stat_prefix="lockgate")
     if config.qa_override is not None:  # the QA token check (build_routes) answers with lockgate.qa metadata
         ext_proc.metadata_options.receiving_namespaces.untyped.append(QA_METADATA_NS)
@@ -199,13 +176,13 @@ def build_load_assignment(model: Model, version: str) -> endpoint_pb2.ClusterLoa
 def _split(model: Model, weight: CanaryWeight) -> rc.WeightedCluster:
     if weight.canary is None or weight.canary == model.stable:
         clusters = [rc.WeightedCluster.ClusterWeight(name=model.cluster_name(model.stable),
-                                                     weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT))]
+                                                     weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT_BP))]
     else:
         clusters = [
             rc.WeightedCluster.ClusterWeight(name=model.cluster_name(weight.canary),
                                              weight=wrappers_pb2.UInt32Value(value=weight.weight_bp)),
             rc.WeightedCluster.ClusterWeight(name=model.cluster_name(model.stable),
-                                             weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT - weight.weight_bp)),
+                                             weight=wrappers_pb2.UInt32Value(value=TOTAL_WEIGHT_BP - weight.weight_bp)),
         ]
     return rc.WeightedCluster(clusters=clusters, use_hash_policy=wrappers_pb2.BoolValue(value=True))
 
@@ -264,14 +241,14 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
     for version in model.versions:
         match = _match(model, [])
         match.dynamic_metadata.append(metadata_pb2.MetadataMatcher(
-            filter=QA_METADATA_NS, path=[metadata_pb2.MetadataMatcher.PathSegment(key="version")],
+            filter=QA_METADATA_NS, path=[metadata_pb2.MetadataMatcher.PathSegment(key=QA_METADATA_KEY)],
             value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=version))))
-        out.append(rc.Route(name=f"{model.name}/qa/{version}", match=match,
+        out.append(rc.Route(name=qa_route_name(model.name, version), match=match,
                             route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
     check = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(
         processing_mode=processing_mode(request_headers=True)))
     out.append(rc.Route(
-        name=f"{model.name}/qa/*",
+        name=qa_route_name(model.name, None),
         match=_match(model, [rc.HeaderMatcher(name=qa.token_header, present_match=True),
                              rc.HeaderMatcher(name=qa.version_header, present_match=True)]),
         direct_response=rc.DirectResponseAction(status=503, body=base_pb2.DataSource(
@@ -283,7 +260,7 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
 def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> route_pb2.RouteConfiguration:
     routes: list[rc.Route] = []
     for model in config.models:
-        weight = weights.get(model.name, CanaryWeight(None, 0))
+        weight = weights.get(model.name, NO_CANARY)
         timeout = _duration(model.timeout_s)
         if config.qa_override is not None:
             routes.extend(qa_routes(config, model, timeout))
@@ -292,17 +269,17 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
         for i, source in enumerate(model.sticky_keys):
             cond = route_header_matcher(source)
             routes.append(rc.Route(
-                name=route_name(model.name, f"key/{i}", weight),
+                name=sticky_route_name(model.name, i, weight),
                 match=_match(model, [cond] if cond is not None else []),
                 route=rc.RouteAction(weighted_clusters=_split(model, weight), hash_policy=[hash_policy(source, salt)],
                                      timeout=timeout, request_mirror_policies=mirrors)))
         if model.sticky_keys[-1].kind != "client_ip":
             # No key at all: still split by weight (random per request), never unrouted.
-            routes.append(rc.Route(name=route_name(model.name, "key/none", weight), match=_match(model, []),
+            routes.append(rc.Route(name=sticky_route_name(model.name, None, weight), match=_match(model, []),
                                    route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout,
                                                         request_mirror_policies=mirrors)))
-    strip = [config.qa_override.token_header, config.qa_override.version_header] if config.qa_override else []
-    strip.append("x-lockgate-replay")  # only the controller's out-of-band replays carry it
+    qa = config.qa_override
+    strip = stripped_request_headers(qa.token_header if qa else None, qa.version_header if qa else None)
     vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip,
                            request_headers_to_add=[_set_header(REQUEST_ID_HEADER, "%UNIQUE_ID%")],
                            response_headers_to_add=[_set_header(REQUEST_ID_HEADER, f"%REQ({REQUEST_ID_HEADER})%")])
@@ -331,43 +308,3 @@ def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) ->
         LISTENER_TYPE: {LISTENER_NAME: build_listener(config)},
         ROUTE_TYPE: {ROUTE_CONFIG_NAME: build_routes(config, weights)},
     }
-
-
-@dataclass(frozen=True)
-class RouteInfo:
-    """What a route name tells about the request it routed."""
-
-    model: str
-    path: str          #: "sticky" or "qa"
-    canary: str | None
-    weight_bp: int
-    stage: str
-
-
-def route_name(model: str, path: str, weight: CanaryWeight) -> str:
-    query = urllib.parse.urlencode({"canary": weight.canary or "", "w": weight.weight_bp, "stage": weight.stage})
-    return f"{model}/{path}?{query}"
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_route_name(name: str) -> RouteInfo | None:
-    """Inverse of the names :func:`build_routes` gives; None for routes that are not lockgate's."""
-    base, _, query = name.partition("?")
-    model, _, path = base.partition("/")
-    if not model or not path:
-        return None
-    if path.startswith("qa/"):
-        return RouteInfo(model, "qa", None, 0, "")
-    q = urllib.parse.parse_qs(query)
-    try:
-        weight_bp = int(q.get("w", ["0"])[0])
-    except ValueError:
-        return None
-    return RouteInfo(model, "sticky", q.get("canary", [""])[0] or None, weight_bp, q.get("stage", [""])[0])
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_cluster_name(name: str) -> tuple[str, str] | None:
-    """``chat.v2`` → (model, version); None for clusters that are not lockgate model versions."""
-    model, sep, version = name.partition(".")
-    return (model, version) if sep and model and version else None

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from lockgate.xds.resources import CanaryWeight
+from lockgate.routing import CanaryWeight
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS weights (

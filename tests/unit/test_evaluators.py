@@ -304,7 +304,8 @@ def test_sampler_port_clash_only_checked_when_evaluation_is_on():
 
 
 def test_mirror_policy_only_on_sticky_routes_of_evaluated_models_with_a_canary():
-    from lockgate.xds.resources import SAMPLER_CLUSTER, CanaryWeight, build_routes, parse_route_name
+    from lockgate.routing import CanaryWeight, parse_route_name
+    from lockgate.xds.resources import SAMPLER_CLUSTER, build_routes
 
     cfg = config_from_text(BASE % "{sample_rate: 0.02}" + """
 qa_override: {token: 0123456789abcdef0123}
@@ -486,10 +487,10 @@ class _Model(BaseHTTPRequestHandler):
 
 def test_worker_replays_evaluates_and_skips(tmp_path):
     import concurrent.futures
-    import sqlite3
 
     from prometheus_client import CollectorRegistry
 
+    from lockgate.controller.evaluate.canaries import DesiredCanaries
     from lockgate.controller.evaluate.evaluation import EvaluationWorker
     from tests.harness import free_port
 
@@ -512,7 +513,17 @@ models:
     cfg = config_from_text(text)
     store = EvaluationStore(tmp_path / "evaluation.db")
     db = concurrent.futures.ThreadPoolExecutor(1)
-    worker = EvaluationWorker(cfg, store, EvaluationMetrics(CollectorRegistry()), db)
+    control: dict = {}  # what the control API's GetWeights answers; "down" key: it is unreachable
+
+    async def get_weights() -> dict:
+        if "down" in control:
+            raise ConnectionError("control API unreachable")
+        if "canaries" not in control:
+            raise ConnectionError("not started yet")
+        return dict(control["canaries"])
+
+    desired = DesiredCanaries(get_weights)
+    worker = EvaluationWorker(cfg, store, EvaluationMetrics(CollectorRegistry()), db, weights=desired)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True}).encode()
 
     def sample(rid: str, canary: str | None) -> Sample:
@@ -521,16 +532,11 @@ models:
         return next(s for s in store.pending(100) if s.request_id == rid)
 
     def weights(canary: str | None) -> None:
-        db_ = sqlite3.connect(tmp_path / "lockgate.db")
-        db_.execute("CREATE TABLE IF NOT EXISTS weights (model TEXT PRIMARY KEY, canary TEXT, weight_bp INTEGER, "
-                    "stage TEXT, updated_at REAL)")
-        db_.execute("INSERT OR REPLACE INTO weights VALUES ('chat', ?, 500, '', 0)", (canary,))
-        db_.commit()
-        db_.close()
-        worker.weights._cache = None
+        control["canaries"] = {"chat": canary}
+        desired.invalidate()
 
     try:
-        # no xDS state file: the mirror's canary header is trusted
+        # the control API has not answered yet: the mirror's canary header is trusted
         rows = asyncio.run(worker.process(sample("r1", "v2")))
         assert [(r.role, r.version) for r in rows] == [("baseline", "v1"), ("canary", "v2")]
         assert rows[0].score > 0.9 and rows[1].score <= 0.2 and rows[0].similarity == rows[1].similarity < 0.5
@@ -541,7 +547,7 @@ models:
             assert headers["x-seed"] == "1" and headers["accept"] == "application/json"
             assert sent["stream"] is False
         assert store.samples()[0]["state"] == "done"
-        # the xDS state says the canary is v3 (dead): a sample from v2's time is skipped
+        # the control API says the canary is v3 (dead): a sample from v2's time is skipped
         weights("v3")
         assert asyncio.run(worker.process(sample("r2", "v2"))) == []
         assert {s["request_id"]: s["state"] for s in store.samples()}["r2"] == "canary_changed"
@@ -551,6 +557,10 @@ models:
         weights(None)  # rolled back
         assert asyncio.run(worker.process(sample("r4", "v3"))) == []
         assert {s["request_id"]: s["state"] for s in store.samples()}["r4"] == "no_canary"
+        control["down"] = True  # unreachable: the last known value (no canary) stays
+        desired.invalidate()
+        assert asyncio.run(worker.process(sample("r5", "v3"))) == []
+        assert {s["request_id"]: s["state"] for s in store.samples()}["r5"] == "no_canary"
         assert set(store.lookup(["r1", "r3"])) == {("r1", "v1"), ("r1", "v2"), ("r3", "v1"), ("r3", "v3")}
     finally:
         worker.close()

@@ -9,9 +9,10 @@ from hypothesis import given, strategies as st
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 
 from lockgate.config import KeySource, config_from_text
+from lockgate import routing
 from lockgate.extproc import keys
-from lockgate.xds.resources import (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, TOTAL_WEIGHT,
-                                    CanaryWeight, build_resources, parse_cluster_name)
+from lockgate.routing import CanaryWeight, parse_cluster_name
+from lockgate.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, build_resources
 
 CFG = config_from_text("""
 qa_override: {token: "0123456789abcdef-token"}
@@ -32,28 +33,28 @@ def test_cookie_regex_extracts_the_named_cookie(before, value, after):
     before = [(n, v) for n, v in before if n != "sid"]
     after = [(n, v) for n, v in after if n != "sid"]
     header = "; ".join(f"{n}={v}" for n, v in before + [("sid", value)] + after)
-    m = re.fullmatch(keys._cookie_value_regex("sid"), header)
+    m = re.fullmatch(routing.cookie_value_regex("sid"), header)
     assert m and m.group(1) == value
-    assert keys.extract_key((KeySource("cookie", "sid"),), {"cookie": header}) == ("cookie sid", value)
+    assert routing.extract_key((KeySource("cookie", "sid"),), {"cookie": header}) == ("cookie sid", value)
 
 
 @given(st.lists(st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}\Z"), min_size=1, max_size=4), st.integers(0, 2))
 def test_xff_regex_takes_the_trusted_entry(addresses, hops):
     xff = ", ".join(addresses)
-    m = re.fullmatch(keys._xff_client_regex(hops), xff)
+    m = re.fullmatch(routing.xff_client_regex(hops), xff)
     if hops < len(addresses):
         assert m and m.group(1) == addresses[-1 - hops]
-        assert keys.extract_key((KeySource("client_ip", trusted_hops=hops),), {"x-forwarded-for": xff})[1] == \
+        assert routing.extract_key((KeySource("client_ip", trusted_hops=hops),), {"x-forwarded-for": xff})[1] == \
             addresses[-1 - hops]
 
 
 def test_extract_key_order():
     src = (KeySource("header", "x-user-id"), KeySource("cookie", "sid"), KeySource("client_ip"))
-    assert keys.extract_key(src, {"x-user-id": "u1", "cookie": "sid=s", "x-forwarded-for": "1.2.3.4"}) == \
+    assert routing.extract_key(src, {"x-user-id": "u1", "cookie": "sid=s", "x-forwarded-for": "1.2.3.4"}) == \
         ("header x-user-id", "u1")
-    assert keys.extract_key(src, {"cookie": "a=b; sid=s", "x-forwarded-for": "1.2.3.4"}) == ("cookie sid", "s")
-    assert keys.extract_key(src, {"cookie": "a=b", "x-forwarded-for": "1.2.3.4"}) == ("client_ip", "1.2.3.4")
-    assert keys.extract_key(src[:1], {}) is None
+    assert routing.extract_key(src, {"cookie": "a=b; sid=s", "x-forwarded-for": "1.2.3.4"}) == ("cookie sid", "s")
+    assert routing.extract_key(src, {"cookie": "a=b", "x-forwarded-for": "1.2.3.4"}) == ("client_ip", "1.2.3.4")
+    assert routing.extract_key(src[:1], {}) is None
 
 
 def test_hash_key_is_keyed_and_stable():
@@ -70,7 +71,7 @@ def routes(weights):
 def test_canary_first_total_fixed_and_salted_per_canary():
     rs, rc = routes({"chat": CanaryWeight("v2", 1234)})
     split = rs["chat/key/0"].route.weighted_clusters
-    assert [(c.name, c.weight.value) for c in split.clusters] == [("chat.v2", 1234), ("chat.v1", TOTAL_WEIGHT - 1234)]
+    assert [(c.name, c.weight.value) for c in split.clusters] == [("chat.v2", 1234), ("chat.v1", routing.TOTAL_WEIGHT_BP - 1234)]
     assert split.use_hash_policy.value
     hp = rs["chat/key/0"].route.hash_policy[0]
     assert hp.header.header_name == "x-user-id" and hp.terminal
@@ -114,7 +115,7 @@ def test_weight_change_touches_routes_only():
 
 
 def test_route_names_carry_the_split():
-    from lockgate.xds.resources import parse_route_name
+    from lockgate.routing import parse_route_name
 
     rc = build_resources(CFG, {"chat": CanaryWeight("v2", 1234, "stage-2")})[ROUTE_TYPE]["lockgate"]
     infos = {r.name: parse_route_name(r.name) for r in rc.virtual_hosts[0].routes}

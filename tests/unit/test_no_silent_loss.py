@@ -25,11 +25,14 @@ from lockgate.controller.decide.analysis import prepare
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
 from lockgate.controller.ingest.export import export_jsonl, read_jsonl
 from lockgate.controller.api.http import ControllerHTTP, FeedbackError, parse_feedback
-from lockgate.controller.ingest.observations import ObservationStore, model_failure
+from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.controller.ingest.schema import model_failure
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture
 from lockgate.extproc.analyzers import AnalyzerConfig
 from lockgate.extproc.ledger import Ledger, claim_ended
-from lockgate.extproc.outcomes import LOGGED_FLAGS, access_log, classify, outcome_from_entry
+from lockgate.extproc.outcomes import classify, outcome_from_entry
+from lockgate.routing import LOGGED_FLAGS
+from lockgate.xds.resources import access_log
 from lockgate.extproc.shipper import ObservationShipper
 from lockgate.proto.v1 import observations_pb2 as pb
 from tests.unit.test_body_samples import BASE, messages

@@ -5,8 +5,8 @@ Flow (in the controller process, only for models with an ``evaluation`` section)
 1. Envoy mirrors ``sample_rate`` of a model's sticky-route requests to the sampler
    (:mod:`lockgate.controller.evaluate.sampler`), which stores them in ``samples`` (:class:`EvaluationStore`).
 2. :class:`EvaluationWorker` takes each new sample and, while the model still has the canary it had
-   when sampled (desired weights read from the xDS state DB, ``state_dir/lockgate.db``, read-only;
-   without that file, the canary named by the mirror's ``x-lockgate-sample-canary`` header),
+   when sampled (desired weights from the control API's ``GetWeights``, :class:`DesiredCanaries`;
+   before it first answers, the canary named by the mirror's ``x-lockgate-sample-canary`` header),
    replays it directly to one endpoint of the stable version (role ``baseline``) and one of the
    canary (role ``canary``) — never through Envoy, so replays are never observations or traffic —
    with ``x-lockgate-replay: 1`` and the original ``x-request-id``; JSON bodies with a ``stream``
@@ -43,14 +43,15 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lockgate.config import Address, LockgateConfig, Model
+from lockgate.controller.evaluate.canaries import DesiredCanaries, control_api_fetch
 from lockgate.controller.evaluate.evaluators import Evaluator, make_evaluator, run_score
 from lockgate.controller.evaluate.similarity import Similarity, make_similarity, safe_compare
 from lockgate.controller.evaluate.texts import extract_prompt, extract_text, replay_body
+from lockgate.routing import REPLAY_HEADER
 from lockgate.sqlite_util import open_store, window_where
 
 log = logging.getLogger("lockgate.controller.evaluate.evaluation")
 
-REPLAY_HEADER = "x-lockgate-replay"
 #: most response bytes read from a replay
 MAX_REPLAY_RESPONSE = 8 << 20
 
@@ -313,43 +314,6 @@ def fetch_evaluations(config: LockgateConfig, model: str, since_ts: float | None
         store.close()
 
 
-# ----- desired weights (xDS state, read-only) -----
-class WeightsReader:
-    """The current canary of a model from the xDS server's ``weights`` table (read-only; re-read at most
-    every ``ttl_s``). No database or no row = no canary."""
-
-    def __init__(self, path: Path, ttl_s: float = 1.0):
-        self.path = path
-        self.ttl_s = ttl_s
-        self._cache: tuple[float, dict[str, str | None]] | None = None
-
-    def canaries(self) -> dict[str, str | None]:
-        now = time.monotonic()
-        if self._cache is not None and now - self._cache[0] < self.ttl_s:
-            return self._cache[1]
-        out: dict[str, str | None] = {}
-        if self.path.exists():
-            try:
-                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-                try:
-                    out = {m: c for m, c in db.execute("SELECT model, canary FROM weights")}
-                finally:
-                    db.close()
-            except sqlite3.Error as exc:
-                log.warning("cannot read desired weights from %s: %s", self.path, exc)
-                if self._cache is not None:
-                    return self._cache[1]
-        self._cache = (now, out)
-        return out
-
-    def available(self) -> bool:
-        return self.path.exists()
-
-    def canary(self, model: Model) -> str | None:
-        c = self.canaries().get(model.name)
-        return c if c and c != model.stable and c in model.versions else None
-
-
 # ----- metrics -----
 class EvaluationMetrics:
     def __init__(self, registry: CollectorRegistry):
@@ -435,7 +399,8 @@ class EvaluationWorker:
 
     def __init__(self, config: LockgateConfig, store: EvaluationStore, metrics: EvaluationMetrics,
                  db: concurrent.futures.Executor, evaluators: dict[str, Evaluator] | None = None,
-                 similarities: dict[str, Similarity | None] | None = None, weights: WeightsReader | None = None):
+                 similarities: dict[str, Similarity | None] | None = None,
+                 weights: DesiredCanaries | None = None):
         self.config = config
         self.models = {m.name: m for m in config.models if m.evaluation is not None}
         self.store = store
@@ -443,7 +408,7 @@ class EvaluationWorker:
         self.db = db
         self.concurrency = config.controller.evaluation_concurrency
         self.http = concurrent.futures.ThreadPoolExecutor(2 * self.concurrency, thread_name_prefix="eval-replay")
-        self.weights = weights or WeightsReader(config.db_path)
+        self.weights = weights or DesiredCanaries(control_api_fetch(config))
         if evaluators is None:
             evaluators = {}
             for name, m in self.models.items():
@@ -503,11 +468,11 @@ class EvaluationWorker:
             if model is None:
                 await self._skip(sample, "not_enabled")
                 return []
-            if self.weights.available():
-                canary = self.weights.canary(model)
-            else:  # a controller without the xDS state (another host): trust the mirror's header
-                c = sample.canary
-                canary = c if c and c != model.stable and c in model.versions else None
+            known = await self.weights.canaries()
+            if known is not None:
+                canary = DesiredCanaries.canary_of(model, known.get(model.name))
+            else:  # the control API never answered yet: trust the mirror's header
+                canary = DesiredCanaries.canary_of(model, sample.canary)
             if canary is None:
                 await self._skip(sample, "no_canary")
                 return []
@@ -638,6 +603,7 @@ class EvaluationService:
     async def close(self) -> None:
         await self.sampler.close()
         self.worker.close()
+        await self.worker.weights.close()
         self.db.shutdown(wait=True)
         self.store.close()
 
@@ -648,6 +614,7 @@ async def evaluation_task(service: Any, stop: asyncio.Event) -> None:
 
 
 __all__ = ["EVAL_COLUMNS", "EvaluationMetrics", "EvaluationRow", "EvaluationService", "EvaluationStore",
-           "EvaluationWorker", "REPLAY_HEADER", "ReplayResult", "Sample", "WeightsReader", "evaluation_db_path",
+           "EvaluationWorker", "DesiredCanaries", "REPLAY_HEADER", "ReplayResult", "Sample", "control_api_fetch",
+           "evaluation_db_path",
            "evaluation_enabled", "evaluation_task", "extract_text", "fetch_evaluations", "pick_endpoint",
            "replay_body", "replay_once"]

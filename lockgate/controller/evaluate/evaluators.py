@@ -30,7 +30,8 @@ from typing import Any, Awaitable, Callable, Protocol
 from lockgate.config import EvaluationConfig, JudgeConfig
 from lockgate.controller.evaluate.similarity import load_plugin
 from lockgate.controller.evaluate.texts import extract_text
-from lockgate.extproc.analyzers import DEFAULT_REFUSAL_PATTERNS
+from lockgate.refusal import DEFAULT_REFUSAL_PATTERNS
+from lockgate.routing import REPLAY_HEADER
 
 
 class Evaluator(Protocol):
@@ -104,7 +105,7 @@ class HeuristicEvaluator:
     * ``wellformed`` = min(1, a / 0.7), ``a`` = share of the answer's non-space characters that are
       letters or digits;
     * ``refusal`` = 0.2 when the answer's first 500 characters match one of the analyzers' refusal
-      patterns (``lockgate.extproc.analyzers.DEFAULT_REFUSAL_PATTERNS``), else 1.
+      patterns (``lockgate.refusal.DEFAULT_REFUSAL_PATTERNS``, also the ext_proc analyzers'), else 1.
 
     It rewards on-topic, non-degenerate, readable answers of sane length and punishes empty, looping,
     garbled, refused and off-topic ones. It cannot tell a correct answer from a fluent wrong one: use
@@ -228,7 +229,7 @@ class HttpJudgeEvaluator:
 
     def _call(self, prompt: str, answer: str) -> float:
         body = json.dumps(judge_request(self.model, prompt, answer)).encode()
-        headers = {"content-type": "application/json", "accept": "application/json", "x-lockgate-replay": "1"}
+        headers = {"content-type": "application/json", "accept": "application/json", REPLAY_HEADER: "1"}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=body, method="POST", headers=headers)

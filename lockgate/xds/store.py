@@ -8,17 +8,17 @@ The snapshot version counter is persisted too, so versions keep increasing acros
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 
-from lockgate.routing import CanaryWeight
+from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
+from lockgate.sqlite_util import open_store
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS weights (
     model TEXT PRIMARY KEY,
     canary TEXT,
-    weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND 10000),
+    weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND {TOTAL_WEIGHT_BP}),
     stage TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL
 );
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS weight_changes (
 CREATE TABLE IF NOT EXISTS xds_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS envoy_nodes (
     node_id TEXT PRIMARY KEY,
-    weights_json TEXT NOT NULL,   -- {model: [canary, weight_bp]} of the routes it last ACKed
+    weights_json TEXT NOT NULL,   -- {{model: [canary, weight_bp]}} of the routes it last ACKed
     updated_at REAL NOT NULL
 );
 """
@@ -47,11 +47,9 @@ class WeightStore:
     """Desired canary weights per model, persisted. Not thread-safe: one owner (the xDS server)."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        # every committed weight must survive a power cut: it is what Envoys are served after a restart
+        self._db = open_store(path, SCHEMA, read_only=False, what="xDS weight store", synchronous="FULL",
+                              timeout_s=10)
 
     def close(self) -> None:
         self._db.close()

@@ -18,7 +18,8 @@ from lockgate.config import ConfigError, RetainBodies, config_from_text
 from lockgate.controller.tell import diagnose as dg
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
 from lockgate.controller.api.http import ControllerHTTP
-from lockgate.controller.ingest.observations import OBS_COLUMN_NAMES, ObservationStore
+from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.controller.ingest.schema import STORED_COLUMN_NAMES
 from lockgate.controller.decide.rollouts import RolloutStore
 from lockgate.controller.ingest.samples import SampleStore, decoded_text, sample_json, samples_path
 from lockgate.extproc.analyzers import AnalyzerConfig
@@ -268,7 +269,7 @@ def test_collector_stores_samples_in_their_own_store(tmp_path):
     assert first.stored == 3 and second.duplicates == 3
     assert samples.count() == 1 and samples.get("s1")["body"] == b"\x00\x01bin"
     assert metrics.registry.get_sample_value("lockgate_controller_response_samples_stored_total") == 1
-    assert not any("body" in c for c in OBS_COLUMN_NAMES)  # never in the observations table
+    assert not any("body" in c for c in STORED_COLUMN_NAMES)  # never in the observations table
     assert store.count() == 3
 
     # the HTTP API shows the sample with the observation

@@ -17,9 +17,8 @@ from lockgate.config import ConfigError, config_from_text
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
 from lockgate.controller.ingest.export import export_jsonl, parse_time, read_jsonl, record_to_json
 from lockgate.controller.api.http import ControllerHTTP, FeedbackError, parse_feedback
-from lockgate.controller.ingest.observations import (
-    BOOL_COLUMNS, FETCH_COLUMNS, FLOAT_COLUMNS, ObservationStore, observation_row,
-)
+from lockgate.controller.ingest.observations import ObservationStore, observation_row
+from lockgate.controller.ingest.schema import BOOL_COLUMNS, FETCH_COLUMNS, FLOAT_COLUMNS
 from lockgate.proto.v1 import observations_pb2 as pb
 
 NOW = 1_700_000_000.0

@@ -5,11 +5,12 @@ The live controller and ``lockgate analyze`` (offline replay of recorded observa
 
 Columns are those of :meth:`ObservationStore.fetch` (or :func:`export.read_jsonl`). Derived here:
 
-* ``error`` = 1 if ``status_code >= 500`` or ``timeout`` or the model cut the stream (``error_kind``
-  ``upstream_reset``/``upstream_timeout``), else 0 (NaN if the status is unknown);
+* ``error`` = :func:`~lockgate.controller.ingest.schema.error_column`: 1 if ``status_code >= 500`` or
+  ``timeout`` or the model cut the stream (``error_kind`` ``upstream_reset``/``upstream_timeout``), else 0
+  (NaN if the status is unknown);
 * ``correct`` = ``predicted_class == true_class`` over requests whose label had arrived by ``now``;
-* label-fed columns (``thumbs``, ``task_success``, ``evaluator_score``) are NaN where the label
-  arrived after ``now`` — a label is used only from its arrival time;
+* label-fed columns (``thumbs``, ``task_success``, ``evaluator_score``: ``schema.FEEDBACK_ARRIVAL_COLUMNS``)
+  are NaN where the label arrived after ``now`` — a label is used only from its arrival time;
 * ``cluster`` = the hashed sticky-user key (falls back to the request id: then requests count as
   independent users); ``share`` = the canary weight in force when the request was routed.
 Rows of neither arm (``role`` other than baseline/canary) and rows after ``now`` are dropped.
@@ -28,13 +29,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lockgate.controller.ingest.observations import model_failure
+from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS, error_column
 from lockgate.controller.decide.spec import MetricCriterion, RolloutSpec
 from lockgate.controller.stats import Judgement, MetricSpec, auto_allowed, evaluate_all, hours_needed
 
-#: feedback columns whose values only count once their label has arrived
-LABEL_TS = {"thumbs": "thumbs_arrival_ts", "task_success": "task_success_arrival_ts",
-            "evaluator_score": "evaluator_score_arrival_ts"}
+#: an alias of ``schema.FEEDBACK_ARRIVAL_COLUMNS`` while promoter.py still passes it to ramp_plan (remove then)
+LABEL_TS = FEEDBACK_ARRIVAL_COLUMNS
+
 
 
 def _col(data: Mapping[str, np.ndarray], name: str, n: int, dtype=float) -> np.ndarray:
@@ -76,18 +77,15 @@ def prepare_dataset(data: Mapping[str, np.ndarray]) -> Dataset:
             out[k] = arr[rows]
     m = int(rows.size)
     out["is_canary"] = (_col(out, "role", m, object) == "canary")
-    status = _col(out, "status_code", m).astype(float)
-    timeout = _col(out, "timeout", m).astype(float)
-    err = np.where(np.isnan(status), np.nan, (status >= 500).astype(float))
-    err = np.where(np.nan_to_num(timeout) > 0, 1.0, err)
-    err = np.where(model_failure(_col(out, "error_kind", m, object)), 1.0, err)  # the model cut the stream
-    out["error"] = err
+    out["error"] = error_column(_col(out, "status_code", m).astype(float), _col(out, "timeout", m).astype(float),
+                                _col(out, "error_kind", m, object))
     true = _col(out, "true_class", m, object)
     pred = _col(out, "predicted_class", m, object)
     label_known = np.array([t is not None for t in true], dtype=bool)
     label_match = (pred == true).astype(float)
     label_ts = _col(out, "label_arrival_ts", m).astype(float)
-    feedback_ts = {col: _col(out, ts_col, m).astype(float) for col, ts_col in LABEL_TS.items() if col in out}
+    feedback_ts = {col: _col(out, ts_col, m).astype(float) for col, ts_col in FEEDBACK_ARRIVAL_COLUMNS.items()
+                   if col in out}
     for col in feedback_ts:
         out[col] = np.asarray(out[col], dtype=float)
     users = _col(out, "user_key", m, object)

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS
 from lockgate.controller.stats import MetricSpec, samples_needed, split_alpha, usable_labels
 from lockgate.controller.stats.estimators import factorize
 
@@ -56,9 +57,6 @@ RATE_WINDOW_S = 86400.0
 MIN_WINDOW_H = 5 / 60
 #: fewest observations of a metric in the history to estimate its variance from
 MIN_OBS = 30
-#: label-fed columns (feedback) and their arrival-time columns, as ``analysis.LABEL_TS``
-DEFAULT_ARRIVAL_COLUMNS = {"thumbs": "thumbs_arrival_ts", "task_success": "task_success_arrival_ts",
-                           "evaluator_score": "evaluator_score_arrival_ts"}
 
 
 class CannotEstimate(Exception):
@@ -213,7 +211,7 @@ def metric_estimate(spec: MetricSpec, history: Mapping[str, np.ndarray], now: fl
     identical canary, from the baseline's ``history`` (columns as ``analysis.prepare`` returns them).
     ``window_hours``: the design effect is measured on the history's last ``window_hours`` (None: all).
     Raises :class:`CannotEstimate` (with the reason) when the history cannot tell."""
-    arrival_columns = DEFAULT_ARRIVAL_COLUMNS if arrival_columns is None else arrival_columns
+    arrival_columns = FEEDBACK_ARRIVAL_COLUMNS if arrival_columns is None else arrival_columns
     ts = np.asarray(history.get("ts", np.zeros(0)), dtype=float).reshape(-1)
     n = ts.size
     if n == 0:
@@ -577,7 +575,7 @@ def plan_status(spec: Any, stats_specs: Sequence[MetricSpec], last_eval: Mapping
         ms = by_name.get(name)
         n_c = int(v.get("n_canary") or 0)
         n_b = int(v.get("n_baseline") or 0)
-        unit = _unit(ms, ms.data_column in DEFAULT_ARRIVAL_COLUMNS, 1.0) if ms is not None else "requests"
+        unit = _unit(ms, ms.data_column in FEEDBACK_ARRIVAL_COLUMNS, 1.0) if ms is not None else "requests"
 
         def row(text: str, **kw: Any) -> MetricRampPlan:
             base = dict(needed=None, baseline_needed=None, obs_per_hour=None, hours=None, fits_ramp=None,

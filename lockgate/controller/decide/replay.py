@@ -25,12 +25,10 @@ import numpy as np
 
 from lockgate.controller.decide import analysis
 from lockgate.controller.ingest.export import read_jsonl
+from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec, load_spec
 from lockgate.controller.decide.stages import StageState, decide, stage_label
 
-#: label value column → its arrival-time column (``label``/``label_ts`` are read_jsonl's aliases)
-ARRIVAL_COLUMNS = {"true_class": "label_arrival_ts", "label": "label_ts", "thumbs": "thumbs_arrival_ts",
-                   "task_success": "task_success_arrival_ts", "evaluator_score": "evaluator_score_arrival_ts"}
 #: slack for float error when counting looks up to the horizon
 LOOK_EPS = 1e-9
 #: decisions that end the rollout (the controller stops evaluating it)

@@ -38,7 +38,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from lockgate.controller.ingest.observations import MODEL_FAILURE_KINDS, ObservationStore
+from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.controller.ingest.schema import is_error, is_model_failure
 from lockgate.proto.v1 import observations_pb2 as pb
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
@@ -181,7 +182,7 @@ class ControllerMetrics:
         counted twice."""
         lv = (outcome.model or "unknown", outcome.version or "unknown", outcome.role or "other")
         self._child(self.stream_outcomes, *lv, outcome.error_kind).inc()
-        if outcome.error_kind in MODEL_FAILURE_KINDS:
+        if is_model_failure(outcome.error_kind):
             self._child(self.errors, *lv).inc()
             if outcome.error_kind == "upstream_timeout":
                 self._child(self.timeouts, *lv).inc()
@@ -215,7 +216,7 @@ class ControllerMetrics:
         child(self.requests, *lv, status).inc()
         if obs.timeout:
             child(self.timeouts, *lv).inc()
-        if code >= 500 or obs.timeout:
+        if is_error(code, obs.timeout):  # a model failure mid-stream: observe_outcome
             child(self.errors, *lv).inc()
         if obs.HasField("duration_ms") and math.isfinite(obs.duration_ms):
             child(self.duration, *lv).observe(obs.duration_ms / 1000.0)

@@ -29,8 +29,9 @@ from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
-from lockgate.controller.ingest.observations import (
-    FETCH_COLUMNS, LABEL_KINDS, LABEL_TS_COLUMN, ObservationStore, columns_to_arrays,
+from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.controller.ingest.schema import (
+    FETCH_COLUMNS, JSONL_FIELD_TYPES, LABEL_ARRIVAL_COLUMN, LABEL_KINDS, add_label_aliases, columns_to_arrays,
 )
 
 #: store column → JSONL field (in output order); label fields follow.
@@ -67,7 +68,7 @@ def record_to_json(rec: dict[str, Any]) -> dict[str, Any]:
             continue
         out[name] = v
     for kind in LABEL_KINDS:
-        ts_col = LABEL_TS_COLUMN[kind]
+        ts_col = LABEL_ARRIVAL_COLUMN[kind]
         if rec.get(ts_col) is not None and rec.get(kind) is not None:
             out[kind] = rec[kind]
             out[ts_col] = rec[ts_col]
@@ -154,18 +155,8 @@ def export_jsonl(store: ObservationStore, out: IO[str], model: str | None = None
 
 
 # ----- reading -----
-_NUMERIC = {"ts", "weight", "status_code", "latency_ms", "ttfb_ms", "request_bytes", "response_bytes",
-            "output_tokens", "output_chars", "entropy", "confidence", "class_entropy", "events",
-            "evaluator_score", *LABEL_TS_COLUMN.values()}
-_BOOLS = {"timeout", "truncated", "output_tokens_estimated", "replay", "refusal", "task_success"}
-_STRINGS = {"request_id", "client_request_id", "error_kind", "model", "version", "role", "stage", "route",
-            "upstream_host", "user_key", "analyzer",
-            "parse_error", "finish_reason", "predicted_class", "true_class"}
-
-
 #: field -> what its value must be (fields not listed are not checked)
-_KIND = {**{k: "number" for k in _NUMERIC}, **{k: "bool" for k in _BOOLS}, **{k: "string" for k in _STRINGS},
-         "thumbs": "thumbs"}
+_KIND = JSONL_FIELD_TYPES
 #: value types that pass each check without a closer look
 _FAST_OK = {"number": (int, float), "bool": (bool,), "string": (str,)}
 
@@ -237,7 +228,7 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
         if o.get("ts") is None or not isinstance(o.get("model"), str):
             raise ValueError(f"line {lineno}: an observation needs ts and model")
         for k in LABEL_KINDS:
-            ts_col = LABEL_TS_COLUMN[k]
+            ts_col = LABEL_ARRIVAL_COLUMN[k]
             if o.get(k) is not None and o.get(ts_col) is not None:
                 add_label(rid, k, o[k], float(o[ts_col]))
         if model is not None and o["model"] != model:
@@ -256,7 +247,7 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
     present: set[str] = set().union(*(o.keys() for o in obs)) if obs else set()
     no_label: dict = {}
     labs = [labels.get(o["request_id"], no_label) for o in obs]
-    ts_kind = {t: k for k, t in LABEL_TS_COLUMN.items()}
+    ts_kind = {t: k for k, t in LABEL_ARRIVAL_COLUMN.items()}
     columns: list[list] = []
     for c in FETCH_COLUMNS:
         if c == "is_canary":
@@ -273,10 +264,7 @@ def read_jsonl(lines: Iterable[str], model: str | None = None, *, include_replay
             columns.append([None] * n)
         else:
             columns.append([o.get(c) for o in obs])
-    out = columns_to_arrays(columns, FETCH_COLUMNS, n)
-    out["label"] = out["true_class"]
-    out["label_ts"] = out["label_arrival_ts"]
-    return out
+    return add_label_aliases(columns_to_arrays(columns, FETCH_COLUMNS, n))
 
 
 __all__ = ["export_jsonl", "iter_jsonl", "parse_time", "read_jsonl", "record_to_json"]

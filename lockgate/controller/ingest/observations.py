@@ -43,56 +43,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lockgate.sqlite_util import window_where
-
-LABEL_KINDS = ("true_class", "thumbs", "task_success", "evaluator_score")
-
-# (column, SQL type, proto field or None, how "not measured" is encoded in the proto)
-#   "opt"   — proto3 optional: HasField
-#   "str"   — "" means not set
-#   "nz"    — 0 means not set (status_code)
-#   "plain" — always set
-_OBS_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
-    ("request_id", "TEXT NOT NULL", "request_id", "plain"),
-    ("ts", "REAL NOT NULL", "ts", "plain"),
-    ("model", "TEXT NOT NULL", "model", "plain"),
-    ("version", "TEXT NOT NULL", "version", "plain"),
-    ("role", "TEXT NOT NULL", "role", "plain"),
-    ("weight_bp", "INTEGER NOT NULL", "weight_bp", "plain"),
-    ("stage", "TEXT", "stage", "str"),
-    ("route", "TEXT", "route", "str"),
-    ("upstream_host", "TEXT", "upstream_host", "str"),
-    ("status_code", "INTEGER", "status_code", "nz"),
-    ("user_key", "TEXT", "user_key", "str"),
-    ("ttfb_ms", "REAL", "ttfb_ms", "opt"),
-    ("duration_ms", "REAL", "duration_ms", "opt"),
-    ("request_bytes", "INTEGER", "request_bytes", "opt"),
-    ("response_bytes", "INTEGER", "response_bytes", "opt"),
-    ("timeout", "INTEGER NOT NULL", "timeout", "plain"),
-    ("analyzer", "TEXT", "analyzer", "str"),
-    ("truncated", "INTEGER NOT NULL", "truncated", "plain"),
-    ("parse_error", "TEXT", "parse_error", "str"),
-    ("output_tokens", "INTEGER", "output_tokens", "opt"),
-    ("output_tokens_estimated", "INTEGER NOT NULL", "output_tokens_estimated", "plain"),
-    ("output_chars", "INTEGER", "output_chars", "opt"),
-    ("finish_reason", "TEXT", "finish_reason", "str"),
-    ("refusal", "INTEGER", "refusal", "opt"),
-    ("entropy", "REAL", "entropy", "opt"),
-    ("predicted_class", "TEXT", "predicted_class", "str"),
-    ("confidence", "REAL", "confidence", "opt"),
-    ("class_entropy", "REAL", "class_entropy", "opt"),
-    ("events", "INTEGER", "events", "opt"),
-    ("replay", "INTEGER NOT NULL", "replay", "plain"),
-    ("client_request_id", "TEXT", "client_request_id", "str"),
-    ("source", "TEXT", None, ""),
-    ("received_ts", "REAL NOT NULL", None, ""),
+from lockgate.controller.ingest.schema import (
+    FETCH_COLUMNS, LABEL_ARRIVAL_COLUMN, LABEL_KINDS, STORED_BOOL_COLUMNS, STORED_COLUMN_NAMES, STORED_COLUMNS,
+    add_label_aliases, columns_to_arrays,
 )
-OBS_COLUMN_NAMES = tuple(c[0] for c in _OBS_COLUMNS)
-_BOOL_COLUMNS = {"timeout", "truncated", "output_tokens_estimated", "replay"}
+from lockgate.sqlite_util import window_where
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, "
-    + ", ".join(f"{name} {typ}" for name, typ, _, _ in _OBS_COLUMNS)
+    + ", ".join(f"{c.name} {c.sql_type}" for c in STORED_COLUMNS)
     + ");\n"
     + """
 CREATE UNIQUE INDEX IF NOT EXISTS obs_request_id ON observations(request_id, replay);
@@ -103,7 +62,7 @@ CREATE INDEX IF NOT EXISTS obs_model_stage_ts ON observations(model, stage, ts);
 CREATE INDEX IF NOT EXISTS obs_client_request_id ON observations(client_request_id);
 CREATE TABLE IF NOT EXISTS labels (
     request_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('true_class', 'thumbs', 'task_success', 'evaluator_score')),
+    kind TEXT NOT NULL CHECK (kind IN (@LABEL_KINDS@)),
     value,  -- no type: keeps text classes as text, numbers as numbers
     ts REAL NOT NULL,
     PRIMARY KEY (request_id, kind)
@@ -131,28 +90,11 @@ CREATE TABLE IF NOT EXISTS sources (
     captured INTEGER, acked INTEGER, dropped INTEGER,  -- from its ledger, once it ended (else NULL)
     ended_ts REAL, reported_by TEXT
 ) WITHOUT ROWID;
-"""
+""".replace("@LABEL_KINDS@", ", ".join(f"'{k}'" for k in LABEL_KINDS))
 )
 
-_INSERT_SQL = (f"INSERT OR IGNORE INTO observations({', '.join(OBS_COLUMN_NAMES)}) "
-               f"VALUES ({', '.join('?' * len(OBS_COLUMN_NAMES))})")
-
-# ----- columns of fetch() (and of the JSONL export reader) -----
-#: float64 columns, NaN = not measured.
-FLOAT_COLUMNS = ("ts", "weight", "status_code", "latency_ms", "ttfb_ms", "request_bytes", "response_bytes",
-                 "output_tokens", "output_chars", "refusal", "entropy", "confidence", "class_entropy", "events",
-                 "thumbs", "task_success", "evaluator_score",
-                 "label_arrival_ts", "thumbs_arrival_ts", "task_success_arrival_ts", "evaluator_score_arrival_ts")
-#: bool columns (always known).
-BOOL_COLUMNS = ("is_canary", "timeout", "truncated", "output_tokens_estimated", "replay")
-#: object columns, None = not set.
-OBJECT_COLUMNS = ("request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key",
-                  "analyzer", "parse_error", "finish_reason", "predicted_class", "true_class", "client_request_id",
-                  "error_kind")
-FETCH_COLUMNS = FLOAT_COLUMNS + BOOL_COLUMNS + OBJECT_COLUMNS
-#: label kind -> its arrival-time column
-LABEL_TS_COLUMN = {"true_class": "label_arrival_ts", "thumbs": "thumbs_arrival_ts",
-                   "task_success": "task_success_arrival_ts", "evaluator_score": "evaluator_score_arrival_ts"}
+_INSERT_SQL = (f"INSERT OR IGNORE INTO observations({', '.join(STORED_COLUMN_NAMES)}) "
+               f"VALUES ({', '.join('?' * len(STORED_COLUMN_NAMES))})")
 
 # SQL expression per fetch column (o = observations, l_<kind> = labels)
 _SELECT: dict[str, str] = {
@@ -176,14 +118,6 @@ _SELECT: dict[str, str] = {
 _LABEL_JOINS = " ".join(
     f"LEFT JOIN labels l_{k} ON l_{k}.request_id = o.request_id AND l_{k}.kind = '{k}'" for k in LABEL_KINDS)
 _OUTCOME_JOIN = " LEFT JOIN outcomes x ON x.request_id = o.request_id AND o.replay = 0"
-#: ``error_kind`` values that are the model's failure (they count as errors, like a 5xx or a timeout);
-#: ``client_reset`` (the client went away mid-stream) is not
-MODEL_FAILURE_KINDS = ("upstream_reset", "upstream_timeout")
-
-
-def model_failure(error_kind: Any) -> np.ndarray:
-    """Bool per row: the ``error_kind`` column names a model failure (see :data:`MODEL_FAILURE_KINDS`)."""
-    return np.isin(np.asarray(error_kind, dtype=object), MODEL_FAILURE_KINDS)
 
 
 class ObservationRejected(ValueError):
@@ -221,7 +155,7 @@ def observation_row(obs: Any, source: str = "", received_ts: float | None = None
         raise ObservationRejected("no model")
     now = time.time() if received_ts is None else received_ts
     out: list[Any] = []
-    for name, _, field, mode in _OBS_COLUMNS:
+    for name, _, field, mode in STORED_COLUMNS:
         if field is None:
             out.append(source or None if name == "source" else now)
             continue
@@ -240,7 +174,7 @@ def observation_row(obs: Any, source: str = "", received_ts: float | None = None
         elif isinstance(v, bool):
             v = int(v)
         out.append(v)
-    ts_i = OBS_COLUMN_NAMES.index("ts")
+    ts_i = STORED_COLUMN_NAMES.index("ts")
     if not (isinstance(out[ts_i], float) and math.isfinite(out[ts_i]) and out[ts_i] > 0):
         out[ts_i] = now  # a sender without a clock reading: the arrival time is the best we have
     return tuple(out)
@@ -249,25 +183,6 @@ def observation_row(obs: Any, source: str = "", received_ts: float | None = None
 def _columnar(rows: Sequence[tuple], names: Sequence[str]) -> dict[str, np.ndarray]:
     cols = list(zip(*rows)) if rows else [() for _ in names]
     return columns_to_arrays(cols, names, len(rows))
-
-
-def columns_to_arrays(cols: Sequence[Sequence[Any]], names: Sequence[str], n: int) -> dict[str, np.ndarray]:
-    """Value lists (one per name, each of length ``n``) → the typed columns of :meth:`ObservationStore.fetch`:
-    bool, float64 with NaN for ``None``, or object with ``None`` (non-strings turned into strings)."""
-    out: dict[str, np.ndarray] = {}
-    for name, values in zip(names, cols):
-        if name in BOOL_COLUMNS:
-            out[name] = np.fromiter((bool(v) for v in values), dtype=bool, count=n)
-        elif name in FLOAT_COLUMNS:
-            out[name] = np.fromiter((math.nan if v is None else float(v) for v in values), dtype=np.float64,
-                                    count=n)
-        else:
-            arr = np.empty(n, dtype=object)
-            if n:
-                arr[:] = values if all(v is None or type(v) is str for v in values) else \
-                    [None if v is None else str(v) for v in values]
-            out[name] = arr
-    return out
 
 
 def empty_columns() -> dict[str, np.ndarray]:
@@ -310,9 +225,9 @@ class ObservationStore:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(observations)")}
         if not have:
             return  # a new store: SCHEMA creates the table
-        for name, typ, _, _ in _OBS_COLUMNS:
-            if name not in have:
-                self._db.execute(f"ALTER TABLE observations ADD COLUMN {name} {typ.replace(' NOT NULL', '')}")
+        for c in STORED_COLUMNS:
+            if c.name not in have:
+                self._db.execute(f"ALTER TABLE observations ADD COLUMN {c.name} {c.sql_type.replace(' NOT NULL', '')}")
 
     # ----- connections -----
     def _connect_reader(self) -> sqlite3.Connection:
@@ -407,7 +322,7 @@ class ObservationStore:
                      source: str = "", now: float = 0.0) -> InsertResult:
         if not rows and not (source and rejected):
             return InsertResult([], 0, rejected)
-        keys = [(r[0], r[OBS_COLUMN_NAMES.index("replay")]) for r in rows]
+        keys = [(r[0], r[STORED_COLUMN_NAMES.index("replay")]) for r in rows]
         new: list[int] = []
         with self._writer(durable) as db:
             existing: set[tuple[str, int]] = set()
@@ -618,12 +533,7 @@ class ObservationStore:
         if unknown:
             raise KeyError(f"unknown columns {unknown}")
         where, params = self._where(model, since_ts, until_ts, versions, stage, include_replay)
-        out = _columnar(self._query(where, params, cols), cols)
-        if "true_class" in out:
-            out["label"] = out["true_class"]
-        if "label_arrival_ts" in out:
-            out["label_ts"] = out["label_arrival_ts"]
-        return out
+        return add_label_aliases(_columnar(self._query(where, params, cols), cols))
 
     def iter_records(self, model: str | None = None, since_ts: float | None = None, until_ts: float | None = None,
                      versions: Sequence[str] | None = None, *, include_replay: bool = True,
@@ -632,7 +542,7 @@ class ObservationStore:
         Streams (keyset pagination), for exports of any size."""
         where, params = self._where(model, since_ts, until_ts, versions, None, include_replay)
         label_cols = ", ".join(f"l_{k}.value, l_{k}.ts" for k in LABEL_KINDS)
-        obs_cols = ", ".join(f"o.{c}" for c in OBS_COLUMN_NAMES)
+        obs_cols = ", ".join(f"o.{c}" for c in STORED_COLUMN_NAMES)
         last: tuple[float, int] | None = None
         while True:
             w, p = where, list(params)
@@ -647,13 +557,13 @@ class ObservationStore:
                 yield _record(row)
             if len(rows) < batch:
                 return
-            last = (rows[-1][1 + OBS_COLUMN_NAMES.index("ts")], rows[-1][0])
+            last = (rows[-1][1 + STORED_COLUMN_NAMES.index("ts")], rows[-1][0])
 
     def get(self, request_id: str) -> list[dict[str, Any]]:
         """Every stored row (normal and replay) of one request id, as :meth:`iter_records` dicts."""
         where = "o.request_id = ?"
         label_cols = ", ".join(f"l_{k}.value, l_{k}.ts" for k in LABEL_KINDS)
-        obs_cols = ", ".join(f"o.{c}" for c in OBS_COLUMN_NAMES)
+        obs_cols = ", ".join(f"o.{c}" for c in STORED_COLUMN_NAMES)
         with self._reader() as db:
             rows = db.execute(f"SELECT o.id, {obs_cols}, {label_cols}, x.error_kind FROM observations o "
                               f"{_LABEL_JOINS}{_OUTCOME_JOIN} WHERE {where} ORDER BY o.replay, o.id",
@@ -672,19 +582,19 @@ class ObservationStore:
 
 
 def _record(row: tuple) -> dict[str, Any]:
-    """One ``SELECT o.id, <OBS_COLUMN_NAMES>, <label value, ts per kind>, x.error_kind`` row as an export dict."""
-    rec = dict(zip(OBS_COLUMN_NAMES, row[1:1 + len(OBS_COLUMN_NAMES)]))
+    """One ``SELECT o.id, <STORED_COLUMN_NAMES>, <label value, ts per kind>, x.error_kind`` row as an export dict."""
+    rec = dict(zip(STORED_COLUMN_NAMES, row[1:1 + len(STORED_COLUMN_NAMES)]))
     rec["error_kind"] = row[-1]
-    for c in _BOOL_COLUMNS:
+    for c in STORED_BOOL_COLUMNS:
         rec[c] = bool(rec[c])
     if rec["refusal"] is not None:
         rec["refusal"] = bool(rec["refusal"])
-    labels = row[1 + len(OBS_COLUMN_NAMES):-1]
+    labels = row[1 + len(STORED_COLUMN_NAMES):-1]
     for j, kind in enumerate(LABEL_KINDS):
         value, ts = labels[2 * j], labels[2 * j + 1]
         if ts is not None:
             rec[kind] = _label_py_value(kind, value)
-            rec[LABEL_TS_COLUMN[kind]] = ts
+            rec[LABEL_ARRIVAL_COLUMN[kind]] = ts
     return rec
 
 
@@ -711,6 +621,5 @@ def _label_py_value(kind: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["BOOL_COLUMNS", "FETCH_COLUMNS", "FLOAT_COLUMNS", "InsertResult", "LABEL_KINDS", "LABEL_TS_COLUMN",
-           "LabelResult", "MODEL_FAILURE_KINDS", "OBJECT_COLUMNS", "OBS_COLUMN_NAMES", "ObservationRejected",
-           "ObservationStore", "columns_to_arrays", "empty_columns", "model_failure", "observation_row"]
+__all__ = ["InsertResult", "LabelResult", "ObservationRejected", "ObservationStore", "empty_columns",
+           "observation_row"]

@@ -8,8 +8,9 @@ Three views of one rollout:
 2. the same traffic broken down **per upstream host and role** — requests, error rate, latency
    p50/p95, mean output tokens, parse errors — computed from the stored observations of the
    rollout's window (a canary replica on a different GPU type, a bad node, shows up here);
-3. the canary's first failing requests (5xx, timeouts, responses the analyzer could not parse) with
-   request id, time, status, host and parse error, to look up in logs and traces;
+3. the canary's first failing requests (5xx, timeouts, streams the model cut, responses the analyzer
+   could not parse) with request id, time, status, how the stream ended, host and parse error, to look
+   up in logs and traces;
 4. when ``capture.retain_bodies`` is on, the canary's first sampled responses of the window — what the
    model actually answered (decoded as UTF-8 with replacement, shortened for the terminal; ``--json``
    has the whole sample, also byte-exact as base64).
@@ -29,9 +30,10 @@ import numpy as np
 
 from lockgate.controller.tell.history import LogError, beyond_text, fmt_ts, load, open_log, verdict_rows
 from lockgate.controller.ingest.samples import SampleStore, sample_json, samples_path
+from lockgate.controller.ingest.schema import ERROR_COLUMNS, error_column
 
-COLUMNS = ("ts", "request_id", "version", "role", "upstream_host", "status_code", "timeout", "latency_ms",
-           "output_tokens", "parse_error")
+COLUMNS = ("ts", "request_id", "version", "role", "upstream_host", *ERROR_COLUMNS, "latency_ms", "output_tokens",
+           "parse_error")
 #: observations this long after the rollout ended still belong to it (requests in flight at the revert)
 END_SLACK_S = 5.0
 #: sampled canary responses shown, and characters of each shown by the text view
@@ -45,14 +47,18 @@ def _col(data: Mapping[str, np.ndarray], name: str, n: int, dtype=float) -> np.n
     return np.full(n, np.nan) if dtype is float else np.full(n, None, dtype=object)
 
 
+def _error(data: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """The ``error`` column (:func:`~lockgate.controller.ingest.schema.error_column`: 1.0, 0.0, NaN = unknown)."""
+    return error_column(_col(data, "status_code", n).astype(float), np.asarray(_col(data, "timeout", n), dtype=float),
+                        _col(data, "error_kind", n, object))
+
+
 def failed_mask(data: Mapping[str, np.ndarray]) -> np.ndarray:
-    """A request failed: status >= 500, timed out, or its response could not be parsed."""
+    """A request failed: an error (status >= 500, timed out, or the model cut the stream: the
+    ``error_rate`` metric's definition) or its response could not be parsed."""
     n = np.asarray(data.get("ts", np.zeros(0))).shape[0]
-    status = _col(data, "status_code", n).astype(float)
-    timeout = np.asarray(_col(data, "timeout", n), dtype=float)
     parse = _col(data, "parse_error", n, object)
-    return (np.nan_to_num(status) >= 500) | (np.nan_to_num(timeout) > 0) | np.array(
-        [p is not None and p != "" for p in parse], dtype=bool)
+    return (_error(data, n) == 1.0) | np.array([p is not None and p != "" for p in parse], dtype=bool)
 
 
 def _q(values: np.ndarray, q: float) -> float | None:
@@ -68,7 +74,8 @@ def _mean(values: np.ndarray) -> float | None:
 def per_host(data: Mapping[str, np.ndarray]) -> list[dict]:
     """Per (role, version, upstream host): requests, errors, error rate, latency p50/p95, mean output tokens.
 
-    ``errors`` counts 5xx and timeouts (the ``error_rate`` metric's definition); ``parse_errors``
+    ``errors`` counts 5xx, timeouts and streams the model cut (the ``error_rate`` metric's definition,
+    ``schema.error_column``), over the requests whose outcome is known; ``parse_errors``
     counts the other responses the analyzer could not parse (a 200 with a broken body).
     Rows are ordered baseline first, then canary, then by version and host."""
     ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
@@ -76,13 +83,12 @@ def per_host(data: Mapping[str, np.ndarray]) -> list[dict]:
     role = _col(data, "role", n, object)
     version = _col(data, "version", n, object)
     host = _col(data, "upstream_host", n, object)
-    status = _col(data, "status_code", n).astype(float)
-    timeout = np.nan_to_num(np.asarray(_col(data, "timeout", n), dtype=float)) > 0
     latency = _col(data, "latency_ms", n).astype(float)
     tokens = _col(data, "output_tokens", n).astype(float)
     parse = np.array([p is not None and p != "" for p in _col(data, "parse_error", n, object)], dtype=bool)
-    known = ~np.isnan(status) | timeout
-    error = (np.nan_to_num(status) >= 500) | timeout
+    err = _error(data, n)
+    known = ~np.isnan(err)
+    error = err == 1.0
     keys: dict[tuple[str, str, str], list[int]] = {}
     for i in range(n):
         keys.setdefault((str(role[i] or "-"), str(version[i] or "-"), str(host[i] or "(unknown)")), []).append(i)
@@ -115,10 +121,11 @@ def first_failures(data: Mapping[str, np.ndarray], role: str = "canary", limit: 
     status = _col(data, "status_code", n).astype(float)
     timeout = np.nan_to_num(np.asarray(_col(data, "timeout", n), dtype=float)) > 0
     parse = _col(data, "parse_error", n, object)
+    kind = _col(data, "error_kind", n, object)
     latency = _col(data, "latency_ms", n).astype(float)
     return [{"request_id": rid[i], "ts": float(ts[i]),
              "status": None if math.isnan(status[i]) else int(status[i]), "timeout": bool(timeout[i]),
-             "host": host[i], "parse_error": parse[i],
+             "error_kind": kind[i], "host": host[i], "parse_error": parse[i],
              "latency_ms": None if math.isnan(latency[i]) else float(latency[i])} for i in sel]
 
 
@@ -227,6 +234,7 @@ def render(d: dict) -> str:
     for f in d["first_failures"]:
         status = "timeout" if f["timeout"] else (str(f["status"]) if f["status"] is not None else "-")
         out.append(f"  {fmt_ts(f['ts'])}  {f['request_id']}  status {status}  host {f['host'] or '-'}"
+                   + (f"  stream {f['error_kind']}" if f.get("error_kind") else "")
                    + (f"  parse_error {f['parse_error']}" if f["parse_error"] else ""))
     out.append("sampled canary responses:")
     if not d.get("samples"):

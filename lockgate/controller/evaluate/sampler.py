@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from lockgate.config import LockgateConfig, Model
-from lockgate.controller.evaluate.evaluation import EvaluationMetrics, EvaluationStore, Sample
+from lockgate.controller.evaluate.store import EvaluationMetrics, EvaluationStore, Sample
 from lockgate.routing import REQUEST_ID_HEADER, SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER
 
 log = logging.getLogger("lockgate.controller.evaluate.sampler")

@@ -185,15 +185,12 @@ def cmd_extproc(args) -> int:
 
 
 def cmd_controller(args) -> int:
-    from lockgate.controller.app import ControllerStartError, serve
-
-    from lockgate.controller.ingest.envoy_watch import envoy_watch_task
-    from lockgate.controller.decide.promoter import promotion_task
+    from lockgate.controller import app
 
     config = _load(args)
     try:
-        return asyncio.run(serve(config, tasks=[("promotion", promotion_task), ("envoy-watch", envoy_watch_task)]))
-    except ControllerStartError as exc:
+        return asyncio.run(app.serve(config))
+    except app.ControllerStartError as exc:
         raise CliError(str(exc)) from None
 
 

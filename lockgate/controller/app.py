@@ -1,48 +1,97 @@
-"""``lockgate controller``: one asyncio process running the observation collector (gRPC), the HTTP API
-(feedback, debugging, ``/metrics``) and retention pruning.
+"""``lockgate controller``: the one composition root of the controller process.
 
-More work joins the same process as background tasks: ``serve(config, tasks=[fn, …])`` or
-``service.add_task(name, fn)`` where ``fn(service, stop_event)`` is a coroutine function that runs until
-``stop_event`` is set (the promotion loop, for example). A task that raises is logged and the process
-stops with exit status 1 (a controller missing a part is worse than a restarted one).
+:class:`Controller` builds every part from the config and wires them through the typed ports of
+:mod:`lockgate.controller.ports`, as constructor arguments — no part creates, finds or sets attributes
+on another:
+
+* **ingest** — the observation store (an ``ObservationSource``), the gRPC observation collector, the
+  retained response samples, and the Envoy ext_proc counter watch;
+* **evaluate** — response evaluation (only when a model has an ``evaluation`` section);
+* **decide** — the rollout store, the promotion loop (:class:`~.decide.promoter.Promoter`: a
+  ``WeightPusher`` to move traffic, the store to read, the notifier as ``EventSink``) and the rollout
+  actions (:class:`~.decide.actions.RolloutActions`, the ``RolloutCommands`` of the HTTP API);
+* **tell** — the notifier (alerts and registry feedback) and the trouble monitor (a ``WeightReader``
+  to probe, the collector's ``DropCounts``, the rollout store as ``ActiveRollouts``);
+* **api** — the HTTP API (feedback, debugging, ``/metrics``) with the rollout routes.
+
+It then runs the background tasks (:class:`Task`), each given only what it needs, until SIGTERM/SIGINT
+or ``stop``. A critical task that raises is logged and the process stops with exit status 1 (a
+controller missing a part is worse than a restarted one); the notifications task is not critical
+(nothing there is on the rollback path).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import sqlite3
 import time
-from typing import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
 
 import grpc
+from prometheus_client import Counter
 
 from lockgate.aio import stop_on_signals
 from lockgate.config import LockgateConfig
-from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
-from lockgate.controller.evaluate.evaluation import EvaluationService, evaluation_enabled, evaluation_task
+from lockgate.control_client import AsyncControlClient, for_process
 from lockgate.controller.api.http import ControllerHTTP
+from lockgate.controller.api.rollouts import register_routes
+from lockgate.controller.decide.actions import RolloutActions
+from lockgate.controller.decide.promoter import Promoter
+from lockgate.controller.decide.rollouts import RolloutStore
+from lockgate.controller.evaluate.evaluation import EvaluationService, evaluation_enabled
+from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
+from lockgate.controller.ingest.envoy_watch import watch_envoy
 from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.samples import SampleStore, samples_path
+from lockgate.controller.tell.notify import Notifier
+from lockgate.controller.tell.trouble import TroubleMonitor
 from lockgate.grpc_auth import add_port, server_interceptors, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lockgate.controller")
-
-TaskFn = Callable[["ControllerService", asyncio.Event], Awaitable[None]]
 
 
 class ControllerStartError(RuntimeError):
     """The controller could not start (port in use, unreadable state dir, ...)."""
 
 
-class ControllerService:
-    """The controller's parts: ``store``, ``metrics``, the gRPC ``server``, ``http``, and ``tasks``."""
+@dataclass(frozen=True)
+class Task:
+    """A background task: ``run(stop)`` returns once ``stop`` is set."""
+
+    name: str
+    run: Callable[[asyncio.Event], Awaitable[None]]
+    critical: bool = True  #: a failure stops the controller (exit 1); else it is logged and the rest runs on
+
+
+class SourceDrops:
+    """:class:`~lockgate.controller.ports.DropCounts` over the collector's per-source statistics."""
+
+    def __init__(self, metrics: ControllerMetrics):
+        self._sources = metrics.sources
+
+    def dropped_totals(self) -> Mapping[str, int]:
+        # TODO(ingest owner): a `dropped_totals()` method on collector._SourceStats replaces this reach-in.
+        with self._sources._lock:
+            return dict(self._sources.dropped)
+
+
+class Controller:
+    """The controller's parts, built from ``config`` and wired (see the module docstring).
+
+    Construct it on the event loop that will run it (the control API clients are ``grpc.aio``).
+    Raises :class:`ControllerStartError` when a store cannot be opened, and
+    :class:`lockgate.grpc_auth.NoTokenError` when ``auth.tokens`` is set and the controller has no token."""
 
     def __init__(self, config: LockgateConfig):
         self.config = config
-        self.retention_s = config.controller.retention_days * 86400.0
+        cc = config.controller
+        self.retention_s = cc.retention_days * 86400.0
+        # ----- ingest
         try:
             self.store = ObservationStore(config.observations_db_path)
         except (OSError, sqlite3.Error) as exc:
@@ -60,23 +109,45 @@ class ControllerService:
                 raise ControllerStartError(f"cannot open the response sample store: {exc}") from None
         self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer,
                                                       self.samples if rb else None, rb.roles if rb else None)
-        self.server: grpc.aio.Server | None = None
-        self.http: ControllerHTTP | None = None
-        self.tasks: list[tuple[str, TaskFn]] = [("retention", prune_loop)]
-        # response evaluation (docs/evaluation.md): only when a model has an `evaluation` section
+        # ----- evaluate: only when a model has an `evaluation` section (docs/evaluation.md)
         self.evaluation: EvaluationService | None = None
         if evaluation_enabled(config):
             try:
                 self.evaluation = EvaluationService(config, self.metrics.registry)
             except Exception as exc:  # unreadable state dir, broken evaluator/similarity plug-in, ...
                 raise ControllerStartError(f"cannot start evaluation: {exc}") from None
-            self.tasks.append(("evaluation", evaluation_task))
+        # ----- decide and tell
+        try:
+            self.rollouts = RolloutStore(config.state_dir / "rollouts.db")
+        except (OSError, sqlite3.Error) as exc:
+            raise ControllerStartError(f"cannot open the rollout store: {exc}") from None
+        # one control API client per user, as before: the trouble probes never queue behind a push
+        self.weights: AsyncControlClient = for_process(config, "controller")
+        self.probe_weights: AsyncControlClient = for_process(config, "controller (trouble checks)")
+        self.notifier = Notifier(config)
+        self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier])
+        self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
+        self.trouble = TroubleMonitor(self.notifier, self.probe_weights, SourceDrops(self.metrics), self.rollouts)
+        # new observations wake the promotion loop (a breach rolls back when the evidence arrives)
+        self.collector.on_stored.append(self.promoter.notify)
+        # ----- servers, started by start()
+        self.server: grpc.aio.Server | None = None
+        self.http: ControllerHTTP | None = None
+        # ----- background tasks
+        self.tasks: list[Task] = [
+            Task("retention", functools.partial(prune_loop, self.store, self.samples, self.writer,
+                                                self.metrics.pruned, self.retention_s, cc.prune_interval_s))]
+        if self.evaluation is not None:
+            self.tasks.append(Task("evaluation", self.evaluation.run))
+        self.tasks += [
+            Task("promotion", self.promoter.run),
+            Task("notifications", functools.partial(_notifications, self.notifier, self.trouble), critical=False),
+            Task("envoy-watch", functools.partial(watch_envoy, config.admin, self.metrics.registry)),
+        ]
         self.stop_event = asyncio.Event()
 
-    def add_task(self, name: str, fn: TaskFn) -> None:
-        self.tasks.append((name, fn))
-
     async def start(self) -> None:
+        """Listen: the observations API (gRPC), the HTTP API with the rollout routes, the sampler."""
         cc = self.config.controller
         warn_if_insecure(self.config, "lockgate controller")
         # auth.tokens: only configured clients (the ext_proc shippers) may report observations
@@ -94,6 +165,8 @@ class ControllerService:
                                        samples=self.samples, auth=self.config.auth.registry())
         except OSError as exc:
             raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
+        register_routes(self.http, self.actions, asyncio.get_running_loop(),
+                        frozenset(m.name for m in self.config.models))
         await self.server.start()
         self.http.start()
         if self.evaluation is not None:
@@ -107,18 +180,21 @@ class ControllerService:
         """Run every background task until ``stop_event``; returns the exit status."""
         failed = False
 
-        async def guarded(name: str, fn: TaskFn) -> None:
+        async def guarded(task: Task) -> None:
             nonlocal failed
             try:
-                await fn(self, self.stop_event)
+                await task.run(self.stop_event)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("controller task %s failed; stopping", name)
+                if not task.critical:
+                    log.exception("controller task %s failed; the others run on", task.name)
+                    return
+                log.exception("controller task %s failed; stopping", task.name)
                 failed = True
                 self.stop_event.set()
 
-        running = [asyncio.create_task(guarded(n, fn), name=n) for n, fn in self.tasks]
+        running = [asyncio.create_task(guarded(t), name=t.name) for t in self.tasks]
         await self.stop_event.wait()
         for t in running:
             t.cancel()
@@ -132,59 +208,66 @@ class ControllerService:
             await asyncio.get_running_loop().run_in_executor(None, self.http.stop)
         if self.evaluation is not None:
             await self.evaluation.close()
+        for client in (self.weights, self.probe_weights):
+            await client.close()
         self.writer.shutdown(wait=True)
         self.store.close()
         if self.samples is not None:
             self.samples.close()
+        self.rollouts.close()
 
 
-async def prune_loop(service: ControllerService, stop: asyncio.Event) -> None:
-    """Delete observations older than ``controller.retention_days``, at start and every
-    ``controller.prune_interval_s``. A failed prune is logged and retried next time."""
+async def _notifications(notifier: Notifier, trouble: TroubleMonitor, stop: asyncio.Event) -> None:
+    """Deliver alerts and registry updates; the trouble checks run alongside (on the notifier's database
+    thread, so they end before it closes)."""
+    await notifier.run(stop, alongside=(trouble.run,))
+
+
+async def prune_loop(store: ObservationStore, samples: SampleStore | None, writer: concurrent.futures.Executor,
+                     pruned: Counter, retention_s: float, interval_s: float, stop: asyncio.Event) -> None:
+    """Delete observations (and retained samples) older than ``retention_s`` seconds, at start and every
+    ``interval_s``, on the ``writer`` thread; ``pruned`` counts the observations deleted. A failed prune
+    is logged and retried next time."""
     loop = asyncio.get_running_loop()
-    interval = service.config.controller.prune_interval_s
     while not stop.is_set():
-        cutoff = time.time() - service.retention_s
+        cutoff = time.time() - retention_s
         try:
-            n = await loop.run_in_executor(service.writer, lambda: service.store.prune(cutoff))
+            n = await loop.run_in_executor(writer, lambda: store.prune(cutoff))
             if n:
-                service.metrics.pruned.inc(n)
-                log.info("pruned %d observations older than %.1f days", n, service.retention_s / 86400)
+                pruned.inc(n)
+                log.info("pruned %d observations older than %.1f days", n, retention_s / 86400)
         except Exception:
             log.exception("pruning observations failed")
-        if service.samples is not None:
+        if samples is not None:
             try:
-                await loop.run_in_executor(service.writer, lambda: service.samples.prune(cutoff))
+                await loop.run_in_executor(writer, lambda: samples.prune(cutoff))
             except Exception:
                 log.exception("pruning response samples failed")
         try:
-            await asyncio.wait_for(stop.wait(), interval)
+            await asyncio.wait_for(stop.wait(), interval_s)
         except asyncio.TimeoutError:
             pass
 
 
-async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, tasks: Iterable[tuple[str, TaskFn]] = (),
-                ) -> int:
+async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> int:
     """Run the controller until SIGTERM/SIGINT (or ``stop``). Prints ``ready controller=… http=…``."""
-    service = ControllerService(config)
+    controller = Controller(config)
     if stop is not None:
-        service.stop_event = stop
-    for name, fn in tasks:
-        service.add_task(name, fn)
+        controller.stop_event = stop
     try:
-        await service.start()
+        await controller.start()
     except BaseException:
-        await service.close()
+        await controller.close()
         raise
-    stop_on_signals(service.stop_event)
+    stop_on_signals(controller.stop_event)
     cc = config.controller
     print(f"ready controller={cc.address} http={cc.http}"
-          + (f" sampler={cc.sampler}" if service.evaluation is not None else ""), flush=True)
+          + (f" sampler={cc.sampler}" if controller.evaluation is not None else ""), flush=True)
     try:
-        return await service.run()
+        return await controller.run()
     finally:
-        await service.close()
+        await controller.close()
         log.info("controller stopped")
 
 
-__all__ = ["ControllerService", "ControllerStartError", "prune_loop", "serve"]
+__all__ = ["Controller", "ControllerStartError", "SourceDrops", "Task", "prune_loop", "serve"]

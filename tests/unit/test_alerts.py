@@ -18,7 +18,7 @@ from lockgate.controller.tell.alerts import (Alert, DeliveryError, alert_from_ev
                                         describe_verdict, http_request, render, rollback_push_trouble,
                                         send_alert, slack_payload, total_retry_window, trouble_alert,
                                         webhook_payload)
-from lockgate.controller.tell.notify import Outbox
+from lockgate.controller.tell.outbox import Outbox
 from lockgate.yamlconf import ConfigError
 
 FAIL = {"metric": "error_rate", "kind": "rate", "verdict": "fail", "gating": True, "baseline": 0.02,

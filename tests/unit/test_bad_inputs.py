@@ -506,16 +506,14 @@ def test_actor_is_the_authenticated_client(tmp_path):
     """With auth on, the actor recorded for a rollout action is the token's client name, never the body's
     ``actor``; with auth off, the body's actor as before."""
     from lockgate.auth import ClientToken, TokenRegistry
-    from lockgate.controller.decide.promoter import register_http
+    from lockgate.controller.api.rollouts import register_routes
 
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     calls = []
 
-    class FakePromoter:
-        config = config_from_text(GOOD_CFG, "lg.yaml")
-
+    class FakeCommands:  # a RolloutCommands
         async def action(self, model, action, actor):
             calls.append((model, action, actor))
             return {"rollout": {"model": model}}
@@ -527,14 +525,14 @@ def test_actor_is_the_authenticated_client(tmp_path):
         def status(self, model=None):
             return []
 
-    fake = FakePromoter()
-    fake.loop = loop
+    fake = FakeCommands()
+    models = {m.name for m in config_from_text(GOOD_CFG, "lg.yaml").models}
     store = ObservationStore(tmp_path / "obs.db")
     servers = {}
     try:
         for name, auth in (("auth", TokenRegistry((ClientToken("ci-deployer", hash_token(TOKEN)),))), ("open", None)):
             api = ControllerHTTP("127.0.0.1", 0, store, ControllerMetrics(), retention_s=86400, auth=auth)
-            register_http(fake, api)
+            register_routes(api, fake, loop, models)
             api.start()
             servers[name] = api
         a, o = servers["auth"].address[1], servers["open"].address[1]

@@ -315,7 +315,9 @@ def test_cli_plan_lines():
 
 def test_promoter_start_and_status_carry_the_plan(tmp_path, store_history):
     from lockgate.config import config_from_text
+    from lockgate.controller.decide.actions import RolloutActions
     from lockgate.controller.decide.promoter import Promoter
+    from lockgate.controller.decide.rollouts import RolloutStore
 
     history, now = store_history
     cfg = config_from_text(f"""
@@ -343,23 +345,23 @@ rollout:
             return {k: v[keep] for k, v in history.items()}
 
     async def main():
-        service = NS(config=cfg, store=Store())
-        promoter = Promoter(service)
+        rollouts = RolloutStore(tmp_path / "rollouts.db")
+        promoter = Promoter(cfg, rollouts, weights=None, observations=Store())  # no weights: begin is faked
 
         async def no_envoy(rollout):
             return {}
 
-        promoter._begin = no_envoy
-        import lockgate.controller.decide.promoter as pm
+        promoter.begin = no_envoy
+        actions = RolloutActions(cfg, rollouts, promoter, Store())
+        import lockgate.controller.decide.actions as pm
 
         real_time = pm.time.time
         pm.time.time = lambda: now
         try:
-            out = await promoter.start(spec_text, "chat.yaml", "tester")
+            out = await actions.start(spec_text, "chat.yaml", "tester")
         finally:
             pm.time.time = real_time
-        await promoter.control.close()
-        return promoter, out
+        return actions, out
 
     promoter, out = asyncio.run(main())
     json.dumps(out, allow_nan=False)

@@ -1,6 +1,6 @@
 """Registry feedback: the event → update mapping, the file registry (atomic, history, idempotent), the
-MLflow tags, and the notifier's outbox delivery (retries with backoff, give-up, registry down) with a fake
-promoter and a real local HTTP receiver."""
+MLflow tags, and the notifier's outbox delivery (retries with backoff, give-up, registry down) fed outcome
+events directly, with a real local HTTP receiver."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 
 from lockgate.config import config_from_text
 from lockgate.controller.tell.registry import RegistryUpdate, make_registry, update_from_event
@@ -128,7 +127,7 @@ class Receiver:
         self.httpd.server_close()
 
 
-def fake_promoter(tmp_path, alerts_yaml, registry_yaml=""):
+def fake_rollout(tmp_path, alerts_yaml, registry_yaml=""):
     cfg = config_from_text(f"""
 state_dir: {tmp_path}
 control: {{port: 1}}
@@ -140,35 +139,38 @@ models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]
     r = store.create(model="chat", canary="v2", baseline="v1", spec_text="x", spec_source="s", spec_hash="h",
                      created_by="t", auto={})
     store.transition(r.id, expect=("pending",), status="running", kind="started", actor="t", weight_bp=1000)
-    service = SimpleNamespace(stop_event=asyncio.Event(), metrics=None)
-    return SimpleNamespace(config=cfg, service=service, rollouts=store, listeners=[], _background=set()), r.id
+    return cfg, store, r.id
+
+
+def start_notifier(cfg):
+    """A notifier delivering in the background until the returned stop event is set (no trouble checks)."""
+    from lockgate.controller.tell.notify import Notifier
+
+    notifier = Notifier(cfg)
+    stop = asyncio.Event()
+    return notifier, stop, asyncio.ensure_future(notifier.run(stop))
 
 
 def test_notifier_retries_with_backoff_then_delivers_and_logs(tmp_path):
-    from lockgate.controller.tell.notify import install
-
     ok, flaky, perm = Receiver(), Receiver(fail=2), Receiver(fail=99, status=400)
     try:
         async def main():
-            promoter, rid = fake_promoter(tmp_path, f"""alerts:
+            cfg, store, rid = fake_rollout(tmp_path, f"""alerts:
   - {{type: webhook, url: "{ok.url}/a", name: ok}}
   - {{type: slack, url: "{flaky.url}/b", name: flaky, retry: {{initial_backoff_s: 0.2, max_backoff_s: 1}}}}
   - {{type: webhook, url: "{perm.url}/c", name: perm}}
 """, f"registry: {{type: webhook, url: '{ok.url}/registry'}}")
-            notifier = install(promoter)
-            notifier.trouble.interval_s = 3600  # control API checks are not part of this test
-            ev = event("rolled_back", rid=rid)
-            for fn in promoter.listeners:
-                await fn(ev)
+            notifier, stop, running = start_notifier(cfg)
+            await notifier.on_event(event("rolled_back", rid=rid))
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and len(flaky.requests) < 1:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
-            promoter.service.stop_event.set()
-            await asyncio.gather(*promoter._background)
-            return promoter, rid
+            stop.set()
+            await running
+            return store, rid
 
-        promoter, rid = asyncio.run(main())
+        store, rid = asyncio.run(main())
         assert [r["title"] for r in ok.requests if "title" in r] == ["chat: canary v2 ROLLED BACK to v1 at 10% of "
                                                                       "traffic (rollout #1, after 1 s)"]
         reg = [r for r in ok.requests if r.get("type") == "registry_update"]
@@ -177,7 +179,7 @@ def test_notifier_retries_with_backoff_then_delivers_and_logs(tmp_path):
         gaps = [b - a for a, b in zip(flaky.times, flaky.times[1:])]
         assert len(gaps) == 2 and 0.17 <= gaps[0] and 0.35 <= gaps[1], gaps   # 0.2 s, then 0.4 s (-10% jitter)
         assert len(perm.times) == 1                                           # a 400 is not retried
-        events = [e for e in promoter.rollouts.events(rid) if e["kind"] in ("alert", "registry")]
+        events = [e for e in store.events(rid) if e["kind"] in ("alert", "registry")]
         outcomes = sorted((e["detail"].get("sink") or "registry", e["detail"]["outcome"], e["detail"]["attempts"])
                           for e in events)
         assert outcomes == [("flaky", "delivered", 3), ("flaky", "retrying", 1), ("ok", "delivered", 1),
@@ -191,32 +193,30 @@ def test_notifier_retries_with_backoff_then_delivers_and_logs(tmp_path):
 
 
 def test_notifier_gives_up_after_max_attempts_and_a_hanging_sink_blocks_nothing(tmp_path):
-    from lockgate.controller.tell.notify import Outbox, install
+    from lockgate.controller.tell.outbox import Outbox
 
     down, hang, ok = Receiver(fail=99), Receiver(hang=True), Receiver()
     try:
         async def main():
-            promoter, rid = fake_promoter(tmp_path, f"""alerts:
+            cfg, store, rid = fake_rollout(tmp_path, f"""alerts:
   - {{type: webhook, url: "{down.url}", name: down, retry: {{max_attempts: 3, initial_backoff_s: 0.05, max_backoff_s: 0.1}}}}
   - {{type: webhook, url: "{hang.url}", name: hang, timeout_s: 3}}
   - {{type: webhook, url: "{ok.url}", name: ok}}
 """)
-            notifier = install(promoter)
-            notifier.trouble.interval_s = 3600
+            notifier, stop, running = start_notifier(cfg)
             t0 = time.monotonic()
-            for fn in promoter.listeners:
-                await fn(event("promoted", rid=rid))
+            await notifier.on_event(event("promoted", rid=rid))
             queued = time.monotonic() - t0
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and (len(down.times) < 3 or not ok.requests):
                 await asyncio.sleep(0.02)
             delivered_after = time.monotonic() - t0
             await asyncio.sleep(0.2)
-            promoter.service.stop_event.set()
-            await asyncio.gather(*promoter._background)
-            return promoter, rid, queued, delivered_after
+            stop.set()
+            await running
+            return rid, queued, delivered_after
 
-        promoter, rid, queued, delivered_after = asyncio.run(main())
+        rid, queued, delivered_after = asyncio.run(main())
         assert queued < 0.5                      # the listener only queues
         assert ok.requests and delivered_after < 2.5   # not held up by the hanging sink (3 s timeout)
         assert len(down.times) == 3

@@ -1,35 +1,35 @@
-"""The promotion controller: the imperative shell around the stage machine.
+"""The promotion loop: the imperative shell around the stage machine.
 
-Runs as a task of the controller process. For every active rollout it holds the lease of, it
-evaluates the locked spec on the stored observations (:func:`analysis.evaluate_at`, in a worker
-thread), asks :func:`stages.decide` what to do, moves weights through the xDS control API, and
-records every evaluation and transition (:mod:`.rollouts`). Evaluations run every
-``analysis_interval_s`` and also as soon as new observations of the model are stored (at most
-one per ``MIN_SPACING_S``): a breach rolls back when the evidence arrives, not at the next poll.
+Runs as a task of the controller process (:mod:`lockgate.controller.app` builds it). For every active
+rollout it holds the lease of, it evaluates the locked spec on the stored observations
+(:func:`.evidence.judge`, in a worker thread), asks :func:`.stages.decide` what to do, moves weights
+through the control API (a :class:`~lockgate.controller.ports.WeightPusher`), and records every
+evaluation and transition (:mod:`.rollouts`). Evaluations run every ``analysis_interval_s`` and also as
+soon as new observations of the model are stored (:meth:`Promoter.notify`, at most one per
+``MIN_SPACING_S``): a breach rolls back when the evidence arrives, not at the next poll.
 
-The HTTP routes for the CLI (``lockgate rollout …``) are registered on the controller's HTTP API.
+Outcome events go to the :class:`~lockgate.controller.ports.EventSink` s it was built with (alerts and
+registry feedback), as background tasks after the weights moved and the record was written. Starting a
+rollout and the manual actions (pause, resume, abort, promote) are :mod:`.actions`; the HTTP routes are
+:mod:`lockgate.controller.api.rollouts`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
-import numpy as np
 
-from lockgate.config import ConfigError
-from lockgate.controller.decide import analysis
-from lockgate.controller.decide import ramp_plan
+from lockgate.config import LockgateConfig
+from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
-from lockgate.controller.decide.spec import RolloutSpec, render_warning, spec_from_text
+from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
-from lockgate.yamlconf import type_name
-from lockgate.control_client import for_process
+from lockgate.controller.ports import EventSink, ObservationSource, OutcomeEvent, WeightPusher
 from lockgate.proto.v1 import control_pb2
 
 log = logging.getLogger("lockgate.controller.decide.promoter")
@@ -38,11 +38,6 @@ MIN_SPACING_S = 1.0        #: at most one data-triggered evaluation per model pe
 REVERT_BACKOFF_S = 0.5     #: first retry of an incomplete revert; doubles per attempt ...
 REVERT_BACKOFF_MAX_S = 10.0  #: ... up to this
 LEASE_TTL_S = 15.0
-AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
-EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "error_kind",
-                "latency_ms", "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key",
-                "upstream_host", "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
-                "task_success_arrival_ts", "evaluator_score", "evaluator_score_arrival_ts")
 
 
 class RolloutError(Exception):
@@ -54,25 +49,28 @@ class RolloutError(Exception):
         self.detail = detail
 
 
-def load_spec_of(rollout: Rollout, config) -> RolloutSpec:
+def load_spec_of(rollout: Rollout, config: LockgateConfig) -> RolloutSpec:
+    """The spec a rollout was started with (its locked text), parsed against ``config``."""
     return spec_from_text(rollout.spec_text, rollout.spec_source, config)
 
 
 class Promoter:
-    def __init__(self, service):
-        self.service = service
-        self.config = service.config
-        self.rollouts = RolloutStore(self.config.state_dir / "rollouts.db")
-        self.loop: asyncio.AbstractEventLoop | None = None
+    """Drives every active rollout this controller holds the lease of (see the module docstring).
+
+    ``weights`` moves traffic, ``observations`` is read for the evidence, ``rollouts`` is the rollout
+    store (shared with :class:`.actions.RolloutActions`), ``sinks`` receive outcome events. Runs on one
+    event loop; :meth:`notify` is the collector's ``on_stored`` callback."""
+
+    def __init__(self, config: LockgateConfig, rollouts: RolloutStore, weights: WeightPusher,
+                 observations: ObservationSource, sinks: Sequence[EventSink] = ()):
+        self.config = config
+        self.rollouts = rollouts
+        self.weights = weights
+        self.observations = observations
+        self.sinks: tuple[EventSink, ...] = tuple(sinks)
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
-        # auth.tokens: the control API knows the controller by its own token (auth.token_file)
-        self.control = for_process(self.config, "controller")
         self._locks: dict[int, asyncio.Lock] = {}
-        #: Called (as background tasks, after the weights moved and the record was written) with every
-        #: outcome event: {"kind": rolled_back|promoted|inconclusive|aborted|advanced|started, "rollout": …,
-        #: "detail": …}. Alerts and registry updates subscribe here; nothing here can delay a rollback.
-        self.listeners: list = []
         self._background: set[asyncio.Task] = set()
         self._revert_attempts: dict[int, int] = {}  #: rollout id → Rollback calls so far (incomplete revert)
         self._revert_next: dict[int, float] = {}  #: rollout id → earliest next retry (epoch s)
@@ -82,39 +80,15 @@ class Promoter:
         #: rollout id → (final status, reason, actor, detected_at) of a revert not yet written down
         self._unrecorded: dict[int, tuple[str, str, str, float]] = {}
 
-    # ------------------------------------------------------------------ evaluation
-    def _columns(self, rollout: Rollout, since: float | None = None) -> dict[str, np.ndarray]:
-        since = rollout.started_at if since is None else since
-        data = self.service.store.fetch(rollout.model, since_ts=since, versions=[rollout.baseline, rollout.canary],
-                                        columns=list(EVAL_COLUMNS))
-        if self.config.model(rollout.model).evaluation is not None:
-            from lockgate.controller.evaluate.evaluation import fetch_evaluations
-
-            ev = fetch_evaluations(self.config, rollout.model, since_ts=since)
-            data = analysis.merge_evaluations(data, ev, rollout.baseline, rollout.canary)
-        return data
+    def lock(self, rollout_id: int) -> asyncio.Lock:
+        """The lock every change of one rollout's weights and record is made under."""
+        return self._locks.setdefault(rollout_id, asyncio.Lock())
 
     def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float) -> tuple[Any, dict, int]:
-        data = self._columns(rollout)
-        judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
-        ts = np.asarray(data.get("ts", []), dtype=float)
-        role = np.asarray(data.get("role", []), dtype=object)
-        in_stage = analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now)
-        rate = analysis.request_rate_per_hour(ts, now)
-        share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / 10000
-        plans = analysis.plan(judgement, rate, share)
-        label = stage_label(spec, rollout.stage)
-        summary = judgement.to_dict()
-        summary["plan"] = [p.text(label, rate) for p in plans]
-        summary["plan_hours"] = {p.metric: p.hours for p in plans}
-        summary["requests_per_hour"] = rate
-        summary["canary_samples_in_stage"] = in_stage
-        summary["n_baseline"] = int(np.count_nonzero(role == "baseline"))
-        summary["n_canary"] = int(np.count_nonzero(role == "canary"))
-        return judgement, summary, in_stage
+        return judge(self.observations, self.config, rollout, spec, now)
 
     async def evaluate_and_act(self, rollout: Rollout, now: float | None = None) -> StageDecision | None:
-        lock = self._locks.setdefault(rollout.id, asyncio.Lock())
+        lock = self.lock(rollout.id)
         async with lock:
             rollout = self.rollouts.get(rollout.id)
             if rollout is None or rollout.status not in ("running", "paused"):
@@ -130,7 +104,7 @@ class Promoter:
                                                rollout.stage_started_at), judgement, now, in_stage)
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
             if decision.action == "rollback":
-                await self._rollback(rollout, spec, decision, summary, detected_at, actor="controller")
+                await self.revert(rollout, spec, decision, summary, detected_at, actor="controller")
             else:
                 # The evaluation history keeps one row per analysis interval (and every row whose
                 # verdicts or action changed); data-triggered looks in between only refresh last_eval.
@@ -156,7 +130,7 @@ class Promoter:
         """A weight someone else set (``lockgate set-weight`` during a rollout) is never silently
         ignored: the rollout pauses where it is (harm still rolls back), says what it found and
         alerts; ``rollout resume`` re-applies the stage's weight, ``abort`` reverts."""
-        resp = await self.control.get_weights(rollout.model, deadline_s=5.0)
+        resp = await self.weights.get_weights(rollout.model, deadline_s=5.0)
         live = resp.models[0] if resp.models else None
         want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
         pushed = self._pushed.get(rollout.id)  # a move whose push is not yet ACKed everywhere is no drift
@@ -171,15 +145,15 @@ class Promoter:
         return self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="weight_drift",
                                         actor="controller", weight_bp=live.weight_bp, detail=detail)
 
-    async def _push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
+    async def push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
                     ) -> control_pb2.SetWeightResponse:
-        return await self.control.set_weight(model, version, weight_bp, actor="controller", reason=reason,
+        return await self.weights.set_weight(model, version, weight_bp, actor="controller", reason=reason,
                                              stage=stage, timeout_s=5.0, deadline_s=10.0)
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
         self._pushed[rollout.id] = decision.weight_bp
-        resp = await self._push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
+        resp = await self.push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
                                 "; ".join(decision.reasons))
         if not resp.all_acked:
             self.rollouts.event(rollout.id, "push_incomplete", "controller",
@@ -200,7 +174,7 @@ class Promoter:
             log.info("rollout #%d %s advanced to %s", rollout.id, rollout.model, stage_label(spec, decision.stage))
             self.emit("advanced", rollout.id, detail)
 
-    async def _rollback(self, rollout: Rollout, spec: RolloutSpec | None, decision: StageDecision | None,
+    async def revert(self, rollout: Rollout, spec: RolloutSpec | None, decision: StageDecision | None,
                         summary: dict | None, detected_at: float, actor: str, final_status: str = "rolled_back",
                         reason: str | None = None) -> dict:
         """Weights to 0 first (nothing waits on bookkeeping), then the record with the three timestamps.
@@ -211,7 +185,7 @@ class Promoter:
         (:meth:`_retry_revert`) until it is complete.
         """
         why = reason or "; ".join(decision.reasons if decision else ())
-        timings = await self._revert(rollout, detected_at, actor, why)
+        timings = await self._revert_once(rollout, detected_at, actor, why)
         # The intent is kept in memory until it is recorded: if the state directory cannot be written
         # (a full disk), the loop re-issues it (weights first) instead of forgetting the revert.
         self._unrecorded[rollout.id] = (final_status, why, actor, detected_at)
@@ -251,12 +225,12 @@ class Promoter:
             log.error("rollout #%d %s: revert to weight 0 not complete (%s); rolling_back, will retry",
                       rollout.id, rollout.model, timings.get("error") or timings.get("not_acked"))
 
-    async def _revert(self, rollout: Rollout, detected_at: float, actor: str, why: str) -> dict:
+    async def _revert_once(self, rollout: Rollout, detected_at: float, actor: str, why: str) -> dict:
         """One Rollback call to the xDS server; ``complete`` says whether every Envoy has weight 0, saved."""
         attempt = self._revert_attempts.get(rollout.id, 0) + 1
         self._revert_attempts[rollout.id] = attempt
         try:
-            resp = await self.control.rollback(rollout.model, actor=actor, reason=why[:500], timeout_s=5.0,
+            resp = await self.weights.rollback(rollout.model, actor=actor, reason=why[:500], timeout_s=5.0,
                                                deadline_s=10.0)
             envoys = [{"node_id": e.node_id, "acked": e.acked, "ack_ms": e.ack_ms, "connected": e.connected,
                        "acked_weight_bp": e.acked_weight_bp} for e in resp.model.envoys]
@@ -290,26 +264,26 @@ class Promoter:
             actor, detected = "controller", pending.get("ts", now)
         attempt = self._revert_attempts.get(rollout.id, 0)
         self._revert_next[rollout.id] = now + min(REVERT_BACKOFF_MAX_S, REVERT_BACKOFF_S * 2 ** min(attempt, 8))
-        async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+        async with self.lock(rollout.id):
             current = self.rollouts.get(rollout.id)
             if current is None or (current.status != "rolling_back" and rollout.id not in self._unrecorded):
                 return
-            timings = await self._rollback(current, None, None, None, detected, actor, final, why)
+            timings = await self.revert(current, None, None, None, detected, actor, final, why)
         if timings["complete"]:
             self._revert_next.pop(rollout.id, None)
 
     def emit(self, kind: str, rollout_id: int, detail: dict) -> None:
-        """Tell listeners about an outcome, in the background (never awaited by the caller)."""
-        if not self.listeners:
+        """Tell the sinks about an outcome, in the background (never awaited by the caller)."""
+        if not self.sinks:
             return
-        event = {"kind": kind, "rollout": rollout_json(self.rollouts.get(rollout_id)), "detail": detail,
-                 "ts": time.time()}
-        for fn in self.listeners:
-            async def run(fn=fn):
+        event: OutcomeEvent = {"kind": kind, "rollout": rollout_json(self.rollouts.get(rollout_id)),
+                               "detail": detail, "ts": time.time()}
+        for sink in self.sinks:
+            async def run(sink=sink):
                 try:
-                    await fn(event)
+                    await sink.on_event(event)
                 except Exception:
-                    log.exception("rollout listener %r failed on %s", fn, kind)
+                    log.exception("rollout event sink %r failed on %s", sink, kind)
             task = asyncio.ensure_future(run())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -321,111 +295,69 @@ class Promoter:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.service.collector.on_stored.append(self.notify)
+        """The loop, until ``stop`` is set (one broken rollout never stops it)."""
         last: dict[int, float] = {}
         cost: dict[int, float] = {}  #: seconds the last evaluation of each rollout took
-        try:
-            while not stop.is_set():
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            for rollout in self.rollouts.active():
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
-                except asyncio.TimeoutError:
-                    pass
-                self._wake.clear()
-                dirty, self._dirty = self._dirty, set()
-                for rollout in self.rollouts.active():
+                    mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
+                except sqlite3.Error as exc:  # cannot renew (full disk): keep driving what is ours
+                    owner = self.rollouts.lease_owner(rollout.model)
+                    mine = owner is not None and owner[0] == self.rollouts.owner
+                    log.error("lease of %s not renewed (%s); %s", rollout.model, exc,
+                              "still ours" if mine else "not ours")
+                if not mine:
+                    continue
+                if rollout.id in self._unrecorded or rollout.status == "rolling_back":
                     try:
-                        mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
-                    except sqlite3.Error as exc:  # cannot renew (full disk): keep driving what is ours
-                        owner = self.rollouts.lease_owner(rollout.model)
-                        mine = owner is not None and owner[0] == self.rollouts.owner
-                        log.error("lease of %s not renewed (%s); %s", rollout.model, exc,
-                                  "still ours" if mine else "not ours")
-                    if not mine:
-                        continue
-                    if rollout.id in self._unrecorded or rollout.status == "rolling_back":
-                        try:
-                            await self._retry_revert(rollout, time.time())
-                        except RolloutConflict as exc:
-                            log.info("rollout #%d changed while reverting: %s", rollout.id, exc)
-                        except Exception:  # keep retrying the others
-                            log.exception("rollout #%d: revert retry failed; will retry", rollout.id)
-                        continue
-                    if rollout.status == "pending":
-                        try:
-                            await self._begin(rollout)
-                        except (RolloutConflict, RolloutError) as exc:
-                            log.info("rollout #%d start: %s", rollout.id, exc)
-                        except grpc.aio.AioRpcError as exc:
-                            log.error("rollout #%d: control API unreachable (%s); will retry", rollout.id,
-                                      exc.code().name)
-                        continue
-                    spec = load_spec_of(rollout, self.config)
-                    now = time.time()
-                    since = now - last.get(rollout.id, 0.0)
-                    # Data-triggered looks at most every MIN_SPACING_S, and never more than half the time:
-                    # at 1M observations one evaluation takes seconds, and back-to-back ones would eat a core.
-                    spacing = max(MIN_SPACING_S, 2 * cost.get(rollout.id, 0.0))
-                    due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= spacing)
-                    if not due:
-                        if rollout.model in dirty:
-                            self._dirty.add(rollout.model)  # look again once the spacing allows
-                        continue
-                    last[rollout.id] = now
-                    try:
-                        await self.evaluate_and_act(rollout)
-                        cost[rollout.id] = time.time() - now
+                        await self._retry_revert(rollout, time.time())
                     except RolloutConflict as exc:
-                        log.info("rollout #%d changed while evaluating: %s", rollout.id, exc)
+                        log.info("rollout #%d changed while reverting: %s", rollout.id, exc)
+                    except Exception:  # keep retrying the others
+                        log.exception("rollout #%d: revert retry failed; will retry", rollout.id)
+                    continue
+                if rollout.status == "pending":
+                    try:
+                        await self.begin(rollout)
+                    except (RolloutConflict, RolloutError) as exc:
+                        log.info("rollout #%d start: %s", rollout.id, exc)
                     except grpc.aio.AioRpcError as exc:
-                        log.error("rollout #%d: control API unreachable (%s); weights unchanged, will retry",
-                                  rollout.id, exc.code().name)
-                    except Exception:  # one broken rollout must not stop the others (or the safety net)
-                        log.exception("rollout #%d: evaluation failed; will retry", rollout.id)
-        finally:
-            self.service.collector.on_stored.remove(self.notify)
-            await self.control.close()
+                        log.error("rollout #%d: control API unreachable (%s); will retry", rollout.id,
+                                  exc.code().name)
+                    continue
+                spec = load_spec_of(rollout, self.config)
+                now = time.time()
+                since = now - last.get(rollout.id, 0.0)
+                # Data-triggered looks at most every MIN_SPACING_S, and never more than half the time:
+                # at 1M observations one evaluation takes seconds, and back-to-back ones would eat a core.
+                spacing = max(MIN_SPACING_S, 2 * cost.get(rollout.id, 0.0))
+                due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= spacing)
+                if not due:
+                    if rollout.model in dirty:
+                        self._dirty.add(rollout.model)  # look again once the spacing allows
+                    continue
+                last[rollout.id] = now
+                try:
+                    await self.evaluate_and_act(rollout)
+                    cost[rollout.id] = time.time() - now
+                except RolloutConflict as exc:
+                    log.info("rollout #%d changed while evaluating: %s", rollout.id, exc)
+                except grpc.aio.AioRpcError as exc:
+                    log.error("rollout #%d: control API unreachable (%s); weights unchanged, will retry",
+                              rollout.id, exc.code().name)
+                except Exception:  # one broken rollout must not stop the others (or the safety net)
+                    log.exception("rollout #%d: evaluation failed; will retry", rollout.id)
 
-    # ------------------------------------------------------------------ starting
-    async def start(self, spec_text: str, source: str, actor: str) -> dict:
-        try:  # parsed on a worker thread: a hostile or huge spec never holds the event loop
-            spec = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                None, spec_from_text, spec_text, source, self.config), SPEC_PARSE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise RolloutError(f"invalid rollout spec: not parsed within {SPEC_PARSE_TIMEOUT_S:g} s", 400) from None
-        except ConfigError as exc:
-            raise RolloutError("invalid rollout spec", 400, [p.render(exc.source) for p in exc.problems]) from None
-        model = self.config.model(spec.model)
-        owner = self.rollouts.lease_owner(spec.model)
-        if owner and owner[0] != self.rollouts.owner and owner[1] > time.time():
-            raise RolloutError(f"model {spec.model!r} is driven by another controller ({owner[0]})", 409)
-        now = time.time()
-        history = self.service.store.fetch(spec.model, since_ts=now - AUTO_HISTORY_S, versions=[model.stable],
-                                           columns=list(EVAL_COLUMNS))
-        try:
-            auto = analysis.resolve_auto(spec, history, now)
-        except ValueError as exc:
-            raise RolloutError(f"cannot derive allowed: auto: {exc}", 400) from None
-        auto_json = {k: {"value": a.value, "derivation": a.derivation} for k, a in auto.items()}
-        plan = await asyncio.get_running_loop().run_in_executor(None, self._ramp_plan, spec, history, auto, now)
-        warnings = [render_warning(p, spec.source) for p in spec.warnings] + list(plan.warnings)
-        try:
-            rollout = self.rollouts.create(model=spec.model, canary=spec.canary, baseline=model.stable,
-                                           spec_text=spec_text, spec_source=source, spec_hash=spec.sha256,
-                                           created_by=actor, auto=auto_json)
-        except RolloutConflict as exc:
-            raise RolloutError(str(exc), 409) from None
-        plan_json = plan.to_dict()
-        if warnings or plan.metrics:
-            self.rollouts.event(rollout.id, "warnings", actor, {"warnings": warnings, "plan": plan_json})
-        self.rollouts.acquire(spec.model, LEASE_TTL_S)
-        started = await self._begin(rollout)
-        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "plan": plan_json,
-                "start": started}
-
-    async def _begin(self, rollout: Rollout) -> dict:
+    async def begin(self, rollout: Rollout) -> dict:
         """pending → running: optional drill, then the first stage's weight (once, under the rollout's lock)."""
-        async with self._locks.setdefault(rollout.id, asyncio.Lock()):
+        async with self.lock(rollout.id):
             current = self.rollouts.get(rollout.id)
             if current is None or current.status != "pending":
                 return {"already": current.status if current else "gone"}
@@ -435,7 +367,7 @@ class Promoter:
         spec = load_spec_of(rollout, self.config)
         out: dict[str, Any] = {}
         if spec.promotion.preflight == "drill":
-            drill = await self.control.drill(rollout.model, actor=f"rollout#{rollout.id}", timeout_s=5.0,
+            drill = await self.weights.drill(rollout.model, actor=f"rollout#{rollout.id}", timeout_s=5.0,
                                              deadline_s=10.0)
             out["drill"] = {"all_acked": drill.all_acked, "elapsed_ms": drill.elapsed_ms,
                             "envoys": [{"node_id": e.node_id, "ack_ms": e.ack_ms, "acked": e.acked}
@@ -449,7 +381,7 @@ class Promoter:
                 raise RolloutError("preflight drill failed: not every Envoy ACKed the route re-push "
                                    f"({', '.join(drill.not_acked) or drill.message}); rollout aborted", 409, out)
         first = spec.steps[0]
-        resp = await self._push(rollout.model, rollout.canary, first.weight_bp, f"#{rollout.id}:stage-1",
+        resp = await self.push(rollout.model, rollout.canary, first.weight_bp, f"#{rollout.id}:stage-1",
                                 f"rollout #{rollout.id} start")
         if not resp.all_acked:
             self.rollouts.event(rollout.id, "push_incomplete", "controller",
@@ -461,87 +393,6 @@ class Promoter:
                                  actor="controller", weight_bp=first.weight_bp,
                                  detail={"ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
         out["push"] = {"all_acked": True, "elapsed_ms": resp.elapsed_ms}
-        return out
-
-    def _ramp_plan(self, spec: RolloutSpec, history: dict, auto: dict, now: float) -> ramp_plan.RampPlan:
-        """Per gating metric: canary observations and hours needed to show it within its allowance at
-        today's traffic, walked through the ramp; warnings for those that exceed the ramp or max_duration."""
-        prepared = analysis.prepare(history, now)
-        return ramp_plan.plan_start(spec, spec.to_stats_specs(auto), prepared, now,
-                                    arrival_columns=analysis.LABEL_TS)
-
-    # ------------------------------------------------------------------ manual actions
-    async def action(self, model: str, action: str, actor: str) -> dict:
-        active = self.rollouts.active(model)
-        if not active:
-            raise RolloutError(f"model {model!r} has no active rollout", 404)
-        rollout = active[0]
-        if action == "pause":
-            r = self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="paused", actor=actor)
-        elif action == "resume":
-            if rollout.status != "paused":
-                raise RolloutConflict(f"rollout #{rollout.id} is {rollout.status}, not paused")
-            spec = load_spec_of(rollout, self.config)
-            want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
-            resp = await self._push(model, rollout.canary, want, f"#{rollout.id}:stage-{rollout.stage + 1}",
-                                    f"resumed by {actor}")  # re-applies the stage weight (after a drift)
-            if not resp.all_acked:
-                raise RolloutError(f"resume: stage weight {want / 100:g}% not ACKed by "
-                                   f"{', '.join(resp.not_acked) or resp.message}; still paused", 502)
-            r = self.rollouts.transition(rollout.id, expect=("paused",), status="running", kind="resumed",
-                                         actor=actor)
-        elif action == "abort":
-            final = "aborted"
-            if rollout.status == "rolling_back":  # a revert in progress: push again now, keep its outcome
-                pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
-                final = pending["detail"].get("final", "aborted")
-            async with self._locks.setdefault(rollout.id, asyncio.Lock()):
-                current = self.rollouts.get(rollout.id) or rollout
-                timings = await self._rollback(current, None, None, None, time.time(), actor, final,
-                                               f"aborted by {actor}")
-            return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings,
-                    "complete": timings["complete"]}
-        elif action == "promote":
-            resp = await self._push(model, rollout.canary, 10000, f"#{rollout.id}:promoted", f"manual promote by {actor}")
-            if not resp.all_acked:
-                raise RolloutError(f"promotion push not ACKed by {', '.join(resp.not_acked) or resp.message}", 502)
-            spec = load_spec_of(rollout, self.config)
-            r = self.rollouts.transition(rollout.id, expect=("running", "paused", "inconclusive"), status="promoted",
-                                         stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=10000,
-                                         detail={"reasons": [f"manual promotion by {actor} (not by evidence)"]})
-            self.emit("promoted", rollout.id, {"reasons": [f"manual promotion by {actor} (not by evidence)"]})
-        else:
-            raise RolloutError(f"unknown action {action!r}", 400)
-        return {"rollout": rollout_json(r)}
-
-    def status(self, model: str | None = None) -> list[dict]:
-        models = [model] if model else [m.name for m in self.config.models]
-        out = []
-        for name in models:
-            r = self.rollouts.latest(name)
-            if r is None:
-                continue
-            d = rollout_json(r, with_eval=True)
-            try:
-                spec = load_spec_of(r, self.config)
-                d["stages"] = len(spec.steps)
-                d["stage_label"] = stage_label(spec, r.stage)
-                d["weight_bp"] = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0, "rolling_back": 0}.get(
-                    r.status, spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
-            except ConfigError:
-                d["weight_bp"] = None  # config changed since the rollout started
-            d["plan"] = None
-            if r.status in ("running", "paused") and r.last_eval and d.get("weight_bp") is not None:
-                try:
-                    d["plan"] = ramp_plan.plan_status(
-                        spec, spec.to_stats_specs(r.auto_values()), r.last_eval, stage=r.stage,
-                        started_at=r.started_at, stage_started_at=r.stage_started_at, now=time.time()).to_dict()
-                except (ValueError, KeyError, TypeError) as exc:  # a plan is advice: never fail status over it
-                    log.warning("rollout #%d: no plan in status: %s", r.id, exc)
-            outcome = [e for e in self.rollouts.events(r.id)
-                       if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
-            d["outcome"] = outcome[-1] if outcome else None
-            out.append(d)
         return out
 
 
@@ -572,98 +423,19 @@ def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
     return d
 
 
-#: A rollout spec posted to the controller is parsed on a worker thread, and refused if that takes longer.
-SPEC_PARSE_TIMEOUT_S = 10.0
-ACTIONS = ("pause", "resume", "abort", "promote")
-
-
-def _json_object(body: bytes, shape: str) -> dict:
-    """The request body as a JSON object (an empty body is ``{}``); RolloutError 400 naming what is wrong."""
-    if not body.strip():
+def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
+    if r is None:
         return {}
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RolloutError(f"body is not UTF-8 (byte {exc.start})", 400) from None
-    except (ValueError, RecursionError) as exc:
-        raise RolloutError(f"body is not valid JSON: {str(exc)[:200]}", 400) from None
-    if not isinstance(data, dict):
-        raise RolloutError(f"body must be a JSON object {shape}, got {type_name(data)}", 400)
-    return data
+    d = {"id": r.id, "model": r.model, "canary": r.canary, "baseline": r.baseline, "status": r.status,
+         "stage": r.stage, "started_at": r.started_at, "stage_started_at": r.stage_started_at,
+         "ended_at": r.ended_at, "spec_hash": r.spec_hash, "spec_source": r.spec_source, "created_by": r.created_by,
+         "auto": r.auto}
+    if with_eval:
+        d["last_eval"] = r.last_eval
+        d["last_eval_at"] = r.last_eval_at
+    return d
 
 
-def _actor(req: dict, client: str | None) -> str:
-    """Who did it: the authenticated client's name when the API requires tokens (an ``actor`` field in the
-    body is then ignored); without auth (loopback only), what the caller wrote, as before."""
-    if client is not None:
-        return client
-    actor = req.get("actor", "unknown")
-    if not isinstance(actor, str) or not actor.strip() or len(actor) > 200 or "\n" in actor:
-        raise RolloutError(f"actor: must be a one-line string of at most 200 characters, got {type_name(actor)}",
-                           400)
-    return actor
 
-
-def register_http(promoter: Promoter, http) -> None:
-    """Rollout routes on the controller's HTTP API (called from its worker threads). Every malformed body
-    is a 400 naming what is wrong; ``client`` is the authenticated client (None when auth is off)."""
-    loop = promoter.loop or asyncio.get_event_loop()
-
-    def call(coro, timeout: float = 60.0):
-        fut = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise RolloutError(f"the controller did not answer within {timeout:g} s; check `lockgate rollout "
-                               "status` before retrying", 504) from None
-
-    def guard(fn):
-        def inner(path, query, body, client=None):
-            try:
-                return fn(path, query, body, client)
-            except RolloutError as exc:
-                return exc.status, {"error": str(exc), "detail": exc.detail}
-            except RolloutConflict as exc:
-                return 409, {"error": str(exc)}
-        return inner
-
-    def start(path, query, body, client):
-        req = _json_object(body, '{"spec": <YAML text>, "source": <file name>}')
-        spec_text, source = req.get("spec"), req.get("source", "<request>")
-        if not isinstance(spec_text, str):
-            raise RolloutError("spec: must be the rollout spec's YAML text (a string), got "
-                               f"{type_name(spec_text) if 'spec' in req else 'nothing'}", 400)
-        if not isinstance(source, str) or not source or len(source) > 500 or "\n" in source:
-            raise RolloutError(f"source: must be a one-line file name of at most 500 characters, got "
-                               f"{type_name(source)}", 400)
-        return 200, call(promoter.start(spec_text, source, _actor(req, client)))
-
-    def status(path, query, body, client):
-        model = query.get("model")
-        if model and model not in {m.name for m in promoter.config.models}:
-            return 404, {"error": f"unknown model {model!r}"}
-        return 200, {"rollouts": promoter.status(model)}
-
-    def act(path, query, body, client):
-        parts = path.strip("/").split("/")  # v1/rollouts/<model>/<action>
-        if len(parts) != 4:
-            return 404, {"error": f"no such endpoint {path}"}
-        if parts[3] not in ACTIONS:
-            raise RolloutError(f"unknown action {parts[3][:50]!r} (one of: {', '.join(ACTIONS)})", 400)
-        req = _json_object(body, '{"actor": …} (or an empty body)')
-        return 200, call(promoter.action(parts[2], parts[3], _actor(req, client)))
-
-    http.add_route("POST", "/v1/rollouts/start", guard(start))
-    http.add_route("GET", "/v1/rollouts", guard(status))
-    http.add_route("POST", "/v1/rollouts", guard(act))
-
-
-async def promotion_task(service, stop: asyncio.Event) -> None:
-    """Controller task: run the promotion loop (registered by ``lockgate controller``)."""
-    promoter = Promoter(service)
-    promoter.loop = asyncio.get_running_loop()
-    register_http(promoter, service.http)
-    service.promoter = promoter
-    from lockgate.controller.tell.notify import install; install(promoter)  # alerts + registry feedback
-    await promoter.run(stop)
+__all__ = ["LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
+           "rollout_json"]

@@ -15,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.request
+from typing import TYPE_CHECKING
 
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge
+
+if TYPE_CHECKING:
+    from lockgate.config import Address
 
 log = logging.getLogger("lockgate.controller.ingest.envoy_watch")
 STATS = ("http.lockgate.ext_proc.lockgate.message_timeouts", "http.lockgate.ext_proc.lockgate.failure_mode_allowed",
@@ -38,11 +42,13 @@ def _read(url: str) -> dict[str, int]:
         return parse_stats(r.read().decode())
 
 
-async def envoy_watch_task(service, stop: asyncio.Event) -> None:
+async def watch_envoy(admin: "Address | str", registry: CollectorRegistry, stop: asyncio.Event) -> None:
+    """Controller task: read the ext_proc counters of the Envoy whose admin listens on ``admin`` every
+    :data:`INTERVAL_S` until ``stop``; export them on ``registry``, warn when they grow."""
     gauge = Gauge("lockgate_envoy_extproc_unobserved", "Envoy ext_proc counters of responses lockgate did not "
                   "observe (message timeouts, failure-mode-allowed, failed streams), read from the local Envoy admin",
-                  ["counter"], registry=service.metrics.registry)
-    url = f"http://{service.config.admin}/stats?filter=ext_proc.lockgate"
+                  ["counter"], registry=registry)
+    url = f"http://{admin}/stats?filter=ext_proc.lockgate"
     loop = asyncio.get_running_loop()
     last: dict[str, int] = {}
     while not stop.is_set():
@@ -55,7 +61,7 @@ async def envoy_watch_task(service, stop: asyncio.Event) -> None:
             grew = value - last.get(name, value)
             if grew > 0:
                 log.warning("Envoy %s: %d responses in the last %.0f s were not observed (%s grew to %d); the "
-                            "ext_proc server is answering slower than extproc_message_timeout_ms", service.config.admin,
+                            "ext_proc server is answering slower than extproc_message_timeout_ms", admin,
                             grew, INTERVAL_S, name.rsplit(".", 1)[-1], value)
             last[name] = value
         try:

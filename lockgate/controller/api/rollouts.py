@@ -1,0 +1,109 @@
+"""The rollout routes of the controller's HTTP API (what ``lockgate rollout …`` calls).
+
+* ``POST /v1/rollouts/start`` — body ``{"spec": <YAML text>, "source": <file name>}``
+* ``GET  /v1/rollouts[?model=M]`` — status of the latest rollout of each model (or of ``M``)
+* ``POST /v1/rollouts/<model>/<action>`` — ``pause`` | ``resume`` | ``abort`` | ``promote``
+
+Handlers run on the HTTP server's worker threads and hand the work to the controller's event loop
+(:class:`~lockgate.controller.ports.RolloutCommands`), waiting at most :data:`CALL_TIMEOUT_S`. Every
+malformed body is a 400 naming what is wrong. The actor recorded is the authenticated client's name
+when the API requires tokens (an ``actor`` field in the body is then ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Collection
+
+from lockgate.controller.decide.actions import ACTIONS
+from lockgate.controller.decide.promoter import RolloutError
+from lockgate.controller.decide.rollouts import RolloutConflict
+from lockgate.controller.ports import RolloutCommands
+from lockgate.yamlconf import type_name
+
+CALL_TIMEOUT_S = 60.0  #: a rollout call that takes longer is answered 504 (the work may still complete)
+
+__all__ = ["CALL_TIMEOUT_S", "register_routes"]
+
+
+def _json_object(body: bytes, shape: str) -> dict:
+    """The request body as a JSON object (an empty body is ``{}``); RolloutError 400 naming what is wrong."""
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RolloutError(f"body is not UTF-8 (byte {exc.start})", 400) from None
+    except (ValueError, RecursionError) as exc:
+        raise RolloutError(f"body is not valid JSON: {str(exc)[:200]}", 400) from None
+    if not isinstance(data, dict):
+        raise RolloutError(f"body must be a JSON object {shape}, got {type_name(data)}", 400)
+    return data
+
+
+def _actor(req: dict, client: str | None) -> str:
+    """Who did it: the authenticated client's name when the API requires tokens (an ``actor`` field in the
+    body is then ignored); without auth (loopback only), what the caller wrote, as before."""
+    if client is not None:
+        return client
+    actor = req.get("actor", "unknown")
+    if not isinstance(actor, str) or not actor.strip() or len(actor) > 200 or "\n" in actor:
+        raise RolloutError(f"actor: must be a one-line string of at most 200 characters, got {type_name(actor)}",
+                           400)
+    return actor
+
+
+def register_routes(http, commands: RolloutCommands, loop: asyncio.AbstractEventLoop,
+                    models: Collection[str]) -> None:
+    """Add the rollout routes to ``http`` (``add_route(method, prefix, fn)``; ``fn(path, query, body, client)``
+    returns ``(status, JSON)``). ``commands`` run on ``loop``; ``models`` are the configured model names."""
+
+    def call(coro, timeout: float = CALL_TIMEOUT_S):
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise RolloutError(f"the controller did not answer within {timeout:g} s; check `lockgate rollout "
+                               "status` before retrying", 504) from None
+
+    def guard(fn):
+        def inner(path, query, body, client=None):
+            try:
+                return fn(path, query, body, client)
+            except RolloutError as exc:
+                return exc.status, {"error": str(exc), "detail": exc.detail}
+            except RolloutConflict as exc:
+                return 409, {"error": str(exc)}
+        return inner
+
+    def start(path, query, body, client):
+        req = _json_object(body, '{"spec": <YAML text>, "source": <file name>}')
+        spec_text, source = req.get("spec"), req.get("source", "<request>")
+        if not isinstance(spec_text, str):
+            raise RolloutError("spec: must be the rollout spec's YAML text (a string), got "
+                               f"{type_name(spec_text) if 'spec' in req else 'nothing'}", 400)
+        if not isinstance(source, str) or not source or len(source) > 500 or "\n" in source:
+            raise RolloutError(f"source: must be a one-line file name of at most 500 characters, got "
+                               f"{type_name(source)}", 400)
+        return 200, call(commands.start(spec_text, source, _actor(req, client)))
+
+    def status(path, query, body, client):
+        model = query.get("model")
+        if model and model not in models:
+            return 404, {"error": f"unknown model {model!r}"}
+        return 200, {"rollouts": commands.status(model)}
+
+    def act(path, query, body, client):
+        parts = path.strip("/").split("/")  # v1/rollouts/<model>/<action>
+        if len(parts) != 4:
+            return 404, {"error": f"no such endpoint {path}"}
+        if parts[3] not in ACTIONS:
+            raise RolloutError(f"unknown action {parts[3][:50]!r} (one of: {', '.join(ACTIONS)})", 400)
+        req = _json_object(body, '{"actor": …} (or an empty body)')
+        return 200, call(commands.action(parts[2], parts[3], _actor(req, client)))
+
+    http.add_route("POST", "/v1/rollouts/start", guard(start))
+    http.add_route("GET", "/v1/rollouts", guard(status))
+    http.add_route("POST", "/v1/rollouts", guard(act))

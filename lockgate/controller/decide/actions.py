@@ -1,0 +1,157 @@
+"""What people ask of rollouts: start one from a spec, pause, resume, abort, promote, and status.
+
+:class:`RolloutActions` is the :class:`~lockgate.controller.ports.RolloutCommands` the HTTP API
+(:mod:`lockgate.controller.api.rollouts`, ``lockgate rollout …``) calls. Every weight change goes
+through the :class:`~.promoter.Promoter` under the rollout's lock (:meth:`.Promoter.lock`), so a manual
+action and the loop never move one rollout's weights at the same time. The coroutines run on the
+controller's event loop; failures are :class:`~.promoter.RolloutError` (with the HTTP status to answer)
+or :class:`~.rollouts.RolloutConflict` (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from lockgate.config import ConfigError, LockgateConfig
+from lockgate.controller.decide import analysis
+from lockgate.controller.decide.evidence import stable_history, start_plan, status_plan
+from lockgate.controller.decide.promoter import LEASE_TTL_S, Promoter, RolloutError, load_spec_of, rollout_json
+from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
+from lockgate.controller.decide.spec import render_warning, spec_from_text
+from lockgate.controller.decide.stages import stage_label
+from lockgate.controller.ports import ObservationSource
+
+log = logging.getLogger("lockgate.controller.decide.actions")
+
+#: A rollout spec posted to the controller is parsed on a worker thread, and refused if that takes longer.
+SPEC_PARSE_TIMEOUT_S = 10.0
+#: The manual actions on a model's active rollout.
+ACTIONS = ("pause", "resume", "abort", "promote")
+#: canary weight (basis points) of a rollout in a final or not-yet-started status
+_STATUS_WEIGHT_BP = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0, "rolling_back": 0}
+
+
+class RolloutActions:
+    """Start, manual actions and status of rollouts (see the module docstring)."""
+
+    def __init__(self, config: LockgateConfig, rollouts: RolloutStore, promoter: Promoter,
+                 observations: ObservationSource):
+        self.config = config
+        self.rollouts = rollouts
+        self.promoter = promoter
+        self.observations = observations
+
+    async def start(self, spec_text: str, source: str, actor: str) -> dict:
+        """Validate the spec, derive ``allowed: auto`` from the stable version's recent traffic, plan the
+        ramp, record the rollout (pending) and begin it (drill, first stage's weight)."""
+        try:  # parsed on a worker thread: a hostile or huge spec never holds the event loop
+            spec = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, spec_from_text, spec_text, source, self.config), SPEC_PARSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RolloutError(f"invalid rollout spec: not parsed within {SPEC_PARSE_TIMEOUT_S:g} s", 400) from None
+        except ConfigError as exc:
+            raise RolloutError("invalid rollout spec", 400, [p.render(exc.source) for p in exc.problems]) from None
+        model = self.config.model(spec.model)
+        owner = self.rollouts.lease_owner(spec.model)
+        if owner and owner[0] != self.rollouts.owner and owner[1] > time.time():
+            raise RolloutError(f"model {spec.model!r} is driven by another controller ({owner[0]})", 409)
+        now = time.time()
+        history = stable_history(self.observations, self.config, spec.model, now)
+        try:
+            auto = analysis.resolve_auto(spec, history, now)
+        except ValueError as exc:
+            raise RolloutError(f"cannot derive allowed: auto: {exc}", 400) from None
+        auto_json = {k: {"value": a.value, "derivation": a.derivation} for k, a in auto.items()}
+        plan = await asyncio.get_running_loop().run_in_executor(None, start_plan, spec, history, auto, now)
+        warnings = [render_warning(p, spec.source) for p in spec.warnings] + list(plan.warnings)
+        try:
+            rollout = self.rollouts.create(model=spec.model, canary=spec.canary, baseline=model.stable,
+                                           spec_text=spec_text, spec_source=source, spec_hash=spec.sha256,
+                                           created_by=actor, auto=auto_json)
+        except RolloutConflict as exc:
+            raise RolloutError(str(exc), 409) from None
+        plan_json = plan.to_dict()
+        if warnings or plan.metrics:
+            self.rollouts.event(rollout.id, "warnings", actor, {"warnings": warnings, "plan": plan_json})
+        self.rollouts.acquire(spec.model, LEASE_TTL_S)
+        started = await self.promoter.begin(rollout)
+        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "plan": plan_json,
+                "start": started}
+
+    async def action(self, model: str, action: str, actor: str) -> dict:
+        """``pause`` | ``resume`` | ``abort`` | ``promote`` the active rollout of ``model`` (by ``actor``)."""
+        active = self.rollouts.active(model)
+        if not active:
+            raise RolloutError(f"model {model!r} has no active rollout", 404)
+        rollout = active[0]
+        promoter = self.promoter
+        if action == "pause":
+            r = self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="paused", actor=actor)
+        elif action == "resume":
+            if rollout.status != "paused":
+                raise RolloutConflict(f"rollout #{rollout.id} is {rollout.status}, not paused")
+            spec = load_spec_of(rollout, self.config)
+            want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
+            resp = await promoter.push(model, rollout.canary, want, f"#{rollout.id}:stage-{rollout.stage + 1}",
+                                       f"resumed by {actor}")  # re-applies the stage weight (after a drift)
+            if not resp.all_acked:
+                raise RolloutError(f"resume: stage weight {want / 100:g}% not ACKed by "
+                                   f"{', '.join(resp.not_acked) or resp.message}; still paused", 502)
+            r = self.rollouts.transition(rollout.id, expect=("paused",), status="running", kind="resumed",
+                                         actor=actor)
+        elif action == "abort":
+            final = "aborted"
+            if rollout.status == "rolling_back":  # a revert in progress: push again now, keep its outcome
+                pending = self.rollouts.last_event(rollout.id, "rolling_back") or {"detail": {}}
+                final = pending["detail"].get("final", "aborted")
+            async with promoter.lock(rollout.id):
+                current = self.rollouts.get(rollout.id) or rollout
+                timings = await promoter.revert(current, None, None, None, time.time(), actor, final,
+                                                f"aborted by {actor}")
+            return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings,
+                    "complete": timings["complete"]}
+        elif action == "promote":
+            resp = await promoter.push(model, rollout.canary, 10000, f"#{rollout.id}:promoted",
+                                       f"manual promote by {actor}")
+            if not resp.all_acked:
+                raise RolloutError(f"promotion push not ACKed by {', '.join(resp.not_acked) or resp.message}", 502)
+            spec = load_spec_of(rollout, self.config)
+            r = self.rollouts.transition(rollout.id, expect=("running", "paused", "inconclusive"), status="promoted",
+                                         stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=10000,
+                                         detail={"reasons": [f"manual promotion by {actor} (not by evidence)"]})
+            promoter.emit("promoted", rollout.id, {"reasons": [f"manual promotion by {actor} (not by evidence)"]})
+        else:
+            raise RolloutError(f"unknown action {action!r}", 400)
+        return {"rollout": rollout_json(r)}
+
+    def status(self, model: str | None = None) -> list[dict]:
+        """The latest rollout of ``model`` (or of every configured model): record, last evaluation, stage,
+        weight (basis points), plan and last outcome, as JSON."""
+        models = [model] if model else [m.name for m in self.config.models]
+        out = []
+        for name in models:
+            r = self.rollouts.latest(name)
+            if r is None:
+                continue
+            d = rollout_json(r, with_eval=True)
+            try:
+                spec = load_spec_of(r, self.config)
+            except ConfigError:
+                spec = None
+                d["weight_bp"] = None  # config changed since the rollout started
+            else:
+                d["stages"] = len(spec.steps)
+                d["stage_label"] = stage_label(spec, r.stage)
+                d["weight_bp"] = _STATUS_WEIGHT_BP.get(r.status,
+                                                       spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
+            d["plan"] = status_plan(spec, r, time.time()) if spec is not None else None
+            outcome = [e for e in self.rollouts.events(r.id)
+                       if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
+            d["outcome"] = outcome[-1] if outcome else None
+            out.append(d)
+        return out
+
+
+__all__ = ["ACTIONS", "RolloutActions", "SPEC_PARSE_TIMEOUT_S"]

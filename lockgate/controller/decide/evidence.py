@@ -1,0 +1,104 @@
+"""The evidence of a rollout and what it plans: the glue between the observation store and the pure
+decision code (:mod:`.analysis`, :mod:`.ramp_plan`).
+
+* :func:`rollout_columns` / :func:`judge` — the columns the promotion loop reads for a rollout (its
+  baseline and canary since it started, with response evaluations joined when the model has an
+  ``evaluation`` section) and the judgement summary recorded with every evaluation.
+* :func:`stable_history` / :func:`start_plan` — at ``rollout start``: the stable version's recent
+  traffic (``allowed: auto`` is derived from it) and the promotion plan walked through the ramp.
+* :func:`status_plan` — the plan shown by ``rollout status``, from the last evaluation.
+
+Every function here is synchronous and may run on a worker thread (``fetch`` is thread-safe); times
+are epoch seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from lockgate.config import LockgateConfig
+from lockgate.controller.decide import analysis, ramp_plan
+from lockgate.controller.decide.rollouts import Rollout
+from lockgate.controller.decide.spec import RolloutSpec
+from lockgate.controller.decide.stages import stage_label
+from lockgate.controller.ports import ObservationSource
+
+log = logging.getLogger("lockgate.controller.decide.evidence")
+
+AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
+EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "error_kind",
+                "latency_ms", "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key",
+                "upstream_host", "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
+                "task_success_arrival_ts", "evaluator_score", "evaluator_score_arrival_ts")
+
+
+def rollout_columns(observations: ObservationSource, config: LockgateConfig, rollout: Rollout,
+                    since: float | None = None) -> dict[str, np.ndarray]:
+    """Baseline and canary observations of ``rollout`` since ``since`` (default: its start), columnar."""
+    since = rollout.started_at if since is None else since
+    data = observations.fetch(rollout.model, since_ts=since, versions=[rollout.baseline, rollout.canary],
+                              columns=list(EVAL_COLUMNS))
+    if config.model(rollout.model).evaluation is not None:
+        from lockgate.controller.evaluate.evaluation import fetch_evaluations
+
+        ev = fetch_evaluations(config, rollout.model, since_ts=since)
+        data = analysis.merge_evaluations(data, ev, rollout.baseline, rollout.canary)
+    return data
+
+
+def judge(observations: ObservationSource, config: LockgateConfig, rollout: Rollout, spec: RolloutSpec,
+          now: float) -> tuple[Any, dict, int]:
+    """The judgement of ``rollout`` at ``now``, its JSON summary (verdicts, plan text, traffic, sample
+    counts) and the canary samples seen in the current stage."""
+    data = rollout_columns(observations, config, rollout)
+    judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
+    ts = np.asarray(data.get("ts", []), dtype=float)
+    role = np.asarray(data.get("role", []), dtype=object)
+    in_stage = analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now)
+    rate = analysis.request_rate_per_hour(ts, now)
+    share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / 10000
+    plans = analysis.plan(judgement, rate, share)
+    label = stage_label(spec, rollout.stage)
+    summary = judgement.to_dict()
+    summary["plan"] = [p.text(label, rate) for p in plans]
+    summary["plan_hours"] = {p.metric: p.hours for p in plans}
+    summary["requests_per_hour"] = rate
+    summary["canary_samples_in_stage"] = in_stage
+    summary["n_baseline"] = int(np.count_nonzero(role == "baseline"))
+    summary["n_canary"] = int(np.count_nonzero(role == "canary"))
+    return judgement, summary, in_stage
+
+
+def stable_history(observations: ObservationSource, config: LockgateConfig, model: str, now: float
+                   ) -> dict[str, np.ndarray]:
+    """The stable version's observations of the last :data:`AUTO_HISTORY_S` (for ``allowed: auto``)."""
+    return observations.fetch(model, since_ts=now - AUTO_HISTORY_S, versions=[config.model(model).stable],
+                              columns=list(EVAL_COLUMNS))
+
+
+def start_plan(spec: RolloutSpec, history: dict, auto: dict, now: float) -> ramp_plan.RampPlan:
+    """Per gating metric: canary observations and hours needed to show it within its allowance at
+    today's traffic, walked through the ramp; warnings for those that exceed the ramp or max_duration."""
+    prepared = analysis.prepare(history, now)
+    return ramp_plan.plan_start(spec, spec.to_stats_specs(auto), prepared, now, arrival_columns=analysis.LABEL_TS)
+
+
+def status_plan(spec: RolloutSpec, rollout: Rollout, now: float) -> dict | None:
+    """The plan of a running or paused rollout from its last evaluation, as JSON; None when there is
+    none (a plan is advice: a failure to compute it is logged, never raised)."""
+    if rollout.status not in ("running", "paused") or not rollout.last_eval:
+        return None
+    try:
+        return ramp_plan.plan_status(
+            spec, spec.to_stats_specs(rollout.auto_values()), rollout.last_eval, stage=rollout.stage,
+            started_at=rollout.started_at, stage_started_at=rollout.stage_started_at, now=now).to_dict()
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("rollout #%d: no plan in status: %s", rollout.id, exc)
+        return None
+
+
+__all__ = ["AUTO_HISTORY_S", "EVAL_COLUMNS", "judge", "rollout_columns", "stable_history", "start_plan",
+           "status_plan"]

@@ -21,7 +21,7 @@ from lockgate.controller.stats import (
     usable_labels,
 )
 from lockgate.controller.stats.estimators import factorize, stratified_difference
-from lockgate.controller.stats.metrics import MetricVerdict
+from lockgate.controller.stats.verdict import MetricVerdict
 from lockgate.controller.stats.simulate import Effects, RolloutConfig, default_specs, simulate_rollout
 
 MEAN = MetricSpec("tokens", "mean", "increase", allowed=5.0)

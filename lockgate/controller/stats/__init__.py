@@ -3,6 +3,11 @@
 Anytime-valid (time-uniform) tests for progressive canary rollouts: functions
 over numpy arrays, no I/O, no clocks, no global state.  See docs/statistics.md.
 
+Modules: :mod:`.verdict` (``MetricSpec`` in, ``MetricVerdict`` out), one per metric kind (:mod:`.rates`,
+:mod:`.means` — also the difference-of-means test that rates and class metrics share —, :mod:`.quantiles`,
+:mod:`.classes`), :mod:`.arms` (observations split into arms, users and stages), :mod:`.estimators`,
+:mod:`.boundaries`, :mod:`.decision` (a judgement over all metrics), :mod:`.planning`, :mod:`.simulate`.
+
 Typical use::
 
     from lockgate.controller.stats import MetricSpec, evaluate_all
@@ -13,19 +18,14 @@ Typical use::
 """
 
 from .boundaries import conditional_binomial_log_e, confidence_bounds, one_sided_boundary
+from .classes import evaluate_class, usable_labels
 from .decision import Judgement, alpha_statement, evaluate_all, judge, split_alpha
 from .estimators import DiffEstimate, factorize, stratified_difference
-from .metrics import (
-    KINDS,
-    MetricSpec,
-    MetricVerdict,
-    evaluate_class,
-    evaluate_mean,
-    evaluate_quantile,
-    evaluate_rate,
-    usable_labels,
-)
+from .means import evaluate_mean
 from .planning import AutoAllowed, auto_allowed, hours_needed, samples_needed
+from .quantiles import evaluate_quantile
+from .rates import evaluate_rate
+from .verdict import KINDS, MetricSpec, MetricVerdict
 
 __all__ = [
     "KINDS",

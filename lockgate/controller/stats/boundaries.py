@@ -216,7 +216,7 @@ def conditional_binomial_log_e(
 
     Events must be conditionally independent given the exposure (e.g.
     independent requests).  With correlated (sticky-user) events the
-    cluster-robust test must be used alongside (see ``metrics.evaluate_rate``).
+    cluster-robust test must be used alongside (see ``rates.evaluate_rate``).
     """
     x = np.asarray(x, dtype=float)
     e = np.asarray(e, dtype=float)

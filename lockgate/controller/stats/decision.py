@@ -7,15 +7,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .metrics import (
-    DEFAULT_MIN_CLUSTERS,
-    MetricSpec,
-    MetricVerdict,
-    evaluate_class,
-    evaluate_mean,
-    evaluate_quantile,
-    evaluate_rate,
-)
+from .arms import DEFAULT_MIN_CLUSTERS
+from .classes import evaluate_class
+from .means import evaluate_mean
+from .quantiles import evaluate_quantile
+from .rates import evaluate_rate
+from .verdict import MetricSpec, MetricVerdict
 
 __all__ = ["Judgement", "split_alpha", "alpha_statement", "judge", "evaluate_all"]
 

@@ -16,12 +16,11 @@ correlated.  The baseline may drift (time of day) while the share grows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import MetricSpec
+from .verdict import MetricSpec
 
 __all__ = ["Effects", "RolloutConfig", "simulate_rollout", "default_specs", "look_times", "prefix", "CLASSES",
            "latency_mult_for_exceedance"]

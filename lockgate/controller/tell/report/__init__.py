@@ -13,8 +13,8 @@ here (:mod:`.charts`). From ``rollout_evaluations`` (every judgement over time) 
   annotations and the full event log.
 
 ``report.png`` (next to the HTML) is the main chart — the metric that decided (the first failing
-gating metric of the last judgement, else the first gating metric) with the traffic share —
-rasterised from the same primitives by :mod:`.raster` (pure Python, no plotting library).
+gating metric of the last judgement, else the first gating metric) with the traffic share — drawn
+from the same laid-out primitives by matplotlib (:mod:`.png`: Agg, real fonts, anti-aliased).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lockgate.controller.tell.history import (allowance_state, describe, fmt_dur
                                          on_exceedance_scale, open_log, rollback_line, scale_suffix, verdict_label)
 from lockgate.controller.tell.report.charts import (BASELINE, CANARY, HARM, ZERO, Band, Figure, HLine, Marker, Panel,
                                                Series, Span, fmt_elapsed, layout, to_svg)
-from lockgate.controller.tell.report.raster import to_png
+from lockgate.controller.tell.report.png import to_png
 from lockgate.controller.decide.rollouts import Rollout
 
 MARKER_KINDS = ("started", "advanced", "promoted", "rolled_back", "aborted", "inconclusive", "paused", "resumed")
@@ -328,6 +328,7 @@ def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict],
 
 def render_png(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], now: float | None = None,
                scale: int = 2) -> bytes:
+    """The main chart (:func:`main_figure`) as PNG bytes, ``scale`` pixels per layout pixel (960 wide)."""
     fig = main_figure(ReportData(r, events, evaluations, now))
     w, hgt, prims = layout(fig)
     return to_png(w, hgt, prims, scale)

@@ -1,7 +1,7 @@
 """Tiny chart model: figures of stacked panels sharing a time axis, laid out into pixel primitives.
 
 One layout (:func:`layout`) feeds two backends — :func:`to_svg` (inline SVG for the HTML report)
-and :func:`lockgate.controller.tell.report.raster.to_png` (a PNG of the same primitives) — so the page
+and :func:`lockgate.controller.tell.report.png.to_png` (the same primitives drawn by matplotlib) — so the page
 and the picture always show the very same lines.
 """
 

@@ -29,10 +29,7 @@ def open_store(path: Path, schema: str = "", *, read_only: bool, what: str, priv
     if read_only:
         if not path.exists():
             raise FileNotFoundError(f"no {what} at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=timeout_s,
-                             check_same_thread=False)
-        db.execute("PRAGMA query_only=1")
-        return db
+        return open_reader(path, timeout_s=timeout_s)
     path.parent.mkdir(parents=True, exist_ok=True)
     if private:
         with contextlib.suppress(FileExistsError):
@@ -45,6 +42,22 @@ def open_store(path: Path, schema: str = "", *, read_only: bool, what: str, priv
         before_schema(db)
     if schema:
         db.executescript(schema)
+    return db
+
+
+def open_reader(path: Path, *, timeout_s: float = 30.0, file_read_only: bool = True) -> sqlite3.Connection:
+    """One more read connection to an existing store (``query_only``, autocommit, shareable across
+    threads, ``timeout_s`` seconds waiting for a lock): for stores that keep a pool of readers beside
+    their writer. ``file_read_only``: the file is opened ``mode=ro`` (a process that never writes it);
+    otherwise normally (readers beside this process's own writer connection). The caller checks that
+    the file exists (:func:`open_store` with ``read_only`` does).
+    """
+    if file_read_only:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=timeout_s,
+                             check_same_thread=False)
+    else:
+        db = sqlite3.connect(str(path), isolation_level=None, timeout=timeout_s, check_same_thread=False)
+    db.execute("PRAGMA query_only=1")
     return db
 
 

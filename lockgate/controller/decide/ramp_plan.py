@@ -47,6 +47,7 @@ import numpy as np
 from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS
 from lockgate.controller.stats import MetricSpec, samples_needed, split_alpha, usable_labels
 from lockgate.controller.stats.estimators import factorize
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 __all__ = ["MetricRampPlan", "RampPlan", "StageSpan", "plan_start", "plan_status", "stage_hours",
            "hours_to_reach", "metric_estimate", "MetricEstimate", "CannotEstimate", "fmt_hours"]
@@ -116,7 +117,7 @@ def stage_hours(steps: Sequence[Any], requests_per_hour: float) -> list[StageSpa
     """:class:`StageSpan` per ``spec.steps`` entry (``weight_bp``, ``min_duration_s``, ``min_canary_samples``)."""
     out = []
     for st in steps:
-        share = st.weight_bp / 10000
+        share = st.weight_bp / TOTAL_WEIGHT_BP
         h = st.min_duration_s / 3600.0
         if st.min_canary_samples > 0:
             h = max(h, st.min_canary_samples / (requests_per_hour * share)) if requests_per_hour > 0 else math.inf
@@ -459,7 +460,7 @@ def plan_start(spec: Any, stats_specs: Sequence[MetricSpec], history: Mapping[st
     if "is_canary" in history and ts.size:
         ts = ts[~np.asarray(history["is_canary"], dtype=bool)]
     rate = requests_per_hour(ts, now, rate_window_s)
-    last_share = steps[-1].weight_bp / 10000 if steps else 0.0
+    last_share = steps[-1].weight_bp / TOTAL_WEIGHT_BP if steps else 0.0
     gating = [s for s in stats_specs if s.gating]
     if rate <= 0:
         why = f"no baseline traffic recorded in the history's last {rate_window_s / 3600:g} h"
@@ -555,7 +556,7 @@ def plan_status(spec: Any, stats_specs: Sequence[MetricSpec], last_eval: Mapping
     require_ni = bool(getattr(spec.promotion, "require_non_inferiority", True))
     rate = float(last_eval.get("requests_per_hour") or 0.0)
     n_canary_all = int(last_eval.get("n_canary") or 0)
-    last_share = steps[-1].weight_bp / 10000 if steps else 0.0
+    last_share = steps[-1].weight_bp / TOTAL_WEIGHT_BP if steps else 0.0
     stage = min(max(stage, 0), len(steps) - 1)
     elapsed = max(0.0, now - started_at) / 3600.0
     in_stage = max(0.0, now - stage_started_at) / 3600.0

@@ -28,6 +28,7 @@ from lockgate.controller.ingest.export import read_jsonl
 from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec, load_spec
 from lockgate.controller.decide.stages import StageState, decide, stage_label
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 #: slack for float error when counting looks up to the horizon
 LOOK_EPS = 1e-9
@@ -92,7 +93,7 @@ class _Stages:
 
     def __init__(self, spec: RolloutSpec, ts: np.ndarray, weight: np.ndarray, start: float):
         self.spec, self.ts, self.start = spec, ts, start
-        self.weight_bp = np.nan_to_num(np.asarray(weight, dtype=float)) * 10000
+        self.weight_bp = np.nan_to_num(np.asarray(weight, dtype=float)) * TOTAL_WEIGHT_BP
         self.first_ts: list[float] = []
         for step in spec.steps:
             hit = np.flatnonzero(np.abs(self.weight_bp - step.weight_bp) < 0.5)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lockgate.sqlite_util import open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -140,12 +141,10 @@ def _owner_is_dead(owner: str) -> bool:
 
 class RolloutStore:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        # every commit must survive a power cut (a rollback decided is a rollback recorded)
+        self._db = open_store(path, SCHEMA, read_only=False, what="rollout store", synchronous="FULL",
+                              timeout_s=10.0)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def close(self) -> None:

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.stats import Judgement
-
-TOTAL_BP = 10000
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: floa
                                                judgement.decision == "continue"):
             why = ("every gating metric shown within its allowed change" if judgement.decision == "promote"
                    else "no gating metric shows harm (non-inferiority not required by the spec)")
-            return StageDecision("promote", len(spec.steps), TOTAL_BP, (f"promoting to 100%: {why}",))
+            return StageDecision("promote", len(spec.steps), TOTAL_WEIGHT_BP, (f"promoting to 100%: {why}",))
         waiting.append("promotion needs every gating metric shown within its allowed change: "
                        + "; ".join(v.metric for v in judgement.verdicts if v.gating and v.verdict != "pass")
                        + " not yet")

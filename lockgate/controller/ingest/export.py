@@ -33,6 +33,7 @@ from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.schema import (
     FETCH_COLUMNS, JSONL_FIELD_TYPES, LABEL_ARRIVAL_COLUMN, LABEL_KINDS, add_label_aliases, columns_to_arrays,
 )
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 #: store column → JSONL field (in output order); label fields follow.
 _FIELDS = (
@@ -61,7 +62,7 @@ def record_to_json(rec: dict[str, Any]) -> dict[str, Any]:
         if v is None:
             continue
         if col == "weight_bp":
-            v = v / 10000.0
+            v = v / TOTAL_WEIGHT_BP
         elif isinstance(v, float) and not math.isfinite(v):
             continue
         if name in _ONLY_IF_TRUE and not v:

@@ -47,7 +47,8 @@ from lockgate.controller.ingest.schema import (
     FETCH_COLUMNS, LABEL_ARRIVAL_COLUMN, LABEL_KINDS, STORED_BOOL_COLUMNS, STORED_COLUMN_NAMES, STORED_COLUMNS,
     add_label_aliases, columns_to_arrays,
 )
-from lockgate.sqlite_util import window_where
+from lockgate.routing import TOTAL_WEIGHT_BP
+from lockgate.sqlite_util import open_reader, open_store, window_where
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, "
@@ -93,12 +94,27 @@ CREATE TABLE IF NOT EXISTS sources (
 """.replace("@LABEL_KINDS@", ", ".join(f"'{k}'" for k in LABEL_KINDS))
 )
 
+#: how long a statement waits for another connection's lock (seconds)
+_LOCK_TIMEOUT_S = 30.0
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A store created by an older lockgate gains the newer observation columns (NULL in old rows);
+    runs before :data:`SCHEMA` (``open_store``'s ``before_schema``)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(observations)")}
+    if not have:
+        return  # a new store: SCHEMA creates the table
+    for c in STORED_COLUMNS:
+        if c.name not in have:
+            db.execute(f"ALTER TABLE observations ADD COLUMN {c.name} {c.sql_type.replace(' NOT NULL', '')}")
+
+
 _INSERT_SQL = (f"INSERT OR IGNORE INTO observations({', '.join(STORED_COLUMN_NAMES)}) "
                f"VALUES ({', '.join('?' * len(STORED_COLUMN_NAMES))})")
 
 # SQL expression per fetch column (o = observations, l_<kind> = labels)
 _SELECT: dict[str, str] = {
-    "ts": "o.ts", "weight": "o.weight_bp / 10000.0", "status_code": "o.status_code",
+    "ts": "o.ts", "weight": f"o.weight_bp / {float(TOTAL_WEIGHT_BP)!r}", "status_code": "o.status_code",
     "latency_ms": "o.duration_ms", "ttfb_ms": "o.ttfb_ms", "request_bytes": "o.request_bytes",
     "response_bytes": "o.response_bytes", "output_tokens": "o.output_tokens", "output_chars": "o.output_chars",
     "refusal": "o.refusal", "entropy": "o.entropy", "confidence": "o.confidence",
@@ -207,36 +223,18 @@ class ObservationStore:
         self._sync_durable = synchronous.upper()
         self._sync_deferred = "NORMAL" if self._sync_durable in ("FULL", "EXTRA") else self._sync_durable
         self._sync_now = self._sync_durable
-        if read_only:
+        self._db: sqlite3.Connection | None = None
+        if read_only:  # no writer: readers only (open_reader, the file opened read-only)
             if not self.path.exists():
                 raise FileNotFoundError(f"no observation store at {self.path}")
-            self._db: sqlite3.Connection | None = None
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._add_missing_columns()
-            self._db.executescript(SCHEMA)
-
-    def _add_missing_columns(self) -> None:
-        """A store created by an older lockgate gains the newer observation columns (NULL in old rows)."""
-        assert self._db is not None
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(observations)")}
-        if not have:
-            return  # a new store: SCHEMA creates the table
-        for c in STORED_COLUMNS:
-            if c.name not in have:
-                self._db.execute(f"ALTER TABLE observations ADD COLUMN {c.name} {c.sql_type.replace(' NOT NULL', '')}")
+            self._db = open_store(self.path, SCHEMA, read_only=False, what="observation store",
+                                  synchronous=synchronous, timeout_s=_LOCK_TIMEOUT_S,
+                                  before_schema=_add_missing_columns)
 
     # ----- connections -----
     def _connect_reader(self) -> sqlite3.Connection:
-        if self.read_only:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30,
-                                   check_same_thread=False)
-        else:
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA query_only=1")
+        conn = open_reader(self.path, timeout_s=_LOCK_TIMEOUT_S, file_read_only=self.read_only)
         with self._readers_lock:
             self._all_readers.append(conn)
         return conn

@@ -31,7 +31,7 @@ import sqlite3
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -313,14 +313,8 @@ class EvaluationService:
         self.store.close()
 
 
-async def evaluation_task(service: Any, stop: asyncio.Event) -> None:
-    """Controller task (the app's task list): runs ``service.evaluation``. Kept until the composition
-    root runs :meth:`EvaluationService.run` itself."""
-    await service.evaluation.run(stop)
-
-
 __all__ = ["EVAL_COLUMNS", "EvaluationMetrics", "EvaluationRow", "EvaluationService", "EvaluationStore",
            "EvaluationWorker", "DesiredCanaries", "REPLAY_HEADER", "ReplayResult", "Sample", "control_api_fetch",
            "evaluation_db_path",
-           "evaluation_enabled", "evaluation_task", "extract_text", "fetch_evaluations", "pick_endpoint",
+           "evaluation_enabled", "extract_text", "fetch_evaluations", "pick_endpoint",
            "replay_body", "replay_once"]

@@ -11,16 +11,15 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from lockgate.routing import RESERVED_HEADER_PREFIX  # noqa: F401  (re-exported: one home, the routing contract)
 from lockgate.yamlconf import ErrorCollector, Fields, PathPart
-
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 COOKIE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-#: Header names lockgate itself uses; a model may not match or key on them.
-RESERVED_HEADER_PREFIX = "x-lockgate-"
+#: Header names lockgate itself uses (lockgate.routing, the routing contract); a model may not match or key on them.
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from lockgate.config.common import COOKIE_RE, HEADER_RE, NAME_RE, RESERVED_HEADER_PREFIX, Address, _endpoint
 from lockgate.config.evaluation import EvaluationConfig, _evaluation
+from lockgate.routing import DEFAULT_QA_TOKEN_HEADER, DEFAULT_QA_VERSION_HEADER
 from lockgate.yamlconf import ErrorCollector, Fields, PathPart
 
 
@@ -114,8 +115,8 @@ def _qa(f: Fields, errors: ErrorCollector) -> QAOverride | None:
         f.raw("qa_override")
         return None
     sub = f.sub("qa_override")
-    token_header = sub.str("token_header", "x-lockgate-qa-token") or ""
-    version_header = sub.str("version_header", "x-lockgate-version") or ""
+    token_header = sub.str("token_header", DEFAULT_QA_TOKEN_HEADER) or ""
+    version_header = sub.str("version_header", DEFAULT_QA_VERSION_HEADER) or ""
     token = sub.str("token")
     token_env = sub.str("token_env")
     sub.finish()

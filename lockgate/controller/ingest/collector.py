@@ -16,12 +16,14 @@ Metrics (own registry; labels ``model``, ``version``, ``role`` — never per-use
 * ``lockgate_controller_response_samples_stored_total`` / ``..._failed_total``: retained response bodies
   (``capture.retain_bodies``, :mod:`lockgate.controller.ingest.samples`); a failed sample write is logged and
   counted but never fails the batch (the observations are stored).
-* traffic (replays excluded): ``lockgate_requests_total`` (+ ``status`` class 2xx/4xx/5xx/none),
-  ``lockgate_request_errors_total`` (5xx or upstream timeout), ``lockgate_request_timeouts_total``,
+* traffic (replays excluded), the series of :mod:`lockgate.series` (the ext_proc exports the same
+  definitions): ``lockgate_requests_total`` (+ ``status`` class 2xx/4xx/5xx/none),
   ``lockgate_request_duration_seconds`` and ``lockgate_time_to_first_byte_seconds`` histograms,
-  ``lockgate_output_tokens`` histogram, ``lockgate_refusals_total``,
-  ``lockgate_predicted_class_total`` (+ ``class``; at most :data:`MAX_CLASSES` per model, the rest
-  as ``__other__``).
+  ``lockgate_output_tokens`` histogram, ``lockgate_refusals_total``, ``lockgate_predicted_class_total``
+  (+ ``class``; at most ``series.CLASS_LABEL_CAP`` per model, the rest as ``__other__``),
+  ``lockgate_stream_outcomes_total`` (+ ``kind``); and the controller's own
+  ``lockgate_request_errors_total`` (:func:`~lockgate.controller.ingest.schema.is_error`: 5xx, upstream
+  timeout, or a stream the model cut) and ``lockgate_request_timeouts_total``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lockgate import series
 from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.schema import is_error, is_model_failure
 from lockgate.proto.v1 import observations_pb2 as pb
@@ -45,11 +48,7 @@ from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lockgate.controller.ingest.collector")
 
-LABELS = ("model", "version", "role")
-MAX_CLASSES = 64
-OTHER_CLASS = "__other__"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+LABELS = series.TRAFFIC_LABELS
 
 
 class _SourceStats:
@@ -145,28 +144,19 @@ class ControllerMetrics:
         self.sources = _SourceStats()
         r.register(self.sources)
         # traffic, as observed by the ext_proc processes (replays excluded)
-        self.requests = Counter("lockgate_requests", "Requests by routed version and status class",
-                                LABELS + ("status",), registry=r)
+        self.requests = series.REQUESTS.create(r)
         self.errors = Counter("lockgate_request_errors",
                               "Requests answered 5xx, timed out upstream, or cut off mid-stream by the model server",
                               LABELS, registry=r)
         self.timeouts = Counter("lockgate_request_timeouts", "Upstream timeouts", LABELS, registry=r)
-        self.duration = Histogram("lockgate_request_duration_seconds", "Request start to end of response body",
-                                  LABELS, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("lockgate_time_to_first_byte_seconds",
-                              "Request start to first response byte (time to first token for streams)", LABELS,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.output_tokens = Histogram("lockgate_output_tokens", "Output tokens per response", LABELS,
-                                       buckets=TOKEN_BUCKETS, registry=r)
-        self.refusals = Counter("lockgate_refusals", "Responses detected as refusals", LABELS, registry=r)
-        self.classes = Counter("lockgate_predicted_class", "Classifier responses by predicted class",
-                               LABELS + ("class",), registry=r)
-        self.stream_outcomes = Counter("lockgate_stream_outcomes", "Response streams cut mid-way, by cause "
-                                       "(upstream_reset, upstream_timeout: the model's; client_reset)",
-                                       LABELS + ("kind",), registry=r)
+        self.duration = series.REQUEST_DURATION.create(r)
+        self.ttft = series.TIME_TO_FIRST_BYTE.create(r)
+        self.output_tokens = series.OUTPUT_TOKENS.create(r)
+        self.refusals = series.REFUSALS.create(r)
+        self.classes = series.PREDICTED_CLASS.create(r)
+        self.stream_outcomes = series.STREAM_OUTCOMES.create(r)
         self._loss_stats: _LossStats | None = None
-        self._classes_seen: dict[str, set[str]] = {}
-        self._classes_lock = threading.Lock()
+        self._class_label = series.ClassLabels()
         #: (metric id, label values) -> child: ``labels()`` costs ~1 µs per call (a lock and a dict)
         self._children: dict[tuple, Any] = {}
 
@@ -194,16 +184,6 @@ class ControllerMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _class_label(self, model: str, cls: str) -> str:
-        with self._classes_lock:
-            seen = self._classes_seen.setdefault(model, set())
-            if cls in seen:
-                return cls
-            if len(seen) >= MAX_CLASSES:
-                return OTHER_CLASS
-            seen.add(cls)
-            return cls
-
     def observe(self, obs: Any) -> None:
         """Count one newly stored observation (from one thread at a time: the store's writer)."""
         lv = (obs.model, obs.version, obs.role or "other")
@@ -212,8 +192,7 @@ class ControllerMetrics:
         if obs.replay:
             return
         code = obs.status_code
-        status = f"{code // 100}xx" if 100 <= code < 600 else "none"
-        child(self.requests, *lv, status).inc()
+        child(self.requests, *lv, series.status_class(code)).inc()
         if obs.timeout:
             child(self.timeouts, *lv).inc()
         if is_error(code, obs.timeout):  # a model failure mid-stream: observe_outcome
@@ -365,4 +344,4 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         return ack
 
 
-__all__ = ["ControllerMetrics", "LABELS", "MAX_CLASSES", "ObservationCollectorServicer", "slice_bounds"]
+__all__ = ["ControllerMetrics", "LABELS", "ObservationCollectorServicer", "slice_bounds"]

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS, error_column
+from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS, LABEL_ARRIVAL_COLUMN, error_column
 from lockgate.controller.decide.spec import MetricCriterion, RolloutSpec
 from lockgate.controller.stats import Judgement, MetricSpec, auto_allowed, evaluate_all, hours_needed
 
@@ -83,7 +83,7 @@ def prepare_dataset(data: Mapping[str, np.ndarray]) -> Dataset:
     pred = _col(out, "predicted_class", m, object)
     label_known = np.array([t is not None for t in true], dtype=bool)
     label_match = (pred == true).astype(float)
-    label_ts = _col(out, "label_arrival_ts", m).astype(float)
+    label_ts = _col(out, LABEL_ARRIVAL_COLUMN["true_class"], m).astype(float)
     feedback_ts = {col: _col(out, ts_col, m).astype(float) for col, ts_col in FEEDBACK_ARRIVAL_COLUMNS.items()
                    if col in out}
     for col in feedback_ts:
@@ -142,7 +142,7 @@ def merge_evaluations(data: Mapping[str, np.ndarray], ev: Mapping[str, np.ndarra
         "user_key": np.array([f"eval:{r}:{v}" for r, v in zip(rid, role)], dtype=object),
         "weight": np.full(k, 0.5),
         "evaluator_score": np.asarray(ev["score"], dtype=float)[keep],
-        "evaluator_score_arrival_ts": ev_ts[keep],
+        LABEL_ARRIVAL_COLUMN["evaluator_score"]: ev_ts[keep],
         "similarity": np.where(role == "canary", np.asarray(ev["similarity"], dtype=float)[keep], 1.0),
     }
     out: dict[str, np.ndarray] = {}

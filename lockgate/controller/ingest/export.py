@@ -106,7 +106,7 @@ def add_evaluation(obj: dict[str, Any], ev: dict[str, Any] | None) -> dict[str, 
     obj["evaluator"] = ev["evaluator"]
     if ev.get("score") is not None and obj.get("evaluator_score") is None:
         obj["evaluator_score"] = ev["score"]
-        obj["evaluator_score_arrival_ts"] = ev["ts"]
+        obj[LABEL_ARRIVAL_COLUMN["evaluator_score"]] = ev["ts"]
     if ev.get("similarity") is not None:
         obj["similarity"] = ev["similarity"]
     return obj

@@ -1,4 +1,11 @@
-"""The ``lockgate`` command line."""
+"""The ``lockgate`` command line.
+
+Over ~500 lines on purpose: it is the whole command line in one place — the argument parser
+(:func:`build_parser`) and one thin ``cmd_*`` function per subcommand that parses, calls the part that
+does the work (the control API through :mod:`lockgate.control_client`, the controller's HTTP API, the
+deployment log, :mod:`lockgate.controller.app` for ``lockgate controller``) and prints its answer. No
+logic of its own lives here.
+"""
 
 from __future__ import annotations
 

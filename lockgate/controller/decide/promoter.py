@@ -423,19 +423,5 @@ def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
     return d
 
 
-def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
-    if r is None:
-        return {}
-    d = {"id": r.id, "model": r.model, "canary": r.canary, "baseline": r.baseline, "status": r.status,
-         "stage": r.stage, "started_at": r.started_at, "stage_started_at": r.stage_started_at,
-         "ended_at": r.ended_at, "spec_hash": r.spec_hash, "spec_source": r.spec_source, "created_by": r.created_by,
-         "auto": r.auto}
-    if with_eval:
-        d["last_eval"] = r.last_eval
-        d["last_eval_at"] = r.last_eval_at
-    return d
-
-
-
 __all__ = ["LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
            "rollout_json"]

@@ -387,9 +387,9 @@ def cmd_rollout_start(args) -> int:
 
 def _verdict_table(last_eval: dict) -> list[str]:
     """Per-metric verdicts of the last judgement; ``allowed`` is the rollback line (fail = beyond it)."""
-    from lockgate.controller.tell.history import verdict_rows
+    from lockgate.controller.tell.verdicts import verdict_rows
 
-    return ["  " + line for line in verdict_rows(last_eval.get("verdicts", []), gating_default=False)]
+    return ["  " + line for line in verdict_rows(last_eval.get("verdicts", []))]
 
 
 def cmd_rollout_status(args) -> int:

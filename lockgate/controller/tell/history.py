@@ -22,7 +22,7 @@ from lockgate.controller.decide.rollouts import Rollout, RolloutStore
 from lockgate.controller.tell.verdicts import (EXCEEDANCE_SCALE, allowance_state, any_harm_fail, beyond_text,
                                                fmt_line, is_gating, on_exceedance_scale, plain, rollback_line,
                                                scale_suffix, verdict_label, worse_bound)
-from lockgate.controller.tell.verdicts import verdict_rows as _verdict_rows
+from lockgate.controller.tell.verdicts import verdict_rows  # noqa: F401  (re-exported for report and diagnose)
 
 CATEGORIES = ("data", "preprocessing", "tokenizer", "hardware", "other")
 #: statuses that count as a failed rollout for ``history --causes``
@@ -298,13 +298,6 @@ def describe(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], no
 
 
 # ---------------------------------------------------------------------------------------- verdicts
-def verdict_rows(verdicts: Iterable[dict], gating_default: bool | None = None) -> list[str]:
-    """:func:`lockgate.controller.tell.verdicts.verdict_rows` (the one verdict table). ``gating_default`` is
-    ignored — :func:`~lockgate.controller.tell.verdicts.is_gating` is the one rule — and goes once ``cli.py``
-    imports the table from :mod:`lockgate.controller.tell.verdicts`."""
-    return _verdict_rows(verdicts)
-
-
 def render_show(d: dict) -> str:
     r = d["rollout"]
     out = [f"rollout #{r['id']} {r['model']}: {r['baseline']} → {r['canary']}: {r['status'].upper()}",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import sqlite3
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from lockgate.controller.decide.rollouts import Rollout, RolloutStore
 # the verdict helpers are re-exported here for callers that still import them from the history module

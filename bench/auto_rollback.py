@@ -139,7 +139,8 @@ def first_visible(fleet: Fleet, rollout, detected_at: float) -> dict:
     from lockgate.config import load_config
     from lockgate.controller.decide import analysis
     from lockgate.controller.ingest.observations import ObservationStore
-    from lockgate.controller.decide.promoter import EVAL_COLUMNS, load_spec_of
+    from lockgate.controller.decide.evidence import EVAL_COLUMNS
+    from lockgate.controller.decide.promoter import load_spec_of
 
     config = load_config(fleet.config_path)
     spec = load_spec_of(rollout, config)

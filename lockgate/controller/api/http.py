@@ -16,6 +16,8 @@
   observations reach the controller in batches shortly after the response.
 * ``GET /v1/observations/{request_id}`` — the stored observation(s) and labels, for debugging; with
   ``body_sample`` when the response body was retained (``capture.retain_bodies``).
+* ``GET /openapi.json`` — the OpenAPI 3.1 description of every route, generated from the route table
+  (:mod:`.openapi`), so it lists exactly the routes that exist.
 * Routes added by other parts of the controller (:meth:`ControllerHTTP.add_route`: the rollout API).
 
 The server (stdlib only): an asyncio front end on its own thread and event loop reads and bounds every
@@ -30,6 +32,9 @@ With ``auth`` (a :class:`~lockgate.auth.TokenRegistry` with tokens configured) e
 ``authorization: Bearer <token>`` (401 otherwise, before the body is read); the client's configured
 name is passed to the routes as the actor. Every refusal is a one-line JSON ``{"error": …}``;
 handlers never raise into the server (an unexpected error is a 500 JSON answer without details, logged).
+
+(Over 500 lines: the feedback validation and handlers, the route table and the bounded front end are
+one API; the front end, ``_Conn`` and below, is the part to split off next.)
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from lockgate.controller.ingest.collector import ControllerMetrics
 from lockgate.controller.ingest.export import record_to_json
 from lockgate.controller.ingest.observations import LABEL_KINDS, ObservationStore
 from lockgate.controller.ingest.samples import sample_json
+from lockgate.controller.api.openapi import RouteDoc, build_openapi, doc_for
 
 log = logging.getLogger("lockgate.controller.http")
 
@@ -97,6 +103,26 @@ class FeedbackError(ValueError):
 class ClientRequestId(str):
     """A feedback item keyed by ``client_request_id`` (the client's ``x-request-id``) instead of lockgate's
     request id; resolved to the one observation carrying it (several: 409, ambiguous)."""
+
+
+#: JSON Schema of a ``POST /v1/feedback`` body (what :func:`parse_feedback` accepts), for /openapi.json
+_FEEDBACK_ITEM: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "request_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN,
+                       "description": "lockgate's request id (the x-lockgate-request-id response header)"},
+        "client_request_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN,
+                              "description": "the request's own x-request-id (instead of request_id)"},
+        "true_class": {"type": ["string", "integer"], "description": "the right answer (classification)"},
+        "thumbs": {"enum": ["up", "down"]},
+        "task_success": {"type": "boolean"},
+        "evaluator_score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "oneOf": [{"required": ["request_id"]}, {"required": ["client_request_id"]}],
+    "anyOf": [{"required": [k]} for k in ("true_class", "thumbs", "task_success", "evaluator_score")],
+}
+FEEDBACK_SCHEMA: dict[str, Any] = {"oneOf": [_FEEDBACK_ITEM, {"type": "array", "minItems": 1,
+                                                              "maxItems": MAX_ITEMS, "items": _FEEDBACK_ITEM}]}
 
 
 def _reject_constant(name: str) -> Any:
@@ -192,6 +218,9 @@ class ControllerHTTP:
         #: object); added by other parts of the controller (e.g. the rollout API), checked before the
         #: built-in 404. ``client`` is the authenticated client's name (None when auth is off).
         self.routes: dict[tuple[str, str], Any] = {}
+        #: (method, path prefix) → its OpenAPI description (every route has one)
+        self.route_docs: dict[tuple[str, str], RouteDoc] = {}
+        self._builtin_routes()
         self._http_metrics(metrics)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.sock = socket.create_server((host, port), family=family, backlog=128)
@@ -252,8 +281,53 @@ class ControllerHTTP:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def add_route(self, method: str, prefix: str, fn) -> None:
+    def add_route(self, method: str, prefix: str, fn, doc: RouteDoc | str | None = None) -> None:
+        """Serve ``method`` (GET or POST; HEAD is answered like GET) on ``prefix`` and every path below it
+        by ``fn(path, query, body, client) -> (status, JSON object)`` (or ``(status, bytes, content type)``).
+        ``doc`` describes it in ``/openapi.json``: a :class:`RouteDoc`, a one-line summary, or None (the
+        first line of ``fn``'s docstring)."""
         self.routes[(method, prefix)] = fn
+        self.route_docs[(method, prefix)] = doc_for(method, prefix, fn, doc)
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of the routes registered now."""
+        try:
+            from importlib.metadata import version
+            ver = version("lockgate")
+        except Exception:  # not installed (run from a checkout)
+            ver = "0"
+        return build_openapi([(m, p, d) for (m, p), d in self.route_docs.items()], self.auth is not None, ver)
+
+    def _builtin_routes(self) -> None:
+        error = {404: "no such endpoint"}
+        self.add_route("GET", "/metrics", lambda *_: (200, generate_latest(self.metrics.registry),
+                                                      CONTENT_TYPE_LATEST),
+                       RouteDoc("the controller's metrics (Prometheus text format)",
+                                responses={200: "Prometheus text exposition"}, content_type=CONTENT_TYPE_LATEST))
+        self.add_route("GET", "/healthz", lambda *_: (200, b"ok\n", "text/plain"),
+                       RouteDoc("liveness: answers ok", responses={200: "ok"}, content_type="text/plain"))
+        self.add_route("GET", "/openapi.json", lambda *_: (200, self.openapi()),
+                       RouteDoc("this description of the API (OpenAPI 3.1)", responses={200: "the OpenAPI document"}))
+        self.add_route("GET", "/v1/observations", self._observation_route, RouteDoc(
+            "the stored observation(s) and labels of one request, for debugging",
+            "With ``body_sample`` when the response body was retained (capture.retain_bodies).",
+            paths=("/v1/observations/{request_id}",),
+            responses={200: "the observations", **error, 410: "expired: older than the retention, pruned"}))
+        self.add_route("POST", "/v1/feedback", lambda path, query, body, client: self.feedback(body), RouteDoc(
+            "feedback labels joined to stored observations by request id",
+            "One object or a list (validated whole first). Each item names its observation by request_id "
+            "(lockgate's, the x-lockgate-request-id response header) or client_request_id (the request's "
+            "x-request-id) and gives at least one label. See docs/observations.md.",
+            request_schema=FEEDBACK_SCHEMA,
+            responses={200: "stored (every item)", 207: "some items stored: per-item results",
+                       400: "malformed, naming the field", 404: "unknown request id",
+                       409: "ambiguous client_request_id", 410: "expired request id"}))
+
+    def _observation_route(self, path: str, query: dict, body: bytes, client: str | None) -> tuple[int, Any]:
+        rid = path[len("/v1/observations/"):] if path.startswith("/v1/observations/") else ""
+        if not rid:
+            return 404, {"error": f"no such endpoint {path}"}
+        return self.observation(urllib.parse.unquote(rid, errors="replace"))
 
     def route(self, method: str, path: str):
         best = None
@@ -381,25 +455,18 @@ class ControllerHTTP:
                 "application/json"
 
     def _dispatch(self, req: "_Request") -> tuple[int, bytes, str]:
-        path, method = req.path, req.method
-        if method in ("GET", "HEAD"):
-            if path == "/metrics":
-                return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
-            if path == "/healthz":
-                return 200, b"ok\n", "text/plain"
-            if path.startswith("/v1/observations/") and len(path) > len("/v1/observations/"):
-                rid = urllib.parse.unquote(path[len("/v1/observations/"):], errors="replace")
-                return self._json(*self.observation(rid))
-            if path == "/v1/feedback":
+        """The route table: the longest matching prefix for the method; 405 when only the other method
+        has a route there, else 404."""
+        path = req.path
+        method = "GET" if req.method in ("GET", "HEAD") else "POST"
+        if (fn := self.route(method, path)) is not None:
+            answer = fn(path, req.query, req.body if method == "POST" else b"", req.client)
+            return answer if len(answer) == 3 else self._json(*answer)
+        if method == "GET":
+            if self.route("POST", path) is not None:
                 return self._json(405, {"error": "use POST"})
-            if (fn := self.route("GET", path)) is not None:
-                return self._json(*fn(path, req.query, b"", req.client))
             return self._json(404, {"error": f"no such endpoint {path}"})
-        if path == "/v1/feedback":
-            return self._json(*self.feedback(req.body))
-        if (fn := self.route("POST", path)) is not None:
-            return self._json(*fn(path, req.query, req.body, req.client))
-        if path.startswith("/v1/observations/") or path in ("/metrics", "/healthz"):
+        if self.route("GET", path) is not None:
             return self._json(405, {"error": f"no POST endpoint {path}"})
         return self._json(404, {"error": f"no POST endpoint {path}"})
 

@@ -26,7 +26,12 @@ one; ``(request_id, replay)`` is unique and a second copy (a retried batch) is c
 Writes go through one connection under a lock (the collector's batches, feedback, pruning); reads
 (:meth:`ObservationStore.fetch`, lookups) use a small pool of their own connections and never block
 writers (WAL). Every observation field and label comes back from :meth:`~ObservationStore.fetch` as
-a NumPy column with NaN / ``None`` for "not measured".
+a NumPy column with NaN / ``None`` for "not measured". What the columns are is defined in
+:mod:`.schema`; this module is the store.
+
+Over 500 lines because it is one class, the store of five tables whose writes (idempotent batches,
+labels, outcomes, ledgers, pruning) and reads (windows, lookups, streaming exports) share its
+connections, locks and SQL; split, each half would need the other's internals.
 """
 
 from __future__ import annotations

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from lockgate import series
 from lockgate.aio import keep_helper_threads_demoted, stop_on_signals
 from lockgate.config import LockgateConfig, QAOverride
 from lockgate.extproc.capture import ATTR_NS, ResponseCapture, analyzer_config, body_sampler
@@ -46,8 +47,6 @@ _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(request_headers=ep.HeadersResp
 _CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CONTINUE_RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
 _EOF = grpc.aio.EOF
-MAX_CLASS_LABELS = 64  #: distinct predicted-class label values per model on /metrics; beyond: "other"
-LATENCY_BUCKETS_S = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 def load_key_secret(state_dir: Path) -> bytes:
@@ -64,20 +63,17 @@ def load_key_secret(state_dir: Path) -> bytes:
 
 
 class CaptureMetrics:
-    """Prometheus series of what passed, by model/version/role (no per-user labels)."""
+    """Prometheus series of what passed, by model/version/role (no per-user labels). The traffic
+    series are :mod:`lockgate.series`'s definitions, the same the controller exports (replays excluded)."""
 
     def __init__(self, registry: CollectorRegistry):
-        labels = ["model", "version", "role"]
-        self.requests = Counter("lockgate_requests", "Responses seen", labels + ["code_class"], registry=registry)
-        self.latency = Histogram("lockgate_request_duration_seconds", "Request start to end of response body",
-                                 labels, buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.ttfb = Histogram("lockgate_ttfb_seconds", "Request start to response headers (time to first byte/token)",
-                              labels, buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.tokens = Counter("lockgate_output_tokens", "Output tokens (reported or estimated)", labels,
-                              registry=registry)
-        self.refusals = Counter("lockgate_refusals", "Responses classified as refusals", labels, registry=registry)
-        self.classes = Counter("lockgate_predicted_class", "Classifier predictions", labels + ["class"],
-                               registry=registry)
+        labels = list(series.TRAFFIC_LABELS)
+        self.requests = series.REQUESTS.create(registry)
+        self.latency = series.REQUEST_DURATION.create(registry)
+        self.ttfb = series.TIME_TO_FIRST_BYTE.create(registry)
+        self.tokens = series.OUTPUT_TOKENS.create(registry)
+        self.refusals = series.REFUSALS.create(registry)
+        self.classes = series.PREDICTED_CLASS.create(registry)
         self.parse_errors = Counter("lockgate_capture_parse_errors", "Bodies that could not be analysed",
                                     labels + ["error"], registry=registry)
         self.dropped = Counter("lockgate_observations_dropped", "Observations dropped (queue full or unsent)",
@@ -90,20 +86,23 @@ class CaptureMetrics:
                                        "Observations ext_proc processes that died before this one left neither "
                                        "acknowledged nor dropped (read from their ledgers at this start; the "
                                        "controller counts the exact loss)", registry=registry)
-        self.stream_outcomes = Counter("lockgate_stream_outcomes", "Response streams cut mid-way, by cause",
-                                       ["model", "version", "role", "kind"], registry=registry)
+        self.stream_outcomes = series.STREAM_OUTCOMES.create(registry)
         self.qa_checks = Counter("lockgate_qa_override_checks", "QA override tokens checked (accepted/refused)",
                                  ["result"], registry=registry)
-        self._seen_classes: dict[str, set[str]] = {}
+        self._class_label = series.ClassLabels()
         self._children: dict[tuple, tuple] = {}
 
     def record(self, o: obs_pb2.Observation) -> None:
         lv = (o.model, o.version, o.role)
+        if o.parse_error:
+            self.parse_errors.labels(*lv, o.parse_error).inc()
+        if o.replay:  # not traffic (lockgate.series)
+            return
         key = (lv, o.status_code // 100)
         children = self._children.get(key)
         if children is None:  # label lookups once per (model, version, role, status class)
             children = self._children[key] = (
-                self.requests.labels(*lv, f"{o.status_code // 100}xx"), self.latency.labels(*lv),
+                self.requests.labels(*lv, series.status_class(o.status_code)), self.latency.labels(*lv),
                 self.ttfb.labels(*lv), self.tokens.labels(*lv), self.refusals.labels(*lv))
         requests, latency, ttfb, tokens, refusals = children
         requests.inc()
@@ -112,20 +111,11 @@ class CaptureMetrics:
         if o.HasField("ttfb_ms"):
             ttfb.observe(o.ttfb_ms / 1000)
         if o.HasField("output_tokens"):
-            tokens.inc(o.output_tokens)
+            tokens.observe(o.output_tokens)
         if o.HasField("refusal") and o.refusal:
             refusals.inc()
         if o.predicted_class:
-            seen = self._seen_classes.setdefault(o.model, set())
-            cls = o.predicted_class
-            if cls not in seen:
-                if len(seen) >= MAX_CLASS_LABELS:
-                    cls = "other"
-                else:
-                    seen.add(cls)
-            self.classes.labels(*lv, cls).inc()
-        if o.parse_error:
-            self.parse_errors.labels(*lv, o.parse_error).inc()
+            self.classes.labels(*lv, self._class_label(o.model, o.predicted_class)).inc()
 
 
 class ExtProcServer(ep_grpc.ExternalProcessorServicer):

@@ -50,3 +50,37 @@ def test_series_definitions_register():
         d.create(reg)
     series.OUTPUT_TOKENS.create(CollectorRegistry()).labels("m", "v", "baseline").observe(3)
     assert len({d.name for d in series.TRAFFIC_SERIES}) == len(series.TRAFFIC_SERIES)
+
+
+def test_extproc_and_controller_export_the_same_traffic_series():
+    from prometheus_client import generate_latest
+
+    from lockgate.controller.ingest.collector import ControllerMetrics
+    from lockgate.extproc.server import CaptureMetrics
+    from lockgate.proto.v1 import observations_pb2 as pb
+
+    ext_registry = CollectorRegistry()
+    ext, ctl = CaptureMetrics(ext_registry), ControllerMetrics()
+    for i in range(70):
+        o = pb.Observation(request_id=f"r{i}", ts=1.0, model="m", version="v", role="canary", status_code=200,
+                           duration_ms=5.0, ttfb_ms=1.0, output_tokens=i, predicted_class=f"c{i}")
+        ext.record(o)
+        ctl.observe(o)
+    ext.record(pb.Observation(request_id="rr", ts=1.0, model="m", version="v", role="canary", replay=True,
+                              status_code=200))
+    ctl.observe(pb.Observation(request_id="rr", ts=1.0, model="m", version="v", role="canary", replay=True,
+                               status_code=200))
+
+    def families(registry) -> dict:
+        return {f.name: f for f in registry.collect() if any(f.name == d.name for d in series.TRAFFIC_SERIES)}
+
+    a, b = families(ext_registry), families(ctl.registry)
+    assert set(a) == set(b) == {d.name for d in series.TRAFFIC_SERIES}
+    def samples(family) -> list:  # what was counted (a child created at 0 by one side only is no difference)
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples
+                      if not s.name.endswith("_created") and s.value)
+
+    for name in a:
+        assert (a[name].type, a[name].documentation) == (b[name].type, b[name].documentation), name
+        assert samples(a[name]) == samples(b[name]), name
+    assert b"__other__" in generate_latest(ctl.registry)

@@ -33,9 +33,6 @@ from lockgate.controller.ingest.schema import FEEDBACK_ARRIVAL_COLUMNS, LABEL_AR
 from lockgate.controller.decide.spec import MetricCriterion, RolloutSpec
 from lockgate.controller.stats import Judgement, MetricSpec, auto_allowed, evaluate_all, hours_needed
 
-#: an alias of ``schema.FEEDBACK_ARRIVAL_COLUMNS`` while promoter.py still passes it to ramp_plan (remove then)
-LABEL_TS = FEEDBACK_ARRIVAL_COLUMNS
-
 
 
 def _col(data: Mapping[str, np.ndarray], name: str, n: int, dtype=float) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide import analysis, ramp_plan
 from lockgate.controller.decide.rollouts import Rollout
+from lockgate.controller.ingest.schema import DECISION_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.decide.stages import stage_label
 from lockgate.controller.ports import ObservationSource
@@ -29,10 +30,7 @@ from lockgate.controller.ports import ObservationSource
 log = logging.getLogger("lockgate.controller.decide.evidence")
 
 AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
-EVAL_COLUMNS = ("ts", "request_id", "version", "role", "weight", "stage", "status_code", "timeout", "error_kind",
-                "latency_ms", "ttfb_ms", "output_tokens", "refusal", "entropy", "predicted_class", "user_key",
-                "upstream_host", "true_class", "label_arrival_ts", "thumbs", "thumbs_arrival_ts", "task_success",
-                "task_success_arrival_ts", "evaluator_score", "evaluator_score_arrival_ts")
+EVAL_COLUMNS = DECISION_COLUMNS  #: the columns a decision reads (one home: ingest/schema.py)
 
 
 def rollout_columns(observations: ObservationSource, config: LockgateConfig, rollout: Rollout,
@@ -83,7 +81,7 @@ def start_plan(spec: RolloutSpec, history: dict, auto: dict, now: float) -> ramp
     """Per gating metric: canary observations and hours needed to show it within its allowance at
     today's traffic, walked through the ramp; warnings for those that exceed the ramp or max_duration."""
     prepared = analysis.prepare(history, now)
-    return ramp_plan.plan_start(spec, spec.to_stats_specs(auto), prepared, now, arrival_columns=analysis.LABEL_TS)
+    return ramp_plan.plan_start(spec, spec.to_stats_specs(auto), prepared, now)
 
 
 def status_plan(spec: RolloutSpec, rollout: Rollout, now: float) -> dict | None:

@@ -13,7 +13,6 @@ so they are testable on synthetic data.
 from __future__ import annotations
 
 import datetime as _dt
-import sqlite3
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ from lockgate.controller.tell.verdicts import (EXCEEDANCE_SCALE, allowance_state
                                                fmt_line, is_gating, on_exceedance_scale, plain, rollback_line,
                                                scale_suffix, verdict_label, worse_bound)
 from lockgate.controller.tell.verdicts import verdict_rows  # noqa: F401  (re-exported for report and diagnose)
+from lockgate.sqlite_util import open_store
 
 CATEGORIES = ("data", "preprocessing", "tokenizer", "hardware", "other")
 #: statuses that count as a failed rollout for ``history --causes``
@@ -46,9 +46,7 @@ class ReadOnlyRolloutStore(RolloutStore):
             raise LogError(f"no deployment log yet ({path} does not exist: no rollout was ever started "
                            f"with this state_dir)")
         self.path = path
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA query_only=1")
+        self._db = open_store(path, read_only=True, what="deployment log", timeout_s=10.0)
         self.owner = "read-only"
 
 

@@ -10,11 +10,12 @@ Times are epoch seconds.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lockgate.sqlite_util import open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -60,12 +61,9 @@ class Outbox:
     """The durable queue. Not thread-safe: the notifier uses it from its one database thread."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=10, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_store(path, SCHEMA, read_only=False, what="notification outbox", synchronous="FULL",
+                             timeout_s=10.0)
 
     def close(self) -> None:
         self.db.close()

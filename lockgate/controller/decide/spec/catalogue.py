@@ -3,6 +3,7 @@ defaults and limits. Plain data, shared by the parser (:mod:`.parsing`), the typ
 and the generated JSON Schema (:mod:`.document`)."""
 
 from __future__ import annotations
+from lockgate.controller.ingest.schema import LABEL_ARRIVAL_COLUMN
 
 import re
 from dataclasses import dataclass
@@ -64,23 +65,23 @@ BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
               description="share of responses the analyzer classified as refusals"),
     MetricDef("entropy", "mean", "increase", "entropy", "nats",
               description="mean token entropy from logprobs (model uncertainty)"),
-    MetricDef("evaluator_score", "mean", "decrease", "evaluator_score", label_ts_column="evaluator_score_arrival_ts",
+    MetricDef("evaluator_score", "mean", "decrease", "evaluator_score", label_ts_column=LABEL_ARRIVAL_COLUMN["evaluator_score"],
               description="mean score posted by an evaluator (feedback label evaluator_score)"),
     MetricDef("similarity", "mean", "decrease", "similarity",
               description="mean similarity of canary answers to the baseline's answers (replay/shadow "
                           "comparison; 0..1)"),
-    MetricDef("feedback_positive_rate", "rate", "decrease", "thumbs", label_ts_column="thumbs_arrival_ts",
+    MetricDef("feedback_positive_rate", "rate", "decrease", "thumbs", label_ts_column=LABEL_ARRIVAL_COLUMN["thumbs"],
               description="share of thumbs-up among requests with thumbs feedback"),
-    MetricDef("task_success_rate", "rate", "decrease", "task_success", label_ts_column="task_success_arrival_ts",
+    MetricDef("task_success_rate", "rate", "decrease", "task_success", label_ts_column=LABEL_ARRIVAL_COLUMN["task_success"],
               description="share of successful tasks among requests with task_success feedback"),
-    MetricDef("accuracy", "rate", "decrease", "correct", label_ts_column="label_arrival_ts",
+    MetricDef("accuracy", "rate", "decrease", "correct", label_ts_column=LABEL_ARRIVAL_COLUMN["true_class"],
               derived="1 if predicted_class == true_class else 0, over requests with a usable true_class label",
               description="aggregate accuracy over labelled requests (never a substitute for per-class metrics)"),
     MetricDef("class_recall", "class_recall", "decrease", "predicted_class", per_class=True,
-              label_ts_column="label_arrival_ts",
+              label_ts_column=LABEL_ARRIVAL_COLUMN["true_class"],
               description="recall of one class: share of requests labelled CLASS that were predicted CLASS"),
     MetricDef("class_precision", "class_precision", "decrease", "predicted_class", per_class=True,
-              label_ts_column="label_arrival_ts",
+              label_ts_column=LABEL_ARRIVAL_COLUMN["true_class"],
               description="precision of one class: share of requests predicted CLASS that are labelled CLASS"),
 )}
 

@@ -20,6 +20,7 @@ from lockgate.controller.decide.spec.catalogue import (
     MetricDef,
 )
 from lockgate.yamlconf import Problem
+from lockgate.controller.ingest.schema import LABEL_ARRIVAL_COLUMN
 
 if TYPE_CHECKING:  # pragma: no cover
     from lockgate.controller.stats import MetricSpec
@@ -177,7 +178,7 @@ class MetricCriterion:
             mode = "absolute"
         else:
             value, mode = float(self.allowed or 0.0), self.allowed_mode
-        labels = {"label_column": "true_class", "label_ts_column": "label_arrival_ts"} if self.cls is not None else {}
+        labels = {"label_column": "true_class", "label_ts_column": LABEL_ARRIVAL_COLUMN["true_class"]} if self.cls is not None else {}
         return MetricSpec(
             name=self.key, kind=self.kind, harmful=self.harmful, allowed=value, allowed_mode=mode,
             gating=self.gating, quantile=self.quantile, cls=self.cls, column=self.column,

@@ -29,7 +29,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable
 
 import grpc
 from prometheus_client import Counter
@@ -66,18 +66,6 @@ class Task:
     name: str
     run: Callable[[asyncio.Event], Awaitable[None]]
     critical: bool = True  #: a failure stops the controller (exit 1); else it is logged and the rest runs on
-
-
-class SourceDrops:
-    """:class:`~lockgate.controller.ports.DropCounts` over the collector's per-source statistics."""
-
-    def __init__(self, metrics: ControllerMetrics):
-        self._sources = metrics.sources
-
-    def dropped_totals(self) -> Mapping[str, int]:
-        # TODO(ingest owner): a `dropped_totals()` method on collector._SourceStats replaces this reach-in.
-        with self._sources._lock:
-            return dict(self._sources.dropped)
 
 
 class Controller:
@@ -127,7 +115,7 @@ class Controller:
         self.notifier = Notifier(config)
         self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier])
         self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
-        self.trouble = TroubleMonitor(self.notifier, self.probe_weights, SourceDrops(self.metrics), self.rollouts)
+        self.trouble = TroubleMonitor(self.notifier, self.probe_weights, self.metrics.sources, self.rollouts)
         # new observations wake the promotion loop (a breach rolls back when the evidence arrives)
         self.collector.on_stored.append(self.promoter.notify)
         # ----- servers, started by start()
@@ -270,4 +258,4 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None) -> in
         log.info("controller stopped")
 
 
-__all__ = ["Controller", "ControllerStartError", "SourceDrops", "Task", "prune_loop", "serve"]
+__all__ = ["Controller", "ControllerStartError", "Task", "prune_loop", "serve"]

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lockgate.sqlite_util import open_store
 
@@ -185,6 +185,28 @@ class RolloutStore:
             d["detail"] = json.loads(d.pop("detail_json"))
             out.append(d)
         return out
+
+    def last_event_id(self) -> int:
+        """The id of the newest event of any rollout (0 when there is none): a cursor for :meth:`events_after`."""
+        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_events").fetchone()[0])
+
+    def events_after(self, cursor: int, kinds: Sequence[str], limit: int = 500) -> tuple[list[dict], int]:
+        """Events of the given ``kinds`` with id > ``cursor``, oldest first (at most ``limit``), each with
+        its rollout's ``model`` and ``canary``; and the cursor to pass next time (the newest event id of
+        any kind, so events of other kinds are not read again)."""
+        last = self.last_event_id()
+        if not kinds:
+            return [], max(last, cursor)
+        rows = self._db.execute(
+            "SELECT e.id, e.rollout_id, e.ts, e.kind, e.stage, e.detail_json, r.model, r.canary "
+            "FROM rollout_events e JOIN rollouts r ON r.id = e.rollout_id WHERE e.id > ? "
+            f"AND e.kind IN ({','.join('?' * len(kinds))}) ORDER BY e.id LIMIT ?",
+            (cursor, *kinds, limit)).fetchall()
+        events = [{"id": r[0], "rollout_id": r[1], "ts": r[2], "kind": r[3], "stage": r[4],
+                   "detail": json.loads(r[5]), "model": r[6], "canary": r[7]} for r in rows]
+        # with more than `limit` matches, resume after the last one returned
+        nxt = events[-1]["id"] if len(events) == limit else max(last, cursor)
+        return events, nxt
 
     def evaluations(self, rollout_id: int) -> list[dict]:
         out = []

@@ -59,6 +59,11 @@ class _SourceStats:
         self.dropped: dict[str, int] = {}
         self.last_report: dict[str, float] = {}
 
+    def dropped_totals(self) -> dict[str, int]:
+        """Observations each source reported it dropped, as last reported (the ``DropCounts`` port)."""
+        with self._lock:
+            return dict(self.dropped)
+
     def update_dropped(self, source: str, dropped_total: int) -> None:
         """The dropped count from an ended source's ledger (it may never have reported its last drops)."""
         with self._lock:

@@ -12,7 +12,6 @@ every :data:`COOLDOWN_S`; a firing control-API condition is re-sent every :data:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -28,6 +27,10 @@ CHECK_INTERVAL_S = 5.0          #: trouble checks
 COOLDOWN_S = 600.0              #: one-shot trouble of the same key at most this often
 CONTROL_FAILURES = 2            #: consecutive failed control-API probes before alerting
 REFIRE_S = 1800.0               #: a firing condition is re-sent this often while it lasts
+
+
+#: deployment-log events that may raise a trouble alert
+TROUBLE_EVENT_KINDS = ("push_incomplete", "drill", "revert_incomplete", "weight_drift")
 
 
 class TroubleMonitor:
@@ -65,19 +68,13 @@ class TroubleMonitor:
         """New push_incomplete / drill events since the last look (cursor kept in the outbox database)."""
         n = self.n
         assert n.outbox is not None and n.log_store is not None
-        db = n.log_store._db
         cursor = n.outbox.meta_get("event_cursor")
         if cursor is None:
-            row = db.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_events").fetchone()
-            n.outbox.meta_set("event_cursor", row[0])
+            n.outbox.meta_set("event_cursor", n.log_store.last_event_id())
             return []
-        rows = db.execute("SELECT e.id, e.rollout_id, e.ts, e.kind, e.stage, e.detail_json, r.model, r.canary "
-                          "FROM rollout_events e JOIN rollouts r ON r.id = e.rollout_id WHERE e.id > ? "
-                          "AND e.kind IN ('push_incomplete', 'drill', 'revert_incomplete', 'weight_drift') ORDER BY e.id LIMIT 500", (cursor,)).fetchall()
-        last = db.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_events").fetchone()[0]
-        n.outbox.meta_set("event_cursor", max(last, cursor))
-        return [{"id": r[0], "rollout_id": r[1], "ts": r[2], "kind": r[3], "stage": r[4], "detail": json.loads(r[5]),
-                 "model": r[6], "canary": r[7]} for r in rows]
+        events, nxt = n.log_store.events_after(int(cursor), TROUBLE_EVENT_KINDS)
+        n.outbox.meta_set("event_cursor", nxt)
+        return events
 
     async def check_log_events(self) -> None:
         for e in await self.n.db(self._new_log_events):

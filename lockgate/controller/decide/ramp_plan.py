@@ -7,7 +7,7 @@ evaluation; the CLI prints the result. See docs/statistics.md §2.5.
 **At start** (:func:`plan_start`), for each gating metric, from the baseline's history:
 
 * the variance per canary observation of the metric's *decision contrast* under "no change" (A/A),
-  as the verdicts build it (``stats.metrics``): ``v1 = deff_c·var_c + c²·deff_b·var_b·s/(1−s)``
+  as the verdicts build it (``stats.means``): ``v1 = deff_c·var_c + c²·deff_b·var_b·s/(1−s)``
   (the baseline arrives at ``(1−s)/s`` observations per canary one at the last stage's share ``s``;
   ``c = 1 ± rel`` for relative allowances, ``r`` for exceedance ratios, else 1). ``var`` is the
   variance of the value the contrast averages: the value (means), the 0/1 event (rates), the

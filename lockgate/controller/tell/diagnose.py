@@ -28,7 +28,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lockgate.controller.tell.history import LogError, beyond_text, fmt_ts, load, open_log, verdict_rows
+from lockgate.controller.tell.history import LogError, fmt_ts, load, open_log
+from lockgate.controller.tell.verdicts import beyond_text, verdict_rows
 from lockgate.controller.ingest.samples import SampleStore, sample_json, samples_path
 from lockgate.controller.ingest.schema import ERROR_COLUMNS, error_column
 

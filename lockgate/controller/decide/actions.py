@@ -22,6 +22,7 @@ from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import render_warning, spec_from_text
 from lockgate.controller.decide.stages import stage_label
 from lockgate.controller.ports import ObservationSource
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 log = logging.getLogger("lockgate.controller.decide.actions")
 
@@ -30,7 +31,7 @@ SPEC_PARSE_TIMEOUT_S = 10.0
 #: The manual actions on a model's active rollout.
 ACTIONS = ("pause", "resume", "abort", "promote")
 #: canary weight (basis points) of a rollout in a final or not-yet-started status
-_STATUS_WEIGHT_BP = {"promoted": 10000, "rolled_back": 0, "aborted": 0, "pending": 0, "rolling_back": 0}
+_STATUS_WEIGHT_BP = {"promoted": TOTAL_WEIGHT_BP, "rolled_back": 0, "aborted": 0, "pending": 0, "rolling_back": 0}
 
 
 class RolloutActions:
@@ -113,13 +114,13 @@ class RolloutActions:
             return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "timings": timings,
                     "complete": timings["complete"]}
         elif action == "promote":
-            resp = await promoter.push(model, rollout.canary, 10000, f"#{rollout.id}:promoted",
+            resp = await promoter.push(model, rollout.canary, TOTAL_WEIGHT_BP, f"#{rollout.id}:promoted",
                                        f"manual promote by {actor}")
             if not resp.all_acked:
                 raise RolloutError(f"promotion push not ACKed by {', '.join(resp.not_acked) or resp.message}", 502)
             spec = load_spec_of(rollout, self.config)
             r = self.rollouts.transition(rollout.id, expect=("running", "paused", "inconclusive"), status="promoted",
-                                         stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=10000,
+                                         stage=len(spec.steps), kind="promoted", actor=actor, weight_bp=TOTAL_WEIGHT_BP,
                                          detail={"reasons": [f"manual promotion by {actor} (not by evidence)"]})
             promoter.emit("promoted", rollout.id, {"reasons": [f"manual promotion by {actor} (not by evidence)"]})
         else:

@@ -26,6 +26,7 @@ from lockgate.controller.ingest.schema import DECISION_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.decide.stages import stage_label
 from lockgate.controller.ports import ObservationSource
+from lockgate.routing import TOTAL_WEIGHT_BP
 
 log = logging.getLogger("lockgate.controller.decide.evidence")
 
@@ -57,7 +58,7 @@ def judge(observations: ObservationSource, config: LockgateConfig, rollout: Roll
     role = np.asarray(data.get("role", []), dtype=object)
     in_stage = analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now)
     rate = analysis.request_rate_per_hour(ts, now)
-    share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / 10000
+    share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / TOTAL_WEIGHT_BP
     plans = analysis.plan(judgement, rate, share)
     label = stage_label(spec, rollout.stage)
     summary = judgement.to_dict()

@@ -45,6 +45,7 @@ from lockgate.controller.decide.spec.model import (
     Step,
     _sha256,
 )
+from lockgate.routing import TOTAL_WEIGHT_BP
 from lockgate.yamlconf import (
     ErrorCollector,
     Fields,
@@ -239,7 +240,7 @@ def _steps(f: Fields, errors: ErrorCollector) -> tuple[Step, ...]:
                        f"must be greater than the previous step's {prev_bp / 100:g} % (steps only go up)")
             continue
         prev_bp = bp
-        if bp == 10000:
+        if bp == TOTAL_WEIGHT_BP:
             if has_dur or has_n:
                 errors.add(path, "the 100 % step is the promotion: there is no baseline left to compare with, "
                                  "so it takes no min_duration/min_canary_samples (gate promotion with the step "

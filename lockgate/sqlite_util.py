@@ -6,7 +6,7 @@ import contextlib
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def open_store(path: Path, schema: str = "", *, read_only: bool, what: str, private: bool = False,
@@ -59,6 +59,20 @@ def open_reader(path: Path, *, timeout_s: float = 30.0, file_read_only: bool = T
         db = sqlite3.connect(str(path), isolation_level=None, timeout=timeout_s, check_same_thread=False)
     db.execute("PRAGMA query_only=1")
     return db
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection (``open_store``'s), ``ROLLBACK`` if the
+    body raises. IMMEDIATE takes the write lock up front, so a read-then-write body cannot lose a race
+    to another writer (it waits up to the connection's timeout instead). Callers serialise threads."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def window_where(*, model: str | None = None, since_ts: float | None = None, until_ts: float | None = None,

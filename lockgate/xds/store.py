@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
-from lockgate.sqlite_util import open_store
+from lockgate.sqlite_util import open_store, write_transaction
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS weights (
@@ -62,8 +62,7 @@ class WeightStore:
              xds_version: int) -> None:
         """Persist one model's new weight and its change record atomically (before it is served)."""
         now = time.time()
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with write_transaction(self._db):
             self._db.execute(
                 "INSERT INTO weights(model, canary, weight_bp, stage, updated_at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from lockgate.sqlite_util import open_store
+from lockgate.sqlite_util import open_store, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -221,8 +221,7 @@ class RolloutStore:
     def create(self, *, model: str, canary: str, baseline: str, spec_text: str, spec_source: str, spec_hash: str,
                created_by: str, auto: dict, now: float | None = None) -> Rollout:
         now = time.time() if now is None else now
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with write_transaction(self._db):
             existing = self._db.execute(f"SELECT id, status FROM rollouts WHERE model=? AND status IN "
                                         f"{_ACTIVE_SQL}", (model,)).fetchone()
             if existing:
@@ -258,8 +257,7 @@ class RolloutStore:
                    now: float | None = None) -> Rollout:
         """Change status/stage atomically with its event; raises RolloutConflict if the status moved on."""
         now = time.time() if now is None else now
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with write_transaction(self._db):
             row = self._db.execute("SELECT status, stage, stage_started_at FROM rollouts WHERE id=?",
                                    (rollout_id,)).fetchone()
             if row is None:
@@ -289,8 +287,7 @@ class RolloutStore:
     # ----- leases: one controller drives a model -----
     def acquire(self, model: str, ttl_s: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with write_transaction(self._db):
             row = self._db.execute("SELECT owner, expires_at FROM leases WHERE model=?", (model,)).fetchone()
             if row and row[0] != self.owner and row[1] > now and not _owner_is_dead(row[0]):
                 return False

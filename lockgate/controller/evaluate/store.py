@@ -23,7 +23,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lockgate.config import LockgateConfig
-from lockgate.sqlite_util import open_store, window_where
+from lockgate.sqlite_util import open_store, window_where, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -129,13 +129,8 @@ class EvaluationStore:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with write_transaction(self._db) as db:
+                yield db
 
     # ----- samples -----
     def insert_sample(self, s: Sample, retention_s: float, max_samples: int, now: float | None = None

@@ -53,7 +53,7 @@ from lockgate.controller.ingest.schema import (
     add_label_aliases, columns_to_arrays,
 )
 from lockgate.routing import TOTAL_WEIGHT_BP
-from lockgate.sqlite_util import open_reader, open_store, window_where
+from lockgate.sqlite_util import open_reader, open_store, window_where, write_transaction
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, "
@@ -274,13 +274,8 @@ class ObservationStore:
             if sync != self._sync_now:
                 self._db.execute(f"PRAGMA synchronous={sync}")
                 self._sync_now = sync
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with write_transaction(self._db) as db:
+                yield db
 
     def close(self) -> None:
         self._closed = True

@@ -29,8 +29,11 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from ._http import (AbortStream, HTTPError, Request, Response, SSE_DONE, StreamResponse,
-                    error_response, gzip_bytes, json_response, new_id, sse_event)
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._server import (AbortStream, HTTPError, SSE_DONE, error_response, gzip_bytes, json_response, new_id,
+                      sse_event, sse_response)
 
 MODES = ("huge", "binary", "malformed", "gzip", "error", "slow-sse", "cut-sse", "reset-sse")
 
@@ -103,34 +106,34 @@ async def _sse(model: str, events: int, interval_s: float, cut: bool, reset: boo
     yield SSE_DONE
 
 
-def test_mode_response(req: Request, model: str):
-    """Return the response for the request's x-test-mode, or None if the
-    request does not ask for one."""
+def test_mode_response(req: Request, model: str) -> Optional[Response]:
+    """The response for the request's ``x-test-mode``, or None if the request does not ask for one."""
     mode = req.headers.get("x-test-mode")
     if not mode:
         return None
     mode = mode.strip().lower()
     if mode == "huge":
-        return Response(200, huge_body(model, _int_header(req, "x-test-size", 5 * 1024 * 1024)))
+        return Response(huge_body(model, _int_header(req, "x-test-size", 5 * 1024 * 1024)),
+                        media_type="application/json")
     if mode == "binary":
         n = _int_header(req, "x-test-size", 64 * 1024)
-        return Response(200, os.urandom(max(0, n)), "application/octet-stream")
+        return Response(os.urandom(max(0, n)), media_type="application/octet-stream")
     if mode == "malformed":
         full = json.dumps(_completion(model, "this body is cut short"), separators=(",", ":")).encode()
-        return Response(200, full[: len(full) // 2])
+        return Response(full[: len(full) // 2], media_type="application/json")
     if mode == "gzip":
         full = json.dumps(_completion(model, "gzip encoded answer"), separators=(",", ":")).encode()
-        return Response(200, gzip_bytes(full), headers={"content-encoding": "gzip"})
+        return Response(gzip_bytes(full), headers={"content-encoding": "gzip"}, media_type="application/json")
     if mode == "error":
         return error_response(500, "injected test error", "server_error", "test_error")
     if mode == "slow-sse":
-        return StreamResponse(_sse(model, _int_header(req, "x-test-events", 5),
-                                   _int_header(req, "x-test-interval-ms", 200) / 1000.0, False))
+        return sse_response(req, _sse(model, _int_header(req, "x-test-events", 5),
+                                      _int_header(req, "x-test-interval-ms", 200) / 1000.0, False))
     if mode == "cut-sse":
-        return StreamResponse(_sse(model, _int_header(req, "x-test-events", 3),
-                                   _int_header(req, "x-test-interval-ms", 20) / 1000.0, True))
+        return sse_response(req, _sse(model, _int_header(req, "x-test-events", 3),
+                                      _int_header(req, "x-test-interval-ms", 20) / 1000.0, True))
     if mode == "reset-sse":
-        return StreamResponse(_sse(model, _int_header(req, "x-test-events", 3),
-                                   _int_header(req, "x-test-interval-ms", 20) / 1000.0, True, reset=True))
+        return sse_response(req, _sse(model, _int_header(req, "x-test-events", 3),
+                                      _int_header(req, "x-test-interval-ms", 20) / 1000.0, True, reset=True))
     return json_response({"error": {"message": f"unknown x-test-mode {mode!r}; known: {', '.join(MODES)}",
                                     "type": "invalid_request_error", "param": None, "code": "400"}}, 400)

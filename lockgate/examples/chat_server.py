@@ -1,4 +1,4 @@
-"""Example OpenAI-compatible chat model server (stdlib only).
+"""Example OpenAI-compatible chat model server (FastAPI on uvicorn, like vLLM's OpenAI server).
 
     python -m lockgate.examples.chat_server --port 18001 --version v1 [flags]
 
@@ -34,8 +34,11 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from ._http import (HTTPError, Request, RngSource, SSE_DONE, StreamResponse, add_common_args,
-                    error_response, json_response, lognormal_ms, new_id, run_server, sse_event)
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from ._server import (ALL_METHODS, HTTPError, RngSource, SSE_DONE, add_common_args, error_response, json_response,
+                      lognormal_ms, new_app, new_id, read_json, run_server, sse_event, sse_response)
 from ._testmodes import test_mode_response
 
 CHAT_PATH = "/v1/chat/completions"
@@ -184,29 +187,43 @@ class ChatServer:
             m = self.args.model_name
         return f"{m}-{self.args.version}"
 
-    async def handle(self, req: Request):
-        path = req.path
-        if path == "/healthz":
+    def app(self) -> FastAPI:
+        """The routes: the two completion APIs (POST only), ``/v1/models`` and ``/healthz`` (any method);
+        anything else is an OpenAI-style 404."""
+        app = new_app("lockgate example chat model")
+
+        @app.api_route("/healthz", methods=ALL_METHODS)
+        async def healthz() -> Response:
             return json_response({"status": "ok", "version": self.args.version})
-        if path in (CHAT_PATH, COMPLETIONS_PATH):
-            if req.method != "POST":
-                return error_response(405, "method not allowed", "invalid_request_error")
-            if self.args.test_modes and "x-test-mode" in req.headers:
-                try:
-                    body = req.json()
-                except HTTPError:
-                    body = None
-                return test_mode_response(req, self._model(body))
-            return await self._complete(req, chat=(path == CHAT_PATH))
-        if path == "/v1/models":
+
+        @app.post(CHAT_PATH)
+        async def chat_completions(request: Request) -> Response:
+            return await self.complete(request, chat=True)
+
+        @app.post(COMPLETIONS_PATH)
+        async def completions(request: Request) -> Response:
+            return await self.complete(request, chat=False)
+
+        @app.api_route("/v1/models", methods=ALL_METHODS)
+        async def models() -> Response:
             return json_response({"object": "list", "data": [
                 {"id": f"{self.args.model_name}-{self.args.version}", "object": "model",
                  "created": 0, "owned_by": "lockgate-examples"}]})
-        return error_response(404, f"no route for {path}", "invalid_request_error", "not_found")
 
-    async def _complete(self, req: Request, chat: bool):
+        return app
+
+    async def complete(self, req: Request, chat: bool) -> Response:
+        if self.args.test_modes and "x-test-mode" in req.headers:
+            try:
+                body = await read_json(req)
+            except HTTPError:
+                body = None
+            return test_mode_response(req, self._model(body))
+        return await self._complete(req, chat)
+
+    async def _complete(self, req: Request, chat: bool) -> Response:
         a = self.args
-        body = req.json()
+        body = await read_json(req)
         if not isinstance(body, dict):
             raise HTTPError(400, "request body must be a JSON object")
         model = self._model(body)
@@ -245,7 +262,7 @@ class ChatServer:
         include_usage = stream and isinstance(so, dict) and bool(so.get("include_usage"))
 
         # -- draws (fixed order) ------------------------------------------
-        rng = self.rngs.for_request(req)
+        rng = self.rngs.for_request(req.headers)
         u_err, u_cf, u_ref = rng.random(), rng.random(), rng.random()
         latency_ms = lognormal_ms(rng, a.ttft_ms if stream else a.latency_ms, a.latency_jitter_ms)
         n = self.gen.n_tokens(rng)
@@ -273,7 +290,7 @@ class ChatServer:
         if stream:
             it = self._stream(rng, chat, model, tokens, finish, usage, include_usage, want_lp,
                               latency_ms)
-            return StreamResponse(it)
+            return sse_response(req, it)
 
         await asyncio.sleep(latency_ms / 1000.0)
         text = "".join(t for t, _ in tokens)
@@ -375,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    server = ChatServer(args)
-    return run_server(server.handle, args)
+    return run_server(ChatServer(args).app(), args)
 
 
 if __name__ == "__main__":

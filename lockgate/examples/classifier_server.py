@@ -1,4 +1,4 @@
-"""Example text-classifier model server (stdlib only).
+"""Example text-classifier model server (FastAPI on uvicorn).
 
     python -m lockgate.examples.classifier_server --port 18101 --version v1 [flags]
 
@@ -25,8 +25,11 @@ import argparse
 import asyncio
 import sys
 
-from ._http import (HTTPError, Request, RngSource, add_common_args, error_response,
-                    json_response, lognormal_ms, new_id, parse_class_floats, run_server)
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from ._server import (ALL_METHODS, HTTPError, RngSource, add_common_args, error_response, json_response,
+                      lognormal_ms, new_app, new_id, parse_class_floats, read_json, run_server)
 from ._testmodes import test_mode_response
 
 PATHS = ("/v1/classify", "/predict")
@@ -50,27 +53,34 @@ class ClassifierServer:
         self.rngs = RngSource(args.seed)
         self.model = f"{args.model_name}-{args.version}"
 
-    async def handle(self, req: Request):
-        if req.path == "/healthz":
-            return json_response({"status": "ok", "version": self.args.version})
-        if req.path not in PATHS:
-            return error_response(404, f"no route for {req.path}", "invalid_request_error", "not_found")
-        if req.method != "POST":
-            return error_response(405, "method not allowed", "invalid_request_error")
-        if self.args.test_modes and "x-test-mode" in req.headers:
-            return test_mode_response(req, self.model)
-        return await self._classify(req)
+    def app(self) -> FastAPI:
+        """The routes: ``POST /v1/classify`` and ``POST /predict``, ``/healthz`` (any method); anything
+        else is an OpenAI-style 404."""
+        app = new_app("lockgate example classifier model")
 
-    async def _classify(self, req: Request):
+        @app.api_route("/healthz", methods=ALL_METHODS)
+        async def healthz() -> Response:
+            return json_response({"status": "ok", "version": self.args.version})
+
+        async def classify(request: Request) -> Response:
+            if self.args.test_modes and "x-test-mode" in request.headers:
+                return test_mode_response(request, self.model)
+            return await self._classify(request)
+
+        for path in PATHS:
+            app.add_api_route(path, classify, methods=["POST"])
+        return app
+
+    async def _classify(self, req: Request) -> Response:
         a = self.args
-        body = req.json()
+        body = await read_json(req)
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise HTTPError(400, "body must be a JSON object with a string 'text'")
         true_cls = req.headers.get("x-true-class") or body.get("true_class")
         if true_cls not in self.classes:
             true_cls = None
 
-        rng = self.rngs.for_request(req)
+        rng = self.rngs.for_request(req.headers)
         u_err, u_acc = rng.random(), rng.random()
         latency_ms = lognormal_ms(rng, a.latency_ms, a.latency_jitter_ms)
         await asyncio.sleep(latency_ms / 1000.0)
@@ -123,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    server = ClassifierServer(args)
-    return run_server(server.handle, args)
+    return run_server(ClassifierServer(args).app(), args)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,10 @@ class Supervisor:
         if fatal:
             raise RuntimeError(why + (f":\n{detail}" if detail else ""))
         comp.next_attempt = time.monotonic() + comp.retry_delay()
-        consequence = ("traffic keeps flowing through Envoy without it" if comp is self.controller
-                       else "Envoy keeps its last configuration meanwhile")
+        consequence = {"controller": "traffic keeps flowing through Envoy without it",
+                       "xds": "Envoy keeps its last configuration meanwhile",
+                       "extproc": "Envoy skips it meanwhile (responses are not observed)",
+                       "envoy": "no traffic is served until it is back"}[comp.name.partition("-")[0]]
         self.warn(f"{why}; {consequence}; retrying in {comp.retry_delay():.1f} s"
                   + (f"\n  {detail}" if detail else ""))
 

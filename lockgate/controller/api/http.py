@@ -33,24 +33,18 @@ With ``auth`` (a :class:`~lockgate.auth.TokenRegistry` with tokens configured) e
 name is passed to the routes as the actor. Every refusal is a one-line JSON ``{"error": …}``;
 handlers never raise into the server (an unexpected error is a 500 JSON answer without details, logged).
 
-(Over 500 lines: the feedback validation and handlers, the route table and the bounded front end are
-one API; the front end, ``_Conn`` and below, is the part to split off next.)
+The bounded front end is :mod:`.front`; feedback validation is :mod:`.feedback`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import http
-import json
 import logging
-import math
-import re
 import socket
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
@@ -58,145 +52,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 from lockgate.auth import TokenRegistry
 from lockgate.controller.ingest.collector import ControllerMetrics
 from lockgate.controller.ingest.export import record_to_json
-from lockgate.controller.ingest.observations import LABEL_KINDS, ObservationStore
+from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.samples import sample_json
+from lockgate.controller.api.feedback import FEEDBACK_SCHEMA, ClientRequestId, FeedbackError, parse_feedback
+from lockgate.controller.api.front import Connection, HttpLimits, Listening, Refused, RequestHead, json_body, parse_head
 from lockgate.controller.api.openapi import RouteDoc, build_openapi, doc_for
 
 log = logging.getLogger("lockgate.controller.http")
-
-MAX_BODY = 8 * 1024 * 1024
-MAX_ITEMS = 10000
-MAX_ID_LEN = 512
-MAX_CLASS_LEN = 1024
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """What one client may cost the controller's HTTP API (see docs/operations.md, "Inputs and limits")."""
-
-    #: request line + headers (on a new connection: from its accept)
-    head_timeout_s: float = 10.0
-    #: how long a kept-alive connection may wait, idle, for its next request (only after an answered request,
-    #: which with auth means an authenticated one); its head then has head_timeout_s like any other
-    keepalive_timeout_s: float = 60.0
-    #: the whole body, from the end of the head
-    body_timeout_s: float = 30.0
-    #: writing the answer (a client that does not read it is dropped)
-    write_timeout_s: float = 30.0
-    #: a handler's answer (the rollout API waits up to 60 s for the controller's loop)
-    handler_timeout_s: float = 120.0
-    max_head_bytes: int = 64 * 1024
-    max_headers: int = 100
-    max_body_bytes: int = MAX_BODY
-    max_connections: int = 256
-    workers: int = 16
-
-
-class FeedbackError(ValueError):
-    """A malformed feedback body; ``field`` names the offending field path."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
-
-
-class ClientRequestId(str):
-    """A feedback item keyed by ``client_request_id`` (the client's ``x-request-id``) instead of lockgate's
-    request id; resolved to the one observation carrying it (several: 409, ambiguous)."""
-
-
-#: JSON Schema of a ``POST /v1/feedback`` body (what :func:`parse_feedback` accepts), for /openapi.json
-_FEEDBACK_ITEM: dict[str, Any] = {
-    "type": "object", "additionalProperties": False,
-    "properties": {
-        "request_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN,
-                       "description": "lockgate's request id (the x-lockgate-request-id response header)"},
-        "client_request_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN,
-                              "description": "the request's own x-request-id (instead of request_id)"},
-        "true_class": {"type": ["string", "integer"], "description": "the right answer (classification)"},
-        "thumbs": {"enum": ["up", "down"]},
-        "task_success": {"type": "boolean"},
-        "evaluator_score": {"type": "number", "minimum": 0, "maximum": 1},
-    },
-    "oneOf": [{"required": ["request_id"]}, {"required": ["client_request_id"]}],
-    "anyOf": [{"required": [k]} for k in ("true_class", "thumbs", "task_success", "evaluator_score")],
-}
-FEEDBACK_SCHEMA: dict[str, Any] = {"oneOf": [_FEEDBACK_ITEM, {"type": "array", "minItems": 1,
-                                                              "maxItems": MAX_ITEMS, "items": _FEEDBACK_ITEM}]}
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def parse_feedback(body: bytes) -> tuple[list[tuple[str, list[tuple[str, Any]]]], bool]:
-    """Validate a feedback body → ``([(request_id, [(kind, value), …]), …], was_list)``.
-
-    An item keyed by ``client_request_id`` (instead of ``request_id``) yields a :class:`ClientRequestId`.
-    Raises :class:`FeedbackError` naming the field (``[3].thumbs``, ``request_id``, …)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FeedbackError("<body>", "is not UTF-8") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise FeedbackError("<body>", f"invalid JSON: {exc}") from None
-    was_list = isinstance(data, list)
-    items = data if was_list else [data]
-    if was_list and not items:
-        raise FeedbackError("<body>", "empty list")
-    if len(items) > MAX_ITEMS:
-        raise FeedbackError("<body>", f"at most {MAX_ITEMS} items per request, got {len(items)}")
-    out = []
-    for i, item in enumerate(items):
-        prefix = f"[{i}]." if was_list else ""
-        if not isinstance(item, dict):
-            raise FeedbackError(f"[{i}]" if was_list else "<body>", "must be a JSON object")
-        for key in item:
-            if key not in ("request_id", "client_request_id") and key not in LABEL_KINDS:
-                raise FeedbackError(prefix + str(key), "unknown field (known: request_id, client_request_id, "
-                                                       f"{', '.join(LABEL_KINDS)})")
-        id_field = "client_request_id" if "client_request_id" in item else "request_id"
-        if id_field == "client_request_id" and "request_id" in item:
-            raise FeedbackError(prefix + "client_request_id", "give request_id or client_request_id, not both")
-        rid = item.get(id_field)
-        if not isinstance(rid, str) or not rid.strip():
-            raise FeedbackError(prefix + id_field, "is required (a non-empty string)")
-        if len(rid) > MAX_ID_LEN:
-            raise FeedbackError(prefix + id_field, f"longer than {MAX_ID_LEN} characters")
-        if id_field == "client_request_id":
-            rid = ClientRequestId(rid)
-        labels: list[tuple[str, Any]] = []
-        for kind in LABEL_KINDS:
-            if kind not in item:
-                continue
-            v = item[kind]
-            name = prefix + kind
-            if kind == "true_class":
-                if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
-                    raise FeedbackError(name, f"must be a non-empty string, got {json.dumps(v)}")
-                v = str(v)
-                if len(v) > MAX_CLASS_LEN:
-                    raise FeedbackError(name, f"longer than {MAX_CLASS_LEN} characters")
-            elif kind == "thumbs":
-                if v not in ("up", "down"):
-                    raise FeedbackError(name, f'must be "up" or "down", got {json.dumps(v)}')
-            elif kind == "task_success":
-                if not isinstance(v, bool):
-                    raise FeedbackError(name, f"must be true or false, got {json.dumps(v)}")
-            else:  # evaluator_score
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise FeedbackError(name, f"must be a finite number, got {json.dumps(v)}")
-                if not 0.0 <= v <= 1.0:  # lockgate's own evaluators score on the same [0, 1] scale
-                    raise FeedbackError(name, f"must be between 0 and 1 (scale other scores to [0, 1]: "
-                                              f"a 1-10 rubric score s is (s - 1) / 9), got {json.dumps(v)}")
-                v = float(v)
-            labels.append((kind, v))
-        if not labels:
-            raise FeedbackError(prefix + "request_id", f"no feedback given (set one of {', '.join(LABEL_KINDS)})")
-        out.append((rid, labels))
-    return out, was_list
 
 
 class ControllerHTTP:
@@ -224,7 +86,7 @@ class ControllerHTTP:
         self._http_metrics(metrics)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.sock = socket.create_server((host, port), family=family, backlog=128)
-        self.server = _Listening(self.sock)  # ``server_address`` and ``server_close()``, as before
+        self.server = Listening(self.sock)  # ``server_address`` and ``server_close()``, as before
         self.thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -341,7 +203,7 @@ class ControllerHTTP:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._conns) >= self.limits.max_connections:
             self.m_rejected.labels("too_many_connections").inc()
-            over = _Conn(reader, writer, self.limits)
+            over = Connection(reader, writer, self.limits)
             try:
                 await over.send(503, {"error": f"too many connections (at most {self.limits.max_connections}); "
                                                "retry later"}, close=True)
@@ -354,7 +216,7 @@ class ControllerHTTP:
         task = asyncio.current_task()
         self._conns.add(task)
         self.m_conns.inc()
-        conn = _Conn(reader, writer, self.limits)
+        conn = Connection(reader, writer, self.limits)
         try:
             while await self._one_request(conn):
                 pass
@@ -367,20 +229,20 @@ class ControllerHTTP:
             self.m_conns.dec()
             writer.close()
 
-    async def _one_request(self, conn: "_Conn") -> bool:
+    async def _one_request(self, conn: Connection) -> bool:
         """Read, check, run and answer one request; False when the connection is to be closed."""
         lim = self.limits
         try:
             head = await conn.read_head()
-        except _Refused as exc:
+        except Refused as exc:
             self.m_rejected.labels(exc.reason).inc()
             await conn.send(exc.status, {"error": exc.message}, close=True)
             return False
         if head is None:
             return False
         try:
-            req = _parse_head(head, lim)
-        except _Refused as exc:
+            req = parse_head(head, lim)
+        except Refused as exc:
             self.m_rejected.labels(exc.reason).inc()
             await conn.send(exc.status, {"error": exc.message}, close=True)
             return False
@@ -401,7 +263,7 @@ class ControllerHTTP:
                 await conn.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 req.body = await conn.read_body(req.length)
-            except _Refused as exc:
+            except Refused as exc:
                 self.m_rejected.labels(exc.reason).inc()
                 await conn.send(exc.status, {"error": exc.message}, close=True)
                 return False
@@ -411,14 +273,14 @@ class ControllerHTTP:
                                                          lim.handler_timeout_s)
         except asyncio.TimeoutError:
             log.error("%s %s: no answer within %.0f s", req.method, req.path, lim.handler_timeout_s)
-            status, body, ctype = 503, _json_body({"error": f"no answer within {lim.handler_timeout_s:g} s; "
+            status, body, ctype = 503, json_body({"error": f"no answer within {lim.handler_timeout_s:g} s; "
                                                             "the controller is busy, retry later"}), "application/json"
             keep = False
         await conn.send_bytes(status, body, ctype, close=not keep)
         conn.answered = True
         return keep
 
-    def _precheck(self, req: "_Request") -> tuple[int, str, str] | None:
+    def _precheck(self, req: RequestHead) -> tuple[int, str, str] | None:
         """Refusals decided from the head alone (before reading the body): (status, reason, message)."""
         lim = self.limits
         if self.auth is not None:
@@ -446,15 +308,15 @@ class ControllerHTTP:
         return None
 
     # ----- the handlers (on the worker pool) -----
-    def _handle(self, req: "_Request") -> tuple[int, bytes, str]:
+    def _handle(self, req: RequestHead) -> tuple[int, bytes, str]:
         try:
             return self._dispatch(req)
         except Exception as exc:  # a bug, not the client's fault: 500 without details, logged
             log.exception("%s %s failed", req.method, req.path)
-            return 500, _json_body({"error": f"internal error ({type(exc).__name__}); see the controller's log"}), \
+            return 500, json_body({"error": f"internal error ({type(exc).__name__}); see the controller's log"}), \
                 "application/json"
 
-    def _dispatch(self, req: "_Request") -> tuple[int, bytes, str]:
+    def _dispatch(self, req: RequestHead) -> tuple[int, bytes, str]:
         """The route table: the longest matching prefix for the method; 405 when only the other method
         has a route there, else 404."""
         path = req.path
@@ -472,7 +334,7 @@ class ControllerHTTP:
 
     @staticmethod
     def _json(status: int, obj: Any) -> tuple[int, bytes, str]:
-        return status, _json_body(obj), "application/json"
+        return status, json_body(obj), "application/json"
 
     # ----- handlers' logic (no HTTP here) -----
     def feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -561,231 +423,6 @@ class ControllerHTTP:
         if sample is not None:
             out["body_sample"] = sample_json(sample)
         return 200, out
-
-
-class _Listening:
-    """What the stdlib server offered callers: ``server_address`` and ``server_close()``."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.server_address = sock.getsockname()
-
-    def server_close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class _Refused(Exception):
-    """A request refused by the front end: HTTP ``status``, a metric ``reason`` and a one-line ``message``."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-
-
-@dataclass
-class _Request:
-    method: str
-    target: str
-    path: str
-    query: dict[str, str]
-    version: str
-    headers: dict[str, str]
-    length: int | None
-    keep_alive: bool
-    peer: str = "?"
-    body: bytes = b""
-    client: str | None = None
-
-
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_METHOD = re.compile(r"^[A-Z]{1,20}$")
-
-
-def _parse_head(head: bytes, lim: HttpLimits) -> _Request:
-    """Request line and headers (strict: one Content-Length, no folding, ASCII target) → :class:`_Request`."""
-    lines = head.split(b"\n")
-    lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise _Refused(400, "bad_request_line", "malformed request line (want: METHOD /path HTTP/1.1)")
-    method_b, target_b, version_b = parts
-    try:
-        method, target, version = method_b.decode("ascii"), target_b.decode("ascii"), version_b.decode("ascii")
-    except UnicodeDecodeError:
-        raise _Refused(400, "bad_request_line", "request line is not ASCII (percent-encode the path)") from None
-    if not _METHOD.match(method):
-        raise _Refused(400, "bad_request_line", f"malformed method {method[:20]!r}")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise _Refused(505 if version.startswith("HTTP/") else 400, "bad_version",
-                       f"HTTP version {version[:20]!r} not supported (HTTP/1.1 or HTTP/1.0)")
-    if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
-        raise _Refused(400, "bad_target", "the request target must be an absolute path such as /v1/feedback")
-    headers: dict[str, str] = {}
-    lengths: set[str] = set()
-    if len(lines) - 1 > lim.max_headers:
-        raise _Refused(431, "too_many_headers", f"more than {lim.max_headers} header lines")
-    for i, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            raise _Refused(400, "bad_header", f"header line {i}: folded header lines are not accepted")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise _Refused(400, "bad_header", f"header line {i}: malformed (want 'Name: value')")
-        key = name.decode("ascii").lower()
-        val = value.strip(b" \t").decode("latin-1")
-        if key == "content-length":
-            lengths.update(v.strip() for v in val.split(","))
-        headers[key] = f"{headers[key]}, {val}" if key in headers else val
-    length = None
-    if lengths:
-        if len(lengths) != 1:
-            raise _Refused(400, "bad_length", "conflicting Content-Length headers")
-        (raw,) = lengths
-        if not raw.isdigit() or not raw.isascii() or len(raw) > 18:
-            raise _Refused(400, "bad_length", f"Content-Length must be a number of bytes, got {raw[:40]!r}")
-        length = int(raw)
-    conn_tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    keep = ("close" not in conn_tokens) if version == "HTTP/1.1" else ("keep-alive" in conn_tokens)
-    split = urllib.parse.urlsplit(target)
-    try:
-        query = dict(urllib.parse.parse_qsl(split.query, max_num_fields=64, errors="replace"))
-    except ValueError:
-        raise _Refused(400, "bad_query", "too many query parameters (at most 64)") from None
-    return _Request(method, target, split.path, query, version, headers, length, keep)
-
-
-class _Conn:
-    """One client connection: buffered reads under deadlines, whole-response writes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: HttpLimits):
-        self.reader, self.writer, self.limits = reader, writer, limits
-        self.buf = bytearray()
-        self.head_only = False
-        self.answered = False  #: a request was answered on this connection (it is kept alive)
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-
-    async def _fill(self, deadline: float) -> bool:
-        """Read more into ``buf`` before ``deadline``; False at end of stream; TimeoutError after it."""
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise TimeoutError
-        data = await asyncio.wait_for(self.reader.read(65536), remaining)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    async def read_head(self) -> bytes | None:
-        """The request head (without the blank line), or None: closed or idle with nothing sent."""
-        lim = self.limits
-        loop = asyncio.get_running_loop()
-        if self.answered and not self.buf:  # kept alive: wait for the next request's first bytes
-            try:
-                if not await self._fill(loop.time() + lim.keepalive_timeout_s):
-                    return None
-            except TimeoutError:
-                return None  # idle too long: close quietly
-        deadline = loop.time() + lim.head_timeout_s
-        while True:
-            while self.buf[:1] in (b"\r", b"\n"):  # blank lines before a request are allowed
-                del self.buf[:1]
-            end = self.buf.find(b"\n\r\n")
-            end2 = self.buf.find(b"\n\n")
-            if end >= 0 and (end2 < 0 or end < end2):
-                head, rest = bytes(self.buf[:end]), end + 3
-            elif end2 >= 0:
-                head, rest = bytes(self.buf[:end2]), end2 + 2
-            else:
-                head = None
-            if head is not None:
-                if len(head) > lim.max_head_bytes:
-                    raise _Refused(431, "head_too_large", f"request head larger than {lim.max_head_bytes} bytes")
-                del self.buf[:rest]
-                return head
-            if len(self.buf) > lim.max_head_bytes:
-                raise _Refused(431, "head_too_large", f"request head larger than {lim.max_head_bytes} bytes")
-            try:
-                more = await self._fill(deadline)
-            except TimeoutError:
-                if not self.buf:
-                    return None  # an idle kept-alive connection: close it quietly
-                raise _Refused(408, "head_timeout", f"request head not complete within "
-                                                    f"{lim.head_timeout_s:g} s") from None
-            if not more:
-                if self.buf:
-                    raise _Refused(400, "short_head", "connection closed in the middle of the request head")
-                return None
-
-    async def read_body(self, length: int) -> bytes:
-        lim = self.limits
-        deadline = asyncio.get_running_loop().time() + lim.body_timeout_s
-        while len(self.buf) < length:
-            try:
-                more = await self._fill(deadline)
-            except TimeoutError:
-                raise _Refused(408, "body_timeout", f"body not received within {lim.body_timeout_s:g} s "
-                                                    f"(got {len(self.buf)} of {length} bytes)") from None
-            if not more:
-                raise _Refused(400, "short_body", f"body shorter than its Content-Length (got {len(self.buf)} "
-                                                  f"of {length} bytes before the client stopped sending)")
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return body
-
-    async def linger(self, seconds: float = 2.0) -> None:
-        """After answering without reading the body: stop writing, then read and discard what the client still
-        sends (up to ``seconds`` and twice the body limit), so it can read the answer instead of a reset."""
-        try:
-            self.writer.write_eof()
-        except (OSError, RuntimeError):
-            return
-        loop = asyncio.get_running_loop()
-        deadline, budget = loop.time() + seconds, 2 * self.limits.max_body_bytes
-        self.buf.clear()
-        try:
-            while budget > 0 and (remaining := deadline - loop.time()) > 0:
-                data = await asyncio.wait_for(self.reader.read(65536), remaining)
-                if not data:
-                    return
-                budget -= len(data)
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError):
-            return
-
-    async def write_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-        await asyncio.wait_for(self.writer.drain(), self.limits.write_timeout_s)
-
-    async def send(self, status: int, obj: Any, close: bool = False, extra: tuple = ()) -> None:
-        await self.send_bytes(status, _json_body(obj), "application/json", close, extra)
-
-    async def send_bytes(self, status: int, body: bytes, ctype: str, close: bool = False, extra: tuple = ()) -> None:
-        try:
-            await self.write_raw(_response(status, body, ctype, close, self.head_only, extra))
-        except (ConnectionError, OSError):
-            pass
-
-
-def _json_body(obj: Any) -> bytes:
-    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-
-
-def _response(status: int, body: bytes, ctype: str, close: bool, head_only: bool, extra: tuple = ()) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Status"
-    lines = [f"HTTP/1.1 {status} {phrase}", "Server: lockgate-controller", f"Content-Type: {ctype}",
-             f"Content-Length: {len(body)}"]
-    if close:
-        lines.append("Connection: close")
-    lines.extend(f"{k}: {v}" for k, v in extra)
-    out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return out if head_only else out + body
 
 
 __all__ = ["ControllerHTTP", "FeedbackError", "HttpLimits", "parse_feedback"]

@@ -62,7 +62,16 @@ def test_every_registered_route_is_described(tmp_path):
         assert {"200", "207", "400", "404", "409", "410", "413", "503"} <= set(fb["responses"])
         assert doc["paths"]["/v1/extra"]["get"]["parameters"][0]["name"] == "x"
         assert "security" not in doc  # auth off
-        assert {"/metrics", "/healthz", "/openapi.json", "/v1/rollouts", "/v1/rollouts/start"} <= set(doc["paths"])
+        assert {"/metrics", "/healthz", "/openapi.json", "/v1/rollouts", "/v1/rollouts/start",
+                "/v1/rollouts/{model}/{action}"} <= set(doc["paths"])
+        # the rollout routes describe their bodies, parameters and answers
+        act = doc["paths"]["/v1/rollouts/{model}/{action}"]["post"]
+        assert [p["name"] for p in act["parameters"]] == ["model", "action"]
+        assert "actor" in act["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        start = doc["paths"]["/v1/rollouts/start"]["post"]
+        assert start["requestBody"]["content"]["application/json"]["schema"]["required"] == ["spec"]
+        assert {"200", "400", "409", "504"} <= set(start["responses"])
+        assert doc["paths"]["/v1/rollouts"]["get"]["parameters"][0]["name"] == "model"
     finally:
         api.stop()
         store.close()

@@ -16,6 +16,7 @@ import asyncio
 import json
 from typing import Collection
 
+from lockgate.controller.api.openapi import RouteDoc
 from lockgate.controller.decide.actions import ACTIONS
 from lockgate.controller.decide.promoter import RolloutError
 from lockgate.controller.decide.rollouts import RolloutConflict
@@ -23,8 +24,18 @@ from lockgate.controller.ports import RolloutCommands
 from lockgate.yamlconf import type_name
 
 CALL_TIMEOUT_S = 60.0  #: a rollout call that takes longer is answered 504 (the work may still complete)
+_ACTOR = {"type": "string", "maxLength": 200,
+          "description": "who did it (ignored when the API requires tokens: the client's name is recorded)"}
+#: JSON Schema of ``POST /v1/rollouts/start`` (for /openapi.json)
+START_SCHEMA = {"type": "object", "required": ["spec"],
+                "properties": {"spec": {"type": "string", "description": "the rollout spec's YAML text"},
+                               "source": {"type": "string", "maxLength": 500,
+                                          "description": "its file name, for messages and the log"},
+                               "actor": _ACTOR}}
+#: JSON Schema of ``POST /v1/rollouts/{model}/{action}`` (an empty body is allowed)
+ACTION_SCHEMA = {"type": "object", "properties": {"actor": _ACTOR}}
 
-__all__ = ["CALL_TIMEOUT_S", "register_routes"]
+__all__ = ["ACTION_SCHEMA", "CALL_TIMEOUT_S", "START_SCHEMA", "register_routes"]
 
 
 def _json_object(body: bytes, shape: str) -> dict:
@@ -104,6 +115,16 @@ def register_routes(http, commands: RolloutCommands, loop: asyncio.AbstractEvent
         req = _json_object(body, '{"actor": …} (or an empty body)')
         return 200, call(commands.action(parts[2], parts[3], _actor(req, client)))
 
-    http.add_route("POST", "/v1/rollouts/start", guard(start))
-    http.add_route("GET", "/v1/rollouts", guard(status))
-    http.add_route("POST", "/v1/rollouts", guard(act))
+    errors = {400: "malformed, naming what is wrong", 409: "conflict: another rollout of the model is active, "
+              "or the rollout's status moved on", 504: "the controller did not answer in time"}
+    http.add_route("POST", "/v1/rollouts/start", guard(start), RouteDoc(
+        "start a rollout from a rollout spec (lockgate rollout start)",
+        "The spec is validated whole (every problem named with line and field) before anything changes.",
+        request_schema=START_SCHEMA, responses={200: "the rollout, its plan and warnings", **errors}))
+    http.add_route("GET", "/v1/rollouts", guard(status), RouteDoc(
+        "status of the latest rollout of each model (lockgate rollout status)",
+        query={"model": "only this model"}, responses={200: "the rollouts", 404: "unknown model"}))
+    http.add_route("POST", "/v1/rollouts", guard(act), RouteDoc(
+        "pause, resume, abort or promote a model's active rollout",
+        paths=("/v1/rollouts/{model}/{action}",), request_schema=ACTION_SCHEMA,
+        responses={200: "done: the rollout after the action", 404: "no such endpoint or model", **errors}))

@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
-    add("up", cmd_up, "run Envoy, ext_proc and xDS until Ctrl-C")
+    add("up", cmd_up, "run the data path (xDS, ext_proc, Envoy) first, then the controller, until Ctrl-C")
     add("xds", cmd_xds, "run the xDS server (and control API) alone")
     sp = add("extproc", cmd_extproc, "run the ext_proc server alone")
     sp.add_argument("--index", type=int, default=0, help="which of extproc_processes (port = extproc.port + index)")

@@ -1,7 +1,7 @@
 """``make demo``: a whole rollout story on one machine, live, on a compressed clock.
 
 Starts the bundled example model servers (each version a real, different server), ``lockgate up``
-(controller, xDS, ext_proc, real Envoy) on ``examples/lockgate.yaml``, a traffic generator with
+(xDS, ext_proc and a real Envoy first, then the controller) on ``examples/lockgate.yaml``, a traffic generator with
 many sticky users and a delayed-feedback poster, then plays two rollouts at once:
 
 * **good**: chat v2 ramps 1 → 5 → 20 → 50 → 100 % and is promoted on evidence;

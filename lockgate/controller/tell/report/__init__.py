@@ -25,8 +25,9 @@ from html import escape
 from pathlib import Path
 from typing import Sequence
 
-from lockgate.controller.tell.history import (allowance_state, describe, fmt_duration, fmt_line, fmt_ts, load,
-                                         on_exceedance_scale, open_log, rollback_line, scale_suffix, verdict_label)
+from lockgate.controller.tell.history import describe, fmt_duration, fmt_ts, load, open_log
+from lockgate.controller.tell.verdicts import html_table as verdict_table
+from lockgate.controller.tell.verdicts import is_gating, on_exceedance_scale, rollback_line, scale_suffix
 from lockgate.controller.tell.report.charts import (BASELINE, CANARY, HARM, ZERO, Band, Figure, HLine, Marker, Panel,
                                                Series, Span, fmt_elapsed, layout, to_svg)
 from lockgate.controller.tell.report.png import to_png
@@ -58,10 +59,10 @@ def _fin(x) -> float | None:
 def main_metric(r: Rollout, evaluations: Sequence[dict]) -> str | None:
     last = (r.last_eval or (evaluations[-1]["judgement"] if evaluations else {})).get("verdicts", [])
     for v in last:
-        if v.get("gating") and v.get("verdict") == "fail":
+        if is_gating(v) and v.get("verdict") == "fail":
             return v["metric"]
     for v in last:
-        if v.get("gating"):
+        if is_gating(v):
             return v["metric"]
     names = _metric_names(evaluations)
     return names[0] if names else None
@@ -171,7 +172,7 @@ def metric_panels(d: ReportData, metric: str) -> list[Panel]:
 
 
 def metric_figure(d: ReportData, metric: str) -> Figure:
-    gating = any(v.get("gating") for v in d.series(metric)["verdicts"])
+    gating = any(is_gating(v) for v in d.series(metric)["verdicts"])
     return Figure(f"{metric}{'' if gating else ' (informational)'}", 0.0, d.t1, metric_panels(d, metric),
                   d.markers, d.spans, fmt_elapsed, attrs={"data-figure": metric})
 
@@ -227,27 +228,6 @@ document.body.setAttribute('data-charts',String(document.querySelectorAll('svg.c
 
 def _n(x, fmt="{:.4g}") -> str:
     return "-" if x is None else fmt.format(x)
-
-
-def verdict_table(verdicts: Sequence[dict], cls: str = "verdicts") -> str:
-    """``allowed`` is the rollback line (signed: the allowed change in the harmful direction); the verdict
-    says where the interval lies against it (fail: beyond the allowance, pass: within it)."""
-    rows = ["<tr><th>metric</th><th>verdict</th><th>baseline</th><th>canary</th><th>difference</th>"
-            "<th>interval (canary−baseline)</th><th>allowed (rollback line)</th><th>n baseline / canary</th>"
-            "<th>reason</th></tr>"]
-    for v in verdicts:
-        lo, hi = v.get("interval") or (None, None)
-        exc = escape(scale_suffix(v)) if on_exceedance_scale(v) else ""
-        verdict = escape(str(v.get("verdict")))
-        rows.append(
-            f"<tr class='verdict-row'><td>{escape(v['metric'])}{'' if v.get('gating') else ' <i>(info)</i>'}</td>"
-            f"<td class='v-{verdict}' title='{escape(allowance_state(v))}'>{escape(verdict_label(v))}</td>"
-            f"<td class='num'>{_n(v.get('baseline'))}</td><td class='num'>{_n(v.get('canary'))}</td>"
-            f"<td class='num'>{_n(v.get('difference'))}{exc}</td><td class='num'>[{_n(lo)}, {_n(hi)}]{exc}</td>"
-            f"<td class='num allowed'>{escape(fmt_line(v))}</td>"
-            f"<td class='num'>{v.get('n_baseline', 0)} / {v.get('n_canary', 0)}</td>"
-            f"<td>{escape(str(v.get('reason', '')))}</td></tr>")
-    return f"<table class='{cls}'>{''.join(rows)}</table>"
 
 
 def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], now: float | None = None,

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from lockgate.yamlconf import Fields
 
 
+#: ``capture.mode``: how Envoy runs lockgate's ext_proc filter (docs/observations.md, "Capture modes")
+CAPTURE_MODES = ("inline", "observability")
 #: roles whose responses ``capture.retain_bodies`` may keep
 RETAIN_ROLES = ("baseline", "canary")
 #: ``retain_bodies.max_bytes`` × ``batch_size`` stays under this, so a batch fits the controller's gRPC limit
@@ -36,7 +38,13 @@ class CaptureConfig:
     to whichever list is in force. ``queue_size`` bounds observations waiting for the controller
     (beyond it they are dropped and counted); ``batch_size`` is the most sent in one call;
     ``flush_interval_s`` is how long the ext_proc collects a batch before sending it (seconds; a full
-    batch goes at once). ``retain_bodies`` None = no response body is kept (the default)."""
+    batch goes at once). ``retain_bodies`` None = no response body is kept (the default).
+
+    ``mode``: ``inline`` (Envoy waits for the ext_proc's answer to each message, up to
+    ``extproc_message_timeout_ms``; a late answer is counted by Envoy as a message timeout) or
+    ``observability`` (Envoy's ``observability_mode``: it sends the messages and never waits; after the
+    response it keeps the stream open up to ``deferred_close_ms`` for the ext_proc to read them).
+    The QA override's token check runs in a separate, waiting ext_proc filter in both modes."""
 
     max_body_bytes: int = 1 << 20
     refusal_patterns: tuple[str, ...] | None = None
@@ -45,6 +53,8 @@ class CaptureConfig:
     batch_size: int = 500
     flush_interval_s: float = 0.1
     retain_bodies: RetainBodies | None = None
+    mode: str = "inline"
+    deferred_close_ms: int = 5000
 
 
 def _retain_bodies(sub: Fields, batch_size: int) -> RetainBodies | None:
@@ -106,7 +116,12 @@ def _capture(f: Fields) -> CaptureConfig:
     batch = sub.int("batch_size", d.batch_size, min=1, max=100_000)
     flush = sub.float("flush_interval_s", d.flush_interval_s, min=0.001, max=60.0)
     retain = _retain_bodies(sub, batch or d.batch_size)
+    mode = sub.str("mode", d.mode)
+    if mode not in CAPTURE_MODES:
+        sub.errors.add(sub.path + ("mode",), f"must be one of {', '.join(CAPTURE_MODES)}, got {mode!r}")
+        mode = d.mode
+    deferred = sub.int("deferred_close_ms", d.deferred_close_ms, min=1, max=600_000)
     sub.finish()
     return CaptureConfig(max_body if max_body is not None else d.max_body_bytes, lists.get("refusal_patterns"),
                          lists.get("extra_refusal_patterns", ()), queue or d.queue_size, batch or d.batch_size,
-                         flush or d.flush_interval_s, retain)
+                         flush or d.flush_interval_s, retain, mode, deferred or d.deferred_close_ms)

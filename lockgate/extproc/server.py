@@ -128,6 +128,9 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         self.shipper = shipper
         self.metrics = metrics
         self.qa = QACheck(config.qa_override, metrics) if config.qa_override is not None else None
+        #: capture.mode observability: Envoy does not wait for (and ignores) answers to response messages,
+        #: so none are sent; the QA check (request headers, its own waiting filter) is still answered
+        self.observe = config.capture.mode == "observability"
 
     def _done(self, cap: ResponseCapture, end_of_stream: bool, owed: bool = False) -> None:
         obs = cap.finish(time.time(), end_of_stream)
@@ -150,6 +153,8 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         # The last answer goes out through _send_last and the observation is finished after the
         # handler returned. If the RPC is cancelled at an ``await`` (Envoy or the client went away
         # mid-body), ``finally`` completes the observation with what was fed.
+        if self.observe:
+            return await self._observe(context)
         cap: ResponseCapture | None = None
         ended = False  # end of stream seen (the body is complete)
         read, write = context.read, context.write
@@ -199,6 +204,47 @@ class ExtProcServer(ep_grpc.ExternalProcessorServicer):
         finally:
             if cap is not None:  # cancelled at an await, or the stream ended mid-body
                 self._done(cap, ended, ended)
+
+    async def _observe(self, context) -> None:
+        """``capture.mode: observability``: Envoy sends the response's messages without waiting, so nothing
+        is answered but the QA check; the RPC is ended here at the last message (Envoy would otherwise keep
+        the stream open up to ``capture.deferred_close_ms``). The clock is read when a message is read, as
+        in inline mode, but here Envoy did not wait for it: a backlogged process reads late and the
+        observation's ``ttfb_ms``/``duration_ms`` grow by that backlog (docs/observations.md)."""
+        cap: ResponseCapture | None = None
+        ended = False
+        read = context.read
+        try:
+            while True:
+                req = await read()
+                if req is _EOF:
+                    return
+                which = req.WhichOneof("request")
+                if which == "response_body":
+                    body = req.response_body
+                    if cap is not None:
+                        cap.feed(body.body)
+                    if not body.end_of_stream:
+                        continue
+                elif which == "response_headers":
+                    cap = self._start(req, time.time())
+                    if not req.response_headers.end_of_stream:
+                        continue
+                elif which == "request_headers":  # the QA check filter's stream: it waits for this answer
+                    await context.write(self.qa.answer(req.request_headers) if self.qa is not None
+                                        else _CONTINUE_REQUEST_HEADERS)
+                    continue
+                elif which != "response_trailers":
+                    log.debug("unexpected ext_proc message %s", which)
+                    continue
+                ended = True
+                if cap is not None:
+                    self._done(cap, True)
+                    cap = None
+                return
+        finally:
+            if cap is not None:  # cancelled, or the stream ended mid-body
+                self._done(cap, ended)
 
 
 class QACheck:

@@ -53,7 +53,11 @@ WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
 LISTENER_NAME = "lockgate"
 ROUTE_CONFIG_NAME = "lockgate"
 EXTPROC_CLUSTER = "lockgate_extproc"  # static cluster in the bootstrap (see envoy/bootstrap.yaml.tmpl)
-SAMPLER_CLUSTER = "lockgate_sampler"  # static cluster: the controller's sampler (docs/evaluation.md)
+SAMPLER_CLUSTER = "lockgate_sampler"
+#: the QA override's token check filter (an ext_proc filter of its own, see :func:`qa_check_filter`); the
+#: capture filter keeps the name :data:`lockgate.routing.EXTPROC_FILTER` (its attributes' namespace)
+QA_CHECK_FILTER = "lockgate.qa_check"
+SAMPLER_CLUSTER_ = None  # static cluster: the controller's sampler (docs/evaluation.md)
 
 
 def _any(msg: Message) -> any_pb2.Any:
@@ -73,13 +77,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def processing_mode(request_headers: bool) -> processing_mode_pb2.ProcessingMode:
-    """What Envoy sends lockgate's ext_proc: response headers and STREAMED body chunks (each chunk passes
-    on as soon as ext_proc answers; SSE is never held back); request headers only on the QA check route."""
+def processing_mode() -> processing_mode_pb2.ProcessingMode:
+    """What Envoy sends lockgate's capture filter: response headers and STREAMED body chunks (each chunk
+    passes on as soon as it is sent, and, in ``inline`` mode, answered; SSE is never held back)."""
     mode = processing_mode_pb2.ProcessingMode
-    return mode(request_header_mode=mode.SEND if request_headers else mode.SKIP, response_header_mode=mode.SEND,
-                request_body_mode=mode.NONE, response_body_mode=mode.STREAMED, request_trailer_mode=mode.SKIP,
-                response_trailer_mode=mode.SKIP)
+    return mode(request_header_mode=mode.SKIP, response_header_mode=mode.SEND, request_body_mode=mode.NONE,
+                response_body_mode=mode.STREAMED, request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP)
+
+
+def qa_check_mode() -> processing_mode_pb2.ProcessingMode:
+    """What the QA check filter sends on the ``<model>/qa/*`` route: the request headers, nothing else."""
+    mode = processing_mode_pb2.ProcessingMode
+    return mode(request_header_mode=mode.SEND, response_header_mode=mode.SKIP, request_body_mode=mode.NONE,
+                response_body_mode=mode.NONE, request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP)
 
 
 def access_log(cluster_name: str) -> alc.AccessLog:
@@ -108,17 +118,47 @@ def access_log(cluster_name: str) -> alc.AccessLog:
         typed_config=_any(config))
 
 
-def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
+def _extproc_service() -> grpc_service_pb2.GrpcService:
+    return grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER))
+
+
+def capture_filter(config: LockgateConfig) -> ext_proc_pb2.ExternalProcessor:
+    """The capture filter (``capture.mode``, docs/observations.md "Capture modes"). ``inline``: Envoy waits
+    for each answer up to ``extproc_message_timeout_ms``, then lets the response pass and counts a message
+    timeout. ``observability``: Envoy's ``observability_mode`` — messages are sent and never waited for
+    (the ext_proc server does not answer them); after the response, the stream stays open up to
+    ``capture.deferred_close_ms`` for the server to read it (the server ends it itself at the last message).
+    Either way ``failure_mode_allow``: a dead ext_proc never fails a request."""
+    cap = config.capture
     ext_proc = ext_proc_pb2.ExternalProcessor(
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
-        failure_mode_allow=True,  # a dead ext_proc never fails a request
+        grpc_service=_extproc_service(),
+        failure_mode_allow=True,
         message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
-        processing_mode=processing_mode(request_headers=False),
+        processing_mode=processing_mode(),
         response_attributes=response_attributes(key_headers(config)),
         stat_prefix="lockgate")
-    if config.qa_override is not None:  # the QA token check (build_routes) answers with lockgate.qa metadata
-        ext_proc.metadata_options.receiving_namespaces.untyped.append(QA_METADATA_NS)
+    if cap.mode == "observability":
+        ext_proc.observability_mode = True
+        ext_proc.deferred_close_timeout.CopyFrom(_duration(cap.deferred_close_ms / 1000))
+    return ext_proc
+
+
+def qa_check_filter(config: LockgateConfig) -> ext_proc_pb2.ExternalProcessor:
+    """The QA override's token check: a second ext_proc filter, off except on ``<model>/qa/*`` routes
+    (:func:`qa_routes`), that always waits for its answer (header removal, route-cache clear, metadata) —
+    whatever ``capture.mode`` is, since an observability-mode filter cannot mutate a request. Its own
+    ``stat_prefix`` keeps its counters apart from capture's (a QA check is not an observation)."""
+    ext_proc = ext_proc_pb2.ExternalProcessor(
+        grpc_service=_extproc_service(),
+        failure_mode_allow=True,  # no answer: the request stays on qa/*, which answers 503
+        message_timeout=_duration(config.extproc_message_timeout_ms / 1000),
+        processing_mode=qa_check_mode(),
+        stat_prefix="lockgate_qa")
+    ext_proc.metadata_options.receiving_namespaces.untyped.append(QA_METADATA_NS)
+    return ext_proc
+
+
+def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
     limits = config.limits
     manager = hcm.HttpConnectionManager(
         stat_prefix="lockgate",
@@ -136,7 +176,10 @@ def build_listener(config: LockgateConfig) -> listener_pb2.Listener:
             *([hcm.HttpFilter(name="envoy.filters.http.buffer", typed_config=_any(buffer_pb2.Buffer(
                 max_request_bytes=wrappers_pb2.UInt32Value(value=limits.max_request_body_bytes))))]
               if limits.max_request_body_bytes else []),
-            hcm.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
+            # disabled by default: the qa/* routes enable it (typed_per_filter_config)
+            *([hcm.HttpFilter(name=QA_CHECK_FILTER, typed_config=_any(qa_check_filter(config)), disabled=True)]
+              if config.qa_override is not None else []),
+            hcm.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(capture_filter(config))),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
         # what one request may cost (lockgate.yaml limits:): Envoy answers 431 / 408 / 413
@@ -227,8 +270,9 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
     """The QA override (``qa_override``) of one model, without the token in Envoy's config.
 
     Routes are readable in Envoy's ``/config_dump``, so they never hold the QA token. A request that
-    carries both QA headers takes ``<model>/qa/*``, whose per-route ext_proc override sends its request
-    headers to lockgate's ext_proc — only these requests pay that round trip. The ext_proc compares
+    carries both QA headers takes ``<model>/qa/*``, which enables the QA check filter
+    (:func:`qa_check_filter`): it sends the request headers to lockgate's ext_proc and waits for the
+    answer — only these requests pay that round trip, in either ``capture.mode``. The ext_proc compares
     the token's sha256 in constant time, removes the token header and clears the route cache; on a
     match it first sets dynamic metadata ``lockgate.qa: {version: <version header>}``. Routed again,
     the request takes ``<model>/qa/<version>`` (matched on that metadata, which no client can set) or,
@@ -245,15 +289,14 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
             value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=version))))
         out.append(rc.Route(name=qa_route_name(model.name, version), match=match,
                             route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
-    check = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(
-        processing_mode=processing_mode(request_headers=True)))
+    check = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(processing_mode=qa_check_mode()))
     out.append(rc.Route(
         name=qa_route_name(model.name, None),
         match=_match(model, [rc.HeaderMatcher(name=qa.token_header, present_match=True),
                              rc.HeaderMatcher(name=qa.version_header, present_match=True)]),
         direct_response=rc.DirectResponseAction(status=503, body=base_pb2.DataSource(
             inline_string="lockgate: the QA override could not be checked (ext_proc unavailable)\n")),
-        typed_per_filter_config={EXTPROC_FILTER: _any(check)}))
+        typed_per_filter_config={QA_CHECK_FILTER: _any(check)}))
     return out
 
 

@@ -68,6 +68,9 @@ def test_config_default_off_and_values():
     ("  retain_bodies:\n    sample: 0.1\n", "lockgate.yaml:8:13: capture.retain_bodies.sample",
      "unknown field (known: max_bytes, max_count, roles, sample_rate)"),
     ("  retain_bodies: yes\n", "lockgate.yaml:7:18: capture.retain_bodies", "must be a mapping"),
+    ("  mode: fire-and-forget\n", "lockgate.yaml:7:9: capture.mode",
+     "must be one of inline, observability, got 'fire-and-forget'"),
+    ("  deferred_close_ms: 0\n", "lockgate.yaml:7:22: capture.deferred_close_ms", "must be between 1 and 600000"),
     ("  batch_size: 500\n  retain_bodies: {max_bytes: 1048576}\n",
      "lockgate.yaml:8:30: capture.retain_bodies.max_bytes", "max_bytes × capture.batch_size"),
 ])

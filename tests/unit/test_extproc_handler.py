@@ -132,3 +132,48 @@ def test_a_response_of_no_lockgate_model_is_answered_and_not_observed(tmp_path):
     ctx = Context(msgs)
     assert asyncio.run(run(srv, ctx))
     assert len(ctx.answers) == 3 and sink.got == []
+
+
+# ------------------------------------------------------------------ capture.mode: observability
+OBSERVE = "capture:\n  mode: observability\n"
+
+
+def test_observability_mode_answers_nothing_and_yields_the_same_observation(tmp_path):
+    inline, inline_sink = server(tmp_path / "a")
+    assert asyncio.run(run(inline, Context(messages("v2", "r1", BODY, 3))))
+    srv, sink = server(tmp_path / "b", OBSERVE)
+    msgs = messages("v2", "r1", BODY, 3)
+    ctx = Context(msgs + [msgs[1]])
+    assert asyncio.run(run(srv, ctx))
+    assert ctx.answers == []  # Envoy does not wait for (and ignores) answers in observability mode
+    assert ctx.reads == 4  # the RPC ends at the last message: Envoy need not hold it to deferred_close
+    (o,), (i,) = sink.got, inline_sink.got
+    for field in ("request_id", "version", "role", "status_code", "output_tokens", "finish_reason", "parse_error",
+                  "response_bytes", "user_key"):
+        assert getattr(o, field) == getattr(i, field), field
+
+
+def test_observability_mode_cut_stream_and_bodiless_response(tmp_path):
+    srv, sink = server(tmp_path, OBSERVE)
+    assert not asyncio.run(run(srv, Context(messages("v2", "r-cut", BODY, 4), cancel_after=3)))
+    (h,) = messages("v1", "r-204", b"", 1)[:1]
+    h.response_headers.headers.headers[0].CopyFrom(base_pb2.HeaderValue(key=":status", raw_value=b"204"))
+    h.response_headers.end_of_stream = True
+    ctx = Context([h])
+    assert asyncio.run(run(srv, ctx)) and ctx.answers == []
+    cut, bodiless = sink.got
+    assert cut.request_id == "r-cut" and cut.parse_error and cut.response_bytes == 2 * -(-len(BODY) // 4)
+    assert (bodiless.request_id, bodiless.status_code) == ("r-204", 204)
+
+
+def test_observability_mode_still_answers_the_qa_check(tmp_path):
+    srv, sink = server(tmp_path, OBSERVE + "qa_override: {token: qa-secret-token-0123456789}\n")
+    req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key="x-lockgate-qa-token", raw_value=b"qa-secret-token-0123456789"),
+        base_pb2.HeaderValue(key="x-lockgate-version", raw_value=b"v2")])))
+    ctx = Context([req])
+    assert asyncio.run(run(srv, ctx))
+    (a,) = ctx.answers
+    assert a.request_headers.response.clear_route_cache
+    assert a.dynamic_metadata.fields["lockgate.qa"].struct_value.fields["version"].string_value == "v2"
+    assert sink.got == []

@@ -14,7 +14,7 @@ from lockgate.extproc import keys
 from lockgate.routing import CanaryWeight, parse_cluster_name
 from lockgate.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, build_resources
 
-CFG = config_from_text("""
+CFG_TEXT = """
 qa_override: {token: "0123456789abcdef-token"}
 sticky_keys: [{header: x-user-id}, {cookie: sid}, {client_ip: {}}]
 models:
@@ -22,7 +22,8 @@ models:
      versions: {v1: {endpoints: ["127.0.0.1:1"]}, v2: {endpoints: ["127.0.0.1:2"]}}}
   - {name: cls, stable: a, sticky_keys: [{header: x-s}],
      versions: {a: {endpoints: ["127.0.0.1:3"]}, b: {endpoints: ["127.0.0.1:4"]}}}
-""")
+"""
+CFG = config_from_text(CFG_TEXT)
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", min_size=1, max_size=20)
 
@@ -93,8 +94,9 @@ def test_canary_first_total_fixed_and_salted_per_canary():
                                                                        "x-lockgate-version": True}
     assert check.direct_response.status == 503
     per_route = ext_proc_pb2.ExtProcPerRoute()
-    check.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(per_route)
+    check.typed_per_filter_config["lockgate.qa_check"].Unpack(per_route)  # enables the QA check filter
     assert per_route.overrides.processing_mode.request_header_mode == processing_mode_pb2.ProcessingMode.SEND
+    assert per_route.overrides.processing_mode.response_header_mode == processing_mode_pb2.ProcessingMode.SKIP
     assert list(rs).index("chat/qa/*") < list(rs).index("chat/key/0")
     assert set(rc.virtual_hosts[0].request_headers_to_remove) == {"x-lockgate-qa-token", "x-lockgate-version",
                                                                  "x-lockgate-replay"}
@@ -143,3 +145,37 @@ def test_request_time_parsing_matches_protobuf_for_envoy_and_other_layouts():
     assert _epoch(struct_pb2.Value(string_value="not a time")) is None
     assert _epoch(struct_pb2.Value(number_value=12.5)) == 12.5
     assert _epoch(None) is None
+
+
+def _filters(cfg):
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    listener = build_resources(cfg, {})["type.googleapis.com/envoy.config.listener.v3.Listener"]["lockgate"]
+    manager = hcm.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    out = {}
+    for f in manager.http_filters:
+        if f.typed_config.type_url.endswith("ExternalProcessor"):
+            ep = ext_proc_pb2.ExternalProcessor()
+            f.typed_config.Unpack(ep)
+            out[f.name] = (ep, f.disabled)
+    return out
+
+
+def test_capture_modes_and_the_qa_check_filter():
+    mode = processing_mode_pb2.ProcessingMode
+    inline = _filters(CFG)
+    (cap, off), (qa, qa_off) = inline["envoy.filters.http.ext_proc"], inline["lockgate.qa_check"]
+    assert not off and not cap.observability_mode and cap.failure_mode_allow
+    assert (cap.processing_mode.request_header_mode, cap.processing_mode.response_body_mode) == (mode.SKIP, mode.STREAMED)
+    # the QA check: off unless a qa/* route enables it, always waited for, request headers only, own stats
+    assert qa_off and not qa.observability_mode and qa.failure_mode_allow and qa.stat_prefix == "lockgate_qa"
+    assert qa.processing_mode.request_header_mode == mode.SEND
+    assert qa.processing_mode.response_header_mode == mode.SKIP
+    assert list(qa.metadata_options.receiving_namespaces.untyped) == ["lockgate.qa"]
+    obs_cfg = config_from_text(CFG_TEXT + "capture: {mode: observability, deferred_close_ms: 2500}\n")
+    observe = _filters(obs_cfg)
+    (cap, _), (qa, _) = observe["envoy.filters.http.ext_proc"], observe["lockgate.qa_check"]
+    assert cap.observability_mode and cap.deferred_close_timeout.ToMilliseconds() == 2500
+    assert cap.stat_prefix == "lockgate" and cap.processing_mode.response_body_mode == mode.STREAMED
+    assert not qa.observability_mode

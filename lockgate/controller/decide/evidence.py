@@ -51,13 +51,23 @@ def rollout_columns(observations: ObservationSource, config: LockgateConfig, rol
 def judge(observations: ObservationSource, config: LockgateConfig, rollout: Rollout, spec: RolloutSpec,
           now: float) -> tuple[Any, dict, int]:
     """The judgement of ``rollout`` at ``now``, its JSON summary (verdicts, plan text, traffic, sample
-    counts) and the canary samples seen in the current stage."""
+    counts) and the canary samples seen in the current stage: the full path (every stored row re-read;
+    :class:`.accumulator.LiveEvidence` gives the same incrementally)."""
     data = rollout_columns(observations, config, rollout)
     judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
     ts = np.asarray(data.get("ts", []), dtype=float)
     role = np.asarray(data.get("role", []), dtype=object)
-    in_stage = analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now)
-    rate = analysis.request_rate_per_hour(ts, now)
+    traffic = {"in_stage": analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now),
+               "requests_per_hour": analysis.request_rate_per_hour(ts, now),
+               "n_baseline": int(np.count_nonzero(role == "baseline")),
+               "n_canary": int(np.count_nonzero(role == "canary"))}
+    return judgement, summarize(judgement, spec, rollout, traffic), traffic["in_stage"]
+
+
+def summarize(judgement: Any, spec: RolloutSpec, rollout: Rollout, traffic: dict) -> dict:
+    """The JSON summary recorded with an evaluation: the judgement, plan text and ``traffic``
+    (``in_stage``, ``requests_per_hour``, ``n_baseline``, ``n_canary``)."""
+    rate = traffic["requests_per_hour"]
     share = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp / TOTAL_WEIGHT_BP
     plans = analysis.plan(judgement, rate, share)
     label = stage_label(spec, rollout.stage)
@@ -65,10 +75,10 @@ def judge(observations: ObservationSource, config: LockgateConfig, rollout: Roll
     summary["plan"] = [p.text(label, rate) for p in plans]
     summary["plan_hours"] = {p.metric: p.hours for p in plans}
     summary["requests_per_hour"] = rate
-    summary["canary_samples_in_stage"] = in_stage
-    summary["n_baseline"] = int(np.count_nonzero(role == "baseline"))
-    summary["n_canary"] = int(np.count_nonzero(role == "canary"))
-    return judgement, summary, in_stage
+    summary["canary_samples_in_stage"] = traffic["in_stage"]
+    summary["n_baseline"] = traffic["n_baseline"]
+    summary["n_canary"] = traffic["n_canary"]
+    return summary
 
 
 def stable_history(observations: ObservationSource, config: LockgateConfig, model: str, now: float
@@ -100,4 +110,4 @@ def status_plan(spec: RolloutSpec, rollout: Rollout, now: float) -> dict | None:
 
 
 __all__ = ["AUTO_HISTORY_S", "EVAL_COLUMNS", "judge", "rollout_columns", "stable_history", "start_plan",
-           "status_plan"]
+           "status_plan", "summarize"]

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .estimators import DiffEstimate, factorize, stratified_difference
+from .estimators import DiffEstimate, factorize, grouped_differences, stratified_differences
 from .verdict import NO_COUNTS, ArmCounts, MetricSpec, MetricVerdict
 
-__all__ = ["DEFAULT_MIN_CLUSTERS", "Prepared", "arrays_per_request", "check_alpha", "cluster_df", "counts", "estimate",
+__all__ = ["DEFAULT_MIN_CLUSTERS", "Groups", "Prepared", "arm_mean", "cell_sums", "estimates", "arrays_per_request", "check_alpha", "cluster_df", "counts", "estimate",
            "effective_clusters", "prepare", "too_few_users", "undecided"]
 
 DEFAULT_MIN_CLUSTERS = 20
@@ -62,6 +62,66 @@ class Prepared:
     n_st: int
 
 
+@dataclass
+class Groups:
+    """The kept rows of one metric summed per (user, stratum, arm): the sufficient statistics of every
+    variance-based test (no row-level data). One entry per group with at least one row: dense cluster and
+    stratum indices ``cl`` (``0..n_cl-1``) and ``st`` (``0..n_st-1``), ``arm`` (0 baseline / 1 canary),
+    ``n`` (rows, float) and ``s`` (sum of the values). Every function of this module that takes a
+    :class:`Prepared` also takes a :class:`Groups` and gives the same numbers (up to float summation order);
+    ``decide/accumulator.py`` keeps them up to date batch by batch."""
+
+    cl: np.ndarray
+    st: np.ndarray
+    arm: np.ndarray  # intp 0/1
+    n: np.ndarray
+    s: np.ndarray
+    n_cl: int
+    n_st: int
+
+    @property
+    def size(self) -> int:
+        """Rows (as :attr:`Prepared.y`'s size)."""
+        return int(self.n.sum())
+
+
+def estimates(p: "Prepared | Groups", cs: tuple[float, ...], binary: bool) -> list[DiffEstimate | None]:
+    """:func:`~.estimators.stratified_differences` of ``p`` for the contrasts ``cs``."""
+    if isinstance(p, Groups):
+        return grouped_differences(p.cl, p.st, p.arm, p.n, p.s, p.n_cl, p.n_st, cs=cs, binary=binary)
+    return stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=cs, binary=binary)
+
+
+def cell_sums(p: "Prepared | Groups") -> tuple[np.ndarray, np.ndarray]:
+    """Rows and sums of the values per (stratum, arm): two ``(n_st, 2)`` arrays."""
+    if isinstance(p, Groups):
+        key = p.st * 2 + p.arm
+        nk = np.bincount(key, weights=p.n, minlength=2 * p.n_st).reshape(p.n_st, 2)
+        ek = np.bincount(key, weights=p.s, minlength=2 * p.n_st).reshape(p.n_st, 2)
+        return nk, ek
+    key = p.st * 2 + p.arm
+    nk = np.bincount(key, minlength=2 * p.n_st).reshape(p.n_st, 2).astype(float)
+    ek = np.bincount(key, weights=p.y, minlength=2 * p.n_st).reshape(p.n_st, 2)
+    return nk, ek
+
+
+def arm_mean(p: "Prepared | Groups", a: int) -> float:
+    """The pooled mean of arm ``a`` (NaN when it has no rows)."""
+    if isinstance(p, Groups):
+        m = p.arm == a
+        n = float(p.n[m].sum())
+        return float(p.s[m].sum() / n) if n > 0 else float("nan")
+    return float(p.y[p.arm == a].mean())
+
+
+def _cluster_counts(p: "Prepared | Groups", a: int) -> np.ndarray:
+    """Rows per cluster in arm ``a`` (length ``n_cl``)."""
+    if isinstance(p, Groups):
+        m = p.arm == a
+        return np.bincount(p.cl[m], weights=p.n[m], minlength=p.n_cl)
+    return np.bincount(p.cl[p.arm == a], minlength=p.n_cl)
+
+
 def prepare(y: np.ndarray, arm: np.ndarray, cl: np.ndarray, st: np.ndarray, keep: np.ndarray) -> Prepared:
     """The rows where ``keep`` is True, with cluster and stratum keys factorized."""
     cl_idx, n_cl = factorize(cl[keep])
@@ -76,12 +136,15 @@ def prepare(y: np.ndarray, arm: np.ndarray, cl: np.ndarray, st: np.ndarray, keep
     )
 
 
-def estimate(p: Prepared, c: float, binary: bool, y: np.ndarray | None = None) -> DiffEstimate | None:
+def estimate(p: "Prepared | Groups", c: float, binary: bool, y: np.ndarray | None = None) -> DiffEstimate | None:
     """The stratified cluster-robust estimate of ``canary - c x baseline`` on ``y`` (default ``p.y``)."""
-    return stratified_difference(p.y if y is None else y, p.arm, p.cl, p.n_cl, p.st, p.n_st, c=c, binary=binary)
+    if isinstance(p, Groups):
+        return estimates(p, (c,), binary)[0]
+    return stratified_differences(p.y if y is None else y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=(c,),
+                                  binary=binary)[0]
 
 
-def effective_clusters(p: Prepared) -> tuple[float, float]:
+def effective_clusters(p: "Prepared | Groups") -> tuple[float, float]:
     """Effective number of users per arm (baseline, canary): ``(sum n_g)^2 / sum n_g^2``.
 
     Equal to the number of users when each sends the same number of requests, much smaller when a
@@ -91,18 +154,18 @@ def effective_clusters(p: Prepared) -> tuple[float, float]:
     """
     out = []
     for a in (0, 1):
-        cnt = np.bincount(p.cl[p.arm == a], minlength=p.n_cl).astype(float)
+        cnt = _cluster_counts(p, a).astype(float)
         ss = float(np.dot(cnt, cnt))
         out.append(float(cnt.sum()) ** 2 / ss if ss > 0 else 0.0)
     return out[0], out[1]
 
 
-def cluster_df(p: Prepared) -> float:
+def cluster_df(p: "Prepared | Groups") -> float:
     """Degrees of freedom of the sandwich variance: effective users of the smaller arm, minus one."""
     return max(min(effective_clusters(p)) - 1.0, 1.0)
 
 
-def too_few_users(p: Prepared, gb: int, gc: int, min_clusters: int) -> str | None:
+def too_few_users(p: "Prepared | Groups", gb: int, gc: int, min_clusters: int) -> str | None:
     """The reason a decision is withheld for lack of (effective) users, or None."""
     eb, ec = effective_clusters(p)
     if min(gb, gc, eb, ec) >= min_clusters:
@@ -111,17 +174,21 @@ def too_few_users(p: Prepared, gb: int, gc: int, min_clusters: int) -> str | Non
             f"({ec:.0f} and {eb:.0f} effective, weighing heavy users; need >= {min_clusters} each)")
 
 
-def counts(p: Prepared) -> ArmCounts:
+def counts(p: "Prepared | Groups") -> ArmCounts:
     """Observations and distinct users per arm."""
-    n_c = int(p.arm.sum())
-    n_b = int(p.arm.size - n_c)
-    gc = int(np.count_nonzero(np.bincount(p.cl[p.arm == 1], minlength=p.n_cl))) if n_c else 0
-    gb = int(np.count_nonzero(np.bincount(p.cl[p.arm == 0], minlength=p.n_cl))) if n_b else 0
+    if isinstance(p, Groups):
+        n_c = int(round(float(p.n[p.arm == 1].sum())))
+        n_b = int(round(float(p.n[p.arm == 0].sum())))
+    else:
+        n_c = int(p.arm.sum())
+        n_b = int(p.arm.size - n_c)
+    gc = int(np.count_nonzero(_cluster_counts(p, 1))) if n_c else 0
+    gb = int(np.count_nonzero(_cluster_counts(p, 0))) if n_b else 0
     return ArmCounts(n_b, n_c, gb, gc)
 
 
 
-def undecided(spec: MetricSpec, alpha: float, reason: str, p: Prepared | None, *, baseline: float | None = None,
+def undecided(spec: MetricSpec, alpha: float, reason: str, p: "Prepared | Groups | None", *, baseline: float | None = None,
               canary: float | None = None) -> MetricVerdict:
     """A ``not-yet`` verdict for lack of data (``reason`` says which), with the counts of ``p`` if any."""
     return MetricVerdict.judged(spec, alpha, counts(p) if p is not None else NO_COUNTS, reason=reason,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["factorize", "DiffEstimate", "stratified_difference", "stratified_differences"]
+__all__ = ["factorize", "DiffEstimate", "grouped_differences", "stratified_difference", "stratified_differences"]
 
 
 def factorize(a: np.ndarray) -> tuple[np.ndarray, int]:
@@ -181,4 +181,73 @@ def stratified_differences(
                 mean_baseline=mean_b,
             )
         )
+    return out
+
+
+def grouped_differences(
+    cl: np.ndarray,
+    st: np.ndarray,
+    arm: np.ndarray,
+    gn: np.ndarray,
+    gs: np.ndarray,
+    n_cl: int,
+    n_st: int,
+    *,
+    cs: tuple[float, ...] = (1.0,),
+    binary: bool = False,
+) -> list[DiffEstimate | None]:
+    """:func:`stratified_differences` from per-(user, stratum, arm) sums instead of rows.
+
+    One entry per group (each ``(cl, st, arm)`` at most once, ``gn > 0``): ``gn`` rows with values summing
+    to ``gs``. A group's summed influence is ``coef (gs - gn mu)``, which is what the row version sums, so
+    the estimate, variance and counts are the same (up to float summation order) at a cost that depends on
+    the number of users and strata, not rows.
+    """
+    cl = np.asarray(cl, dtype=np.intp)
+    arm = np.asarray(arm, dtype=np.intp)
+    gn = np.asarray(gn, dtype=float)
+    gs = np.asarray(gs, dtype=float)
+    key = np.asarray(st, dtype=np.intp) * 2 + arm
+    k2 = 2 * n_st
+    n = np.bincount(key, weights=gn, minlength=k2).reshape(n_st, 2)
+    s = np.bincount(key, weights=gs, minlength=k2).reshape(n_st, 2)
+    n0, n1 = n[:, 0], n[:, 1]
+    valid = (n0 > 0) & (n1 > 0)
+    if not valid.any():
+        return [None] * len(cs)
+    w = np.where(valid, n0 * n1 / np.maximum(n0 + n1, 1.0), 0.0)
+    w = w / w.sum()
+    mu = s / np.maximum(n, 1.0)
+    resid = gs - gn * mu.reshape(-1)[key]
+    valid_g = valid[key // 2]
+    in_c = valid_g & (arm == 1)
+    in_b = valid_g & (arm == 0)
+    cnt_c = np.bincount(cl[in_c], weights=gn[in_c], minlength=n_cl)
+    cnt_b = np.bincount(cl[in_b], weights=gn[in_b], minlength=n_cl)
+    g_c = int(np.count_nonzero(cnt_c))
+    g_b = int(np.count_nonzero(cnt_b))
+    g_all = int(np.count_nonzero(cnt_c + cnt_b))
+    corr = g_all / (g_all - 1.0) if g_all > 1 else 1.0
+    n_c_tot = float(n1.sum())
+    n_b_tot = float(n0.sum())
+    mean_c = float(s[:, 1].sum() / n_c_tot) if n_c_tot > 0 else math.nan
+    mean_b = float(s[:, 0].sum() / n_b_tot) if n_b_tot > 0 else math.nan
+    safe0 = np.maximum(n0, 1.0)
+    safe1 = np.maximum(n1, 1.0)
+    pt = (s + 0.5) / (n + 1.0) if binary else None
+    h = np.minimum(gn / np.maximum(n.reshape(-1)[key], 1.0), 1.0 - 1e-9)
+    scaled = resid / np.sqrt(1.0 - h)
+    out: list[DiffEstimate | None] = []
+    for c in cs:
+        theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
+        coef = np.empty((n_st, 2))
+        coef[:, 0] = np.where(valid, -c * w / safe0, 0.0)
+        coef[:, 1] = np.where(valid, w / safe1, 0.0)
+        g = np.bincount(cl, weights=coef.reshape(-1)[key] * scaled, minlength=n_cl)
+        var = float(np.dot(g, g)) * corr
+        if pt is not None:
+            var = max(var, float(np.sum(coef * coef * n * pt * (1.0 - pt))))
+        out.append(DiffEstimate(estimate=theta, variance=var, n_canary=int(n1[valid].sum()),
+                                n_baseline=int(n0[valid].sum()), clusters_canary=g_c, clusters_baseline=g_b,
+                                mean_canary=mean_c, mean_baseline=mean_b))
     return out

@@ -7,10 +7,9 @@ import math
 
 import numpy as np
 
-from .arms import (DEFAULT_MIN_CLUSTERS, Prepared, arrays_per_request, check_alpha, cluster_df, counts, estimate,
-                   prepare, too_few_users, undecided)
+from .arms import (DEFAULT_MIN_CLUSTERS, Groups, Prepared, arm_mean, arrays_per_request, check_alpha, cluster_df,
+                   counts, estimate, estimates, prepare, too_few_users, undecided)
 from .boundaries import confidence_bounds
-from .estimators import stratified_differences
 from .planning import samples_needed
 from .verdict import MetricSpec, MetricVerdict, allowed_text, finite_or_none, fmt_num, fmt_signed
 
@@ -20,7 +19,7 @@ __all__ = ["difference_verdict", "evaluate_mean"]
 def difference_verdict(
     spec: MetricSpec,
     alpha: float,
-    p: Prepared,
+    p: Prepared | Groups,
     *,
     binary: bool,
     min_clusters: int,
@@ -44,7 +43,7 @@ def difference_verdict(
     relative = spec.allowed_mode == "relative"
     c = 1.0 + h * spec.allowed if relative else 1.0
     if relative and c != 1.0:
-        est, est_r = stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=(1.0, c), binary=binary)
+        est, est_r = estimates(p, (1.0, c), binary)
     else:
         est = estimate(p, 1.0, binary)
         est_r = est
@@ -53,8 +52,8 @@ def difference_verdict(
     if est is None or est_r is None:
         return undecided(
             spec, alpha, "no stage has observations in both canary and baseline yet", p,
-            baseline=finite_or_none(float(p.y[p.arm == 0].mean())) if n_b else None,
-            canary=finite_or_none(float(p.y[p.arm == 1].mean())) if n_c else None,
+            baseline=finite_or_none(arm_mean(p, 0)) if n_b else None,
+            canary=finite_or_none(arm_mean(p, 1)) if n_c else None,
         )
     base, can = est.mean_baseline, est.mean_canary
     # est.estimate - est_r.estimate = (c - 1) x (stratum-weighted baseline mean) = h x delta_abs

@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 
-from .arms import DEFAULT_MIN_CLUSTERS, arrays_per_request, check_alpha, prepare, undecided
+from .arms import DEFAULT_MIN_CLUSTERS, Groups, Prepared, arrays_per_request, cell_sums, check_alpha, prepare, undecided
 from .boundaries import conditional_binomial_log_e
 from .means import difference_verdict
 from .verdict import MetricSpec, MetricVerdict
 
-__all__ = ["evaluate_rate"]
+__all__ = ["evaluate_rate", "rate_verdict"]
 
 
 def evaluate_rate(
@@ -67,11 +67,15 @@ def evaluate_rate(
     p = prepare(y, arm, cl, st, keep)
     if p.y.size == 0:
         return undecided(spec, alpha, "no measured requests yet", None)
+    return rate_verdict(spec, alpha, p, min_clusters=min_clusters)
 
+
+def rate_verdict(spec: MetricSpec, alpha: float, p: Prepared | Groups, *,
+                 min_clusters: int = DEFAULT_MIN_CLUSTERS) -> MetricVerdict:
+    """:func:`evaluate_rate` on rows already kept and grouped (a :class:`~.arms.Prepared` or the per-user sums
+    of a :class:`~.arms.Groups`; values 0/1, at least one row)."""
     # count test, per stage
-    key = p.st * 2 + p.arm
-    nk = np.bincount(key, minlength=2 * p.n_st).reshape(p.n_st, 2).astype(float)
-    ek = np.bincount(key, weights=p.y, minlength=2 * p.n_st).reshape(p.n_st, 2)
+    nk, ek = cell_sums(p)
     both = (nk[:, 0] > 0) & (nk[:, 1] > 0)
     s_k = np.where(both, nk[:, 1] / np.maximum(nk.sum(axis=1), 1.0), 0.0)
     x_k = np.where(both, ek[:, 1], 0.0)

@@ -204,7 +204,8 @@ def cmd_controller(args) -> int:
 def cmd_observations_export(args) -> int:
     import sqlite3
 
-    from lockgate.controller.ingest.export import export_jsonl, parse_time
+    from lockgate.controller.ingest.export import export_jsonl, jsonl_columns, parse_time, select_rows
+    from lockgate.controller.ingest.export_npz import export_npz, write_npz
     from lockgate.controller.ingest.observations import ObservationStore
 
     try:
@@ -212,6 +213,22 @@ def cmd_observations_export(args) -> int:
         until = parse_time(args.until) if args.until is not None else None
     except ValueError as exc:
         raise CliError(f"--since/--until: {exc}") from None
+    if args.format == "npz" and not args.output:
+        raise CliError("--format npz writes a file: give it with -o")
+    if args.input is not None:  # convert a JSONL export, no store needed
+        if args.format != "npz":
+            raise CliError("--from converts a JSONL export to --format npz")
+        if args.version:
+            raise CliError("--version cannot be used with --from")
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                cols = select_rows(jsonl_columns(f), args.model, include_replay=not args.no_replay, since_ts=since,
+                                   until_ts=until)
+            write_npz(cols, args.output)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{args.input}: {exc}") from None
+        print(f"lockgate: converted {cols['ts'].size} observations of {args.model}", file=sys.stderr)
+        return 0
     config = _load(args)
     path = config.observations_db_path
     try:
@@ -219,6 +236,18 @@ def cmd_observations_export(args) -> int:
     except FileNotFoundError:
         raise CliError(f"no observations recorded yet ({path} does not exist; is `lockgate controller` running?)") \
             from None
+    if args.format == "npz":
+        try:
+            n = export_npz(store, args.output, args.model, since, until, args.version or None,
+                           include_replay=not args.no_replay)
+        except sqlite3.Error as exc:
+            raise CliError(f"cannot read {path}: {exc}") from None
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc}") from None
+        finally:
+            store.close()
+        print(f"lockgate: exported {n} observations of {args.model}", file=sys.stderr)
+        return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         n = export_jsonl(store, out, args.model, since, until, args.version or None,
@@ -564,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("controller", cmd_controller, "run the controller: observation collector, feedback API, metrics")
     sp = add("observations", None, "observations recorded by the controller")
     osub = sp.add_subparsers(dest="observations_cmd", required=True)
-    ex = osub.add_parser("export", help="write a model's observations (with labels) as JSON lines")
+    ex = osub.add_parser("export", help="write a model's observations (with labels) as JSON lines or columns (.npz)")
     ex.set_defaults(fn=cmd_observations_export)
     ex.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ex.add_argument("--model", required=True)
@@ -572,7 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--until", help="epoch seconds or ISO 8601 (UTC if no offset); exclusive")
     ex.add_argument("--version", action="append", help="only this version (repeatable)")
     ex.add_argument("--no-replay", action="store_true", help="leave out replay observations")
-    ex.add_argument("-o", "--output", help="file to write (default: stdout)")
+    ex.add_argument("-o", "--output", help="file to write (default: stdout; required for npz)")
+    ex.add_argument("--format", choices=("jsonl", "npz"), default="jsonl",
+                    help="jsonl (JSON Lines, default) or npz (the same rows as columns in one NumPy .npz file: "
+                         "`lockgate analyze` reads it ~30x faster)")
+    ex.add_argument("--from", dest="input", metavar="JSONL",
+                    help="convert this JSONL export (with --format npz) instead of reading the store")
     sp = add("weights", cmd_weights, "desired canary weight and each Envoy's ACKed one")
     sp.add_argument("model", nargs="?")
     sp.add_argument("--json", action="store_true")
@@ -641,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-png", action="store_true", help="write only the HTML")
     sp = add("analyze", cmd_analyze, "replay the controller's decisions offline on recorded observations")
     sp.add_argument("--spec", required=True)
-    sp.add_argument("--observations", required=True, help="JSONL from `lockgate observations export`")
+    sp.add_argument("--observations", required=True,
+                    help="an export from `lockgate observations export`: JSONL or --format npz (recognised by content)")
     sp.add_argument("--start", metavar="TS",
                     help="rollout start (epoch seconds or ISO 8601, UTC if no offset): looks are every "
                          "analysis_interval_s from here; earlier observations are left out (default: the first "

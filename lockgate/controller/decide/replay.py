@@ -1,7 +1,7 @@
 """``lockgate analyze``: replay the controller's decisions on recorded observations, offline.
 
-The replay *is* the live controller, run on a recording. Observations (JSONL from ``lockgate
-observations export``, see docs/observations.md) are evaluated at every look the live controller
+The replay *is* the live controller, run on a recording. Observations (``lockgate observations export``,
+JSON Lines or ``--format npz`` columns, see docs/observations.md) are evaluated at every look the live controller
 makes — look ``k`` at ``start + k * analysis_interval_s`` for ``k = 1 … K``, ``start`` being the
 rollout start (``--start``) or else the first observation, and look ``K`` the first at or after the
 horizon (``--until``, or else the last observation) — in order, each with the same pure functions the
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lockgate.controller.decide import analysis
-from lockgate.controller.ingest.export import read_jsonl
+from lockgate.controller.ingest.export_npz import read_observations
 from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec, load_spec
 from lockgate.controller.decide.stages import StageState, decide, stage_label
@@ -180,6 +180,5 @@ def analyze_file(spec_path: str, observations_path: str, config_path: str | None
     if any(m.allowed_mode == "auto" for m in spec.metrics):
         raise ValueError("the spec uses allowed: auto; offline analysis needs explicit allowed changes "
                          "(auto is derived from the live baseline history at rollout start)")
-    with open(Path(observations_path), encoding="utf-8") as f:
-        data = read_jsonl(f, spec.model, since_ts=start)
+    data = read_observations(Path(observations_path), spec.model, since_ts=start)
     return replay(spec, data, until=until, start=start)

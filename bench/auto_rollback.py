@@ -21,7 +21,8 @@ Also derived per trial:
   ``received_ts`` (insert time). The benchmark replays the controller's own judgement
   (``analysis.evaluate_at`` with the locked spec) on the rows stored up to each insert batch, finds the first
   batch after which the stored evidence shows the breach, and reports ``detected_at − received_ts`` of that
-  batch (the controller waits for the data trigger, at most one evaluation per second, then evaluates);
+  batch (the batch's hand-over wakes the controller, which judges from its incremental evidence — looks
+  of one rollout spaced by ``max(MIN_SPACING_S, 2 x the last look's cost)`` — then pushes);
 * rollout start (``started`` event: stage 1 weight ACKed) → detected, the canary observations the deciding
   evaluation used, and the canary requests the client had answered (sent before the last ACK).
 
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, machine, median, pct, save_json  # noqa: E402
 from tests.harness import PY, Client, Fleet, Proc  # noqa: E402
+from lockgate.controller.decide.promoter import MIN_SPACING_S  # noqa: E402
 
 TARGET_MS = 1000.0
 SPEC = """\
@@ -382,10 +384,9 @@ def render(d: dict) -> str:
         "\"Breach visible in the stored observations\": the benchmark replays the controller's own judgement "
         "(`analysis.evaluate_at`, locked spec) on the rows of `observations.db` stored up to each insert batch "
         "(`received_ts`) and takes the first batch after which the stored evidence shows the breach. From there the "
-        "controller waits for its data trigger (at most one evaluation per model per second, `MIN_SPACING_S`) or "
-        "the 1 s analysis interval, evaluates, and pushes — so that wait, not the push, is most of the time from "
-        "evidence to weight 0; it is bounded by about 1 s plus one evaluation, so the maximum counted from the "
-        "evidence sits close to 1 s and can land just above it in a run. Canary requests sent after the last ACK that still "
+        "controller is woken by the batch (data trigger; looks of one rollout spaced by `max(MIN_SPACING_S` "
+        f"= {MIN_SPACING_S:g} s`, 2 x the last look's cost)`), judges from its incremental evidence and pushes. "
+        "Canary requests sent after the last ACK that still "
         f"reached v2, over all trials: {s['canary_requests_sent_after_ack_total']}. With a canary this bad "
         f"({st['canary_error_rate']:g} vs {st['baseline_error_rate']:g} errors), how soon the breach shows is set by "
         "the statistics core's minimum of 20 distinct users per arm (`min_clusters`) rather than by the error "

@@ -40,6 +40,7 @@ from lockgate.control_client import AsyncControlClient, for_process
 from lockgate.controller.api.http import ControllerHTTP
 from lockgate.controller.api.rollouts import register_routes
 from lockgate.controller.decide.actions import RolloutActions
+from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.promoter import Promoter
 from lockgate.controller.decide.rollouts import RolloutStore
 from lockgate.controller.evaluate.evaluation import EvaluationService, evaluation_enabled
@@ -113,10 +114,18 @@ class Controller:
         self.weights: AsyncControlClient = for_process(config, "controller")
         self.probe_weights: AsyncControlClient = for_process(config, "controller (trouble checks)")
         self.notifier = Notifier(config)
-        self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier])
+        # incremental evidence: every stored row, outcome and label is folded into the running rollouts'
+        # sums, so a look costs O(users), not O(rows) (decide/accumulator.py)
+        self.evidence = LiveEvidence(self.store, has_evaluation=lambda model: config.model(model).evaluation
+                                     is not None)
+        self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier],
+                                 evidence=self.evidence)
         self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
         self.trouble = TroubleMonitor(self.notifier, self.probe_weights, self.metrics.sources, self.rollouts)
         # new observations wake the promotion loop (a breach rolls back when the evidence arrives)
+        self.collector.on_rows.append(self.evidence.rows_stored)
+        self.collector.on_outcomes.append(self.evidence.outcomes_stored)
+        self.store.on_labels.append(self.evidence.labels_stored)
         self.collector.on_stored.append(self.promoter.notify)
         # ----- servers, started by start()
         self.server: grpc.aio.Server | None = None

@@ -17,6 +17,9 @@ port                        provided by                            used by
 :class:`ActiveRollouts`     ``decide.rollouts.RolloutStore``       trouble checks (alert context)
 :class:`RolloutCommands`    ``decide.actions.RolloutActions``      ``api.rollouts`` (HTTP routes)
 :data:`StoredCallback`      ``decide.promoter.Promoter.notify``    the collector (``on_stored``)
+:data:`RowsCallback`        ``decide.live_evidence.LiveEvidence``  the collector (``on_rows``)
+:data:`OutcomesCallback`    ``decide.live_evidence.LiveEvidence``  the collector (``on_outcomes``)
+:data:`LabelsCallback`      ``decide.live_evidence.LiveEvidence``  the observation store (``on_labels``)
 ==========================  =====================================  ===================================
 
 Kernel imports only (this module sits below every controller package).
@@ -31,7 +34,7 @@ import numpy as np
 from lockgate.proto.v1 import control_pb2
 
 __all__ = ["ActiveRollouts", "DropCounts", "EventSink", "ObservationSource", "OutcomeEvent", "RolloutCommands",
-           "RolloutView", "StoredCallback", "WeightPusher", "WeightReader"]
+           "RolloutView", "StoredCallback", "RowsCallback", "OutcomesCallback", "LabelsCallback", "WeightPusher", "WeightReader"]
 
 
 @runtime_checkable
@@ -143,3 +146,13 @@ class RolloutCommands(Protocol):
 
 #: The collector calls this with the models whose new observations it just stored (on its event loop).
 StoredCallback = Callable[[set[str]], None]
+
+#: The collector calls this on its writer thread with each slice's new observations, as stored rows
+#: (``ingest.schema.STORED_COLUMN_NAMES`` tuples), right after they are durable.
+RowsCallback = Callable[[Sequence[tuple]], None]
+
+#: The collector calls this with new stream outcomes ``(request_id, error_kind)`` once stored.
+OutcomesCallback = Callable[[Sequence[tuple[str, str]]], None]
+
+#: The observation store calls this with the labels it wrote: ``(request_id, kind, stored value, arrival ts)``.
+LabelsCallback = Callable[[Sequence[tuple[str, str, Any, float]]], None]

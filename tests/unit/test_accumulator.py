@@ -218,3 +218,88 @@ def test_stored_rows_become_the_columns_fetch_returns(tmp_path):
                 np.testing.assert_array_equal(v, fetched[c], err_msg=c)
     finally:
         store.close()
+
+
+def test_live_evidence_fed_by_the_store_judges_as_the_full_path(tmp_path):
+    """The controller's wiring: rows, outcomes and labels handed over as the collector and the store hand
+    them, a state built at the first look from the store (as after a restart), compared with the full
+    path (``evidence.judge``, every stored row re-read) at every look."""
+    from types import SimpleNamespace
+
+    from lockgate.controller.decide import evidence
+    from lockgate.controller.decide.live_evidence import LiveEvidence
+    from lockgate.controller.decide.spec import spec_from_text
+    from lockgate.controller.ingest.observations import ObservationStore, observation_row
+    from lockgate.proto.v1 import observations_pb2 as pb
+
+    spec = spec_from_text("""
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 60
+  alpha: 0.05
+  steps:
+    - {weight_percent: 10, min_duration: 5m}
+    - {weight_percent: 50, min_duration: 5m}
+  promotion: {max_duration: 24h, preflight: none}
+  metrics:
+    - {name: error_rate, allowed: {absolute: 0.05}}
+    - {name: latency_p95, allowed: {relative: 0.3}}
+    - {name: evaluator_score, gating: true, allowed: {absolute: 0.15}}
+    - {name: feedback_positive_rate, gating: true, allowed: {absolute: 0.1}}
+    - {name: class_recall, class: a, gating: true, allowed: {absolute: 0.1}}
+""")
+    t0 = 1.8e9
+    rollout = SimpleNamespace(id=1, model="chat", baseline="v1", canary="v2", started_at=t0, stage=1,
+                              stage_started_at=t0 + 300, spec_hash="h", auto_values=lambda: {})
+    config = SimpleNamespace(model=lambda m: SimpleNamespace(evaluation=None))
+    store = ObservationStore(tmp_path / "obs.db")
+    live = LiveEvidence(store)
+    store.on_labels.append(live.labels_stored)
+    rng = np.random.default_rng(7)
+    try:
+        rid = 0
+        labels_due: list = []
+        for look in range(12):
+            now = t0 + 60 * (look + 1)
+            obs = []
+            for _ in range(int(rng.integers(100, 300))):
+                rid += 1
+                u = int(rng.integers(0, 150))
+                share = 0.1 if now < t0 + 300 else 0.5
+                canary = rng.uniform() < share
+                o = pb.Observation(request_id=f"r{rid}", ts=now - rng.uniform(0, 60), model="chat",
+                                   version="v2" if canary else "v1", role="canary" if canary else "baseline",
+                                   weight_bp=int(share * 10000), status_code=503 if rng.uniform() < 0.05 else 200,
+                                   user_key=f"u{u}", duration_ms=float(rng.lognormal(4, 0.4)),
+                                   predicted_class=str(rng.choice(["a", "b"])))
+                obs.append(o)
+                if rng.uniform() < 0.5:
+                    labels_due.append((now + rng.uniform(0, 120), f"r{rid}", str(rng.choice(["a", "b"]))))
+            if rng.uniform() < 0.3:  # another model's traffic, and a replay
+                obs.append(pb.Observation(request_id=f"x{rid}", ts=now - 1, model="other", version="v1",
+                                          role="baseline", weight_bp=0, status_code=200))
+            for start in range(0, len(obs), 50):  # slices, as the collector stores them
+                part = obs[start:start + 50]
+                result = store.insert(part, received_ts=now)
+                live.rows_stored([observation_row(part[i], "", now) for i in result.new])
+            out = [pb.StreamOutcome(request_id=f"r{rid - k}", error_kind="upstream_reset", model="chat")
+                   for k in range(0, 40, 7)]
+            new = store.insert_outcomes(out, now)
+            live.outcomes_stored([(out[i].request_id, out[i].error_kind) for i in new])
+            for at, r, cls in [x for x in labels_due if x[0] <= now]:
+                store.add_labels([(r, "true_class", cls), (r, "evaluator_score", float(rng.uniform())),
+                                  (r, "thumbs", "up" if rng.uniform() < 0.7 else "down")], now=at)
+            if look == 7:  # a correction
+                done = [x for x in labels_due if x[0] <= now][:30]
+                store.add_labels([(r, "true_class", "b" if cls == "a" else "a") for _, r, cls in done], now=now)
+            labels_due = [x for x in labels_due if x[0] > now]
+            if look < 3:
+                continue  # the state is built at the first look, from the store
+            got = live.judge(rollout, spec, now)
+            want = evidence.judge(store, config, rollout, spec, now)
+            assert got is not None
+            same(got[1], want[1])
+            assert got[2] == want[2]
+    finally:
+        store.close()

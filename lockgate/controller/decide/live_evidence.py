@@ -61,6 +61,7 @@ class LiveEvidence:
         self.has_evaluation = has_evaluation
         self._lock = threading.Lock()
         self._states: dict[int, tuple[str, str, RolloutEvidence, threading.Lock]] = {}  #: id → (model, hash, state, lock)
+        self._intervals_at: dict[int, float] = {}  #: rollout id → last look with quantile intervals
 
     # hooks: cheap, on the collector's event loop or a feedback thread
     def rows_stored(self, rows: Sequence[tuple]) -> None:
@@ -101,11 +102,21 @@ class LiveEvidence:
         with self._lock:
             for rid in [r for r in self._states if r not in keep]:
                 del self._states[rid]
+                self._intervals_at.pop(rid, None)
 
-    def judge(self, rollout: Rollout, spec: RolloutSpec, now: float, *, quantile_intervals: bool = True
+    def judge(self, rollout: Rollout, spec: RolloutSpec, now: float, *, quantile_intervals: bool | None = None
               ) -> tuple[Judgement, dict, int] | None:
         """The promoter's judgement of ``rollout`` at ``now`` with its summary (as :func:`.evidence.judge`),
-        or None when this rollout cannot be judged incrementally (then use the full path)."""
+        or None when this rollout cannot be judged incrementally (then use the full path).
+
+        ``quantile_intervals`` (default: once per ``analysis_interval_s``): whether quantile metrics
+        report their interval on the shift scale — a bisection of dozens of exceedance estimates that no
+        verdict uses; the data-triggered looks in between leave it out (every verdict is the same)."""
+        if quantile_intervals is None:
+            last = self._intervals_at.get(rollout.id)
+            quantile_intervals = last is None or now - last >= spec.analysis_interval_s
+            if quantile_intervals:
+                self._intervals_at[rollout.id] = now
         specs = spec.to_stats_specs(rollout.auto_values())
         if not supported(spec, specs, bool(self.has_evaluation(rollout.model))):
             return None

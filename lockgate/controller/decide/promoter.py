@@ -2,11 +2,14 @@
 
 Runs as a task of the controller process (:mod:`lockgate.controller.app` builds it). For every active
 rollout it holds the lease of, it evaluates the locked spec on the stored observations
-(:func:`.evidence.judge`, in a worker thread), asks :func:`.stages.decide` what to do, moves weights
+(incrementally, :class:`.live_evidence.LiveEvidence`, or the full path :func:`.evidence.judge`, in a
+worker thread), asks :func:`.stages.decide` what to do, moves weights
 through the control API (a :class:`~lockgate.controller.ports.WeightPusher`), and records every
-evaluation and transition (:mod:`.rollouts`). Evaluations run every ``analysis_interval_s`` and also as
-soon as new observations of the model are stored (:meth:`Promoter.notify`, at most one per
-``MIN_SPACING_S``): a breach rolls back when the evidence arrives, not at the next poll.
+evaluation and transition (:mod:`.rollouts`). Evaluations run every ``analysis_interval_s`` (the clock:
+stage durations, ``max_duration``) and as soon as new observations of the model are stored
+(:meth:`Promoter.notify` wakes the loop at once; looks of one rollout are spaced by
+``max(MIN_SPACING_S, 2 x the last look's cost)``, and a deferred look runs when the spacing allows, not
+at the next poll): the batch that carries the crossing evidence triggers the rollback.
 
 Outcome events go to the :class:`~lockgate.controller.ports.EventSink` s it was built with (alerts and
 registry feedback), as background tasks after the weights moved and the record was written. Starting a
@@ -26,6 +29,7 @@ import grpc
 
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
+from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
@@ -34,7 +38,8 @@ from lockgate.proto.v1 import control_pb2
 
 log = logging.getLogger("lockgate.controller.decide.promoter")
 
-MIN_SPACING_S = 1.0        #: at most one data-triggered evaluation per model per second
+MIN_SPACING_S = 0.02       #: data-triggered looks of one rollout at least this far apart (and 2x their cost)
+LAST_EVAL_REFRESH_S = 1.0  #: a data-triggered look that changes nothing rewrites last_eval at most this often
 REVERT_BACKOFF_S = 0.5     #: first retry of an incomplete revert; doubles per attempt ...
 REVERT_BACKOFF_MAX_S = 10.0  #: ... up to this
 LEASE_TTL_S = 15.0
@@ -62,8 +67,12 @@ class Promoter:
     event loop; :meth:`notify` is the collector's ``on_stored`` callback."""
 
     def __init__(self, config: LockgateConfig, rollouts: RolloutStore, weights: WeightPusher,
-                 observations: ObservationSource, sinks: Sequence[EventSink] = ()):
+                 observations: ObservationSource, sinks: Sequence[EventSink] = (),
+                 evidence: LiveEvidence | None = None):
         self.config = config
+        #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
+        self.evidence = evidence
+        self._refreshed: dict[int, float] = {}  #: rollout id → when last_eval was last written
         self.rollouts = rollouts
         self.weights = weights
         self.observations = observations
@@ -85,6 +94,15 @@ class Promoter:
         return self._locks.setdefault(rollout_id, asyncio.Lock())
 
     def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float) -> tuple[Any, dict, int]:
+        if self.evidence is not None:
+            try:
+                out = self.evidence.judge(rollout, spec, now)
+            except Exception:  # never let the fast path stop a decision: rebuild it, judge the slow way
+                log.exception("rollout #%d: incremental evidence failed; full recomputation", rollout.id)
+                self.evidence.retain(())
+                out = None
+            if out is not None:
+                return out
         return judge(self.observations, self.config, rollout, spec, now)
 
     async def evaluate_and_act(self, rollout: Rollout, now: float | None = None) -> StageDecision | None:
@@ -112,8 +130,10 @@ class Promoter:
                 keep = keep_in_history(now, shape, self._recorded.get(rollout.id), spec.analysis_interval_s)
                 if keep:
                     self._recorded[rollout.id] = (now, shape)
-                self.rollouts.record_evaluation(rollout.id, now, rollout.stage,
-                                                spec.steps[rollout.stage].weight_bp, summary, history=keep)
+                if keep or now - self._refreshed.get(rollout.id, 0.0) >= LAST_EVAL_REFRESH_S:
+                    self._refreshed[rollout.id] = now
+                    self.rollouts.record_evaluation(rollout.id, now, rollout.stage,
+                                                    spec.steps[rollout.stage].weight_bp, summary, history=keep)
                 if decision.action in ("advance", "promote"):
                     await self._move(rollout, spec, decision, summary)
                 elif decision.action == "inconclusive":
@@ -298,14 +318,20 @@ class Promoter:
         """The loop, until ``stop`` is set (one broken rollout never stops it)."""
         last: dict[int, float] = {}
         cost: dict[int, float] = {}  #: seconds the last evaluation of each rollout took
+        deferred = 0.0  #: the earliest time a deferred data-triggered look may run
         while not stop.is_set():
+            wait = 0.5 if deferred <= 0 else min(0.5, max(0.0, deferred - time.time()))
             try:
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+                await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()
-            for rollout in self.rollouts.active():
+            deferred = 0.0
+            active = self.rollouts.active()
+            if self.evidence is not None:
+                self.evidence.retain(r.id for r in active if r.status in ("running", "paused"))
+            for rollout in active:
                 try:
                     mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
                 except sqlite3.Error as exc:  # cannot renew (full disk): keep driving what is ours
@@ -335,13 +361,15 @@ class Promoter:
                 spec = load_spec_of(rollout, self.config)
                 now = time.time()
                 since = now - last.get(rollout.id, 0.0)
-                # Data-triggered looks at most every MIN_SPACING_S, and never more than half the time:
-                # at 1M observations one evaluation takes seconds, and back-to-back ones would eat a core.
+                # Data-triggered looks at most every MIN_SPACING_S, and never more than half the time (a
+                # full recomputation of 1M observations takes seconds; an incremental look milliseconds).
                 spacing = max(MIN_SPACING_S, 2 * cost.get(rollout.id, 0.0))
                 due = since >= spec.analysis_interval_s or (rollout.model in dirty and since >= spacing)
                 if not due:
                     if rollout.model in dirty:
                         self._dirty.add(rollout.model)  # look again once the spacing allows
+                        at = now + spacing - since
+                        deferred = at if deferred <= 0 else min(deferred, at)
                     continue
                 last[rollout.id] = now
                 try:
@@ -423,5 +451,5 @@ def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
     return d
 
 
-__all__ = ["LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
+__all__ = ["LAST_EVAL_REFRESH_S", "LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
            "rollout_json"]

@@ -222,6 +222,9 @@ class ObservationStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        #: called after labels are written with ``[(request_id, kind, stored value, arrival ts), ...]``
+        #: (on the writing thread): the incremental evidence folds them (a ``ports.LabelsCallback``)
+        self.on_labels: list = []
         #: the ``synchronous`` of a durable commit, and of one whose fsync a later durable commit does
         #: (in WAL mode a commit at FULL syncs the whole WAL file, frames of earlier commits included)
         self._sync_durable = synchronous.upper()
@@ -417,6 +420,8 @@ class ObservationStore:
                     "INSERT INTO labels(request_id, kind, value, ts) VALUES (?,?,?,?) "
                     "ON CONFLICT(request_id, kind) DO UPDATE SET value=excluded.value, ts=excluded.ts "
                     "WHERE labels.value IS NOT excluded.value", todo)
+            for fn in self.on_labels:  # after the commit; a value sent again is a no-op there too
+                fn(todo)
         return out
 
     def prune(self, older_than_ts: float, *, now: float | None = None, tombstone_s: float | None = None,

@@ -23,9 +23,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lockgate.controller.decide import analysis
+from lockgate.controller.decide import accumulator, analysis
 from lockgate.controller.ingest.export_npz import read_observations
-from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS
+from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS, DECISION_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec, load_spec
 from lockgate.controller.decide.stages import StageState, decide, stage_label
 from lockgate.routing import TOTAL_WEIGHT_BP
@@ -109,23 +109,29 @@ class _Stages:
 
 
 def replay(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] | None = None, *,
-           until: float | None = None, start: float | None = None) -> dict:
+           until: float | None = None, start: float | None = None, incremental: bool | None = None) -> dict:
     """Evaluate every look in order; the first deciding one (or the last look) is the result.
 
     ``start``: the rollout start (looks are anchored there; earlier observations are not part of the
     rollout and are left out); default: the first observation. ``until``: the horizon (the last look
-    is the first at or after it); default: the last observation.
+    is the first at or after it); default: the last observation. ``incremental``: judge each look from
+    :class:`.accumulator.RolloutEvidence` (the rows and labels new since the previous look folded in, as
+    the live controller does) or, False, re-evaluate every row at every look (:func:`analysis.evaluate_dataset`);
+    default: incremental when the accumulator supports the spec and request ids are unique.
     """
     ts = np.asarray(data.get("ts", np.zeros(0)), dtype=float)
     n = ts.size
     keep = np.isfinite(ts) if start is None else ts >= float(start)
-    order = np.flatnonzero(keep)
-    order = order[np.argsort(ts[order], kind="stable")]
-    if order.size == 0:
+    if keep.all() and (n < 2 or not (ts[1:] < ts[:-1]).any()):  # already in order (exports are): no copy
+        data = {k: np.asarray(v) if np.asarray(v).shape[:1] == (n,) else v for k, v in data.items()}
+    else:
+        order = np.flatnonzero(keep)
+        order = order[np.argsort(ts[order], kind="stable")]
+        data = {k: (np.asarray(v)[order] if np.asarray(v).shape[:1] == (n,) else v) for k, v in data.items()}
+        ts = ts[order]
+    if ts.size == 0:
         raise ValueError("no observations of this model in the file" + ("" if start is None else
                                                                        f" at or after --start {start:g}"))
-    data = {k: (np.asarray(v)[order] if np.asarray(v).shape[:1] == (n,) else v) for k, v in data.items()}
-    ts = ts[order]
     start_ts = float(ts[0]) if start is None else float(start)
     horizon = float(ts[-1]) if until is None else float(until)
     if horizon < start_ts:
@@ -133,14 +139,16 @@ def replay(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] |
     interval = float(spec.analysis_interval_s)
     n_looks = look_count(start_ts, horizon, interval)
 
-    ds = analysis.prepare_dataset(data)
     stages = _Stages(spec, ts, data.get("weight", np.zeros(ts.size)), start_ts)
     is_canary = np.asarray(data.get("role", np.full(ts.size, None)), dtype=object) == "canary"
+    judge_at = _Incremental(spec, data, auto) if _incremental(spec, data, auto, incremental) else \
+        _Full(spec, data, auto)
 
     def at(now: float, intervals: bool):
         stage, stage_start = stages.at(now)
-        judgement = analysis.evaluate_dataset(spec, ds, now, auto, quantile_intervals=intervals)
-        in_stage = analysis.canary_samples_in_stage(ts, is_canary, stage_start, now)
+        judgement = judge_at(now, intervals)
+        lo, hi = int(np.searchsorted(ts, stage_start, side="left")), int(np.searchsorted(ts, now, side="right"))
+        in_stage = analysis.canary_samples_in_stage(ts[lo:hi], is_canary[lo:hi], stage_start, now)
         decision = decide(spec, StageState("running", stage, start_ts, stage_start), judgement, now, in_stage)
         return stage, judgement, decision
 
@@ -160,6 +168,53 @@ def replay(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] |
         "stage_reasons": list(decision.reasons), "alpha_statement": judgement.alpha_statement,
         "looks": n_looks, "looks_evaluated": k, "looks_thinned": False,
     }
+
+
+def _incremental(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] | None,
+                 wanted: bool | None) -> bool:
+    """Whether the looks can be judged incrementally: the accumulator supports every metric of the spec,
+    and request ids are unique (the accumulator keeps the first row of a request id, as the store does;
+    the full path counts every row, as :func:`analysis.evaluate_at` does)."""
+    if wanted is False:
+        return False
+    ok = accumulator.supported(spec, analysis.stats_specs(spec, auto or {}), False)
+    if ok and "request_id" in data:
+        rids = np.asarray(data["request_id"], dtype=object)
+        distinct = set(rids.tolist())
+        ok = len(distinct) - (None in distinct) == rids.size - int(np.count_nonzero(rids == None))  # noqa: E711
+    if wanted and not ok:
+        raise ValueError("this spec or recording cannot be replayed incrementally")
+    return ok
+
+
+class _Full:
+    """A look's judgement from every row up to it (:func:`analysis.evaluate_dataset`)."""
+
+    def __init__(self, spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] | None):
+        self.spec, self.auto, self.ds = spec, auto, analysis.prepare_dataset(data)
+
+    def __call__(self, now: float, intervals: bool):
+        return analysis.evaluate_dataset(self.spec, self.ds, now, self.auto, quantile_intervals=intervals)
+
+
+class _Incremental:
+    """A look's judgement from :class:`.accumulator.RolloutEvidence`: the rows with ``ts`` up to the look
+    that it has not seen yet are added (a contiguous slice: the rows are in ``ts`` order), then it
+    folds them and the labels that arrived by then, and judges."""
+
+    def __init__(self, spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] | None):
+        self.alpha = spec.alpha
+        self.ev = accumulator.RolloutEvidence(analysis.stats_specs(spec, auto or {}))
+        self.ts = np.asarray(data["ts"], dtype=float)
+        self.columns = {c: np.asarray(data[c]) for c in DECISION_COLUMNS if c in data}
+        self.added = 0
+
+    def __call__(self, now: float, intervals: bool):
+        upto = int(np.searchsorted(self.ts, now, side="right"))
+        if upto > self.added:
+            self.ev.add_rows({c: v[self.added:upto] for c, v in self.columns.items()})
+            self.added = upto
+        return self.ev.evaluate(now, self.alpha, quantile_intervals=intervals)
 
 
 def _reason(v) -> dict:

@@ -1,7 +1,18 @@
-"""Benchmark: `lockgate analyze` on 1M recorded observations (read JSONL + replay the decisions).
+"""Benchmark: `lockgate analyze` on 1M recorded observations, end to end (read + replay every look), as a
+ratio to today's replay measured in the same run.
 
-Writes bench/results/analyze_throughput.json and the `analyze_throughput` section of docs/benchmarks.md.
-    .venv/bin/python bench/analyze_throughput.py [--rows 1000000]
+Per stream (A/A, canary errors x2) the same recording is analysed by:
+
+* ``baseline``: `lockgate analyze` at BASELINE_REV (the JSONL read line by line, every look re-evaluated
+  on all rows so far), run from a temporary `git worktree` of that commit;
+* ``jsonl``: this tree, the JSONL export (read field by field; looks judged incrementally);
+* ``npz``: this tree, the same recording as a columnar export (``--format npz``).
+
+Each run is the command as a user runs it (a fresh process: start-up, imports, reading, replay), timed
+wall and CPU (user + sys of the child). Every run must give the same decision at the same look.
+Writes bench/results/analyze_throughput.json and the ``analyze_throughput`` section of docs/benchmarks.md.
+
+    .venv/bin/python bench/analyze_throughput.py [--rows 1000000] [--rounds 1] [--baseline-rev REV | --no-baseline]
 """
 
 from __future__ import annotations
@@ -11,13 +22,15 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `lockgate analyze` sets it (see cmd_analyze)
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = """
@@ -64,54 +77,149 @@ def write(path: Path, rows: int, canary_error: float, seed: int) -> None:
                            500 if err[i] else 200, lat[i], tok[i], "true" if ref[i] else "false", users[sl][i]))
 
 
-def run(spec: Path, obs: Path) -> tuple[float, dict]:
+#: the last commit before `lockgate analyze` read columnar exports and judged looks incrementally
+BASELINE_REV = "41e0b1d"
+
+
+def run(spec: Path, obs: Path, cwd: Path) -> dict:
+    """`lockgate analyze` in a fresh process (from ``cwd``'s lockgate package): wall and CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "lockgate", "-c", "/nonexistent.yaml", "analyze", "--spec", str(spec),
-                        "--observations", str(obs)], capture_output=True, text=True, cwd=REPO)
-    elapsed = time.perf_counter() - t
+                        "--observations", str(obs)], capture_output=True, text=True, cwd=cwd)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(r.stderr)
-    return elapsed, json.loads(r.stdout)
+    res = json.loads(r.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, **{k: res[k] for k in ("decision", "at_ts", "stage", "looks",
+                                                                   "looks_evaluated")}}
+
+
+def in_process(spec: Path, obs: Path) -> dict:
+    """Read and replay in this process (no start-up): where the time goes."""
+    from lockgate.controller.decide.replay import replay
+    from lockgate.controller.decide.spec import load_spec
+    from lockgate.controller.ingest.export_npz import read_observations
+
+    s = load_spec(str(spec))
+    c0, t0 = time.process_time(), time.perf_counter()
+    data = read_observations(obs, s.model)
+    c1, t1 = time.process_time(), time.perf_counter()
+    res = replay(s, data)
+    c2, t2 = time.process_time(), time.perf_counter()
+    return {"read_cpu_s": c1 - c0, "read_wall_s": t1 - t0, "replay_cpu_s": c2 - c1, "replay_wall_s": t2 - t1,
+            "looks_evaluated": res["looks_evaluated"]}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, NumPy {np.__version__}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (the median is reported)")
+    ap.add_argument("--baseline-rev", default=BASELINE_REV)
+    ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": args.rows,
-           "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
-                      f"{platform.python_version()}", "load_avg": os.getloadavg(), "runs": {}}
-    with tempfile.TemporaryDirectory() as d:
-        spec = Path(d) / "spec.yaml"
+    from lockgate.controller.ingest.export import jsonl_columns
+    from lockgate.controller.ingest.export_npz import write_npz
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": args.rows, "machine": machine(),
+           "commit": rev, "baseline_rev": None if args.no_baseline else args.baseline_rev, "rounds": args.rounds,
+           "load_avg_start": os.getloadavg(), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="analyze_throughput_") as d:
+        d = Path(d)
+        spec = d / "spec.yaml"
         spec.write_text(SPEC)
-        for name, err in (("A/A", 0.01), ("errors x2", 0.02)):
-            obs = Path(d) / "obs.jsonl"
-            write(obs, args.rows, err, seed=1)
-            size_mb = obs.stat().st_size / 1e6
-            elapsed, result = run(spec, obs)
-            out["runs"][name] = {"seconds": elapsed, "decision": result["decision"], "stage": result["stage"],
-                                 "looks": result["looks"], "looks_evaluated": result["looks_evaluated"],
-                                 "file_mb": size_mb}
-            print(name, out["runs"][name], flush=True)
-    res = REPO / "bench" / "results" / "analyze_throughput.json"
-    res.write_text(json.dumps(out, indent=2))
+        base = d / "baseline"
+        variants = {"jsonl": REPO, "npz": REPO}
+        if not args.no_baseline:
+            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline_rev], cwd=REPO, check=True,
+                           capture_output=True)
+            variants = {"baseline": base, **variants}
+        try:
+            for name, err in (("A/A", 0.01), ("errors x2", 0.02)):
+                jsonl, npz = d / f"{len(out['runs'])}.jsonl", d / f"{len(out['runs'])}.npz"
+                write(jsonl, args.rows, err, seed=1)
+                with open(jsonl) as f:
+                    write_npz(jsonl_columns(f), npz)
+                files = {"baseline": jsonl, "jsonl": jsonl, "npz": npz}
+                rounds: dict[str, list[dict]] = {v: [] for v in variants}
+                for _ in range(args.rounds):
+                    for v, cwd in variants.items():
+                        rounds[v].append(run(spec, files[v], cwd))
+                        print(name, v, rounds[v][-1], flush=True)
+                answers = {(r["decision"], r["at_ts"], r["looks_evaluated"]) for rs in rounds.values() for r in rs}
+                if len(answers) != 1:
+                    raise SystemExit(f"{name}: the variants disagree: {answers}")
+                entry = {"file_mb": {"jsonl": jsonl.stat().st_size / 1e6, "npz": npz.stat().st_size / 1e6},
+                         "answer": {k: rounds["npz"][0][k] for k in ("decision", "at_ts", "stage", "looks",
+                                                                     "looks_evaluated")},
+                         "variants": {v: {"wall_s": float(np.median([r["wall_s"] for r in rs])),
+                                          "cpu_s": float(np.median([r["cpu_s"] for r in rs])),
+                                          "wall_all": [r["wall_s"] for r in rs], "cpu_all": [r["cpu_s"] for r in rs]}
+                                      for v, rs in rounds.items()},
+                         "npz_in_process": in_process(spec, npz)}
+                out["runs"][name] = entry
+                print(name, entry["npz_in_process"], flush=True)
+        finally:
+            if not args.no_baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
+    out["load_avg_end"] = os.getloadavg()
+    (REPO / "bench" / "results" / "analyze_throughput.json").write_text(json.dumps(out, indent=2))
+    write_doc(out, args)
+
+
+def write_doc(out: dict, args) -> None:
+    rows = out["rows"]
     lines = ["<!-- analyze_throughput:start -->", "## Offline analysis throughput (`lockgate analyze`)", "",
-             f"- {out['date']}; {out['machine']}; load average at start {out['load_avg'][0]:.1f}",
-             f"- Command: `.venv/bin/python bench/analyze_throughput.py --rows {args.rows}` — {args.rows:,} observations "
-             "(4 stages 1/5/20/50 %, 50,000 sticky users, 4 gating metrics: error rate, p95 latency, output tokens, "
-             "refusal rate), read from JSONL and replayed with the controller's own core.", "",
-             "| stream | file | wall time (read + replay) | looks (evaluated) | decision |", "|---|---|---|---|---|"]
+             f"- {out['date']} (commit {out['commit']}); {out['machine']}; load average at start "
+             f"{out['load_avg_start'][0]:.1f}, at the end {out['load_avg_end'][0]:.1f} (a shared machine: other "
+             "jobs were running; CPU seconds are the steadier figure)",
+             f"- Command: `.venv/bin/python bench/analyze_throughput.py --rows {rows} --rounds {out['rounds']}` — "
+             f"{rows:,} observations (4 stages 1/5/20/50 % of 30 min, 50,000 sticky users, 4 gating metrics: "
+             "error rate, p95 latency, output tokens, refusal rate; `analysis_interval_s: 30`: 240 looks), each "
+             "`lockgate analyze` a fresh process (start-up, imports, reading, every look up to the answer).",
+             f"- `baseline` = `lockgate analyze` at {out['baseline_rev']} (today's replay before this change: the "
+             "JSONL read line by line, each look re-evaluated on all rows so far), from a `git worktree` of that "
+             "commit, on the same files in the same run; `jsonl` / `npz` = this commit on the JSONL export and on "
+             "the same recording exported with `--format npz`. All give the same decision at the same look.", "",
+             "| stream | answer (looks evaluated of 240) | variant | file | wall s | CPU s | observations / CPU s | "
+             "CPU vs baseline |", "|---|---|---|---|---|---|---|---|"]
     for name, r in out["runs"].items():
-        lines.append(f"| {name} | {r['file_mb']:.0f} MB | {r['seconds']:.1f} s | {r['looks']} ({r['looks_evaluated']}) | "
-                     f"{r['decision']} at {r['stage']} |")
-    lines += ["", "The replay evaluates a coarse grid of looks and binary-searches the first deciding one, so the "
-              "cost is ~15–20 full evaluations whatever the number of looks; reading the JSONL is a large share.",
-              "<!-- analyze_throughput:end -->"]
+        a = r["answer"]
+        base = r["variants"].get("baseline")
+        first = True
+        for v, m in r["variants"].items():
+            size = r["file_mb"]["npz" if v == "npz" else "jsonl"]
+            ratio = f"{base['cpu_s'] / m['cpu_s']:.1f}x faster" if base and v != "baseline" else ""
+            lines.append(f"| {name if first else ''} | {(a['decision'] + ' at ' + a['stage'] + ', ' + str(a['looks_evaluated'])) if first else ''} | "
+                         f"{v} | {size:.0f} MB | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {rows / m['cpu_s']:,.0f} | {ratio} |")
+            first = False
+    lines += ["", "In-process (no start-up), npz: where the time goes (CPU s):", "",
+              "| stream | read | replay (all looks) | per look evaluated |", "|---|---|---|---|"]
+    for name, r in out["runs"].items():
+        p = r["npz_in_process"]
+        lines.append(f"| {name} | {p['read_cpu_s']:.2f} | {p['replay_cpu_s']:.1f} | "
+                     f"{1000 * p['replay_cpu_s'] / max(p['looks_evaluated'], 1):.0f} ms |")
+    lines += ["", "Raw numbers: `bench/results/analyze_throughput.json`.", "<!-- analyze_throughput:end -->"]
     doc = REPO / "docs" / "benchmarks.md"
     text = doc.read_text()
     block = "\n".join(lines)
     if "<!-- analyze_throughput:start -->" in text:
-        text = re.sub(r"<!-- analyze_throughput:start -->.*?<!-- analyze_throughput:end -->", block, text, flags=re.S)
+        text = re.sub(r"<!-- analyze_throughput:start -->.*?<!-- analyze_throughput:end -->", lambda _m: block, text,
+                      flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)

@@ -476,6 +476,9 @@ def cmd_rollout_action(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    # One BLAS thread: every look's vector products are small, and OpenBLAS's worker threads spin-wait
+    # between them (a 2-core machine spent 5x the CPU on a 20k-observation replay). Set before NumPy loads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from lockgate.controller.ingest.export import parse_time
     from lockgate.controller.decide.replay import analyze_file
 

@@ -130,7 +130,7 @@ def free_port_run(n: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
-def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int):
+def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int, capture: dict | None = None):
     from tests.harness import Fleet
 
     models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
@@ -144,7 +144,7 @@ def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int):
         metrics_port = free_port_run(processes)
     fleet = Fleet(tmp, models, with_controller=True,
                   extra={"extproc_processes": processes, "extproc": {"port": ep_port},
-                         "extproc_metrics": {"port": metrics_port}})
+                         "extproc_metrics": {"port": metrics_port}, **({"capture": capture} if capture else {})})
     fleet.start()
     extprocs = {"extproc": fleet.procs["extproc"]}
     for i in range(1, processes):
@@ -233,6 +233,9 @@ class Snapshot:
                 "dropped": now.dropped - self.dropped,
                 "message_timeouts": now.ep.get("message_timeouts", 0) - self.ep.get("message_timeouts", 0),
                 "failure_mode_allowed": now.ep.get("failure_mode_allowed", 0) - self.ep.get("failure_mode_allowed", 0),
+                # streams Envoy closed itself: in observability mode, those the ext_proc had not finished
+                # reading within deferred_close_timeout (the server ends every stream it read to the end)
+                "streams_closed_by_envoy": now.ep.get("streams_closed", 0) - self.ep.get("streams_closed", 0),
                 "extproc_msgs_per_request": sent / max(1, streams),
                 "machine_cpu_busy_pct": {c: round(100 * (now.cpus[c][0] - b0) / max(1, now.cpus[c][1] - t0), 1)
                                          for c, (b0, t0) in self.cpus.items()},
@@ -322,6 +325,137 @@ def run_open_loop(port: int, rps: float, seconds: float, prefix: str, **kw):
 
 
 # ----------------------------------------------------------------------------------------------
+# (ab) capture modes and process counts, against Envoy alone, in two CPU layouts
+# ----------------------------------------------------------------------------------------------
+#: variant → (capture section of lockgate.yaml, ext_proc processes)
+AB_VARIANTS = {
+    "inline, 1 ext_proc": ({"mode": "inline"}, 1),
+    "inline, 2 ext_proc": ({"mode": "inline"}, 2),
+    "observability, 1 ext_proc": ({"mode": "observability"}, 1),
+    "observability, 2 ext_proc": ({"mode": "observability"}, 2),
+    "observability, 1 ext_proc, 500 ms batches": ({"mode": "observability", "flush_interval_s": 0.5}, 1),
+}
+#: layout → (CPUs of the load generator / wrk, CPUs of Envoy, lockgate's processes and nginx)
+AB_LAYOUTS = {"load generator on its own core": ("0", "1"), "everything on one core": ("1", "1")}
+
+
+def _ab_pids(fleet) -> dict[str, int]:
+    pids = {"envoy": fleet.procs["envoy-0"].pid, "controller": fleet.procs["controller"].pid}
+    for name, p in fleet.extprocs.items():
+        pids[name] = p.pid
+    return pids
+
+
+def _ab_cpu(d: dict) -> dict:
+    """CPU µs per request: Envoy, ext_proc (all processes), controller."""
+    c = d["cpu_us_per_request"]
+    return {"envoy": c.get("envoy", 0.0), "extproc": sum(v for k, v in c.items() if k.startswith("extproc")),
+            "controller": c.get("controller", 0.0)}
+
+
+def run_ab(args, tmp: Path, a_port: int, a_pid: int, nginx: Proc, chat: Proc, chat_port: int, sse_port: int) -> dict:
+    """Every variant and Envoy alone (A), per layout: ``args.ab_rounds`` interleaved rounds of (i) open-loop
+    500 rps for ``args.ab_seconds`` (latency, CPU per request) and (ii) wrk closed loop (ceiling)."""
+    fleets = {}
+    try:
+        for i, (name, (capture, n)) in enumerate(AB_VARIANTS.items()):
+            fleets[name] = start_fleet(tmp / f"ab{i}", chat_port, sse_port, n, capture)
+            w = OpenLoop("127.0.0.1", fleets[name].ports["listener"], 200, 1, id_prefix=f"warmab{i}").run()
+            if w.status_counts != {200: w.sent}:
+                raise RuntimeError(f"warm-up {name}: {w.summary()}")
+        lua = write_wrk_lua(tmp)
+        out: dict = {"variants": {k: {"capture": c, "extproc_processes": n} for k, (c, n) in AB_VARIANTS.items()},
+                     "layouts": {k: {"load_cpus": lc, "server_cpus": sc} for k, (lc, sc) in AB_LAYOUTS.items()},
+                     "runs": {}}
+        for layout, (load_cpus, server_cpus) in AB_LAYOUTS.items():
+            pin(os.getpid(), load_cpus)
+            for p in (nginx, chat):
+                pin(p.pid, server_cpus)
+            pin(a_pid, server_cpus)
+            for fl in fleets.values():
+                for p in fl.procs.values():
+                    if p.alive():
+                        pin(p.pid, server_cpus)
+            runs = {k: [] for k in ["A", *AB_VARIANTS]}
+            for rnd in range(args.ab_rounds):
+                keys = list(runs)
+                keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+                for key in keys:
+                    fl = fleets.get(key)
+                    port = a_port if fl is None else fl.ports["listener"]
+                    pids = {"envoy": a_pid} if fl is None else _ab_pids(fl)
+                    snap = Snapshot(fl or fleets[next(iter(fleets))], pids)
+                    r = run_open_loop(port, 500, args.ab_seconds, f"ab{rnd}{len(runs[key])}{keys.index(key)}")
+                    if fl is not None and fl.procs["extproc"].alive():
+                        time.sleep(0.3)  # observability mode: let the ext_proc read what Envoy sent
+                    d = {**r.summary(), **snap.delta(r.sent), "round": rnd, "loadavg1": os.getloadavg()[0]}
+                    snap = Snapshot(fl or fleets[next(iter(fleets))], pids)
+                    w = run_wrk(f"http://127.0.0.1:{port}", lua, duration_s=args.ab_ceiling_seconds, connections=32,
+                                cpus=load_cpus, path="/v1/chat/completions")
+                    if fl is not None:
+                        time.sleep(0.3)
+                    wd = snap.delta(w["requests"])
+                    d["ceiling"] = {"rps": w["rps"], "error_pct": w["error_pct"], "observed_pct": wd["observed_pct"],
+                                    "message_timeouts": wd["message_timeouts"],
+                                    "streams_closed_by_envoy": wd["streams_closed_by_envoy"],
+                                    "cpu_us_per_request": _ab_cpu(wd), "cpu_pct": wd["cpu_pct"]}
+                    if fl is None:  # Envoy alone: the other fleet's counters mean nothing here
+                        for k in ("observed", "observed_pct", "dropped", "message_timeouts", "failure_mode_allowed",
+                                  "streams_closed_by_envoy", "extproc_msgs_per_request"):
+                            d.pop(k, None)
+                            d["ceiling"].pop(k, None)
+                    runs[key].append(d)
+                    print(f"(ab) {layout} round {rnd} {key}: p50 {d['latency_ms']['p50']:.3f} p99 "
+                          f"{d['latency_ms']['p99']:.3f} ms, cpu µs/req {_ab_cpu(d)}, ceiling {w['rps']:.0f} rps "
+                          f"observed {d['ceiling'].get('observed_pct', float('nan')):.1f}% "
+                          f"(500 rps: {d.get('observed_pct', float('nan')):.1f}%)", flush=True)
+            out["runs"][layout] = runs
+        out["summary"] = ab_summary(out["runs"])
+        return out
+    finally:
+        for fl in fleets.values():
+            fl.stop()
+        pin(os.getpid(), OTHER_CPU)
+
+
+def ab_summary(runs_by_layout: dict) -> dict:
+    out = {}
+    for layout, runs in runs_by_layout.items():
+        a = runs["A"]
+        a_cpu = median([_ab_cpu(r)["envoy"] for r in a])
+        a_ceiling = median([r["ceiling"]["rps"] for r in a])
+        rows = {"A": {"p50": median([r["latency_ms"]["p50"] for r in a]), "p99": median([r["latency_ms"]["p99"] for r in a]),
+                      "envoy_cpu_us_per_request": a_cpu, "ceiling_rps": a_ceiling,
+                      "envoy_cpu_us_per_request_at_ceiling": median([r["ceiling"]["cpu_us_per_request"]["envoy"] for r in a])}}
+        for key, v in runs.items():
+            if key == "A":
+                continue
+            cpu = {n: median([_ab_cpu(r)[n] for r in v]) for n in ("envoy", "extproc", "controller")}
+            ceil_cpu = {n: median([r["ceiling"]["cpu_us_per_request"][n] for r in v]) for n in ("envoy", "extproc", "controller")}
+            rows[key] = {
+                "p50": median([r["latency_ms"]["p50"] for r in v]), "p99": median([r["latency_ms"]["p99"] for r in v]),
+                "added_p50_ms": median([b["latency_ms"]["p50"] - x["latency_ms"]["p50"] for x, b in zip(a, v)]),
+                "added_p99_ms": median([b["latency_ms"]["p99"] - x["latency_ms"]["p99"] for x, b in zip(a, v)]),
+                "cpu_us_per_request": cpu,
+                "capture_cpu_ratio": (cpu["extproc"] + cpu["controller"]) / a_cpu if a_cpu else None,
+                "ceiling_rps": median([r["ceiling"]["rps"] for r in v]),
+                "ceiling_ratio": median([b["ceiling"]["rps"] / x["ceiling"]["rps"] for x, b in zip(a, v)]),
+                "cpu_us_per_request_at_ceiling": ceil_cpu,
+                "capture_cpu_ratio_at_ceiling": ((ceil_cpu["extproc"] + ceil_cpu["controller"]) /
+                                                 rows["A"]["envoy_cpu_us_per_request_at_ceiling"]
+                                                 if rows["A"]["envoy_cpu_us_per_request_at_ceiling"] else None),
+                "observed_pct_500": median([r["observed_pct"] for r in v]),
+                "observed_pct_ceiling": median([r["ceiling"]["observed_pct"] for r in v]),
+                "ceiling_error_pct_max": max(r["ceiling"]["error_pct"] for r in v),
+                "message_timeouts": sum(r["message_timeouts"] + r["ceiling"]["message_timeouts"] for r in v),
+                "streams_closed_by_envoy": sum(r["streams_closed_by_envoy"] + r["ceiling"]["streams_closed_by_envoy"]
+                                               for r in v),
+                "extproc_msgs_per_request": median([r["extproc_msgs_per_request"] for r in v])}
+        out[layout] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the script, not results)")
@@ -336,13 +470,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loss-seconds", type=float, default=300.0)
     ap.add_argument("--rss-requests", type=int, default=1_000_000)
     ap.add_argument("--rss-max-seconds", type=float, default=480.0)
-    ap.add_argument("--skip", action="append", default=[], choices=["latency", "sse", "ceiling", "loss", "rss"])
+    ap.add_argument("--ab-rounds", type=int, default=3)
+    ap.add_argument("--ab-seconds", type=float, default=8.0)
+    ap.add_argument("--ab-ceiling-seconds", type=float, default=5.0)
+    ap.add_argument("--mode", choices=["inline", "observability"], default="inline",
+                    help="capture.mode of fleets B and B2 (parts latency, sse, ceiling, loss, rss)")
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=["ab", "latency", "sse", "ceiling", "loss", "rss"])
     ap.add_argument("--out", default="capture.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.latency_seconds, args.sse_rounds, args.sse_seconds = 2, 2.0, 2, 2.0
         args.ceiling_rounds, args.ceiling_seconds, args.loss_seconds = 1, 2.0, 5.0
         args.rss_requests, args.rss_max_seconds = 30_000, 40.0
+        args.ab_rounds, args.ab_seconds, args.ab_ceiling_seconds = 1, 2.0, 2.0
         if args.out == "capture.json":
             args.out = "capture_quick.json"
     need("wrk", "wrk")
@@ -362,9 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
             procs.append(nginx)
             chat, sse_port = start_chat_server(tmp)
             procs.append(chat)
-            b = start_fleet(tmp / "b", chat_port, sse_port, 1)
+            b = start_fleet(tmp / "b", chat_port, sse_port, 1, {"mode": args.mode})
             fleets.append(b)
-            b2 = start_fleet(tmp / "b2", chat_port, sse_port, 2)
+            b2 = start_fleet(tmp / "b2", chat_port, sse_port, 2, {"mode": args.mode})
             fleets.append(b2)
             from lockgate.config import load_config
 
@@ -390,6 +531,14 @@ def main(argv: list[str] | None = None) -> dict:
                     if w.status_counts != {200: w.sent}:
                         raise RuntimeError(f"warm-up {name} {path}: {w.summary()}")
             result["rss_mb_after_warmup"] = {"extproc": rss_mb(b.procs["extproc"].pid)}
+
+            # (ab) capture modes × ext_proc processes against Envoy alone, in two CPU layouts
+            if "ab" not in args.skip:
+                result["ab"] = run_ab(args, tmp, a_port, a.pid, nginx, chat, chat_port, sse_port)
+                for p in upstreams.values():
+                    pin(p.pid, OTHER_CPU)
+                pin_layout(b.procs, True)
+                pin_layout(b2.procs, True)
 
             # (a) added latency at 500 rps, interleaved
             if "latency" not in args.skip:
@@ -727,6 +876,8 @@ def render(d: dict) -> str:
             lines.append(f"| {x['requests']:,} | {x['t_s']:g} | {x['extproc_rss_mb']:.1f} | {x['controller_rss_mb']:.1f} | "
                          f"{x['queued']:.0f} |")
         lines += ["", f"RSS after warm-up (before the sampled phase): {d.get('rss_mb_after_warmup', {}).get('extproc', float('nan')):.1f} MB."]
+    if "ab" in d:
+        lines += [""] + render_ab(d)
     lines += ["", "### Reading", ""] + reading(d)
     notes = d.get("notes")
     if notes:
@@ -795,3 +946,36 @@ def reading(d: dict) -> list[str]:
                ": growing.")
             + f" The controller: {a['controller_rss_mb']:.0f} → {b['controller_rss_mb']:.0f} MB.")
     return out
+
+
+def render_ab(d: dict) -> list[str]:
+    """The (ab) part: capture modes × ext_proc processes against Envoy alone, per CPU layout."""
+    ab, st = d["ab"], d["setup"]["args"]
+    lines = [f"### (ab) Capture modes and ext_proc processes against Envoy alone, in two CPU layouts "
+             f"({st['ab_rounds']} interleaved rounds per layout: open loop 500 rps for {st['ab_seconds']:g} s, then wrk "
+             f"closed loop, 32 connections, {st['ab_ceiling_seconds']:g} s)", "",
+             "Layouts (`taskset`, every thread): " + "; ".join(
+                 f"**{k}**: load generator and wrk on CPU {v['load_cpus']}, Envoy + lockgate's processes + nginx on "
+                 f"CPU {v['server_cpus']}" for k, v in ab["layouts"].items()) + ". Envoy alone (A) runs in the same "
+             "layout, on the same CPU, in the same rounds; every ratio is to A of the same round (latency, ceiling) "
+             "or the same layout (CPU).", ""]
+    for layout, rows in ab["summary"].items():
+        a = rows["A"]
+        lines += [f"**{layout}** — Envoy alone: p50 {a['p50']:.3f} ms, p99 {a['p99']:.3f} ms at 500 rps, "
+                  f"{a['envoy_cpu_us_per_request']:.0f} µs CPU per request (at its ceiling "
+                  f"{a['envoy_cpu_us_per_request_at_ceiling']:.0f} µs), ceiling {a['ceiling_rps']:,.0f} rps.", "",
+                  "| variant | added p50 / p99 ms at 500 rps | CPU µs per captured response at 500 rps: ext_proc, controller, "
+                  "Envoy | (ext_proc + controller) ÷ Envoy alone per request: at 500 rps / at the ceiling | ceiling rps "
+                  "(÷ Envoy alone) | observed at 500 rps / ceiling (by the end of the run) | ext_proc msgs per request |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, r in rows.items():
+            if key == "A":
+                continue
+            c = r["cpu_us_per_request"]
+            lines.append(
+                f"| {key} | {r['added_p50_ms']:+.3f} / {r['added_p99_ms']:+.3f} | {c['extproc']:.0f}, {c['controller']:.0f}, "
+                f"{c['envoy']:.0f} | {r['capture_cpu_ratio']:.2f}× / {r['capture_cpu_ratio_at_ceiling']:.2f}× | "
+                f"{r['ceiling_rps']:,.0f} ({100 * r['ceiling_ratio']:.0f} %) | {r['observed_pct_500']:.1f} % / "
+                f"{r['observed_pct_ceiling']:.1f} % | {r['extproc_msgs_per_request']:.1f} |")
+        lines.append("")
+    return lines

@@ -119,4 +119,6 @@ def test_envoy_unobserved_counters_parse():
     text = ("http.lockgate.ext_proc.lockgate.message_timeouts: 3\nhttp.lockgate.ext_proc.lockgate.streams_started: 9\n"
             "http.lockgate.ext_proc.lockgate.failure_mode_allowed: 4\n")
     assert parse_stats(text) == {"http.lockgate.ext_proc.lockgate.message_timeouts": 3,
+                                 "http.lockgate.ext_proc.lockgate.streams_started": 9,
                                  "http.lockgate.ext_proc.lockgate.failure_mode_allowed": 4}
+    assert parse_stats("http.lockgate.ext_proc.lockgate.other: 1\nnot a stat\n") == {}

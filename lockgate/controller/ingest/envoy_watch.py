@@ -23,8 +23,14 @@ if TYPE_CHECKING:
     from lockgate.config import Address
 
 log = logging.getLogger("lockgate.controller.ingest.envoy_watch")
-STATS = ("http.lockgate.ext_proc.lockgate.message_timeouts", "http.lockgate.ext_proc.lockgate.failure_mode_allowed",
-         "http.lockgate.ext_proc.lockgate.streams_failed")
+#: Envoy's counters of responses lockgate did not observe (exported as ``lockgate_envoy_extproc_unobserved``)
+UNOBSERVED = ("http.lockgate.ext_proc.lockgate.message_timeouts", "http.lockgate.ext_proc.lockgate.failure_mode_allowed",
+              "http.lockgate.ext_proc.lockgate.streams_failed")
+#: every ext_proc stream Envoy opened (one per captured response): in ``capture.mode: observability``
+#: Envoy never waits for the ext_proc, so a stream it drops is in none of the counters above; the gap
+#: between this and the observations stored is the loss (exported as ``lockgate_envoy_extproc_streams_started``)
+STARTED = "http.lockgate.ext_proc.lockgate.streams_started"
+STATS = UNOBSERVED + (STARTED,)
 INTERVAL_S = 5.0
 
 
@@ -48,6 +54,9 @@ async def watch_envoy(admin: "Address | str", registry: CollectorRegistry, stop:
     gauge = Gauge("lockgate_envoy_extproc_unobserved", "Envoy ext_proc counters of responses lockgate did not "
                   "observe (message timeouts, failure-mode-allowed, failed streams), read from the local Envoy admin",
                   ["counter"], registry=registry)
+    started = Gauge("lockgate_envoy_extproc_streams_started", "ext_proc streams the local Envoy opened to lockgate "
+                    "(one per captured response); minus the observations stored, the responses not observed "
+                    "(the only view of losses in capture.mode: observability)", registry=registry)
     url = f"http://{admin}/stats?filter=ext_proc.lockgate"
     loop = asyncio.get_running_loop()
     last: dict[str, int] = {}
@@ -56,6 +65,8 @@ async def watch_envoy(admin: "Address | str", registry: CollectorRegistry, stop:
             stats = await loop.run_in_executor(None, _read, url)
         except OSError:
             stats = {}
+        if STARTED in stats:
+            started.set(stats.pop(STARTED))
         for name, value in stats.items():
             gauge.labels(name.rsplit(".", 1)[-1]).set(value)
             grew = value - last.get(name, value)

@@ -192,6 +192,10 @@ def cmd_extproc(args) -> int:
 
 
 def cmd_controller(args) -> int:
+    # One BLAS thread, as for `analyze`: the statistics' vector products are small, and OpenBLAS's worker
+    # threads spin-wait between them, taking CPU from Envoy and the ext_proc on the same host. Set before
+    # NumPy loads (the controller imports it).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from lockgate.controller import app
 
     config = _load(args)

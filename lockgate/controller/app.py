@@ -123,7 +123,7 @@ class Controller:
         self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
         self.trouble = TroubleMonitor(self.notifier, self.probe_weights, self.metrics.sources, self.rollouts)
         # new observations wake the promotion loop (a breach rolls back when the evidence arrives)
-        self.collector.on_rows.append(self.evidence.rows_stored)
+        self.collector.on_rows.append(self.evidence.observations_stored)
         self.collector.on_outcomes.append(self.evidence.outcomes_stored)
         self.store.on_labels.append(self.evidence.labels_stored)
         self.collector.on_stored.append(self.promoter.notify)

@@ -147,9 +147,9 @@ class RolloutCommands(Protocol):
 #: The collector calls this with the models whose new observations it just stored (on its event loop).
 StoredCallback = Callable[[set[str]], None]
 
-#: The collector calls this on its writer thread with each slice's new observations, as stored rows
-#: (``ingest.schema.STORED_COLUMN_NAMES`` tuples), right after they are durable.
-RowsCallback = Callable[[Sequence[tuple]], None]
+#: The collector calls this on its writer thread right after a slice is durable: the slice's proto
+#: ``Observation``s, the indexes of those stored now (not duplicates), the source and the received time.
+RowsCallback = Callable[[Sequence[Any], Sequence[int], str, float], None]
 
 #: The collector calls this with new stream outcomes ``(request_id, error_kind)`` once stored.
 OutcomesCallback = Callable[[Sequence[tuple[str, str]]], None]

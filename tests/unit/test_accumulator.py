@@ -229,7 +229,7 @@ def test_live_evidence_fed_by_the_store_judges_as_the_full_path(tmp_path):
     from lockgate.controller.decide import evidence
     from lockgate.controller.decide.live_evidence import LiveEvidence
     from lockgate.controller.decide.spec import spec_from_text
-    from lockgate.controller.ingest.observations import ObservationStore, observation_row
+    from lockgate.controller.ingest.observations import ObservationStore
     from lockgate.proto.v1 import observations_pb2 as pb
 
     spec = spec_from_text("""
@@ -282,7 +282,7 @@ rollout:
             for start in range(0, len(obs), 50):  # slices, as the collector stores them
                 part = obs[start:start + 50]
                 result = store.insert(part, received_ts=now)
-                live.rows_stored([observation_row(part[i], "", now) for i in result.new])
+                live.observations_stored(part, result.new, "", now)  # as the collector hands them over
             out = [pb.StreamOutcome(request_id=f"r{rid - k}", error_kind="upstream_reset", model="chat")
                    for k in range(0, 40, 7)]
             new = store.insert_outcomes(out, now)

@@ -2,7 +2,7 @@
 fed as observations, stream outcomes and labels are stored, and judged by the promoter.
 
 See :mod:`.accumulator` for what is folded and why the verdicts are those of the full path. Here: the
-hooks (``rows_stored``, ``outcomes_stored``, ``labels_stored``: the collector's ``on_rows`` /
+hooks (``observations_stored``, ``outcomes_stored``, ``labels_stored``: the collector's ``on_rows`` /
 ``on_outcomes`` and the observation store's ``on_labels``, wired in ``app.py``; each is a cheap append
 under a lock, the folding happens at the next look), building a rollout's state at its first look from
 one full read of the store (a restarted controller rebuilds it the same way; events arriving during the
@@ -21,6 +21,7 @@ from lockgate.controller.decide.accumulator import RolloutEvidence, supported
 from lockgate.controller.decide.evidence import summarize
 from lockgate.controller.decide.rollouts import Rollout
 from lockgate.controller.decide.spec import RolloutSpec
+from lockgate.controller.ingest.observations import observation_row
 from lockgate.controller.ingest.schema import DECISION_COLUMNS, STORED_COLUMN_NAMES, columns_to_arrays
 from lockgate.controller.ports import ObservationSource
 from lockgate.controller.stats import Judgement, MetricSpec
@@ -63,7 +64,19 @@ class LiveEvidence:
         self._states: dict[int, tuple[str, str, RolloutEvidence, threading.Lock]] = {}  #: id → (model, hash, state, lock)
         self._intervals_at: dict[int, float] = {}  #: rollout id → last look with quantile intervals
 
-    # hooks: cheap, on the collector's event loop or a feedback thread
+    # hooks: cheap, on the collector's writer thread or a feedback thread
+    def observations_stored(self, observations: Sequence[Any], new: Sequence[int], source: str,
+                            received_ts: float) -> None:
+        """The collector's hook: ``observations[i]`` for ``i`` in ``new`` were just stored. Only those of
+        models with a running rollout are converted (nothing is done for the others)."""
+        if not new or not self._states:
+            return
+        with self._lock:
+            models = {x[0] for x in self._states.values()}
+        rows = [observation_row(observations[i], source, received_ts) for i in new
+                if observations[i].model in models and not observations[i].replay]
+        self.rows_stored(rows)
+
     def rows_stored(self, rows: Sequence[tuple]) -> None:
         """New observations just stored (``STORED_COLUMN_NAMES`` tuples)."""
         if not rows or not self._states:

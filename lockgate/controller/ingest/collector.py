@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lockgate import series
-from lockgate.controller.ingest.observations import ObservationStore, observation_row
+from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.schema import is_error, is_model_failure
 from lockgate.proto.v1 import observations_pb2 as pb
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
@@ -267,9 +267,9 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         #: called on the event loop with the set of models a stored batch had new observations for
         #: (the promotion loop re-checks for harm at once: rollback is event-driven, not polled).
         self.on_stored: list = []
-        #: called on the writer thread, right after each slice is durable, with the new observations as
-        #: stored rows (``schema.STORED_COLUMN_NAMES`` tuples): the incremental evidence folds them
-        #: (``decide/live_evidence.py``; a ``ports.RowsCallback``)
+        #: called on the writer thread, right after each slice is durable, with the slice's proto
+        #: observations, the indexes of the new ones, the source and the received time: the incremental
+        #: evidence folds those of running rollouts (``decide/live_evidence.py``; a ``ports.RowsCallback``)
         self.on_rows: list = []
         #: likewise with new stream outcomes ``(request_id, error_kind)`` (a ``ports.OutcomesCallback``)
         self.on_outcomes: list = []
@@ -309,10 +309,9 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
                 self.metrics.failed.labels(o.model, o.version, o.role or "other").inc()
             raise
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
-        if self.on_rows and result.new:
-            rows = [observation_row(obs[i], source, now) for i in result.new]
+        if result.new:
             for fn in self.on_rows:
-                fn(rows)
+                fn(obs, result.new, source, now)
         new = set(result.new)
         for i, o in enumerate(obs):
             if i in new:

@@ -11,7 +11,7 @@ processes as two endpoints of Envoy's ext_proc cluster). Envoys run ``--concurre
 
 Pinning (``taskset -a -cp``, every thread): the ext_proc process(es) alone on CPU 1; everything else
 (Envoys, nginx, chat_server, xds, controller, the load generators) on CPU 0 — the layout of the
-ext_proc speed study in ENVOY_NOTES. The "unpinned" ceiling runs re-pin every process to CPUs 0-1.
+team's earlier ext_proc speed study. The "unpinned" ceiling runs re-pin every process to CPUs 0-1.
 
 Parts:
 (a) added latency at 500 rps: open-loop load (``bench/_loadgen.py``: fixed schedule, keep-alive
@@ -767,8 +767,8 @@ def render(d: dict) -> str:
         "attributes, every response stored by the controller; **B2** = B with `extproc_processes: 2` (two ext_proc "
         "processes, two endpoints of Envoy's ext_proc cluster). Envoys run `--concurrency 1`.",
         f"- Pinning (`taskset -a -cp`, all threads): ext_proc process(es) alone on CPU {st['extproc_cpu']}; Envoys, "
-        f"nginx, chat_server, xds, controller, wrk and the load generator on CPU {st['other_cpu']} (ENVOY_NOTES' "
-        "layout). \"Unpinned\" runs re-pin everything to CPUs 0-1. Other jobs on the shared machine are not "
+        f"nginx, chat_server, xds, controller, wrk and the load generator on CPU {st['other_cpu']} (the layout of "
+        "the team's earlier ext_proc speed study). \"Unpinned\" runs re-pin everything to CPUs 0-1. Other jobs on the shared machine are not "
         "pinned and ran on both CPUs during the whole run (load averages and per-CPU busy % are recorded per run "
         "in the JSON).",
         "- Load: `bench/_loadgen.py`, open loop (request *i* due at *i*/rate; keep-alive connections, more opened "

@@ -166,7 +166,7 @@ def render_routing(d: dict) -> str:
         "Python ext_proc server and waits for each answer before passing the response on." + cpu_txt +
         " That work sits on the ext_proc's core (shared with wrk here) and makes B by far the most sensitive "
         "path to other jobs on the machine (compare the runs above). The team's earlier study on a quieter "
-        "machine of the same kind (shared/ENVOY_NOTES.md) measured +0.52–0.56 ms p50 / +0.8–0.9 ms p99 for one "
+        "machine of the same kind measured +0.52–0.56 ms p50 / +0.8–0.9 ms p99 for one "
         "response-headers message per request and +0.74–0.77 ms / +1.2–1.3 ms for response headers + streamed "
         "body — so with the streamed body the p50 target is out of reach even without contention; it needs "
         "fewer ext_proc messages per request (or a faster ext_proc than Python grpcio).",

@@ -1,6 +1,7 @@
 """Aggregated Discovery Service, State of the World: streams the cache's snapshot to each Envoy.
 
-All protocol rules live here (ACK/NACK, nonces, ordering), per ../shared/ENVOY_NOTES.md:
+All protocol rules live here (ACK/NACK, nonces, ordering), as Envoy 1.40 behaves (checked by the
+integration tests; Envoy's xDS protocol: https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol):
 
 * the node id arrives only on a stream's first request: kept per stream;
 * ACK = request echoing our latest nonce with no ``error_detail``; NACK = same nonce with an error

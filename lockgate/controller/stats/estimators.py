@@ -114,74 +114,17 @@ def stratified_differences(
     cs: tuple[float, ...] = (1.0,),
     binary: bool = False,
 ) -> list[DiffEstimate | None]:
-    """:func:`stratified_difference` for several contrasts ``c`` sharing the grouping work."""
+    """:func:`stratified_difference` for several contrasts ``c`` sharing the grouping work: the rows are
+    summed per (user, stratum, arm) group and judged by :func:`grouped_differences` (one formula for both)."""
     y = np.asarray(y, dtype=float)
-    arm = np.asarray(arm, dtype=np.intp)
-    key = st_idx * 2 + arm
+    key = np.asarray(st_idx, dtype=np.int64) * 2 + np.asarray(arm, dtype=np.int64)
     k2 = 2 * n_st
-    n = np.bincount(key, minlength=k2).astype(float).reshape(n_st, 2)
-    s = np.bincount(key, weights=y, minlength=k2).reshape(n_st, 2)
-    n0, n1 = n[:, 0], n[:, 1]
-    valid = (n0 > 0) & (n1 > 0)
-    if not valid.any():
-        return [None] * len(cs)
-    w = np.where(valid, n0 * n1 / np.maximum(n0 + n1, 1.0), 0.0)
-    w = w / w.sum()
-    mu = s / np.maximum(n, 1.0)
-    r = y - mu.reshape(-1)[key]
-    valid_row = valid[st_idx]
-    in_c = valid_row & (arm == 1)
-    in_b = valid_row & (arm == 0)
-    cnt_c = np.bincount(cl_idx[in_c], minlength=n_cl)
-    cnt_b = np.bincount(cl_idx[in_b], minlength=n_cl)
-    g_c = int(np.count_nonzero(cnt_c))
-    g_b = int(np.count_nonzero(cnt_b))
-    g_all = int(np.count_nonzero(cnt_c + cnt_b))
-    corr = g_all / (g_all - 1.0) if g_all > 1 else 1.0
-    n_c_tot = float(n1.sum())
-    n_b_tot = float(n0.sum())
-    mean_c = float(s[:, 1].sum() / n_c_tot) if n_c_tot > 0 else math.nan
-    mean_b = float(s[:, 0].sum() / n_b_tot) if n_b_tot > 0 else math.nan
-    safe0 = np.maximum(n0, 1.0)
-    safe1 = np.maximum(n1, 1.0)
-    pt = (s + 0.5) / (n + 1.0) if binary else None
-    # Leverage of each (user, stratum, arm) group in its stratum-arm mean: h = n_group / n_stratum_arm.
-    # A group's summed residual is shrunk by (1 - h) because the group pulled the mean toward itself;
-    # dividing by sqrt(1 - h) undoes that in expectation (CR2, Bell & McCaffrey 2002). It matters when
-    # a few heavy users dominate an arm (early stages); with many small users h ~ 0 and it is CR1.
-    gkey = cl_idx.astype(np.int64) * k2 + key
-    g_uni, g_inv = np.unique(gkey, return_inverse=True)
+    g_uni, g_inv = np.unique(np.asarray(cl_idx, dtype=np.int64) * k2 + key, return_inverse=True)
     g_inv = g_inv.reshape(-1)
-    g_n = np.bincount(g_inv).astype(float)
-    g_cell = (g_uni % k2).astype(np.intp)
-    g_cl = (g_uni // k2).astype(np.intp)
-    h = np.minimum(g_n / np.maximum(n.reshape(-1)[g_cell], 1.0), 1.0 - 1e-9)
-    g_scale = 1.0 / np.sqrt(1.0 - h)
-    out: list[DiffEstimate | None] = []
-    for c in cs:
-        theta = float(np.sum(w * (mu[:, 1] - c * mu[:, 0])))
-        coef = np.empty((n_st, 2))
-        coef[:, 0] = np.where(valid, -c * w / safe0, 0.0)
-        coef[:, 1] = np.where(valid, w / safe1, 0.0)
-        psi = coef.reshape(-1)[key] * r
-        grp = np.bincount(g_inv, weights=psi, minlength=g_uni.size) * g_scale
-        g = np.bincount(g_cl, weights=grp, minlength=n_cl)
-        var = float(np.dot(g, g)) * corr
-        if pt is not None:
-            var = max(var, float(np.sum(coef * coef * n * pt * (1.0 - pt))))
-        out.append(
-            DiffEstimate(
-                estimate=theta,
-                variance=var,
-                n_canary=int(n1[valid].sum()),
-                n_baseline=int(n0[valid].sum()),
-                clusters_canary=g_c,
-                clusters_baseline=g_b,
-                mean_canary=mean_c,
-                mean_baseline=mean_b,
-            )
-        )
-    return out
+    gn = np.bincount(g_inv, minlength=g_uni.size).astype(float)
+    gs = np.bincount(g_inv, weights=y, minlength=g_uni.size)
+    cell = g_uni % k2
+    return grouped_differences(g_uni // k2, cell // 2, cell % 2, gn, gs, n_cl, n_st, cs=cs, binary=binary)
 
 
 def grouped_differences(

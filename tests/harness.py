@@ -383,3 +383,31 @@ def versions_for_users(port: int, users: list[str], path: str = "/", threads: in
     if errors:
         raise errors[0]
     return out
+
+
+def raw_ads(port: int, metadata=(), timeout_s: float = 5.0) -> tuple[Any, list]:
+    """A fake Envoy: opens an ADS stream, sends one cluster request, returns (status code or None, responses).
+
+    Synchronous on purpose: grpc.aio reports a write that races the server closing the stream as a
+    client-side INTERNAL error (about 1 call in 40 on a fresh channel) and loses the server's status;
+    the sync API sends from a request iterator and always reports the status the server sent.
+    """
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from lockgate.xds.resources import CLUSTER_TYPE
+
+    request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER_TYPE, node=base_pb2.Node(id="fake"))
+    got: list = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        responses = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+            iter([request]), metadata=metadata, timeout=timeout_s)
+        try:
+            for response in responses:
+                got.append(response)
+                break
+        except grpc.RpcError as exc:
+            return exc.code(), got
+        responses.cancel()
+    return None, got

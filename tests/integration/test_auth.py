@@ -10,7 +10,6 @@ same fleet over mTLS (ADS, control API, observations API) with certificates made
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
@@ -19,13 +18,10 @@ import time
 import grpc
 import pytest
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from lockgate.auth import hash_token
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
-from lockgate.xds.resources import CLUSTER_TYPE
-from tests.harness import Fleet, _env, requires_envoy, start_echo
+from tests.harness import Fleet, _env, raw_ads, requires_envoy, start_echo
 from tests.tlscerts import make_pki
 
 pytestmark = [requires_envoy, pytest.mark.envoy]
@@ -68,25 +64,6 @@ def weight_changes(fleet: Fleet) -> list[dict]:
     finally:
         db.close()
     return [{"actor": a, "reason": r, "to_bp": bp} for a, r, bp in rows]
-
-
-def raw_ads(port: int, metadata=()) -> tuple[grpc.StatusCode | None, list]:
-    """A fake Envoy: opens an ADS stream, asks for clusters, returns (status, responses received)."""
-    async def run():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(metadata=metadata)
-            got = []
-            try:  # the server may close the stream before the first request is even written
-                await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER_TYPE, node=base_pb2.Node(id="fake")))
-                async with asyncio.timeout(5):
-                    async for resp in call:
-                        got.append(resp)
-                        break
-            except grpc.aio.AioRpcError as exc:
-                return exc.code(), got
-            call.cancel()
-            return None, got
-    return asyncio.run(run())
 
 
 def set_weight_raw(port: int, metadata=(), actor="mallory", bp=5000):

@@ -1,7 +1,7 @@
 # lockgate — two commands on a fresh machine: `make demo` and `make test`.
 # `make demo` installs only what the demo runs (lockgate's own dependencies, pyproject's
-# `dependencies`); `make test` adds the test extras: pytest & co and mlflow (a real registry server
-# for the registry test, ~0.8 GB with pyarrow, pandas and scikit-learn).
+# `dependencies`); `make test` adds the test extras: pytest & co, mlflow (a real registry server
+# for the registry test, ~0.8 GB with pyarrow, pandas and scikit-learn) and psycopg (PostgreSQL backend).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,mlflow]'
+	$(PY) -m pip install -q -e '.[test,mlflow,postgresql]'
 	# xds-protos and opentelemetry-proto both ship opentelemetry/proto/...; whichever installs last owns the
 	# files, and mlflow needs opentelemetry-proto's (TracesData). Envoy's protos import fine from either.
 	v=$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))' 2>/dev/null) && \

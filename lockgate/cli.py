@@ -281,6 +281,9 @@ def cmd_up(args) -> int:
 def cmd_validate_config(args) -> int:
     config = _load(args)
     print(f"{args.config}: ok ({len(config.models)} models: {', '.join(m.name for m in config.models)})")
+    from lockgate.supervisor import sizing  # what `lockgate up` will run on this host
+
+    print(f"lockgate up here: Envoy with {sizing(config)}")
     return 0
 
 

@@ -159,5 +159,6 @@ def render_bootstrap(config: LockgateConfig, node_id: str | None = None,
 
 
 def envoy_command(bootstrap_path: Path, concurrency: int = 1, log_level: str = "warning") -> list[str]:
+    """Envoy's argv; ``lockgate up`` passes ``config.envoy.concurrency`` (worker threads)."""
     return [envoy_binary(), "-c", str(bootstrap_path), "--concurrency", str(concurrency), "--log-level", log_level,
             "--disable-hot-restart"]

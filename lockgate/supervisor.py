@@ -13,6 +13,10 @@ Any component that dies later is restarted with the same back-off (traffic keeps
 Envoy keeps its config without xDS and skips a dead ext_proc). Status lines go to stdout (``serving
 models on …`` once the first controller attempt has ended, ready or not); failures go to stderr.
 SIGINT/SIGTERM stops everything: Envoy first, then ext_proc, xDS and the controller.
+
+Sizing: Envoy runs ``envoy.concurrency`` worker threads (default: the host's cores) and there are
+``extproc_processes`` ext_proc processes (default: derived from the workers,
+:func:`lockgate.config.envoy.extproc_processes_for`); the ``data path up`` line says both.
 """
 
 from __future__ import annotations
@@ -111,6 +115,11 @@ class Component:
             self.log = None
 
 
+def sizing(config: LockgateConfig) -> str:
+    """How the data path is sized, for the status line: Envoy's workers and the ext_proc processes."""
+    return config.envoy.describe(config.extproc_processes)
+
+
 def components(config: LockgateConfig, config_path: str) -> list[Component]:
     """xDS, ext_proc, Envoy and the controller, in start order (the data path first)."""
     logs = config.state_dir / "logs"
@@ -123,7 +132,8 @@ def components(config: LockgateConfig, config_path: str) -> list[Component]:
         *(Component(f"extproc-{i}" if config.extproc_processes > 1 else "extproc", py + ["extproc", "--index", str(i)],
                     logs / (f"extproc-{i}.log" if config.extproc_processes > 1 else "extproc.log"))
           for i in range(config.extproc_processes)),
-        Component("envoy", envoy_command(bootstrap), logs / "envoy.log", ready_url=f"http://{config.admin}/ready"),
+        Component("envoy", envoy_command(bootstrap, concurrency=config.envoy.concurrency), logs / "envoy.log",
+                  ready_url=f"http://{config.admin}/ready"),
         Component("controller", py + ["controller"], logs / "controller.log"),
     ]
 
@@ -246,7 +256,8 @@ class Supervisor:
         try:
             for comp in self.data_path:
                 self._start_data_path(comp)
-            self.say(f"data path up: Envoy takes traffic on http://{self.config.listener}; starting the controller")
+            self.say(f"data path up: Envoy takes traffic on http://{self.config.listener} with "
+                     f"{sizing(self.config)}; starting the controller")
             self._launch(self.controller)
             while self.controller.state == "starting" and not self.stop_event.wait(0.05):
                 for comp in self.comps:

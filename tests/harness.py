@@ -210,6 +210,7 @@ class Fleet:
                            "sampler": f"127.0.0.1:{self.ports['sampler']}"},
             "state_dir": str(self.tmp / "state"),
             "models": self.models,
+            "envoy": {"concurrency": 1},  # one worker (so one ext_proc) unless ``extra`` says otherwise
         }
         cfg.update(self.extra)
         self.config_path = self.tmp / "lockgate.yaml"
@@ -271,7 +272,8 @@ class Fleet:
         bootstrap = self.tmp / f"envoy-{i}.yaml"
         bootstrap.write_text(render_bootstrap(config, node_id=f"envoy-{i}",
                                               admin=Address("127.0.0.1", self.admin_ports[i])))
-        self.procs[f"envoy-{i}"] = Proc(envoy_command(bootstrap), self.tmp / f"envoy-{i}.log", ready_line=None)
+        self.procs[f"envoy-{i}"] = Proc(envoy_command(bootstrap, concurrency=config.envoy.concurrency),
+                                        self.tmp / f"envoy-{i}.log", ready_line=None)
         deadline = time.monotonic() + 30
         while not self._admin_ok(i, "/ready"):
             if time.monotonic() > deadline or not self.procs[f"envoy-{i}"].alive():

@@ -18,7 +18,7 @@ file, line and field path, and nothing starts. Example::
 
 The package, one module per section: :mod:`.common` (addresses, names, URLs), :mod:`.models` (models,
 sticky keys, QA override), :mod:`.evaluation`, :mod:`.controller`, :mod:`.capture`, :mod:`.alerts`,
-:mod:`.registry`, :mod:`.auth`, :mod:`.limits`; this module holds the whole file
+:mod:`.registry`, :mod:`.auth`, :mod:`.limits`, :mod:`.envoy`; this module holds the whole file
 (:class:`LockgateConfig`), the rules across sections (bind refusal without auth, port clashes, endpoints
 that loop into lockgate, duplicate models and matches) and the loaders. Every public name is importable
 from ``lockgate.config``.
@@ -26,7 +26,7 @@ from ``lockgate.config``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from lockgate.config.common import (
     _address,
 )
 from lockgate.config.controller import ControllerConfig, _controller
+from lockgate.config.envoy import EnvoyConfig, _envoy, derive_extproc_processes
 from lockgate.config.evaluation import EvaluationConfig, JudgeConfig
 from lockgate.config.limits import RequestLimits, _limits
 from lockgate.config.models import (
@@ -88,6 +89,8 @@ class LockgateConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: "RequestLimits" = field(default_factory=lambda: RequestLimits())
+    #: ``envoy:``: Envoy's worker threads (default: the host's cores); ``extproc_processes`` follows it when unset
+    envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
 
     def extproc_addresses(self) -> list[Address]:
         return [Address(self.extproc.host, self.extproc.port + i) for i in range(self.extproc_processes)]
@@ -125,7 +128,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     extproc = _address(f, "extproc", 18080)
     extproc_metrics = _address(f, "extproc_metrics", 18090)
     ep_timeout = f.int("extproc_message_timeout_ms", 500, min=1, max=60000) or 500
-    ep_processes = f.int("extproc_processes", 1, min=1, max=64) or 1
+    envoy = _envoy(f)
+    ep_explicit = f.int("extproc_processes", None, min=1, max=64)
     state_dir = Path(f.str("state_dir", "./lockgate-state") or "./lockgate-state")
     if not state_dir.is_absolute():
         state_dir = (base_dir / state_dir).resolve()
@@ -142,6 +146,11 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     registry = _registry(f, base_dir, models)
     auth = _auth(f, base_dir)
     limits = _limits(f)
+    ep_processes = ep_explicit or 1
+    if ep_explicit is None and "extproc_processes" not in f.data:  # follows envoy.concurrency
+        ep_processes, rule = derive_extproc_processes(envoy.concurrency, extproc, extproc_metrics, [
+            listener, admin, xds, control, controller.address, controller.http, controller.sampler])
+        envoy = replace(envoy, extproc_rule=rule)
     # Off loopback only with callers to check: auth.tokens, or auth.insecure (then each process warns loudly at
     # startup). Envoy's traffic listener is meant to be reached; its admin serves /config_dump and /quitquitquit.
     if not auth.insecure:
@@ -213,7 +222,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
                           state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth,
-                          limits)
+                          limits, envoy=envoy)
 
 
 def load_config(path: str | Path) -> LockgateConfig:
@@ -228,7 +237,8 @@ def config_from_text(text: str, source: str = "<string>", base_dir: Path | None 
 
 
 __all__ = ["ALERT_EVENTS", "AlertSink", "Address", "AuthConfig", "COOKIE_RE", "CaptureConfig", "ConfigError",
-           "ControllerConfig", "DEFAULT_ALERT_EVENTS", "DEFAULT_KEYS", "ENV_RE", "EvaluationConfig", "HEADER_RE",
+           "ControllerConfig", "DEFAULT_ALERT_EVENTS", "DEFAULT_KEYS", "ENV_RE", "EnvoyConfig", "EvaluationConfig",
+           "HEADER_RE",
            "JudgeConfig", "KeySource", "LockgateConfig", "MAX_SAMPLE_BYTES_PER_BATCH", "MlflowModelMap", "Model",
            "ModelMatch", "ModelVersion", "NAME_RE", "NODE_ID_RE", "PLUGIN_RE", "QAOverride", "RESERVED_HEADER_PREFIX",
            "RETAIN_ROLES", "RegistryConfig", "RequestLimits", "RetainBodies", "RetryPolicy", "config_from_text",

@@ -46,6 +46,7 @@ from lockgate.config.common import (
     _address,
 )
 from lockgate.config.controller import ControllerConfig, _controller
+from lockgate.config.database import _database
 from lockgate.config.envoy import EnvoyConfig, _envoy, derive_extproc_processes
 from lockgate.config.evaluation import EvaluationConfig, JudgeConfig
 from lockgate.config.limits import RequestLimits, _limits
@@ -61,6 +62,7 @@ from lockgate.config.models import (
     _qa,
 )
 from lockgate.config.registry import MlflowModelMap, RegistryConfig, _registry
+from lockgate.database import Where, locate
 from lockgate.yamlconf import ConfigError, ErrorCollector, Fields, load_yaml, load_yaml_file
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -91,6 +93,12 @@ class LockgateConfig:
     limits: "RequestLimits" = field(default_factory=lambda: RequestLimits())
     #: ``envoy:``: Envoy's worker threads (default: the host's cores); ``extproc_processes`` follows it when unset
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
+    #: ``database:``: a PostgreSQL URL holding every store (lockgate/config/database.py); None = SQLite in state_dir
+    database: str | None = None
+
+    def store(self, filename: str) -> "Where":
+        """Where the store kept in ``<state_dir>/<filename>`` on SQLite lives with this config."""
+        return locate(self.state_dir, filename, self.database)
 
     def extproc_addresses(self) -> list[Address]:
         return [Address(self.extproc.host, self.extproc.port + i) for i in range(self.extproc_processes)]
@@ -146,6 +154,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     registry = _registry(f, base_dir, models)
     auth = _auth(f, base_dir)
     limits = _limits(f)
+    database = _database(f)
     ep_processes = ep_explicit or 1
     if ep_explicit is None and "extproc_processes" not in f.data:  # follows envoy.concurrency
         ep_processes, rule = derive_extproc_processes(envoy.concurrency, extproc, extproc_metrics, [
@@ -222,7 +231,7 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
                           state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth,
-                          limits, envoy=envoy)
+                          limits, envoy=envoy, database=database)
 
 
 def load_config(path: str | Path) -> LockgateConfig:

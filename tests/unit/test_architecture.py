@@ -24,6 +24,7 @@ PARTS = {
     "lockgate.yamlconf": "kernel", "lockgate.auth": "kernel", "lockgate.grpc_auth": "kernel",
     "lockgate.aio": "kernel", "lockgate.sqlite_util": "kernel", "lockgate.control_client": "kernel",
     "lockgate.refusal": "kernel", "lockgate.series": "kernel",
+    "lockgate.database": "kernel",
     "lockgate.xds": "xds",
     "lockgate.extproc": "extproc",
     "lockgate.controller.stats": "stats",

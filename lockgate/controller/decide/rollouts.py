@@ -1,4 +1,5 @@
-"""Durable rollout state and the deployment log (SQLite ``<state_dir>/rollouts.db``).
+"""Durable rollout state and the deployment log (SQLite ``<state_dir>/rollouts.db``, or the schema
+``rollouts`` in PostgreSQL: :mod:`lockgate.database`).
 
 * ``rollouts``: one row per attempted rollout — the locked spec (text + sha256), status, stage,
   timestamps, the resolved ``auto`` allowances and the last judgement. A controller killed
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from lockgate.sqlite_util import open_store, write_transaction
+from lockgate.database import Where, open_store, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -140,7 +141,7 @@ def _owner_is_dead(owner: str) -> bool:
 
 
 class RolloutStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Where):
         self.path = path
         # every commit must survive a power cut (a rollback decided is a rollback recorded)
         self._db = open_store(path, SCHEMA, read_only=False, what="rollout store", synchronous="FULL",
@@ -229,9 +230,10 @@ class RolloutStore:
                                       f"abort it or wait for it to finish")
             cur = self._db.execute(
                 "INSERT INTO rollouts(model, canary, baseline, spec_text, spec_source, spec_hash, status, stage, "
-                "started_at, stage_started_at, created_by, auto_json) VALUES (?,?,?,?,?,?,'pending',0,?,?,?,?)",
+                "started_at, stage_started_at, created_by, auto_json) VALUES (?,?,?,?,?,?,'pending',0,?,?,?,?) "
+                "RETURNING id",
                 (model, canary, baseline, spec_text, spec_source, spec_hash, now, now, created_by, json.dumps(auto)))
-            rid = cur.lastrowid
+            rid = cur.fetchone()[0]
             self._event(rid, now, "created", 0, 0, created_by, {"spec_hash": spec_hash, "source": spec_source})
         return self.get(rid)  # type: ignore[return-value]
 
@@ -249,7 +251,7 @@ class RolloutStore:
 
     def event(self, rollout_id: int, kind: str, actor: str, detail: dict[str, Any] | None = None,
               stage: int | None = None, weight_bp: int | None = None, now: float | None = None) -> None:
-        with self._db:
+        with write_transaction(self._db):
             self._event(rollout_id, time.time() if now is None else now, kind, stage, weight_bp, actor, detail or {})
 
     def transition(self, rollout_id: int, *, expect: tuple[str, ...], status: str, stage: int | None = None,
@@ -276,7 +278,7 @@ class RolloutStore:
                           history: bool = True) -> None:
         """Set the rollout's latest evaluation; ``history``: also append it to ``rollout_evaluations``."""
         text = json.dumps(judgement, default=str)
-        with self._db:
+        with write_transaction(self._db):
             if history:
                 self._db.execute("INSERT INTO rollout_evaluations(rollout_id, ts, stage, weight_bp, decision, "
                                  "judgement_json) VALUES (?,?,?,?,?,?)",
@@ -301,5 +303,5 @@ class RolloutStore:
         return (row[0], row[1]) if row else None
 
     def release(self, model: str) -> None:
-        with self._db:
+        with write_transaction(self._db):
             self._db.execute("DELETE FROM leases WHERE model=? AND owner=?", (model, self.owner))

@@ -42,6 +42,7 @@ from lockgate.controller.api.rollouts import register_routes
 from lockgate.controller.decide.actions import RolloutActions
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.promoter import Promoter
+from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import RolloutStore
 from lockgate.controller.evaluate.evaluation import EvaluationService, evaluation_enabled
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
@@ -118,8 +119,10 @@ class Controller:
         # sums, so a look costs O(users), not O(rows) (decide/accumulator.py)
         self.evidence = LiveEvidence(self.store, has_evaluation=lambda model: config.model(model).evaluation
                                      is not None)
+        # rollout state (stage, weight, verdicts, rollbacks, promotions) on /metrics, told by the promoter
+        self.rollout_series = RolloutSeries(self.metrics.registry, [m.name for m in config.models])
         self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier],
-                                 evidence=self.evidence)
+                                 evidence=self.evidence, series=self.rollout_series)
         self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
         self.trouble = TroubleMonitor(self.notifier, self.probe_weights, self.metrics.sources, self.rollouts)
         # new observations wake the promotion loop (a breach rolls back when the evidence arrives)

@@ -32,6 +32,7 @@ def test_the_controller_is_wired_through_ports(tmp_path):
             p = c.promoter
             assert p.weights is c.weights and p.observations is c.store and p.rollouts is c.rollouts
             assert p.sinks == (c.notifier,)
+            assert p.series is c.rollout_series  # rollout state on the controller's /metrics registry
             assert c.actions.promoter is p and c.actions.rollouts is c.rollouts
             assert c.trouble.weights is c.probe_weights and c.trouble.rollouts is c.rollouts
             assert p.notify in c.collector.on_stored

@@ -30,6 +30,7 @@ import grpc
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
 from lockgate.controller.decide.live_evidence import LiveEvidence
+from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
@@ -68,8 +69,10 @@ class Promoter:
 
     def __init__(self, config: LockgateConfig, rollouts: RolloutStore, weights: WeightPusher,
                  observations: ObservationSource, sinks: Sequence[EventSink] = (),
-                 evidence: LiveEvidence | None = None):
+                 evidence: LiveEvidence | None = None, series: RolloutSeries | None = None):
         self.config = config
+        #: the rollout state on /metrics (None: not exported), told of every look and outcome
+        self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
         self.evidence = evidence
         self._refreshed: dict[int, float] = {}  #: rollout id → when last_eval was last written
@@ -121,6 +124,8 @@ class Promoter:
             decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
                                                rollout.stage_started_at), judgement, now, in_stage)
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
+            if self.series is not None:
+                self.series.looked(rollout, spec, decision, summary, now)
             if decision.action == "rollback":
                 await self.revert(rollout, spec, decision, summary, detected_at, actor="controller")
             else:
@@ -294,9 +299,12 @@ class Promoter:
 
     def emit(self, kind: str, rollout_id: int, detail: dict) -> None:
         """Tell the sinks about an outcome, in the background (never awaited by the caller)."""
+        rollout = self.rollouts.get(rollout_id) if self.sinks or self.series is not None else None
+        if self.series is not None:
+            self.series.outcome(kind, rollout, detail)
         if not self.sinks:
             return
-        event: OutcomeEvent = {"kind": kind, "rollout": rollout_json(self.rollouts.get(rollout_id)),
+        event: OutcomeEvent = {"kind": kind, "rollout": rollout_json(rollout),
                                "detail": detail, "ts": time.time()}
         for sink in self.sinks:
             async def run(sink=sink):
@@ -417,9 +425,11 @@ class Promoter:
                                  "message": resp.message}, 0)
             out["push"] = {"all_acked": False, "not_acked": list(resp.not_acked), "message": resp.message}
             return out  # stays pending; the loop retries
-        self.rollouts.transition(rollout.id, expect=("pending",), status="running", stage=0, kind="started",
-                                 actor="controller", weight_bp=first.weight_bp,
-                                 detail={"ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
+        started = self.rollouts.transition(rollout.id, expect=("pending",), status="running", stage=0, kind="started",
+                                           actor="controller", weight_bp=first.weight_bp,
+                                           detail={"ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
+        if self.series is not None:
+            self.series.outcome("started", started, {}, spec)
         out["push"] = {"all_acked": True, "elapsed_ms": resp.elapsed_ms}
         return out
 

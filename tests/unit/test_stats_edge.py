@@ -247,3 +247,25 @@ def test_class_metric_at_the_allowance_rolls_back_at_most_alpha(spec, kind):
 def test_class_metric_beyond_is_rolled_back():
     beyond = _rate_of_fail(_class_stream("recall", 0.25), _eval_class(RECALL), seed=42, runs=30)
     assert beyond >= 0.9, beyond
+
+
+def test_row_grouping_dense_and_sorted_paths_agree():
+    """group_rows counts dense keys without sorting and falls back to np.unique for sparse ones: both give
+    the same groups, and summing values over them matches a per-row loop."""
+    from lockgate.controller.stats.estimators import group_rows
+
+    rng = np.random.default_rng(7)
+    n = 5000
+    arm = rng.integers(0, 2, n)
+    st = rng.integers(0, 3, n)
+    y = rng.normal(size=n)
+    for cl in (rng.integers(0, 200, n), rng.integers(0, 200, n) * 10_000_000):  # dense, then sparse keys
+        g = group_rows(arm, cl, st, 3)
+        expect: dict[tuple[int, int, int], list[float]] = {}
+        for i in range(n):
+            expect.setdefault((int(cl[i]), int(st[i]), int(arm[i])), []).append(float(y[i]))
+        got = {(int(c), int(s), int(a)): (float(k), float(t))
+               for c, s, a, k, t in zip(g.cl, g.st, g.arm, g.n, g.sums(y))}
+        assert got.keys() == expect.keys()
+        for key, vals in expect.items():
+            assert got[key][0] == len(vals) and got[key][1] == pytest.approx(sum(vals))

@@ -9,12 +9,12 @@ the row is dropped for that metric (never treated as zero).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .estimators import DiffEstimate, factorize, grouped_differences, stratified_differences
+from .estimators import DiffEstimate, RowGrouping, factorize, group_rows, grouped_differences, stratified_differences
 from .verdict import NO_COUNTS, ArmCounts, MetricSpec, MetricVerdict
 
 __all__ = ["DEFAULT_MIN_CLUSTERS", "Groups", "Prepared", "arm_mean", "cell_sums", "estimates", "arrays_per_request", "check_alpha", "cluster_df", "counts", "estimate",
@@ -60,6 +60,14 @@ class Prepared:
     n_cl: int
     st: np.ndarray
     n_st: int
+    _grouping: RowGrouping | None = field(default=None, init=False, repr=False, compare=False)
+
+    def grouping(self) -> RowGrouping:
+        """The rows' (user, stratum, arm) groups, computed at the first call (they do not depend on ``y``:
+        every estimate on these rows, whatever the values, reuses them)."""
+        if self._grouping is None:
+            self._grouping = group_rows(self.arm, self.cl, self.st, self.n_st)
+        return self._grouping
 
 
 @dataclass
@@ -89,7 +97,8 @@ def estimates(p: "Prepared | Groups", cs: tuple[float, ...], binary: bool) -> li
     """:func:`~.estimators.stratified_differences` of ``p`` for the contrasts ``cs``."""
     if isinstance(p, Groups):
         return grouped_differences(p.cl, p.st, p.arm, p.n, p.s, p.n_cl, p.n_st, cs=cs, binary=binary)
-    return stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=cs, binary=binary)
+    return stratified_differences(p.y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=cs, binary=binary,
+                                  grouping=p.grouping())
 
 
 def cell_sums(p: "Prepared | Groups") -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +150,7 @@ def estimate(p: "Prepared | Groups", c: float, binary: bool, y: np.ndarray | Non
     if isinstance(p, Groups):
         return estimates(p, (c,), binary)[0]
     return stratified_differences(p.y if y is None else y, p.arm, p.cl, p.n_cl, p.st, p.n_st, cs=(c,),
-                                  binary=binary)[0]
+                                  binary=binary, grouping=p.grouping())[0]
 
 
 def effective_clusters(p: "Prepared | Groups") -> tuple[float, float]:

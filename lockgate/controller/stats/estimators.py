@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["factorize", "DiffEstimate", "grouped_differences", "stratified_difference", "stratified_differences"]
+__all__ = ["factorize", "DiffEstimate", "RowGrouping", "group_rows", "grouped_differences", "stratified_difference",
+           "stratified_differences"]
 
 
 def factorize(a: np.ndarray) -> tuple[np.ndarray, int]:
@@ -103,6 +104,43 @@ def stratified_difference(
     return stratified_differences(y, arm, cl_idx, n_cl, st_idx, n_st, cs=(c,), binary=binary)[0]
 
 
+@dataclass(frozen=True)
+class RowGrouping:
+    """Rows mapped to their (user, stratum, arm) group: ``row_group`` (one group index per row) and, per
+    group, its dense cluster ``cl``, stratum ``st``, arm ``arm`` (0/1) and row count ``n`` (float).
+    Depends only on who sent each row, never on the values: compute it once (:func:`group_rows`) and sum
+    any number of value vectors over it (one ``np.bincount`` each instead of a sort per contrast)."""
+
+    row_group: np.ndarray
+    cl: np.ndarray
+    st: np.ndarray
+    arm: np.ndarray
+    n: np.ndarray
+
+    def sums(self, y: np.ndarray) -> np.ndarray:
+        """Sum of ``y`` (one value per row) per group."""
+        return np.bincount(self.row_group, weights=np.asarray(y, dtype=float), minlength=self.n.size)
+
+
+def group_rows(arm: np.ndarray, cl_idx: np.ndarray, st_idx: np.ndarray, n_st: int) -> RowGrouping:
+    """The :class:`RowGrouping` of rows with dense cluster / stratum indices and arm 0/1."""
+    k2 = 2 * n_st
+    keys = np.asarray(cl_idx, dtype=np.int64) * k2 + np.asarray(st_idx, dtype=np.int64) * 2 \
+        + np.asarray(arm, dtype=np.int64)
+    span = int(keys.max()) + 1 if keys.size else 0
+    if span <= 4 * keys.size + (1 << 16):
+        # dense keys (the usual case: dense user and stratum indices): a counting pass, no sort
+        present = np.bincount(keys, minlength=span) > 0
+        g_uni = np.flatnonzero(present)
+        g_inv = (np.cumsum(present) - 1)[keys]
+    else:
+        g_uni, g_inv = np.unique(keys, return_inverse=True)
+        g_inv = g_inv.reshape(-1)
+    cell = g_uni % k2
+    return RowGrouping(g_inv, g_uni // k2, cell // 2, cell % 2,
+                       np.bincount(g_inv, minlength=g_uni.size).astype(float))
+
+
 def stratified_differences(
     y: np.ndarray,
     arm: np.ndarray,
@@ -113,18 +151,13 @@ def stratified_differences(
     *,
     cs: tuple[float, ...] = (1.0,),
     binary: bool = False,
+    grouping: RowGrouping | None = None,
 ) -> list[DiffEstimate | None]:
     """:func:`stratified_difference` for several contrasts ``c`` sharing the grouping work: the rows are
-    summed per (user, stratum, arm) group and judged by :func:`grouped_differences` (one formula for both)."""
-    y = np.asarray(y, dtype=float)
-    key = np.asarray(st_idx, dtype=np.int64) * 2 + np.asarray(arm, dtype=np.int64)
-    k2 = 2 * n_st
-    g_uni, g_inv = np.unique(np.asarray(cl_idx, dtype=np.int64) * k2 + key, return_inverse=True)
-    g_inv = g_inv.reshape(-1)
-    gn = np.bincount(g_inv, minlength=g_uni.size).astype(float)
-    gs = np.bincount(g_inv, weights=y, minlength=g_uni.size)
-    cell = g_uni % k2
-    return grouped_differences(g_uni // k2, cell // 2, cell % 2, gn, gs, n_cl, n_st, cs=cs, binary=binary)
+    summed per (user, stratum, arm) group and judged by :func:`grouped_differences` (one formula for both).
+    ``grouping``: :func:`group_rows` of these ``arm``/``cl_idx``/``st_idx``, when the caller already has it."""
+    g = grouping if grouping is not None else group_rows(arm, cl_idx, st_idx, n_st)
+    return grouped_differences(g.cl, g.st, g.arm, g.n, g.sums(y), n_cl, n_st, cs=cs, binary=binary)
 
 
 def grouped_differences(

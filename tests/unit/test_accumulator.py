@@ -303,3 +303,56 @@ rollout:
             assert got[2] == want[2]
     finally:
         store.close()
+
+
+def test_a_rollback_look_is_not_delayed_by_quantile_intervals(tmp_path):
+    """When a look that is due to compute the quantile intervals decides ``rollback``, it returns the
+    decision judged without them (no verdict uses them): the revert is not delayed by their bisection."""
+    from types import SimpleNamespace
+
+    from lockgate.controller.decide.live_evidence import LiveEvidence
+    from lockgate.controller.decide.spec import spec_from_text
+    from lockgate.controller.ingest.observations import ObservationStore
+    from lockgate.proto.v1 import observations_pb2 as pb
+
+    spec = spec_from_text("""
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 60
+  alpha: 0.05
+  steps:
+    - {weight_percent: 50, min_duration: 5m}
+  promotion: {max_duration: 24h, preflight: none}
+  metrics:
+    - {name: error_rate, gating: true, allowed: {absolute: 0.02}}
+    - {name: latency_p95, allowed: {relative: 0.3}}
+""")
+    t0 = 1.8e9
+    rollout = SimpleNamespace(id=1, model="chat", baseline="v1", canary="v2", started_at=t0, stage=0,
+                              stage_started_at=t0, spec_hash="h", auto_values=lambda: {})
+    store = ObservationStore(tmp_path / "obs.db")
+    rng = np.random.default_rng(3)
+    try:
+        obs = []
+        for i in range(4000):
+            canary = i % 2 == 1
+            obs.append(pb.Observation(
+                request_id=f"r{i}", ts=t0 + i * 0.01, model="chat", version="v2" if canary else "v1",
+                role="canary" if canary else "baseline", weight_bp=5000, user_key=f"u{i % 300}",
+                status_code=503 if rng.uniform() < (0.4 if canary else 0.01) else 200,
+                duration_ms=float(rng.lognormal(4, 0.4))))
+        store.insert(obs, received_ts=t0 + 60)
+        live = LiveEvidence(store)
+        judgement, _, _ = live.judge(rollout, spec, t0 + 60)  # the first look is due for intervals
+        assert judgement.decision == "rollback"
+        latency = next(v for v in judgement.verdicts if v.metric == "latency_p95")
+        assert latency.interval == (None, None)
+        judgement, _, _ = live.judge(rollout, spec, t0 + 61)  # not due by the clock, still owed
+        latency = next(v for v in judgement.verdicts if v.metric == "latency_p95")
+        assert judgement.decision == "rollback" and latency.interval == (None, None)
+        judgement, _, _ = live.judge(rollout, spec, t0 + 62, quantile_intervals=True)
+        latency = next(v for v in judgement.verdicts if v.metric == "latency_p95")
+        assert judgement.decision == "rollback" and latency.interval == (None, None)
+    finally:
+        store.close()

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lockgate.controller.decide.accumulator import RolloutEvidence, supported
-from lockgate.controller.decide.evidence import summarize
+from lockgate.controller.decide.evidence import summarize, with_prometheus
 from lockgate.controller.decide.rollouts import Rollout
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.ingest.observations import observation_row
@@ -124,20 +124,27 @@ class LiveEvidence:
 
         ``quantile_intervals`` (default: once per ``analysis_interval_s``): whether quantile metrics
         report their interval on the shift scale — a bisection of dozens of exceedance estimates that no
-        verdict uses; the data-triggered looks in between leave it out (every verdict is the same)."""
-        if quantile_intervals is None:
+        verdict uses; the data-triggered looks in between leave it out (every verdict is the same). A look
+        that decides ``rollback`` never waits for them: it is judged without intervals first."""
+        scheduled = quantile_intervals is None
+        if scheduled:
             last = self._intervals_at.get(rollout.id)
             quantile_intervals = last is None or now - last >= spec.analysis_interval_s
-            if quantile_intervals:
-                self._intervals_at[rollout.id] = now
         specs = spec.to_stats_specs(rollout.auto_values())
         if not supported(spec, specs, bool(self.has_evaluation(rollout.model))):
             return None
         entry = self._state(rollout, specs)
         _, _, state, lock = entry
         with lock:
-            judgement = state.evaluate(now, spec.alpha, quantile_intervals=quantile_intervals)
+            judgement = state.evaluate(now, spec.alpha, quantile_intervals=False)
+            # A rollback is decided without the intervals (no verdict uses them): it is not delayed by
+            # their bisection; the next look computes them. Any other decision gets them when due.
+            if quantile_intervals and judgement.decision != "rollback":
+                judgement = state.evaluate(now, spec.alpha, quantile_intervals=True)
+                if scheduled:
+                    self._intervals_at[rollout.id] = now
             traffic = state.traffic(now, rollout.stage_started_at)
+        judgement = with_prometheus(judgement, rollout, spec, now)  # outside the lock: it may query Prometheus
         summary = summarize(judgement, spec, rollout, traffic)
         return judgement, summary, traffic["in_stage"]
 

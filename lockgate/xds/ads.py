@@ -87,6 +87,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             stream.node_id = req.node.id
             stream.cluster = req.node.cluster
             log.info("envoy %s connected (stream %s, %s)", stream.node_id, stream.stream_id, stream.peer)
+            self.registry.node_changed(stream)
         type_url = req.type_url
         ts = stream.types.get(type_url)
         if ts is None:
@@ -109,6 +110,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             ts.nack_at = time.monotonic()
             log.error("envoy %s NACKed %s version %s: %s", stream.node_id, type_url.rsplit(".", 1)[-1],
                       ts.sent_version, ts.nack_error)
+            self.registry.node_changed(stream)
             await self.registry.notify()
         elif req.response_nonce == ts.acked_nonce:
             ts.subscribed = names

@@ -106,6 +106,8 @@ class NodeRegistry:
         self.streams: dict[int, StreamState] = {}
         #: called with (stream, type_url) after every ACK (the weight service records who holds what)
         self.ack_listeners: list = []
+        #: called with (stream,) when a stream names its node, NACKs, or closes
+        self.node_listeners: list = []
         self._ids = itertools.count(1)
         self._cond = asyncio.Condition()
 
@@ -114,8 +116,14 @@ class NodeRegistry:
         self.streams[state.stream_id] = state
         return state
 
+    def node_changed(self, state: StreamState) -> None:
+        for listener in self.node_listeners:
+            listener(state)
+
     async def close(self, state: StreamState) -> None:
         state.connected = False
+        if state.node_id:
+            self.node_changed(state)
         # Keep the last disconnected stream of a node for reporting; drop older duplicates.
         for sid, other in list(self.streams.items()):
             if sid != state.stream_id and not other.connected and other.node_id == state.node_id:

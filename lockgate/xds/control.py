@@ -1,9 +1,21 @@
 """The weight controller (desired weights → persisted → snapshot → ACK-tracked) and its gRPC API.
 
-``WeightService`` is the only writer of weights. A change is validated, persisted in SQLite, turned
-into a new routes snapshot, and then awaited: the call returns when every connected Envoy ACKed the
-new routes version or the timeout passed, naming the Envoys that did not and the elapsed ms.
-Changes to one fleet are serialised (one lock), so versions and ACKs are unambiguous.
+Over ~500 lines: one state machine — weights, versions and ACKs, across every xDS server of the
+store (:meth:`WeightService.run_sync`) — and its thin gRPC shell; split, each half would reach into
+the other's state.
+
+``WeightService`` is the only writer of weights. A change is validated, persisted (the weight store,
+:mod:`lockgate.xds.store`: SQLite or PostgreSQL) under a version the store allocates, turned into a new
+routes snapshot, and then awaited: the call returns when every connected Envoy ACKed the new routes
+version or the timeout passed, naming the Envoys that did not and the elapsed ms. Changes through one
+server are serialised (one lock), and the store's transaction serialises them across servers.
+
+**Several servers, one store** (high availability): each server polls the store every ``POLL_S``
+(one indexed read) and serves what another saved; each records what its Envoys ACKed and a heartbeat;
+"every Envoy ACKed" counts the Envoys connected to any live server (an Envoy connected to another
+server counts once that server recorded its ACK of the new routes with the model's new weight).
+When a server dies its Envoys reconnect to another (their bootstrap lists every server); until then
+they are disconnected holders of what they last ACKed, so a revert is not complete without them.
 
 A **rollback** (weight 0) is the one change served *before* it is saved: a full or failing disk must
 never keep a revert from Envoy. If the save fails the response says ``persisted: false`` and a
@@ -17,7 +29,11 @@ weight keeps serving it (Envoy keeps its last config) until it reconnects and AC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import os
+import socket
 import sqlite3
 import time
 from collections import OrderedDict
@@ -27,10 +43,10 @@ import grpc
 from lockgate.config import LockgateConfig
 from lockgate.grpc_auth import current_client
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
-from lockgate.xds.cache import NodeRegistry, SnapshotCache
+from lockgate.xds.cache import STRAGGLER_FACTOR, STRAGGLER_GRACE_S, NodeRegistry, SnapshotCache
 from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
 from lockgate.xds.resources import ROUTE_TYPE, build_resources
-from lockgate.xds.store import WeightStore
+from lockgate.xds.store import NodeRecord, WeightConflict, WeightStore
 
 log = logging.getLogger("lockgate.xds.control")
 DEFAULT_TIMEOUT_S = 5.0
@@ -69,65 +85,280 @@ def validate_persisted(config: LockgateConfig, weights: dict[str, CanaryWeight])
                                  "or roll back with the previous config first.")
 
 
+#: how often an xDS server looks for changes made through another server of the same store (s) ...
+POLL_S = 0.05
+#: ... and while it waits for the ACKs of Envoys connected to another server
+FAST_POLL_S = 0.01
+#: each server's heartbeat in the store (s); a server whose heartbeat has not moved for
+#: SERVER_DEAD_AFTER_S no longer vouches for its Envoys (they count as disconnected until they reconnect)
+HEARTBEAT_S = 0.5
+SERVER_DEAD_AFTER_S = 3.0
+
+
+def _wall(monotonic_ts: float) -> float:
+    return time.time() - (time.monotonic() - monotonic_ts)
+
+
 class WeightService:
-    def __init__(self, config: LockgateConfig, store: WeightStore):
+    """The weights of one fleet, served by this xDS server (and by any other server of the same store).
+
+    ``server_id`` names this server in the store (default ``host:pid``); ``address`` is shown to the others.
+    :meth:`run_sync` (a task of ``lockgate xds``) keeps it in step with the other servers."""
+
+    def __init__(self, config: LockgateConfig, store: WeightStore, server_id: str | None = None, address: str = ""):
         self.config = config
         self.store = store
+        self.server_id = server_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.address = address
+        self.started_at = time.time()
         persisted = store.load()
         validate_persisted(config, persisted)
-        self.weights: dict[str, CanaryWeight] = {
-            m.name: persisted.get(m.name, CanaryWeight(None, 0)) for m in config.models}
-        for name, w in self.weights.items():
-            if w.canary is not None and w.canary not in config.model(name).versions:
-                self.weights[name] = CanaryWeight(None, 0)  # weight-0 canary removed from config
-        version = store.last_version() + 1
-        store.save_version(version)
+        self.weights: dict[str, CanaryWeight] = self._routable(persisted)
+        version = store.next_version()
+        #: the newest store version this server's weights include
+        self.db_version = version
+        self.db_forced = store.versions()[1]
         self.cache = SnapshotCache(build_resources(config, self.weights), version)
         self.registry = NodeRegistry()
         #: routes version → weights it carried (bounded), to report what each Envoy has live.
         self.routes_history: OrderedDict[int, dict[str, CanaryWeight]] = OrderedDict(
             {version: dict(self.weights)})
         self._lock = asyncio.Lock()
-        #: Envoys seen before (also by an earlier run of this server) → (last ACK time, {model: (canary, bp)}).
-        #: One that has not reconnected since still serves the routes it last ACKed (Envoy keeps its config).
+        #: every Envoy the store knows (also those of other servers, and of earlier runs of this one).
+        #: One that is connected to no live server still serves the routes it last ACKed (Envoy keeps its config).
         try:
-            self.known_nodes = store.load_nodes()
+            self.records: dict[str, NodeRecord] = store.nodes()
         except sqlite3.Error:
-            self.known_nodes = {}
+            self.records = {}
+        #: other servers of the store whose heartbeat moves, and (heartbeat, monotonic time it last moved)
+        self.live_servers: set[str] = set()
+        self._heartbeats: dict[str, tuple[float, float]] = {}
         self.registry.ack_listeners.append(self._on_ack)
+        self.registry.node_listeners.append(self._on_node)
+        self._dirty: dict[str, tuple] = {}  #: node id → its row, not yet written to the store
+        self._flusher: asyncio.Task | None = None
+        self._remote_waits = 0
+        self._poke = asyncio.Event()
         #: model → (weight, previous, actor, reason, version) served but not yet saved (rollbacks only)
         self.unsaved: dict[str, tuple[CanaryWeight, CanaryWeight, str, str, int]] = {}
         self._saver: asyncio.Task | None = None
 
+    def _routable(self, stored: dict[str, CanaryWeight]) -> dict[str, CanaryWeight]:
+        weights = {m.name: stored.get(m.name, CanaryWeight(None, 0)) for m in self.config.models}
+        for name, w in weights.items():
+            if w.canary is not None and w.canary not in self.config.model(name).versions:
+                weights[name] = CanaryWeight(None, 0)  # weight-0 canary removed from config
+        return weights
+
+    # ----- what each Envoy holds: recorded in the store for every server to see
     def _on_ack(self, stream, type_url: str) -> None:
-        """Record the weights an Envoy just ACKed (best effort: a failing disk never blocks an ACK)."""
-        if type_url != ROUTE_TYPE or not stream.node_id:
-            return
-        acked = self.routes_history.get(stream.types[ROUTE_TYPE].acked_version)
-        if acked is None:
-            return
-        weights = {m: (w.canary, w.weight_bp) for m, w in acked.items()}
-        if self.known_nodes.get(stream.node_id, (0.0, None))[1] == weights:
-            self.known_nodes[stream.node_id] = (time.time(), weights)
-            return
-        self.known_nodes[stream.node_id] = (time.time(), weights)
-        try:
-            self.store.save_node(stream.node_id, weights)
-        except sqlite3.Error as exc:
-            log.error("cannot record what %s ACKed: %s", stream.node_id, exc)
+        if type_url == ROUTE_TYPE and stream.node_id:
+            self._record(stream)
+
+    def _on_node(self, stream) -> None:
+        self._record(stream)
+
+    def _record(self, stream) -> None:
+        """Remember (and write, in the background) what this Envoy holds: a failing store never blocks an ACK."""
+        rt = stream.types[ROUTE_TYPE]
+        known = self.records.get(stream.node_id)
+        acked = self.routes_history.get(rt.acked_version) if rt.acked_version is not None else None
+        if acked is not None:
+            weights = {m: (w.canary, w.weight_bp) for m, w in acked.items()}
+            acked_at = _wall(rt.acked_at)
+        else:  # not ACKed on this stream yet: it still holds what it last ACKed (anywhere)
+            weights = known.weights if known else {}
+            acked_at = known.acked_at if known else None
+        routes_version = rt.acked_version if rt.acked_version is not None else None
+        rec = NodeRecord(stream.node_id, self.server_id, stream.connected, routes_version, weights, acked_at,
+                         rt.nack_version, rt.nack_error, time.time())
+        if stream.connected or known is None or known.server == self.server_id:
+            self.records[stream.node_id] = rec
+        self._dirty[stream.node_id] = (stream.node_id, stream.connected, routes_version, weights, acked_at,
+                                       rt.nack_version, rt.nack_error)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        while self._dirty:
+            rows, self._dirty = self._dirty, {}
+            try:
+                self.store.save_nodes(self.server_id, list(rows.values()))
+            except sqlite3.Error as exc:
+                log.error("cannot record what %d Envoy(s) hold (%s); retrying", len(rows), exc)
+                for node, row in rows.items():
+                    self._dirty.setdefault(node, row)
+                await asyncio.sleep(1.0)
+            else:
+                self._poke.set()
+
+    def _remote_live(self, rec: NodeRecord | None) -> bool:
+        """Whether ``rec`` is an Envoy connected to another server that is alive."""
+        return rec is not None and rec.server != self.server_id and rec.connected and rec.server in self.live_servers
 
     def not_reconnected_holders(self, model_name: str) -> list[str]:
-        """Envoys this server has not seen since it started whose last ACKed routes gave ``model_name`` a
-        canary weight (forgotten after ``FORGET_NODE_AFTER_S`` without an ACK)."""
-        seen = set(self.registry.latest_by_node())
+        """Envoys connected to no live xDS server (none since this one started, or their server died) whose
+        last ACKed routes gave ``model_name`` a canary weight (forgotten after ``FORGET_NODE_AFTER_S``)."""
+        local = self.registry.latest_by_node()
         now = time.time()
         out = []
-        for node_id, (ts, weights) in sorted(self.known_nodes.items()):
-            canary, bp = weights.get(model_name, (None, 0))
-            if node_id not in seen and bp > 0 and now - ts < FORGET_NODE_AFTER_S:
-                out.append(f"{node_id} (not reconnected since the xDS server started; last ACKed {canary} at "
+        for node_id, rec in sorted(self.records.items()):
+            if node_id in local or self._remote_live(rec):
+                continue
+            canary, bp = rec.weights.get(model_name, (None, 0))
+            if bp > 0 and now - (rec.acked_at or rec.updated_at) < FORGET_NODE_AFTER_S:
+                out.append(f"{node_id} (not connected to a live xDS server; last ACKed {canary} at "
                            f"{bp / 100:g}%)")
         return out
+
+    # ----- keeping in step with the other servers of the store
+    async def run_sync(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: heartbeat, pick up weights saved through other servers (re-serving them), and
+        read what their Envoys hold. Store errors are logged and retried; serving never stops."""
+        next_beat = 0.0
+        failing = False
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_S
+                    self.store.heartbeat(self.server_id, self.address, self.started_at)
+                    self._read_servers()
+                await self.catch_up()
+                if self.live_servers or self._remote_waits:
+                    self.records = {**self.store.nodes(), **{n: r for n, r in self.records.items()
+                                                             if n in self._dirty}}
+                    await self.registry.notify()
+                if failing:
+                    log.info("weight store readable again")
+                failing = False
+            except sqlite3.Error as exc:
+                (log.debug if failing else log.error)("weight store: %s (serving the last known weights)", exc)
+                failing = True
+            self._poke.clear()
+            try:
+                await asyncio.wait_for(self._poke.wait(), FAST_POLL_S if self._remote_waits else POLL_S)
+            except asyncio.TimeoutError:
+                pass
+        with contextlib.suppress(sqlite3.Error):
+            self._dirty.update({s.node_id: (s.node_id, False, None, {}, None, None, "")
+                                for s in self.registry.connected()})
+            self.store.save_nodes(self.server_id, list(self._dirty.values()))
+            self.store.forget_server(self.server_id)
+
+    def _read_servers(self) -> None:
+        now = time.monotonic()
+        live = set()
+        for server, (_address, beat) in self.store.servers().items():
+            if server == self.server_id:
+                continue
+            seen = self._heartbeats.get(server)
+            if seen is None:  # first sight: a heartbeat long past (on any sane clock) is a dead server's
+                moved_at = now if time.time() - beat < SERVER_DEAD_AFTER_S + 30 else -math.inf
+                self._heartbeats[server] = (beat, moved_at)
+            elif beat != seen[0]:
+                self._heartbeats[server] = (beat, now)
+            if now - self._heartbeats[server][1] < SERVER_DEAD_AFTER_S:
+                live.add(server)
+        if live != self.live_servers:
+            log.info("other xDS servers alive: %s", ", ".join(sorted(live)) or "none")
+        self.live_servers = live
+
+    async def catch_up(self) -> None:
+        """Serve what other servers saved since this one last looked (cheap when nothing changed)."""
+        version, forced = self.store.versions()
+        if version <= self.db_version:
+            return
+        async with self._lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
+        """Under the lock: the store's weights (rollbacks served but not yet saved stay served)."""
+        version, forced = self.store.versions()
+        if version <= self.db_version:
+            return
+        stored = self.store.load()
+        try:
+            validate_persisted(self.config, stored)
+        except StateMismatchError as exc:  # another server runs another config: keep serving ours
+            log.error("weights saved through another xDS server cannot be routed here: %s", exc)
+            stored = {m: w for m, w in stored.items() if m in self.weights and (
+                w.canary is None or w.canary in self.config.model(m).versions)}
+            stored = {**self.weights, **stored}
+        weights = self._routable(stored)
+        for model_name, (w, *_rest) in self.unsaved.items():
+            weights[model_name] = w
+        force = forced > self.db_version
+        self.db_version, self.db_forced = version, forced
+        if weights == self.weights and not force:
+            return
+        await self._serve(weights, max(version, self.cache.snapshot.version + 1), force)
+        log.info("weights changed through another xDS server: now at version %d", version)
+
+    async def _serve(self, weights: dict[str, CanaryWeight], version: int, force: bool = False) -> int:
+        """Hand ``weights`` to every stream under ``version``; returns the routes' version."""
+        self.weights = weights
+        self.routes_history[version] = dict(weights)
+        while len(self.routes_history) > 256:
+            self.routes_history.popitem(last=False)
+        snap = await self.cache.set(build_resources(self.config, weights), version,
+                                    force_types=frozenset({ROUTE_TYPE}) if force else frozenset())
+        return snap.type_versions[ROUTE_TYPE]
+
+    async def _wait_remote(self, model_name: str, want: CanaryWeight | None, version: int, timeout_s: float,
+                           pushed_at: float) -> dict[str, tuple[str, float]]:
+        """Wait until every Envoy connected to another live server ACKed routes ``version`` (and, for a
+        weight change, the model's new weight): node → (outcome, ack ms). Same straggler rule as
+        :meth:`NodeRegistry.wait_for`."""
+        local = {s.node_id for s in self.registry.connected()}
+        targets = [n for n, rec in self.records.items() if n not in local and self._remote_live(rec)]
+        if not targets:
+            return {}
+        self._remote_waits += 1
+        self._poke.set()
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        answered: dict[str, float] = {}
+
+        def outcome(node: str) -> tuple[str, float] | None:
+            rec = self.records.get(node)
+            if not self._remote_live(rec):
+                if node in {s.node_id for s in self.registry.connected()}:  # it moved to this server
+                    return ("acked", 0.0) if self._local_acked(node, version) else None
+                return "disconnected", 0.0
+            assert rec is not None
+            if rec.routes_version is not None and rec.routes_version >= version and (
+                    want is None or rec.weights.get(model_name) == (want.canary, want.weight_bp)):
+                return "acked", max(0.0, ((rec.acked_at or pushed_at) - pushed_at) * 1000)
+            if rec.nack_version is not None and rec.nack_version >= version:
+                return "nacked", 0.0
+            return None
+
+        try:
+            while True:
+                now = time.monotonic()
+                results = {n: outcome(n) for n in targets}
+                for n, r in results.items():
+                    if r is not None:
+                        answered.setdefault(n, now)
+                pending = [n for n, r in results.items() if r is None]
+                if not pending:
+                    return results  # type: ignore[return-value]
+                limit = deadline
+                if answered and len(pending) < len(results):
+                    slowest = max(answered.values()) - t0
+                    limit = min(deadline, max(answered.values()) + max(STRAGGLER_GRACE_S, STRAGGLER_FACTOR * slowest))
+                if now >= limit:
+                    return {n: r or ("timeout", 0.0) for n, r in results.items()}
+                async with self.registry._cond:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.registry._cond.wait(), limit - now)
+        finally:
+            self._remote_waits -= 1
+
+    def _local_acked(self, node: str, version: int) -> bool:
+        s = self.registry.latest_by_node().get(node)
+        return bool(s and s.types[ROUTE_TYPE].acked_version is not None
+                    and s.types[ROUTE_TYPE].acked_version >= version)
 
     # ----- persistence of served-first rollbacks -----
     def _try_save_unsaved(self) -> bool:
@@ -137,12 +368,15 @@ class WeightService:
                 self.unsaved.pop(model_name, None)  # superseded by a later (saved) change
                 continue
             try:
-                self.store.save(model_name, w, prev, actor, reason, version)
-            except sqlite3.Error as exc:
+                saved, _previous, stored = self.store.save(model_name, w, actor, reason, at_least=version)
+            except (sqlite3.Error, WeightConflict) as exc:
                 log.error("%s: rollback still not saved (%s); retrying", model_name, exc)
                 return False
-            log.info("%s: rollback saved (version %d)", model_name, version)
+            log.info("%s: rollback saved (version %d)", model_name, saved)
             self.unsaved.pop(model_name, None)
+            if saved == version and saved == self.db_version + 1 and self._routable(stored) == {
+                    **self.weights, **{m: u[0] for m, u in self.unsaved.items()}}:
+                self.db_version = saved  # nothing else changed in between: no reload needed
         return True
 
     async def _save_until_done(self) -> None:
@@ -162,7 +396,13 @@ class WeightService:
                                        stage=w.stage,
                                        versions=list(model.versions),
                                        xds_version=str(snap.type_versions[ROUTE_TYPE]))
-        for node_id, stream in sorted(self.registry.latest_by_node().items()):
+        local = self.registry.latest_by_node()
+        remote = {n: r for n, r in self.records.items() if self._remote_live(r)}
+        for node_id in sorted(set(local) | set(remote)):
+            stream = local.get(node_id)
+            if stream is None or (not stream.connected and node_id in remote):
+                out.envoys.append(self._remote_state(name, remote[node_id], snap.type_versions[ROUTE_TYPE]))
+                continue
             rt = stream.types[ROUTE_TYPE]
             state = control_pb2.EnvoyRouteState(node_id=node_id, connected=stream.connected)
             if rt.acked_version is not None:
@@ -177,6 +417,21 @@ class WeightService:
             state.acked = rt.acked_version == snap.type_versions[ROUTE_TYPE]
             out.envoys.append(state)
         return out
+
+    @staticmethod
+    def _remote_state(name: str, rec: NodeRecord, routes_version: int) -> control_pb2.EnvoyRouteState:
+        """An Envoy connected to another xDS server of the store, as that server recorded it."""
+        state = control_pb2.EnvoyRouteState(node_id=rec.node_id, connected=True)
+        if rec.routes_version is not None:
+            state.acked_version = str(rec.routes_version)
+            canary, bp = rec.weights.get(name, (None, 0))
+            state.acked_weight_bp = bp
+            state.acked_canary = canary or ""
+        if rec.nack_version is not None:
+            state.nack_version = str(rec.nack_version)
+            state.nack_error = rec.nack_error
+        state.acked = rec.routes_version is not None and rec.routes_version >= routes_version
+        return state
 
     def _model(self, name: str):
         try:
@@ -197,6 +452,7 @@ class WeightService:
         if not 0 <= weight_bp <= TOTAL_WEIGHT_BP:
             raise WeightError(f"weight must be 0..{TOTAL_WEIGHT_BP} basis points (0-100 %), got {weight_bp}")
         async with self._lock:
+            await self._fresh()
             current = self.weights[model_name]
             if current.canary not in (None, version) and current.weight_bp > 0:
                 raise WeightError(
@@ -208,6 +464,7 @@ class WeightService:
                        timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
         self._model(model_name)
         async with self._lock:
+            await self._fresh()
             current = self.weights[model_name]
             return await self._apply(model_name, CanaryWeight(current.canary, 0, current.stage), actor, reason,
                                      timeout_s)
@@ -217,52 +474,78 @@ class WeightService:
         """Re-send identical routes under a new version and time the ACKs; no traffic moves."""
         self._model(model_name)
         async with self._lock:
+            await self._fresh()
             current = self.weights[model_name]
             return await self._apply(model_name, current, actor, "drill", timeout_s, force=True)
+
+    def _floor(self) -> int:
+        """The least version the next change may have (above everything served or seen in the store)."""
+        return max(self.cache.snapshot.version, self.db_version) + 1
+
+    async def _fresh(self) -> None:
+        """Under the lock, before a change: what was saved through another server first."""
+        try:
+            await self._reload()
+        except sqlite3.Error as exc:
+            log.error("cannot read the weight store before a change (%s); using the last known weights", exc)
 
     async def _apply(self, model_name: str, new: CanaryWeight, actor: str, reason: str, timeout_s: float,
                      force: bool = False) -> control_pb2.SetWeightResponse:
         previous = self.weights[model_name]
         weights = dict(self.weights)
         weights[model_name] = new
-        version = self.cache.snapshot.version + 1
         serve_first = new.weight_bp == 0 and not force  # a revert never waits on the disk
         persisted = True
         try:
             if force:
-                self.store.save_version(version)
+                version = self.store.next_version(at_least=self._floor(), forced=True)
             elif serve_first:
+                version = self._floor()  # provisional: the save allocates it (or a later one)
                 self.unsaved[model_name] = (new, previous, actor, reason, version)
-            else:
-                self.store.save(model_name, new, previous, actor, reason, version)  # durable before served
+            else:  # durable before served
+                version, _stored_previous, stored = self.store.save(model_name, new, actor, reason,
+                                                                    at_least=self._floor())
+                weights = self._routable(stored)
+                for other, (w, *_rest) in self.unsaved.items():
+                    weights[other] = w
+                weights[model_name] = new
+        except WeightConflict as exc:
+            raise WeightError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
         except sqlite3.Error as exc:
             raise WeightError(f"cannot save the new weight in {self.config.db_path} ({exc}); nothing changed",
                               grpc.StatusCode.UNAVAILABLE) from None
-        self.weights = weights
-        self.routes_history[version] = dict(weights)
-        while len(self.routes_history) > 256:
-            self.routes_history.popitem(last=False)
+        if not serve_first:
+            self.db_version = max(self.db_version, version)
         t0 = time.monotonic()
         pushed_at = time.time()
-        snap = await self.cache.set(build_resources(self.config, weights), version,
-                                    force_types=frozenset({ROUTE_TYPE}) if force else frozenset())
-        routes_version = snap.type_versions[ROUTE_TYPE]
+        routes_version = await self._serve(weights, version, force)
         if serve_first:
             persisted = self._try_save_unsaved()  # right after the routes were handed to the streams
             if not persisted:
                 self._schedule_save()
-        results = await self.registry.wait_for(ROUTE_TYPE, routes_version, timeout_s)
+        results, remote = await asyncio.gather(
+            self.registry.wait_for(ROUTE_TYPE, routes_version, timeout_s),
+            self._wait_remote(model_name, None if force else new, routes_version, timeout_s, pushed_at))
         elapsed_ms = (time.monotonic() - t0) * 1000
         state = self.model_state(model_name)
         not_acked = []
         for sid, outcome in results.items():
             stream = self.registry.streams.get(sid)
             node = stream.node_id if stream else str(sid)
+            if node in remote:  # it moved to another server meanwhile: that one's answer counts
+                continue
             for env in state.envoys:
                 if env.node_id == node and stream is not None and outcome == "acked":
                     env.ack_ms = max(0.0, (stream.types[ROUTE_TYPE].acked_at - t0) * 1000)
             if outcome != "acked":
                 not_acked.append(f"{node} ({outcome})")
+        for node, (outcome, ack_ms) in sorted(remote.items()):
+            for env in state.envoys:
+                if env.node_id == node and outcome == "acked":
+                    env.ack_ms = ack_ms
+            if outcome != "acked":
+                rec = self.records.get(node)
+                not_acked.append(f"{node} ({outcome}, on xDS server {rec.server if rec else '?'})")
         if new.weight_bp == 0:
             # An Envoy that disconnected while holding a canary weight keeps serving it.
             for env in state.envoys:
@@ -270,18 +553,19 @@ class WeightService:
                     not_acked.append(f"{env.node_id} (disconnected, last ACKed {env.acked_canary} at "
                                      f"{env.acked_weight_bp / 100:g}%)")
             not_acked.extend(self.not_reconnected_holders(model_name))
-        all_acked = bool(results) and not not_acked
+        answered = len(results) + len(remote)
+        all_acked = bool(answered) and not not_acked
         ack_times = [env.ack_ms for env in state.envoys if env.ack_ms]
         if all_acked and ack_times:
             elapsed_ms = max(ack_times)  # push → last ACK
         log.info("%s: %s %s → %s %.2f%% (%s) by %s; %d/%d Envoys ACKed in %.1f ms", model_name,
                  previous.canary, previous.weight_bp / 100, new.canary, new.weight_bp / 100, reason, actor,
-                 len(results) - len(not_acked), len(results), elapsed_ms)
+                 answered - len(not_acked), answered, elapsed_ms)
         return control_pb2.SetWeightResponse(
             model=state, all_acked=all_acked, elapsed_ms=elapsed_ms, previous_weight_bp=previous.weight_bp,
             pushed_at=pushed_at, not_acked=not_acked, persisted=persisted,
             message="; ".join(m for m in (
-                "no Envoy connected" if not results else "",
+                "no Envoy connected" if not answered else "",
                 "" if persisted else f"served but not yet saved in {self.config.db_path} (retrying)") if m))
 
 

@@ -1,4 +1,7 @@
-"""``lockgate xds``: the ADS server and the weight control API in one asyncio process."""
+"""``lockgate xds``: the ADS server and the weight control API in one asyncio process.
+
+Several may share one weight store (high availability): each serves every weight saved through any
+of them, and counts the Envoys of all of them (:meth:`lockgate.xds.control.WeightService.run_sync`)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ async def serve(config: LockgateConfig, ready: asyncio.Event | None = None,
     its bootstrap sends one, see :mod:`lockgate.envoy_proc`); ``auth.tls`` puts both behind (m)TLS."""
     warn_if_insecure(config, "lockgate xds")
     store = WeightStore(config.db_path)
-    service = WeightService(config, store)
+    service = WeightService(config, store, address=f"xds={config.xds} control={config.control}")
     xds_server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=server_interceptors(config.auth, "ADS"))
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServer(service.cache, service.registry),
                                                                   xds_server)
@@ -48,7 +51,11 @@ async def serve(config: LockgateConfig, ready: asyncio.Event | None = None,
     print(f"ready xds={config.xds} control={config.control}", flush=True)
     if ready is not None:
         ready.set()
+    sync_stop = asyncio.Event()
+    sync = asyncio.ensure_future(service.run_sync(sync_stop))  # in step with other servers of the store
     await stop.wait()
     await control_server.stop(0.5)
     await xds_server.stop(0.5)
+    sync_stop.set()
+    await sync
     store.close()

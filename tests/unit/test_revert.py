@@ -214,7 +214,7 @@ def test_after_an_xds_restart_a_revert_waits_for_the_envoys_that_held_the_canary
         ads2 = AdsServer(svc2.cache, svc2.registry)
         resp = await svc2.rollback("chat", actor="t", reason="abort", timeout_s=0.5)
         assert not resp.all_acked
-        assert resp.not_acked == ["e0 (not reconnected since the xDS server started; last ACKed v2 at 10%)"]
+        assert resp.not_acked == ["e0 (not connected to a live xDS server; last ACKed v2 at 10%)"]
         await connect(ads2, svc2, "e0")  # it reconnects and ACKs the current routes (weight 0)
         resp = await svc2.rollback("chat", actor="t", reason="retry", timeout_s=5)
         assert resp.all_acked and resp.persisted and not resp.not_acked

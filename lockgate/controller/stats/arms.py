@@ -128,7 +128,9 @@ def _cluster_counts(p: "Prepared | Groups", a: int) -> np.ndarray:
     if isinstance(p, Groups):
         m = p.arm == a
         return np.bincount(p.cl[m], weights=p.n[m], minlength=p.n_cl)
-    return np.bincount(p.cl[p.arm == a], minlength=p.n_cl)
+    g = p.grouping()  # per group, not per row: a few thousand entries instead of every row
+    m = g.arm == a
+    return np.bincount(g.cl[m], weights=g.n[m], minlength=p.n_cl)
 
 
 def prepare(y: np.ndarray, arm: np.ndarray, cl: np.ndarray, st: np.ndarray, keep: np.ndarray) -> Prepared:

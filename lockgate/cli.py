@@ -179,6 +179,38 @@ def cmd_xds(args) -> int:
     return 0
 
 
+def cmd_envoy(args) -> int:
+    """``lockgate envoy``: write Envoy's bootstrap for this host from lockgate.yaml and become Envoy (``exec``:
+    a service manager supervises and signals Envoy itself), with ``envoy.concurrency`` workers, as ``lockgate
+    up`` runs it. ``--print-bootstrap``: only print the bootstrap (for an Envoy you run yourself)."""
+    from pathlib import Path
+
+    from lockgate.config.common import NODE_ID_RE
+    from lockgate.envoy_proc import EnvoyNotFound, envoy_command, render_bootstrap
+
+    config = _load(args)
+    if args.node_id is not None and not NODE_ID_RE.match(args.node_id):
+        raise CliError(f"--node-id: must be 1-128 characters of letters, digits, '.', '_' and '-', got {args.node_id!r}")
+    text = render_bootstrap(config, node_id=args.node_id)  # with auth.tokens: also the 0600 ADS credential file
+    if args.print_bootstrap:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.bootstrap) if args.bootstrap else config.state_dir / "envoy-bootstrap.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        argv = envoy_command(path, concurrency=config.envoy.concurrency, log_level=args.log_level)
+    except OSError as exc:
+        raise CliError(f"cannot write the Envoy bootstrap {path}: {exc.strerror or exc}") from None
+    except EnvoyNotFound as exc:
+        raise CliError(str(exc)) from None
+    print(f"lockgate envoy: {' '.join(argv)}", flush=True)
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
 def cmd_extproc(args) -> int:
     from lockgate.aio import run_fast
     from lockgate.extproc.server import serve
@@ -599,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("xds", cmd_xds, "run the xDS server (and control API) alone")
     sp = add("extproc", cmd_extproc, "run the ext_proc server alone")
     sp.add_argument("--index", type=int, default=0, help="which of extproc_processes (port = extproc.port + index)")
+    sp = add("envoy", cmd_envoy, "write this host's Envoy bootstrap and run Envoy in this process (for systemd)")
+    sp.add_argument("--node-id", help="this Envoy's node id (unique per Envoy; default: node_id from the config)")
+    sp.add_argument("--bootstrap", metavar="FILE", help="where to write the bootstrap "
+                                                        "(default: <state_dir>/envoy-bootstrap.yaml)")
+    sp.add_argument("--log-level", default="warning", choices=("trace", "debug", "info", "warning", "error",
+                                                               "critical", "off"))
+    sp.add_argument("--print-bootstrap", action="store_true", help="print the bootstrap and exit (your own Envoy)")
     add("check-config", cmd_validate_config, "validate lockgate.yaml")
     add("controller", cmd_controller, "run the controller: observation collector, feedback API, metrics")
     sp = add("observations", None, "observations recorded by the controller")

@@ -7,6 +7,9 @@ decision code (:mod:`.analysis`, :mod:`.ramp_plan`).
 * :func:`stable_history` / :func:`start_plan` — at ``rollout start``: the stable version's recent
   traffic (``allowed: auto`` is derived from it) and the promotion plan walked through the ramp.
 * :func:`status_plan` — the plan shown by ``rollout status``, from the last evaluation.
+* :data:`PROMETHEUS` — the Prometheus-sourced metrics' reader (:mod:`.prometheus_evidence`): both the full
+  path here and the incremental one (:class:`.live_evidence.LiveEvidence`) merge its verdicts into the
+  judgement with :func:`with_prometheus`.
 
 Every function here is synchronous and may run on a worker thread (``fetch`` is thread-safe); times
 are epoch seconds.
@@ -21,6 +24,7 @@ import numpy as np
 
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide import analysis, ramp_plan
+from lockgate.controller.decide.prometheus_evidence import PrometheusEvidence
 from lockgate.controller.decide.rollouts import Rollout
 from lockgate.controller.ingest.schema import DECISION_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec
@@ -32,6 +36,13 @@ log = logging.getLogger("lockgate.controller.decide.evidence")
 
 AUTO_HISTORY_S = 14 * 86400.0  #: baseline history used to derive ``allowed: auto``
 EVAL_COLUMNS = DECISION_COLUMNS  #: the columns a decision reads (one home: ingest/schema.py)
+#: the controller's one reader of Prometheus-sourced metrics (its caches are per process)
+PROMETHEUS = PrometheusEvidence()
+
+
+def with_prometheus(judgement: Any, rollout: Rollout, spec: RolloutSpec, now: float) -> Any:
+    """``judgement`` with the verdicts of ``spec``'s Prometheus-sourced metrics merged in (itself when none)."""
+    return PROMETHEUS.with_prometheus(judgement, rollout, spec, now)
 
 
 def rollout_columns(observations: ObservationSource, config: LockgateConfig, rollout: Rollout,
@@ -54,7 +65,7 @@ def judge(observations: ObservationSource, config: LockgateConfig, rollout: Roll
     counts) and the canary samples seen in the current stage: the full path (every stored row re-read;
     :class:`.accumulator.LiveEvidence` gives the same incrementally)."""
     data = rollout_columns(observations, config, rollout)
-    judgement = analysis.evaluate_at(spec, data, now, rollout.auto_values())
+    judgement = with_prometheus(analysis.evaluate_at(spec, data, now, rollout.auto_values()), rollout, spec, now)
     ts = np.asarray(data.get("ts", []), dtype=float)
     role = np.asarray(data.get("role", []), dtype=object)
     traffic = {"in_stage": analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now),
@@ -109,5 +120,5 @@ def status_plan(spec: RolloutSpec, rollout: Rollout, now: float) -> dict | None:
         return None
 
 
-__all__ = ["AUTO_HISTORY_S", "EVAL_COLUMNS", "judge", "rollout_columns", "stable_history", "start_plan",
+__all__ = ["AUTO_HISTORY_S", "EVAL_COLUMNS", "PROMETHEUS", "with_prometheus", "judge", "rollout_columns", "stable_history", "start_plan",
            "status_plan", "summarize"]

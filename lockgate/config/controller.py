@@ -1,10 +1,12 @@
-"""``controller:`` — the controller process's addresses, observation retention and evaluation concurrency."""
+"""``controller:`` — the controller process's addresses, observation retention and evaluation concurrency, and
+the Prometheus that Prometheus-sourced rollout metrics read (``controller.prometheus``, :mod:`.prometheus`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from lockgate.config.common import Address, _host_port
+from lockgate.config.prometheus import PrometheusConfig, _prometheus
 from lockgate.yamlconf import Fields
 
 
@@ -21,6 +23,8 @@ class ControllerConfig:
     prune_interval_s: float = 3600.0
     sampler: Address = Address("127.0.0.1", 18022)
     evaluation_concurrency: int = 2
+    #: ``controller.prometheus``: the Prometheus HTTP API of rollout metrics with a ``prometheus:`` block
+    prometheus: PrometheusConfig | None = None
 
 
 def _controller(f: Fields) -> ControllerConfig:
@@ -35,7 +39,8 @@ def _controller(f: Fields) -> ControllerConfig:
     prune = sub.float("prune_interval_s", d.prune_interval_s, min=0.1, max=86400.0)
     sampler = _host_port(sub, "sampler", d.sampler)
     concurrency = sub.int("evaluation_concurrency", d.evaluation_concurrency, min=1, max=64)
+    prometheus = _prometheus(sub)
     sub.finish()
     return ControllerConfig(address, http, d.retention_days if retention is None else retention,
                             d.prune_interval_s if prune is None else prune, sampler,
-                            concurrency or d.evaluation_concurrency)
+                            concurrency or d.evaluation_concurrency, prometheus)

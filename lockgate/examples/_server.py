@@ -12,6 +12,7 @@ Independent of lockgate (imports nothing from it). The contract every example se
 * a stream may end without its terminating chunk (:class:`AbortStream`), or with a TCP RST
   (``reset=True``), as a crashing model server would;
 * ``--log-requests FILE``: one JSON line per request, written when the request arrives;
+* ``GET /metrics``: vLLM-style Prometheus series (``vllm_metrics.py``), labelled with ``version``;
 * SIGTERM/SIGINT: stop listening, give in-flight requests 1 s, exit 0.
 """
 
@@ -298,6 +299,10 @@ def run_server(app: FastAPI, args: argparse.Namespace) -> int:
     """Serve ``app`` on ``args.host:args.port`` until SIGTERM/SIGINT; prints ``ready <port>``; returns 0."""
     log = RequestLog(args.log_requests, args.version) if args.log_requests else None
     wrapped = _ModelVersion(app, args.version, log, getattr(args, "log_health", False))
+    # GET /metrics: vLLM-style series (lazy import: prometheus_client only where a server runs)
+    from .vllm_metrics import MetricsMiddleware
+
+    wrapped = MetricsMiddleware(wrapped, getattr(args, "model_name", "model"), args.version)
     logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

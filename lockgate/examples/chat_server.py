@@ -40,6 +40,7 @@ from starlette.responses import Response
 from ._server import (ALL_METHODS, HTTPError, RngSource, SSE_DONE, add_common_args, error_response, json_response,
                       lognormal_ms, new_app, new_id, read_json, run_server, sse_event, sse_response)
 from ._testmodes import test_mode_response
+from . import vllm_metrics
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -287,6 +288,7 @@ class ChatServer:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                  "total_tokens": prompt_tokens + len(tokens)}
 
+        vllm_metrics.finished(finish, len(tokens))
         if stream:
             it = self._stream(rng, chat, model, tokens, finish, usage, include_usage, want_lp,
                               latency_ms)

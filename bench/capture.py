@@ -7,7 +7,7 @@ chat completion; ``lockgate.examples.chat_server`` streaming SSE; a plain Envoy 
 the same upstreams, router only); lockgate fleet **B** (``lockgate xds`` + ``lockgate extproc`` +
 ``lockgate controller`` + Envoy; full capture = response headers with attributes + STREAMED body, every
 response stored as an observation); fleet **B2**, the same with ``extproc_processes: 2`` (two ext_proc
-processes as two endpoints of Envoy's ext_proc cluster). Envoys run ``--concurrency 1``.
+processes as two endpoints of Envoy's ext_proc cluster). Envoys run ``--concurrency 1`` (part workers: 1 and 2).
 
 Pinning (``taskset -a -cp``, every thread): the ext_proc process(es) alone on CPU 1; everything else
 (Envoys, nginx, chat_server, xds, controller, the load generators) on CPU 0 — the layout of the
@@ -26,6 +26,10 @@ Parts:
     ext_proc drop counter, Envoy's ext_proc message timeouts.
 (e) ext_proc RSS while ~1M requests go through B (wrk closed loop, 8 connections, in 20 s chunks,
     bounded to 8 min): RSS after warm-up, after 100k and after 1M requests.
+(workers) only with ``--part workers`` (~4 min; ``bench/results/capture_workers.json``, and with ``--doc``
+    the ``capture_workers`` section of docs/benchmarks.md): Envoy alone and lockgate (inline capture) with
+    ``envoy.concurrency`` 1 and 2, lockgate with 1 and 2 ext_proc processes, nothing pinned; interleaved
+    rounds of an open-loop run (``--workers-rps``) and a wrk ceiling, ratios paired within each round.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (NGINX_CONF, REPO, Proc, free_port, machine, median, need, pin, run_wrk,  # noqa: E402
                      save_json, wait_port, write_wrk_lua)
 from _loadgen import CHAT_BODY, OpenLoop  # noqa: E402
-from routing_latency import (HCM_TYPE, ROUTER, _admin, _static_cluster,  # noqa: E402
+from routing_latency import (HCM_TYPE, ROUTER, _admin, _static_cluster, envoy_counter,  # noqa: E402
                              extproc_filter_summary, proc_cpu_s, start_static_envoy)
 
 EXTPROC_CPU = "1"
@@ -130,7 +134,10 @@ def free_port_run(n: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
-def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int, capture: dict | None = None):
+def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int, capture: dict | None = None,
+                concurrency: int = 1):
+    """A lockgate fleet (xDS, ``processes`` ext_proc processes, controller, one Envoy with ``concurrency``
+    workers) in front of nginx (chat) and chat_server (SSE)."""
     from tests.harness import Fleet
 
     models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
@@ -143,7 +150,8 @@ def start_fleet(tmp: Path, chat_port: int, sse_port: int, processes: int, captur
     while metrics_port <= ep_port + processes and ep_port <= metrics_port + processes:
         metrics_port = free_port_run(processes)
     fleet = Fleet(tmp, models, with_controller=True,
-                  extra={"extproc_processes": processes, "extproc": {"port": ep_port},
+                  extra={"extproc_processes": processes, "envoy": {"concurrency": concurrency},
+                         "extproc": {"port": ep_port},
                          "extproc_metrics": {"port": metrics_port}, **({"capture": capture} if capture else {})})
     fleet.start()
     extprocs = {"extproc": fleet.procs["extproc"]}
@@ -456,6 +464,203 @@ def ab_summary(runs_by_layout: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# (workers) Envoy with 1 vs 2 worker threads, and 1 vs 2 ext_proc processes, every process on every CPU
+# ----------------------------------------------------------------------------------------------
+#: variant → (Envoy workers, ext_proc processes); None = Envoy alone (A)
+WORKER_VARIANTS = {
+    "A, 1 worker": (1, None),
+    "A, 2 workers": (2, None),
+    "B, 1 worker, 1 ext_proc": (1, 1),
+    "B, 2 workers, 1 ext_proc": (2, 1),
+    "B, 2 workers, 2 ext_proc": (2, 2),
+}
+
+
+def worker_connections(admin_port: int, listen_port: int, workers: int) -> list[int]:
+    """Connections each Envoy worker has accepted so far (``listener.<addr>.worker_N.downstream_cx_total``)."""
+    prefix = f"listener.127.0.0.1_{listen_port}.worker_"
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=^{prefix}", timeout=5) as r:
+        got = {}
+        for line in r.read().decode().splitlines():
+            k, _, v = line.partition(": ")
+            if k.endswith(".downstream_cx_total"):
+                got[int(k[len(prefix):].split(".")[0])] = int(v)
+    return [got.get(w, 0) for w in range(workers)]
+
+
+def run_workers(args, tmp: Path, nginx: Proc, chat: Proc, chat_port: int, sse_port: int) -> dict:
+    """``args.workers_rounds`` interleaved rounds over :data:`WORKER_VARIANTS` (rotated order), each an open-loop
+    run at ``args.workers_rps`` of ``args.workers_seconds`` (latency, CPU per request, share observed) and a wrk closed-loop
+    run of ``args.workers_ceiling_seconds`` (32 connections: ceiling, errors, share observed, connections per
+    Envoy worker). Every process may run on every CPU (the layout ``lockgate up`` gives a host)."""
+    pin(os.getpid(), ALL_CPUS)
+    for p in (nginx, chat):
+        pin(p.pid, ALL_CPUS)
+    envoys: dict[str, tuple[Proc, int, int]] = {}
+    fleets = {}
+    try:
+        for i, (name, (workers, extprocs)) in enumerate(WORKER_VARIANTS.items()):
+            if extprocs is None:
+                port, admin = free_port(), free_port()
+                envoys[name] = (start_static_envoy(tmp, f"envoy-plain-{workers}w",
+                                                   plain_bootstrap(port, admin, chat_port, sse_port), admin, port,
+                                                   concurrency=workers), port, admin)
+            else:
+                fl = fleets[name] = start_fleet(tmp / f"workers{i}", chat_port, sse_port, extprocs,
+                                                {"mode": "inline"}, concurrency=workers)
+                envoys[name] = (fl.procs["envoy-0"], fl.ports["listener"], fl.admin_ports[0])
+                for p in fl.procs.values():
+                    if p.alive():
+                        pin(p.pid, ALL_CPUS)
+            proc, port, admin = envoys[name]
+            pin(proc.pid, ALL_CPUS)
+            gauge = int(envoy_counter(admin, "server.concurrency"))
+            if gauge != workers:
+                raise RuntimeError(f"{name}: Envoy runs {gauge} workers, not {workers}")
+            w = OpenLoop("127.0.0.1", port, 200, 1, id_prefix=f"warmw{i}").run()
+            if w.status_counts != {200: w.sent}:
+                raise RuntimeError(f"warm-up {name}: {w.summary()}")
+        lua = write_wrk_lua(tmp)
+        any_fleet = next(iter(fleets.values()))
+        runs: dict[str, list] = {k: [] for k in WORKER_VARIANTS}
+        for rnd in range(args.workers_rounds):
+            keys = list(runs)
+            keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+            for key in keys:
+                workers, extprocs = WORKER_VARIANTS[key]
+                proc, port, admin = envoys[key]
+                fl = fleets.get(key)
+                pids = {"envoy": proc.pid} if fl is None else _ab_pids(fl)
+                snap = Snapshot(fl or any_fleet, pids)
+                r = run_open_loop(port, args.workers_rps, args.workers_seconds, f"w{rnd}{keys.index(key)}")
+                if fl is not None:
+                    time.sleep(0.3)
+                d = {**r.summary(), **snap.delta(r.sent), "round": rnd, "loadavg1": os.getloadavg()[0]}
+                cx0 = worker_connections(admin, port, workers)
+                snap = Snapshot(fl or any_fleet, pids)
+                w = run_wrk(f"http://127.0.0.1:{port}", lua, duration_s=args.workers_ceiling_seconds, connections=32,
+                            cpus=ALL_CPUS, path="/v1/chat/completions")
+                if fl is not None:
+                    time.sleep(0.3)
+                wd = snap.delta(w["requests"])
+                d["ceiling"] = {"rps": w["rps"], "error_pct": w["error_pct"], "p99_ms": w["p99_us"] / 1000,
+                                "observed_pct": wd["observed_pct"], "message_timeouts": wd["message_timeouts"],
+                                "cpu_us_per_request": _ab_cpu(wd), "cpu_pct": wd["cpu_pct"],
+                                "machine_cpu_busy_pct": wd["machine_cpu_busy_pct"],
+                                "connections_per_worker": [b - a for a, b in
+                                                           zip(cx0, worker_connections(admin, port, workers))]}
+                if fl is None:  # Envoy alone: the fleet's counters mean nothing here
+                    for k in ("observed", "observed_pct", "dropped", "message_timeouts", "failure_mode_allowed",
+                              "streams_closed_by_envoy", "extproc_msgs_per_request"):
+                        d.pop(k, None)
+                        d["ceiling"].pop(k, None)
+                runs[key].append(d)
+                print(f"(workers) round {rnd} {key}: {args.workers_rps:g} rps p50 {d['latency_ms']['p50']:.3f} p99 "
+                      f"{d['latency_ms']['p99']:.3f} ms, cpu µs/req {_ab_cpu(d)}; ceiling {w['rps']:.0f} rps, errors "
+                      f"{w['error_pct']:.2f}%, observed {d['ceiling'].get('observed_pct', float('nan')):.1f}%, "
+                      f"connections per worker {d['ceiling']['connections_per_worker']}, "
+                      f"load {d['loadavg1']:.1f}", flush=True)
+        return {"variants": {k: {"envoy_workers": wk, "extproc_processes": ep} for k, (wk, ep) in
+                             WORKER_VARIANTS.items()},
+                "runs": runs, "summary": workers_summary(runs)}
+    finally:
+        for fl in fleets.values():
+            fl.stop()
+        for name, (proc, _port, _admin) in envoys.items():
+            if name not in fleets:
+                proc.stop()
+
+
+def workers_summary(runs: dict) -> dict:
+    """Medians per variant; ratios 2 workers ÷ 1 worker paired within each round (same machine moment)."""
+    out: dict = {"variants": {}}
+    for key, v in runs.items():
+        row = {"p50_ms": median([r["latency_ms"]["p50"] for r in v]), "p99_ms": median([r["latency_ms"]["p99"] for r in v]),
+               "cpu_us_per_request": {n: median([_ab_cpu(r)[n] for r in v]) for n in ("envoy", "extproc", "controller")},
+               "ceiling_rps": median([r["ceiling"]["rps"] for r in v]),
+               "ceiling_rps_min": min(r["ceiling"]["rps"] for r in v),
+               "ceiling_rps_max": max(r["ceiling"]["rps"] for r in v),
+               "ceiling_p99_ms": median([r["ceiling"]["p99_ms"] for r in v]),
+               "ceiling_error_pct_max": max(r["ceiling"]["error_pct"] for r in v),
+               "ceiling_cpu_us_per_request": {n: median([r["ceiling"]["cpu_us_per_request"][n] for r in v])
+                                              for n in ("envoy", "extproc", "controller")},
+               "ceiling_cpu_pct": {n: median([r["ceiling"]["cpu_pct"][n] for r in v]) for n in v[0]["ceiling"]["cpu_pct"]},
+               "connections_per_worker": [r["ceiling"]["connections_per_worker"] for r in v]}
+        if not key.startswith("A"):
+            row["observed_pct_500"] = median([r["observed_pct"] for r in v])
+            row["observed_pct_ceiling"] = median([r["ceiling"]["observed_pct"] for r in v])
+            row["message_timeouts"] = sum(r["message_timeouts"] + r["ceiling"]["message_timeouts"] for r in v)
+        out["variants"][key] = row
+
+    def ratios(num: str, den: str, field) -> list[float]:
+        return [field(a) / field(b) for a, b in zip(runs[num], runs[den]) if field(b)]
+
+    rps = lambda r: r["ceiling"]["rps"]  # noqa: E731
+    pairs = {"A: 2 workers ÷ 1 worker": ("A, 2 workers", "A, 1 worker"),
+             "B: 2 workers, 1 ext_proc ÷ 1 worker, 1 ext_proc": ("B, 2 workers, 1 ext_proc", "B, 1 worker, 1 ext_proc"),
+             "B: 2 workers, 2 ext_proc ÷ 1 worker, 1 ext_proc": ("B, 2 workers, 2 ext_proc", "B, 1 worker, 1 ext_proc"),
+             "B: 2 workers, 2 ext_proc ÷ 2 workers, 1 ext_proc": ("B, 2 workers, 2 ext_proc", "B, 2 workers, 1 ext_proc")}
+    out["ceiling_ratios"] = {name: {"per_round": [round(x, 3) for x in ratios(n, d, rps)],
+                                    "median": median(ratios(n, d, rps))} for name, (n, d) in pairs.items()}
+    p99 = lambda r: r["latency_ms"]["p99"]  # noqa: E731
+    out["p99_open_loop_ratios"] = {name: {"per_round": [round(x, 3) for x in ratios(n, d, p99)],
+                                       "median": median(ratios(n, d, p99))} for name, (n, d) in pairs.items()}
+    return out
+
+
+def render_workers(d: dict) -> str:
+    """The ``capture_workers`` section of docs/benchmarks.md."""
+    m, w = d["machine"], d["workers"]
+    s = w["summary"]
+    rate = f"{d['setup']['args']['workers_rps']:g}"
+    lines = ["## Envoy workers and ext_proc processes (`envoy.concurrency`)", "",
+             f"- Machine: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}; Envoy {m['envoy']}; "
+             f"{m['wrk'].split(' Copyright')[0]}; {m['nginx']}; Python {m['python']}",
+             f"- Date: {m['date_utc']} (load average at start "
+             f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}; the machine is shared: other sessions' tests "
+             f"were running, so compare rows of the same round, not absolutes)",
+             f"- Command: `.venv/bin/python {d['command']}` ({d['elapsed_s']:.0f} s)",
+             "- Setup: the chat path of the capture benchmark (nginx, 1 worker, 284-byte OpenAI JSON); **A** = plain "
+             "Envoy, **B** = lockgate with full inline capture (every response stored by the controller); Envoy "
+             "`--concurrency` 1 or 2; 1 or 2 ext_proc processes. No pinning: every process (Envoys, ext_proc, "
+             "controller, nginx, wrk, the load generator) may run on both CPUs, as `lockgate up` runs on a host.",
+             f"- Load per round, variants in rotated order: {d['setup']['args']['workers_rps']:g} rps open loop for "
+             f"{d['setup']['args']['workers_seconds']:g} s "
+             f"(`bench/_loadgen.py`), then wrk closed loop (1 thread, 32 connections, "
+             f"{d['setup']['args']['workers_ceiling_seconds']:g} s); {d['setup']['args']['workers_rounds']} rounds.",
+             "",
+             f"| variant | {rate} rps p50 / p99 ms | CPU µs / request at {rate} rps (Envoy, ext_proc, controller) | ceiling rps, median (min–max) | ceiling p99 ms | observed at ceiling | connections per worker (per round) |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in s["variants"].items():
+        c = r["cpu_us_per_request"]
+        cpu = f"{c['envoy']:.0f}" + ("" if key.startswith("A") else f", {c['extproc']:.0f}, {c['controller']:.0f}")
+        obs = "–" if key.startswith("A") else f"{r['observed_pct_ceiling']:.1f} %"
+        lines.append(f"| {key} | {r['p50_ms']:.3f} / {r['p99_ms']:.3f} | {cpu} | {r['ceiling_rps']:,.0f} "
+                     f"({r['ceiling_rps_min']:,.0f}–{r['ceiling_rps_max']:,.0f}) | {r['ceiling_p99_ms']:.1f} | {obs} | "
+                     f"{'; '.join('/'.join(str(x) for x in cw) for cw in r['connections_per_worker'])} |")
+    lines += ["", f"Ratios paired within each round (ceiling rps; p99 at {rate} rps):", "",
+              f"| ratio | ceiling, median (per round) | p99 at {rate} rps, median (per round) |", "|---|---|---|"]
+    for name, r in s["ceiling_ratios"].items():
+        p = s["p99_open_loop_ratios"][name]
+        lines.append(f"| {name} | {r['median']:.2f} ({', '.join(f'{x:.2f}' for x in r['per_round'])}) | "
+                     f"{p['median']:.2f} ({', '.join(f'{x:.2f}' for x in p['per_round'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def write_doc_section(name: str, text: str) -> None:
+    """Replace ``<!-- name:start -->`` … ``<!-- name:end -->`` in docs/benchmarks.md (appended if absent)."""
+    doc = REPO / "docs" / "benchmarks.md"
+    body = doc.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(body)
+
+
+# ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the script, not results)")
@@ -478,7 +683,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", action="append", default=[],
                     choices=["ab", "latency", "sse", "ceiling", "loss", "rss"])
     ap.add_argument("--out", default="capture.json")
+    ap.add_argument("--part", choices=["workers"], help="run only this part: workers = Envoy with 1 vs 2 worker "
+                    "threads and 1 vs 2 ext_proc processes, unpinned (~4 min; writes capture_workers.json)")
+    ap.add_argument("--workers-rounds", type=int, default=3)
+    ap.add_argument("--workers-seconds", type=float, default=6.0)
+    ap.add_argument("--workers-rps", type=float, default=200.0)
+    ap.add_argument("--workers-ceiling-seconds", type=float, default=5.0)
+    ap.add_argument("--doc", action="store_true", help="with --part workers: write its docs/benchmarks.md section")
     args = ap.parse_args(argv)
+    if args.part == "workers":
+        return main_workers(args, argv)
     if args.quick:
         args.rounds, args.latency_seconds, args.sse_rounds, args.sse_seconds = 2, 2.0, 2, 2.0
         args.ceiling_rounds, args.ceiling_seconds, args.loss_seconds = 1, 2.0, 5.0
@@ -683,6 +897,38 @@ def main(argv: list[str] | None = None) -> dict:
     result["summary"] = summarize(result)
     out = save_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    return result
+
+
+def main_workers(args, argv: list[str] | None) -> dict:
+    """``--part workers``: nginx and chat_server, then :func:`run_workers`; raw JSON to bench/results/."""
+    need("wrk", "wrk")
+    if args.quick:
+        args.workers_rounds, args.workers_seconds, args.workers_ceiling_seconds = 1, 2.0, 2.0
+    pin(os.getpid(), ALL_CPUS)
+    result: dict = {"benchmark": "capture_workers", "machine": machine(),
+                    "command": "bench/capture.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "setup": {"args": vars(args), "openai_json_bytes": len(OPENAI_JSON)}}
+    t_start = time.monotonic()
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="lockgate-bench-workers-") as tmp_s:
+        tmp = Path(tmp_s)
+        try:
+            nginx, chat_port = start_nginx(tmp)
+            procs.append(nginx)
+            chat, sse_port = start_chat_server(tmp)
+            procs.append(chat)
+            result["workers"] = run_workers(args, tmp, nginx, chat, chat_port, sse_port)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    result["loadavg_at_end"] = os.getloadavg()
+    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    out = save_json("capture_workers_quick.json" if args.quick else "capture_workers.json", result)
+    print(render_workers(result))
+    if args.doc and not args.quick:
+        write_doc_section("capture_workers", render_workers(result))
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     return result
 

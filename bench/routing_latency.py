@@ -100,12 +100,13 @@ def lockgate_static_bootstrap(config, weights, listen_port: int, admin_port: int
             "static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
-def start_static_envoy(tmp: Path, name: str, bootstrap: dict, admin_port: int, listen_port: int) -> Proc:
+def start_static_envoy(tmp: Path, name: str, bootstrap: dict, admin_port: int, listen_port: int,
+                       concurrency: int = 1) -> Proc:
     from lockgate.envoy_proc import envoy_command
 
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(bootstrap, indent=1))
-    proc = Proc(envoy_command(path, concurrency=1), tmp / f"{name}.log", ready_line=None)
+    proc = Proc(envoy_command(path, concurrency=concurrency), tmp / f"{name}.log", ready_line=None)
     deadline = time.monotonic() + 30
     while True:
         try:

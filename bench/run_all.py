@@ -36,6 +36,7 @@ BENCHMARKS = {
     "weight_push": ("weight_push.py", "weight_push.json", []),
     "capture": ("capture.py", "capture.json", []),  # ~20 min (5-min loss check, ~1M-request memory run)
     "auto_rollback": ("auto_rollback.py", "auto_rollback.json", ["--no-doc"]),  # ~4 min, 24 automatic rollbacks
+    "fleet_rollback": ("fleet_rollback.py", "fleet_rollback.json", ["--no-doc"]),  # ~2 min, N = 1, 3, 10 Envoys
 }
 
 
@@ -240,8 +241,14 @@ def render_auto_rollback(d: dict) -> str:
     return render(d)
 
 
+def render_fleet_rollback(d: dict) -> str:
+    from fleet_rollback import render  # rollback ACKed by N Envoys on N hosts renders its own section
+
+    return render(d)
+
+
 RENDERERS = {"routing_latency": render_routing, "weight_push": render_weight_push, "capture": render_capture,
-             "auto_rollback": render_auto_rollback}
+             "auto_rollback": render_auto_rollback, "fleet_rollback": render_fleet_rollback}
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -64,7 +64,10 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def why_no_namespaces() -> str | None:
-    """None when this process can make network namespaces with veth pairs and a bridge; else why not."""
+    """None when this process can make network namespaces with veth pairs and a bridge; else why not.
+    ``LOCKGATE_TEST_NO_NETNS=1`` asks for loopback hosts (to run the fallback on purpose)."""
+    if os.environ.get("LOCKGATE_TEST_NO_NETNS"):
+        return "LOCKGATE_TEST_NO_NETNS is set"
     if os.geteuid() != 0:
         return "not root (network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN)"
     for tool in ("ip", "unshare", "hostname"):
@@ -276,7 +279,7 @@ class HostFleet:
 
     def __init__(self, tmp: Path, hosts: Hosts, *, versions=("v1", "v2"), controller: bool = False,
                  cp_extra: dict | None = None, extproc: bool = True):
-        from tests.harness import dump_yaml, free_ports
+        from tests.harness import dump_yaml
 
         self.tmp = tmp
         self.hosts = hosts
@@ -286,7 +289,8 @@ class HostFleet:
         self.procs: dict[str, Proc] = {}
         names = ["listener", "xds", "control", "cp_extproc", "cp_extproc_metrics", "controller", "controller_http",
                  "sampler", *(f"model_{v}" for v in versions)]
-        self.ports = dict(zip(names, free_ports(len(names))))
+        self._used: set[int] = set()
+        self.ports = dict(zip(names, self._free(len(names))))
         self.admin_ports: dict[str, int] = {}
         self.host_configs: dict[str, Path] = {}
         self.node_of: dict[str, Host] = {}
@@ -299,7 +303,7 @@ class HostFleet:
         self.cp_config = {
             "node_id": "control-plane",
             "listener": {"address": "0.0.0.0" if hosts.isolated else "127.0.0.1", "port": self.ports["listener"]},
-            "admin": {"address": "127.0.0.1", "port": free_ports(1)[0]},
+            "admin": {"address": "127.0.0.1", "port": self._free(1)[0]},
             "xds": {"address": cp, "port": self.ports["xds"]},
             "control": {"address": "127.0.0.1", "port": self.ports["control"]},
             "extproc": {"address": "127.0.0.1", "port": self.ports["cp_extproc"]},
@@ -316,6 +320,17 @@ class HostFleet:
         self._dump = dump_yaml
         self.cp_path = self.cp_dir / "lockgate.yaml"
         self._write_cp()
+
+    def _free(self, n: int) -> list[int]:
+        """``n`` free ports none of which this fleet handed out before (a port freed by the probe may be
+        handed out again by the kernel; two of the fleet's addresses must never share one)."""
+        from tests.harness import free_ports
+
+        while True:
+            ports = free_ports(n)
+            if not self._used.intersection(ports):
+                self._used.update(ports)
+                return ports
 
     @staticmethod
     def _token_file(path: Path, token: str) -> Path:
@@ -344,11 +359,9 @@ class HostFleet:
 
     # ----- a host's sidecar pair -----
     def host_config(self, host: Host) -> Path:
-        from tests.harness import free_ports
-
         d = self.tmp / host.name
         d.mkdir(parents=True, exist_ok=True)
-        admin, ep, epm = free_ports(3)
+        admin, ep, epm = self._free(3)
         self.admin_ports[host.name] = admin
         cfg = dict(self.cp_config)
         cfg.update({

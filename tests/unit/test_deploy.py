@@ -326,3 +326,33 @@ def test_alert_rules_pass_promtool_check_and_their_tests():
     r = subprocess.run(["promtool", "test", "rules", "lockgate-rules.test.yml"], cwd=RULES.parent,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------ OCI image, install doc
+def test_the_containerfile_copies_what_exists_and_runs_a_cli_command():
+    """Not built here (no image registry, no container engine: docs/install.md says so); checked statically."""
+    lines = (DEPLOY / "Containerfile").read_text().splitlines()
+    copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY ")]
+    assert copies
+    for sources in copies:
+        for src in sources:
+            assert (ROOT / src).exists(), src
+    assert any("make install VENV=/opt/lockgate" in ln for ln in lines)
+    entry = json.loads(next(ln for ln in lines if ln.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
+    cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD "))[len("CMD "):])
+    assert entry[0] == INSTALLED + "lockgate"
+    assert cli.build_parser().parse_args(entry[1:] + cmd).fn is cli.cmd_up
+    for role in (["controller"], ["xds"], ["extproc", "--index", "1"], ["envoy", "--node-id", "gpu-1"]):
+        cli.build_parser().parse_args(entry[1:] + role)
+
+
+def test_the_install_doc_lists_every_rollout_series():
+    from lockgate.controller.decide.rollout_series import SERIES
+
+    doc = (ROOT / "docs" / "install.md").read_text()
+    listed = set(re.findall(r"`(lockgate_(?:rollout|gate|rollbacks|promotions)\w*)\{", doc))
+    assert listed == set(SERIES), (set(SERIES) - listed, listed - set(SERIES))
+    for name, (_, labels) in SERIES.items():
+        assert f"`{name}{{{', '.join(labels)}}}`" in doc, name
+    for unit in COMMANDS:
+        assert unit.removesuffix(".service") in doc, unit

@@ -76,7 +76,7 @@ def _control_client(args):
             raise CliError(f"cannot read auth.token_file {auth.token_file}: {exc.strerror or exc} "
                            f"(or set $LOCKGATE_TOKEN)") from None
     try:
-        return ControlClient(args.control or config.control, auth, token)
+        return ControlClient(args.control or config.control_addresses(), auth, token)
     except OSError as exc:
         raise CliError(f"cannot read the auth.tls files: {exc}") from None
 
@@ -481,6 +481,8 @@ def cmd_rollout_status(args) -> int:
                   f"({ev.get('canary_samples_in_stage', 0)} in this stage); "
                   f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
             print("\n".join(_verdict_table(ev)))
+            for line in _gate_lines(ev):
+                print(line)
             plan = r.get("plan")
             if plan and plan.get("metrics"):
                 print("\n".join(_plan_lines(plan)))
@@ -491,6 +493,51 @@ def cmd_rollout_status(args) -> int:
                     print(f"  ETA {p}")
             print(f"  {ev.get('alpha_statement', '')}")
     return 0
+
+
+def cmd_rollout_approve(args) -> int:
+    """``lockgate rollout approve MODEL [--stage N]``: let a gated stage end (recorded with who approved)."""
+    payload: dict = {"actor": args.as_name or _actor()}
+    if args.stage is not None:
+        payload["stage"] = args.stage
+    if args.note:
+        payload["note"] = args.note
+    status, body = _controller_http(args, "POST", f"/v1/rollouts/{args.model}/approve", payload)
+    if status != 200:
+        _fail(status, body)
+    r = body["rollout"]
+    who = body["approved_by"] + ("" if body.get("authenticated") else " (unauthenticated)")
+    if body.get("already"):
+        print(f"rollout #{r['id']} {r['model']}: {body['label']} was already approved by {who}")
+    else:
+        print(f"rollout #{r['id']} {r['model']}: {body['label']} approved by {who}; the controller moves on at its "
+              f"next look once the stage's other conditions and checks hold")
+    return 0
+
+
+def _gate_lines(ev: dict) -> list[str]:
+    """The current stage's gates (approval, external checks) of the last judgement."""
+    g = ev.get("gates")
+    if not g:
+        return []
+    out = []
+    a = g.get("approval")
+    if a:
+        if a.get("approved_by"):
+            who = a["approved_by"] + ("" if a.get("authenticated") else " (unauthenticated)")
+            out.append(f"  approval: given by {who}")
+        elif a.get("waiting_since"):
+            import time
+
+            out.append("  approval: waiting since "
+                       + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a["waiting_since"])))
+        else:
+            out.append("  approval: required to leave this stage (not yet asked: the stage is not done)")
+    for c in g.get("checks", []):
+        state = c.get("state", "?") + (", calling" if c.get("running") else "")
+        out.append(f"  check {c['name']}: {state}" + (f" - {c['reason']}" if c.get("reason") else
+                                                     f" ({c.get('url')}, expects {c.get('expect')})"))
+    return out
 
 
 def cmd_rollout_action(args) -> int:
@@ -538,8 +585,10 @@ def cmd_analyze(args) -> int:
 
 
 def _log_state_dir(args):
-    """state_dir of ``-c lockgate.yaml`` (the deployment-log commands read rollouts.db directly)."""
-    return _load(args).state_dir
+    """state_dir and database of ``-c lockgate.yaml`` (the deployment-log commands read the rollout store
+    directly: rollouts.db, or its schema in PostgreSQL)."""
+    config = _load(args)
+    return config.state_dir, config.database
 
 
 def _log_call(fn):
@@ -553,10 +602,10 @@ def _log_call(fn):
 
 def cmd_history(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
+    state_dir, database = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir)
+        store = h.open_log(state_dir, database)
         try:
             return h.history(store, args.model, args.limit)
         finally:
@@ -573,10 +622,10 @@ def cmd_history(args) -> int:
 
 def cmd_show(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
+    state_dir, database = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir)
+        store = h.open_log(state_dir, database)
         try:
             return h.describe(*h.load(store, args.id))
         finally:
@@ -589,8 +638,9 @@ def cmd_show(args) -> int:
 
 def cmd_annotate(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
-    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor()))
+    state_dir, database = _log_state_dir(args)
+    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor(),
+                                                  database=database))
     print(f"rollout #{args.id}: root cause recorded [{detail['category']}] {detail['root_cause']}")
     return 0
 
@@ -598,7 +648,8 @@ def cmd_annotate(args) -> int:
 def cmd_rollout_diagnose(args) -> int:
     from lockgate.controller.tell import diagnose as dg
     config = _load(args)
-    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit))
+    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit,
+                                       database=config.database))
     print(json.dumps(d, indent=2) if args.json else dg.render(d))
     return 0
 
@@ -608,8 +659,9 @@ def cmd_report(args) -> int:
 
     from lockgate.controller.tell.report import write_report
 
-    state_dir = _log_state_dir(args)
-    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png))
+    state_dir, database = _log_state_dir(args)
+    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png,
+                                                          database=database))
     print(f"wrote {html}" + (f" and {png}" if png else ""))
     return 0
 
@@ -699,6 +751,15 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         r.add_argument("model")
         r.set_defaults(fn=cmd_rollout_action, action=action)
+    r = rsub.add_parser("approve", help="approve the end of a gated stage (steps with approval: {required: true})")
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.add_argument("model")
+    r.add_argument("--stage", type=int, help="the stage (1 = the first) to approve; default: the current one")
+    r.add_argument("--note", default="", help="a note kept in the deployment log")
+    r.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="your name when the controller requires no token (recorded as unauthenticated; with "
+                        "tokens the token's client name is recorded instead)")
+    r.set_defaults(fn=cmd_rollout_approve)
     r = rsub.add_parser("diagnose", help="evidence per metric, per upstream host, first failing canary requests")
     r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     r.add_argument("id", type=int, help="rollout id (see `lockgate history`)")

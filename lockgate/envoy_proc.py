@@ -79,7 +79,7 @@ def _q(text: str) -> str:
     return json.dumps(text)
 
 
-def _xds_auth_blocks(config: LockgateConfig, host: str) -> dict[str, str]:
+def _xds_auth_blocks(config: LockgateConfig, hosts: list[str]) -> dict[str, str]:
     """The template's XDS_SECRETS, XDS_HTTP_FILTERS and XDS_TRANSPORT_SOCKET (empty lines when unused)."""
     auth = config.auth
     out = {"XDS_SECRETS": "", "XDS_HTTP_FILTERS": "", "XDS_TRANSPORT_SOCKET": ""}
@@ -120,12 +120,9 @@ def _xds_auth_blocks(config: LockgateConfig, host: str) -> dict[str, str]:
                       f"                private_key: {{filename: {_q(auth.tls_key)}}}"]
         lines += ["            validation_context:",
                   f"              trusted_ca: {{filename: {_q(auth.tls_client_ca or auth.tls_cert)}}}"]
-        if _is_ip(host):
-            lines.append(f"              match_typed_subject_alt_names: [{{san_type: IP_ADDRESS, matcher: {{exact: "
-                         f"{_q(host)}}}}}]")
-        else:
-            lines.append(f"              match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: "
-                         f"{_q(host)}}}}}]")
+        sans = ", ".join(f"{{san_type: {'IP_ADDRESS' if _is_ip(h) else 'DNS'}, matcher: {{exact: {_q(h)}}}}}"
+                         for h in dict.fromkeys(hosts))  # any xDS server's name
+        lines.append(f"              match_typed_subject_alt_names: [{sans}]")
         out["XDS_TRANSPORT_SOCKET"] = "\n".join(lines)
     return out
 
@@ -151,11 +148,29 @@ def render_bootstrap(config: LockgateConfig, node_id: str | None = None,
     sampler = config.controller.sampler  # a STATIC cluster needs an IP; a wildcard bind is reached on loopback
     loopback = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
     sampler_host = loopback.get(sampler.host, sampler.host)
-    xds_host = loopback.get(config.xds.host, config.xds.host)
     return string.Template(TEMPLATE.read_text()).substitute(
-        NODE_ID=node_id or config.node_id, ADMIN_HOST=admin.host, ADMIN_PORT=admin.port, XDS_HOST=xds_host,
-        XDS_PORT=config.xds.port, EXTPROC_ENDPOINTS=endpoint_lines, SAMPLER_HOST=sampler_host,
-        SAMPLER_PORT=sampler.port, **_xds_auth_blocks(config, xds_host))
+        NODE_ID=node_id or config.node_id, ADMIN_HOST=admin.host, ADMIN_PORT=admin.port,
+        EXTPROC_ENDPOINTS=endpoint_lines, SAMPLER_HOST=sampler_host, SAMPLER_PORT=sampler.port,
+        **_xds_cluster_blocks(config))
+
+
+def _xds_cluster_blocks(config: LockgateConfig) -> dict[str, str]:
+    """The ADS cluster: one endpoint per xDS server (``xds_servers``, else this host's ``xds``); with more
+    than one, a TCP health check each second (Envoy picks a live server when its stream fails) and a
+    short ADS retry back-off (0.1 s doubling to 1 s; Envoy's default waits up to 30 s)."""
+    loopback = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+    hosts = [(loopback.get(s.xds.host, s.xds.host), s.xds.port) for s in config.xds_fleet()]
+    blocks = {"XDS_ENDPOINTS": "\n".join(
+        f"              - endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}"
+        for h, p in hosts), "XDS_HEALTH_CHECKS": "", "XDS_RETRY": ""}
+    if len(hosts) > 1:
+        blocks["XDS_HEALTH_CHECKS"] = (
+            "      health_checks:\n"
+            "        - {timeout: 0.5s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {},\n"
+            "           no_traffic_interval: 1s, always_log_health_check_failures: true}")
+        blocks["XDS_RETRY"] = ("        retry_policy: {retry_back_off: {base_interval: 0.1s, max_interval: 1s}}")
+    blocks.update(_xds_auth_blocks(config, [h for h, _p in hosts]))
+    return blocks
 
 
 def envoy_command(bootstrap_path: Path, concurrency: int = 1, log_level: str = "warning") -> list[str]:

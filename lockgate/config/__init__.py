@@ -47,6 +47,7 @@ from lockgate.config.common import (
 )
 from lockgate.config.controller import ControllerConfig, _controller
 from lockgate.config.database import _database
+from lockgate.config.xds_servers import XdsServer, _controllers, _xds_servers
 from lockgate.config.envoy import EnvoyConfig, _envoy, derive_extproc_processes
 from lockgate.config.evaluation import EvaluationConfig, JudgeConfig
 from lockgate.config.limits import RequestLimits, _limits
@@ -95,6 +96,23 @@ class LockgateConfig:
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     #: ``database:``: a PostgreSQL URL holding every store (lockgate/config/database.py); None = SQLite in state_dir
     database: str | None = None
+    #: ``xds_servers:``: every xDS server of the control plane (lockgate/config/xds_servers.py); () = this host's
+    xds_servers: "tuple[XdsServer, ...]" = ()
+
+    def xds_fleet(self) -> "tuple[XdsServer, ...]":
+        """Every xDS server Envoys and the controller use: ``xds_servers``, or this host's one."""
+        return self.xds_servers or (XdsServer(self.xds, self.control),)
+
+    def control_addresses(self) -> "list[Address]":
+        """The control APIs to call, in order (the next when one is unreachable)."""
+        return [s.control for s in self.xds_fleet()]
+
+    #: ``controllers:``: every controller's observations API, in order of preference; () = ``controller.address``
+    controllers: "tuple[Address, ...]" = ()
+
+    def collector_addresses(self) -> "list[Address]":
+        """Where each ext_proc sends observations, in order (the next when one is unreachable)."""
+        return list(self.controllers) or [self.controller.address]
 
     def store(self, filename: str) -> "Where":
         """Where the store kept in ``<state_dir>/<filename>`` on SQLite lives with this config."""
@@ -113,12 +131,13 @@ class LockgateConfig:
         raise KeyError(name)
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / "lockgate.db"
+    def db_path(self) -> "Where":
+        """The xDS weight store: ``<state_dir>/lockgate.db``, or its schema in the ``database``."""
+        return self.store("lockgate.db")
 
     @property
-    def observations_db_path(self) -> Path:
-        return self.state_dir / "observations.db"
+    def observations_db_path(self) -> "Where":
+        return self.store("observations.db")
 
 
 def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig:
@@ -155,6 +174,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     auth = _auth(f, base_dir)
     limits = _limits(f)
     database = _database(f)
+    xds_servers = _xds_servers(f)
+    controllers = _controllers(f)
     ep_processes = ep_explicit or 1
     if ep_explicit is None and "extproc_processes" not in f.data:  # follows envoy.concurrency
         ep_processes, rule = derive_extproc_processes(envoy.concurrency, extproc, extproc_metrics, [
@@ -231,7 +252,8 @@ def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig
     errors.raise_if_any()
     return LockgateConfig(source, node_id, listener, admin, xds, control, extproc, extproc_metrics, ep_timeout,
                           state_dir, qa, tuple(models), controller, capture, ep_processes, alerts, registry, auth,
-                          limits, envoy=envoy, database=database)
+                          limits, envoy=envoy, database=database, xds_servers=xds_servers,
+                          controllers=controllers)
 
 
 def load_config(path: str | Path) -> LockgateConfig:
@@ -250,5 +272,5 @@ __all__ = ["ALERT_EVENTS", "AlertSink", "Address", "AuthConfig", "COOKIE_RE", "C
            "HEADER_RE",
            "JudgeConfig", "KeySource", "LockgateConfig", "MAX_SAMPLE_BYTES_PER_BATCH", "MlflowModelMap", "Model",
            "ModelMatch", "ModelVersion", "NAME_RE", "NODE_ID_RE", "PLUGIN_RE", "QAOverride", "RESERVED_HEADER_PREFIX",
-           "RETAIN_ROLES", "RegistryConfig", "RequestLimits", "RetainBodies", "RetryPolicy", "config_from_text",
+           "RETAIN_ROLES", "RegistryConfig", "XdsServer", "RequestLimits", "RetainBodies", "RetryPolicy", "config_from_text",
            "load_config", "parse_config"]

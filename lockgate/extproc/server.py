@@ -314,7 +314,7 @@ async def serve(config: LockgateConfig, stop: asyncio.Event | None = None, index
     metrics = CaptureMetrics(registry)
     cap = config.capture
     # auth.tokens: the controller's observations API knows this process by lockgate's own token
-    shipper = ObservationShipper(str(config.controller.address), cap.queue_size, cap.batch_size,
+    shipper = ObservationShipper([str(a) for a in config.collector_addresses()], cap.queue_size, cap.batch_size,
                                  cap.flush_interval_s, on_drop=metrics.dropped.inc, on_sent=metrics.shipped.inc,
                                  auth=config.auth, token=own_token(config.auth, "ext_proc"))
     metrics.queued.set_function(lambda: len(shipper.queue))

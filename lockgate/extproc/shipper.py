@@ -38,9 +38,12 @@ log = logging.getLogger("lockgate.extproc.shipper")
 
 
 class ObservationShipper:
-    def __init__(self, address: str, queue_size: int, batch_size: int, flush_interval_s: float,
+    def __init__(self, address: "str | list[str]", queue_size: int, batch_size: int, flush_interval_s: float,
                  on_drop=None, on_sent=None, auth: AuthConfig | None = None, token: str | None = None):
-        self.address = address
+        #: the controllers' observations APIs in order of preference (several: high availability); a batch
+        #: that one cannot take goes to the next at once, and the shipper stays with the one that took it
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        self.address = self.addresses[0]
         #: ``auth.tls`` for the channel and the bearer token sent with every batch (``auth.tokens``)
         self.auth = auth or AuthConfig()
         self.token = token
@@ -58,6 +61,7 @@ class ObservationShipper:
         self._wake = threading.Event()  #: set by offer (first queued / batch full) and by close
         self._stop = threading.Event()  #: set by close: ends a back-off sleep at once
         self._channel: grpc.Channel | None = None
+        self._channels: list[grpc.Channel] = []
         self._thread: threading.Thread | None = None
         self._closing = False
         #: this process's crash-proof counts (set by the server before ``start``; None: not kept)
@@ -109,15 +113,18 @@ class ObservationShipper:
     def start(self) -> None:
         # gRPC's own reconnect back-off grows to 120 s by default: cap it near the retry back-off
         # below, so a controller that comes back is reached within seconds, not minutes.
-        self._channel = sync_channel(self.address, self.auth, self.token, options=[
+        self._channels = [sync_channel(a, self.auth, self.token, options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5000)])
+            ("grpc.max_reconnect_backoff_ms", 5000)]) for a in self.addresses]
+        self._channel = self._channels[0]
         self._thread = threading.Thread(target=self._run, name="lockgate-shipper", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         assert self._channel is not None
-        report = obs_grpc.ObservationCollectorStub(self._channel).Report
+        reports = [obs_grpc.ObservationCollectorStub(c).Report for c in self._channels]
+        current = 0
+        failed_in_a_row = 0
         queue, wake = self.queue, self._wake
         backoff = 0.1
         last_warning = 0.0
@@ -149,10 +156,20 @@ class ObservationShipper:
                 batch.ended_sources.add(source=k.source, captured=k.captured, acked=k.acked, dropped=k.dropped,
                                         started_ts=k.started_ts)
             try:
-                report(batch, timeout=5.0)
+                reports[current](batch, timeout=5.0)
             except grpc.RpcError as exc:
                 if self._closing:
                     return
+                if len(reports) > 1 and exc.code() == grpc.StatusCode.UNAVAILABLE:  # (a slow one may have stored it)
+                    failed_in_a_row += 1
+                    log.warning("controller %s unreachable (%s); sending to %s", self.address, exc.code().name,
+                                self.addresses[(current + 1) % len(reports)])
+                    current = (current + 1) % len(reports)
+                    self.address = self.addresses[current]
+                    self._channel = self._channels[current]
+                    if failed_in_a_row < len(reports):
+                        continue  # the next controller at once; back off only once every one failed
+                    failed_in_a_row = 0
                 now = time.monotonic()
                 if now - last_warning > 30:
                     last_warning = now
@@ -168,6 +185,7 @@ class ObservationShipper:
             if backoff > 0.1:
                 log.info("controller %s reachable again", self.address)
             backoff = 0.1
+            failed_in_a_row = 0
             last_warning = 0.0
             for _ in range(n):
                 queue.popleft()
@@ -190,7 +208,8 @@ class ObservationShipper:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, thread.join, timeout_s)
             if thread.is_alive() and self._channel is not None:
-                self._channel.close()  # cancels a call still hanging; the thread then returns
+                for channel in self._channels:
+                    channel.close()  # cancels a call still hanging; the thread then returns
                 await loop.run_in_executor(None, thread.join, 1.0)
         if self.queue:
             n = len(self.queue)
@@ -201,7 +220,8 @@ class ObservationShipper:
             log.warning("dropped %d unsent observations at shutdown", n)
             self.queue.clear()
         if self._channel is not None:
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
         for c in self.ended:  # not reported: left for the next process
             c.release(delete=False)
         if self.ledger is not None:

@@ -29,12 +29,15 @@ import grpc
 
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
+from lockgate.controller.decide.gatekeeper import GateKeeper
+from lockgate.controller.decide.gates import gates_json
+from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, holds_lease, keep_leases
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
-from lockgate.controller.ports import EventSink, ObservationSource, OutcomeEvent, WeightPusher
+from lockgate.controller.ports import CheckCaller, EventSink, ObservationSource, OutcomeEvent, WeightPusher
 from lockgate.proto.v1 import control_pb2
 
 log = logging.getLogger("lockgate.controller.decide.promoter")
@@ -43,7 +46,6 @@ MIN_SPACING_S = 0.02       #: data-triggered looks of one rollout at least this 
 LAST_EVAL_REFRESH_S = 1.0  #: a data-triggered look that changes nothing rewrites last_eval at most this often
 REVERT_BACKOFF_S = 0.5     #: first retry of an incomplete revert; doubles per attempt ...
 REVERT_BACKOFF_MAX_S = 10.0  #: ... up to this
-LEASE_TTL_S = 15.0
 
 
 class RolloutError(Exception):
@@ -69,8 +71,11 @@ class Promoter:
 
     def __init__(self, config: LockgateConfig, rollouts: RolloutStore, weights: WeightPusher,
                  observations: ObservationSource, sinks: Sequence[EventSink] = (),
-                 evidence: LiveEvidence | None = None, series: RolloutSeries | None = None):
+                 evidence: LiveEvidence | None = None, series: RolloutSeries | None = None,
+                 checks: CheckCaller | None = None):
         self.config = config
+        #: the steps' approvals and external checks (``checks`` calls them; None: every check holds)
+        self.gatekeeper = GateKeeper(rollouts, checks, self.notify)
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
         self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
@@ -89,6 +94,8 @@ class Promoter:
         #: rollout id → (time, (action, verdicts)) of the last evaluation written to the history
         self._recorded: dict[int, tuple[float, Any]] = {}
         self._pushed: dict[int, int] = {}  #: rollout id → weight of its last move's push (maybe not ACKed yet)
+        #: rollouts another controller drives: no incremental evidence kept (rebuilt from the store on takeover)
+        self._foreign: set[int] = set()
         #: rollout id → (final status, reason, actor, detected_at) of a revert not yet written down
         self._unrecorded: dict[int, tuple[str, str, str, float]] = {}
 
@@ -121,9 +128,14 @@ class Promoter:
             loop = asyncio.get_running_loop()
             judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
             detected_at = time.time()
+            gates = self.gatekeeper.inputs(rollout, spec)
             decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
-                                               rollout.stage_started_at), judgement, now, in_stage)
+                                               rollout.stage_started_at), judgement, now, in_stage, gates)
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
+            if decision.action != "rollback":
+                gates = self.gatekeeper.after(rollout, spec, decision, gates, now)
+            if (gates_now := gates_json(spec, rollout.stage, gates)) is not None:
+                summary["gates"] = gates_now
             if self.series is not None:
                 self.series.looked(rollout, spec, decision, summary, now)
             if decision.action == "rollback":
@@ -139,7 +151,7 @@ class Promoter:
                     self._refreshed[rollout.id] = now
                     self.rollouts.record_evaluation(rollout.id, now, rollout.stage,
                                                     spec.steps[rollout.stage].weight_bp, summary, history=keep)
-                if decision.action in ("advance", "promote"):
+                if decision.action in ("advance", "promote") and holds_lease(self.rollouts, rollout.model):
                     await self._move(rollout, spec, decision, summary)
                 elif decision.action == "inconclusive":
                     self.rollouts.transition(rollout.id, expect=("running",), status="inconclusive",
@@ -161,6 +173,12 @@ class Promoter:
         pushed = self._pushed.get(rollout.id)  # a move whose push is not yet ACKed everywhere is no drift
         if live is None or (live.canary == rollout.canary and live.weight_bp in (want, pushed)):
             return rollout
+        if live.canary == rollout.canary and live.stage in (f"#{rollout.id}:stage-{rollout.stage + 2}",
+                                                            f"#{rollout.id}:promoted"):
+            # this rollout's next move, pushed by a controller that stopped before recording it (a failover):
+            # no drift; the look decides the move again (pushing the same weight) and records it once
+            self._pushed[rollout.id] = live.weight_bp
+            return rollout
         found = f"{live.canary or 'no canary'} at {live.weight_bp / 100:g}%"
         detail = {"reasons": [f"the live weight is {found}, not this rollout's {rollout.canary} at {want / 100:g}% "
                               f"(changed outside the rollout); paused: resume re-applies {want / 100:g}%, "
@@ -177,6 +195,9 @@ class Promoter:
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
+        current = self.rollouts.get(rollout.id)  # another controller may have aborted it meanwhile
+        if current is None or current.status != "running" or current.stage != rollout.stage:
+            return
         self._pushed[rollout.id] = decision.weight_bp
         resp = await self.push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
                                 "; ".join(decision.reasons))
@@ -327,6 +348,12 @@ class Promoter:
         last: dict[int, float] = {}
         cost: dict[int, float] = {}  #: seconds the last evaluation of each rollout took
         deferred = 0.0  #: the earliest time a deferred data-triggered look may run
+        renewer = asyncio.ensure_future(keep_leases(self.rollouts, stop))  # one driver per model
+        await self._loop(stop, last, cost, deferred)
+        renewer.cancel()
+
+    async def _loop(self, stop: asyncio.Event, last: dict[int, float], cost: dict[int, float], deferred: float
+                    ) -> None:
         while not stop.is_set():
             wait = 0.5 if deferred <= 0 else min(0.5, max(0.0, deferred - time.time()))
             try:
@@ -338,7 +365,8 @@ class Promoter:
             deferred = 0.0
             active = self.rollouts.active()
             if self.evidence is not None:
-                self.evidence.retain(r.id for r in active if r.status in ("running", "paused"))
+                self.evidence.retain(r.id for r in active if r.status in ("running", "paused")
+                                     and r.id not in self._foreign)
             for rollout in active:
                 try:
                     mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
@@ -348,7 +376,12 @@ class Promoter:
                     log.error("lease of %s not renewed (%s); %s", rollout.model, exc,
                               "still ours" if mine else "not ours")
                 if not mine:
+                    self._pushed.pop(rollout.id, None)  # another controller drives it
+                    self._foreign.add(rollout.id)
                     continue
+                if rollout.id in self._foreign:  # taken over: the other controller's lease ran out (or it is gone)
+                    self._foreign.discard(rollout.id)
+                    self.rollouts.event(rollout.id, "takeover", self.rollouts.owner, {}, rollout.stage)
                 if rollout.id in self._unrecorded or rollout.status == "rolling_back":
                     try:
                         await self._retry_revert(rollout, time.time())
@@ -461,5 +494,5 @@ def rollout_json(r: Rollout | None, with_eval: bool = False) -> dict:
     return d
 
 
-__all__ = ["LAST_EVAL_REFRESH_S", "LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
+__all__ = ["LAST_EVAL_REFRESH_S", "LEASE_RENEW_S", "LEASE_TTL_S", "MIN_SPACING_S", "Promoter", "RolloutError", "keep_in_history", "load_spec_of",
            "rollout_json"]

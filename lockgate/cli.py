@@ -481,8 +481,6 @@ def cmd_rollout_status(args) -> int:
                   f"({ev.get('canary_samples_in_stage', 0)} in this stage); "
                   f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
             print("\n".join(_verdict_table(ev)))
-            for line in _gate_lines(ev):
-                print(line)
             plan = r.get("plan")
             if plan and plan.get("metrics"):
                 print("\n".join(_plan_lines(plan)))
@@ -493,51 +491,6 @@ def cmd_rollout_status(args) -> int:
                     print(f"  ETA {p}")
             print(f"  {ev.get('alpha_statement', '')}")
     return 0
-
-
-def cmd_rollout_approve(args) -> int:
-    """``lockgate rollout approve MODEL [--stage N]``: let a gated stage end (recorded with who approved)."""
-    payload: dict = {"actor": args.as_name or _actor()}
-    if args.stage is not None:
-        payload["stage"] = args.stage
-    if args.note:
-        payload["note"] = args.note
-    status, body = _controller_http(args, "POST", f"/v1/rollouts/{args.model}/approve", payload)
-    if status != 200:
-        _fail(status, body)
-    r = body["rollout"]
-    who = body["approved_by"] + ("" if body.get("authenticated") else " (unauthenticated)")
-    if body.get("already"):
-        print(f"rollout #{r['id']} {r['model']}: {body['label']} was already approved by {who}")
-    else:
-        print(f"rollout #{r['id']} {r['model']}: {body['label']} approved by {who}; the controller moves on at its "
-              f"next look once the stage's other conditions and checks hold")
-    return 0
-
-
-def _gate_lines(ev: dict) -> list[str]:
-    """The current stage's gates (approval, external checks) of the last judgement."""
-    g = ev.get("gates")
-    if not g:
-        return []
-    out = []
-    a = g.get("approval")
-    if a:
-        if a.get("approved_by"):
-            who = a["approved_by"] + ("" if a.get("authenticated") else " (unauthenticated)")
-            out.append(f"  approval: given by {who}")
-        elif a.get("waiting_since"):
-            import time
-
-            out.append("  approval: waiting since "
-                       + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a["waiting_since"])))
-        else:
-            out.append("  approval: required to leave this stage (not yet asked: the stage is not done)")
-    for c in g.get("checks", []):
-        state = c.get("state", "?") + (", calling" if c.get("running") else "")
-        out.append(f"  check {c['name']}: {state}" + (f" - {c['reason']}" if c.get("reason") else
-                                                     f" ({c.get('url')}, expects {c.get('expect')})"))
-    return out
 
 
 def cmd_rollout_action(args) -> int:
@@ -585,10 +538,8 @@ def cmd_analyze(args) -> int:
 
 
 def _log_state_dir(args):
-    """state_dir and database of ``-c lockgate.yaml`` (the deployment-log commands read the rollout store
-    directly: rollouts.db, or its schema in PostgreSQL)."""
-    config = _load(args)
-    return config.state_dir, config.database
+    """state_dir of ``-c lockgate.yaml`` (the deployment-log commands read rollouts.db directly)."""
+    return _load(args).state_dir
 
 
 def _log_call(fn):
@@ -602,10 +553,10 @@ def _log_call(fn):
 
 def cmd_history(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir, database = _log_state_dir(args)
+    state_dir = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir, database)
+        store = h.open_log(state_dir)
         try:
             return h.history(store, args.model, args.limit)
         finally:
@@ -622,10 +573,10 @@ def cmd_history(args) -> int:
 
 def cmd_show(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir, database = _log_state_dir(args)
+    state_dir = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir, database)
+        store = h.open_log(state_dir)
         try:
             return h.describe(*h.load(store, args.id))
         finally:
@@ -638,9 +589,8 @@ def cmd_show(args) -> int:
 
 def cmd_annotate(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir, database = _log_state_dir(args)
-    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor(),
-                                                  database=database))
+    state_dir = _log_state_dir(args)
+    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor()))
     print(f"rollout #{args.id}: root cause recorded [{detail['category']}] {detail['root_cause']}")
     return 0
 
@@ -648,8 +598,7 @@ def cmd_annotate(args) -> int:
 def cmd_rollout_diagnose(args) -> int:
     from lockgate.controller.tell import diagnose as dg
     config = _load(args)
-    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit,
-                                       database=config.database))
+    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit))
     print(json.dumps(d, indent=2) if args.json else dg.render(d))
     return 0
 
@@ -659,9 +608,8 @@ def cmd_report(args) -> int:
 
     from lockgate.controller.tell.report import write_report
 
-    state_dir, database = _log_state_dir(args)
-    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png,
-                                                          database=database))
+    state_dir = _log_state_dir(args)
+    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png))
     print(f"wrote {html}" + (f" and {png}" if png else ""))
     return 0
 
@@ -751,15 +699,6 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         r.add_argument("model")
         r.set_defaults(fn=cmd_rollout_action, action=action)
-    r = rsub.add_parser("approve", help="approve the end of a gated stage (steps with approval: {required: true})")
-    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    r.add_argument("model")
-    r.add_argument("--stage", type=int, help="the stage (1 = the first) to approve; default: the current one")
-    r.add_argument("--note", default="", help="a note kept in the deployment log")
-    r.add_argument("--as", dest="as_name", metavar="NAME",
-                   help="your name when the controller requires no token (recorded as unauthenticated; with "
-                        "tokens the token's client name is recorded instead)")
-    r.set_defaults(fn=cmd_rollout_approve)
     r = rsub.add_parser("diagnose", help="evidence per metric, per upstream host, first failing canary requests")
     r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     r.add_argument("id", type=int, help="rollout id (see `lockgate history`)")

@@ -14,7 +14,10 @@ the host's name as node id, from its own ``lockgate.yaml``. Then, with real proc
 * an ADS client that NACKs the routes (``tests/fake_ads.py``: a real Envoy cannot be made to reject
   routes its fleet accepts) and an Envoy killed on its host both show in ``lockgate weights`` and
   raise ``trouble`` alerts, and do not hold the others: the rollback is ACKed by every other host
-  and names the two; the killed host's Envoy, restarted, gets weight 0 at once and the alert resolves.
+  and names the two; the killed host's Envoy, restarted, gets weight 0 at once and the alert resolves;
+* a host cut off by a network partition (its link down; its ADS connection still looks alive) does not
+  hold a weight change for the others, keeps serving the weights it had, shows as behind in
+  ``lockgate weights`` and raises a trouble alert; with the link back it catches up and the alert resolves.
 
 Where namespaces cannot be made (not root, no ``ip``) the hosts are loopback ports and the test says so
 (printed, and in the skip reason of the host-isolation checks).
@@ -220,6 +223,61 @@ def test_many_hosts_weights_rollback_late_join_nack_disconnect_and_one_analysis(
             weights_json(fleet)))
         assert envoys(model)["gpu-2"]["connected"] and envoys(model)["gpu-2"]["ackedWeightBp"] == 0
         wait_until("gpu-2's alert resolved", lambda: trouble(receiver, "gpu-2", status="resolved"), 30, 0.2)
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        hosts.close()
+
+
+def test_a_partitioned_host_keeps_serving_its_weights_is_alerted_and_catches_up(tmp_path, receiver, capsys):
+    """A network partition (the host's link down; its processes run on, its ADS connection looks alive to
+    the xDS server): a weight change is ACKed by the other hosts without waiting for it, it keeps serving
+    the weights it had, `lockgate weights` shows it behind, a trouble alert names it; once the link is back
+    it takes the current weights and the alert resolves."""
+    hosts = Hosts()
+    with capsys.disabled():
+        print(f"\n[test_hosts] {hosts.note}")
+    if not hosts.isolated:
+        hosts.close()
+        pytest.skip(f"a partition needs network namespaces ({hosts.note})")
+    fleet = None
+    try:
+        h1, h2, h3 = (hosts.add(n) for n in ("gpu-1", "gpu-2", "gpu-3"))
+        fleet = HostFleet(tmp_path, hosts, controller=True, cp_extra={
+            "alerts": [{"type": "webhook", "url": receiver.base + "/hook", "name": "hook", "on": ["trouble"],
+                        "retry": {"max_attempts": 100, "initial_backoff_s": 0.3, "max_backoff_s": 1.0}}]})
+        for h in (h1, h2, h3):
+            fleet.allow(h.name)
+        fleet.start_control_plane()
+        for h in (h1, h2, h3):
+            fleet.start_host(h)
+        for h in (h1, h2, h3):
+            wait_until(f"routes on {h.name}", lambda: fleet.canary_weight(h) is not None)
+        r = fleet.cli("set-weight", "chat", "v2", "10", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        h3.link(up=False)
+        r = fleet.cli("set-weight", "chat", "v2", "30", "--json", "--timeout", "10")
+        assert r.returncode == 1, r.stdout + r.stderr
+        resp = json.loads(r.stdout)
+        assert resp["notAcked"] == ["gpu-3 (timeout)"]
+        assert all(envoys(resp["model"])[n]["acked"] for n in ("gpu-1", "gpu-2"))
+        assert resp["elapsedMs"] < 10_000  # the others' ACKs were not held for the partitioned one
+        assert fleet.canary_weight(h1) == fleet.canary_weight(h2) == 3000
+        # the partitioned host serves on, with the weights it had
+        assert fleet.canary_weight(h3) == 1000
+        status, headers = h3.call(get, f"http://127.0.0.1:{fleet.ports['listener']}/v1/chat", {"x-user-id": "u-1"})
+        assert status == 200 and headers["x-model-version"] in ("v1", "v2")
+        e = envoys(weights_json(fleet))["gpu-3"]
+        assert e["connected"] and not e["acked"] and e["ackedWeightBp"] == 1000
+        alert = wait_until("a trouble alert for the partitioned gpu-3",
+                           lambda: trouble(receiver, "gpu-3", text="has not ACKed routes"), 40, 0.2)
+        assert "canary v2 at 10%" in alert[0]["title"]
+
+        h3.link(up=True)
+        wait_until("gpu-3 to catch up", lambda: fleet.canary_weight(h3) == 3000, 60, 0.2)
+        wait_until("gpu-3 in sync", lambda: envoys(weights_json(fleet))["gpu-3"]["acked"], 30, 0.2)
+        wait_until("gpu-3's alert resolved", lambda: trouble(receiver, "gpu-3", status="resolved"), 30, 0.2)
     finally:
         if fleet is not None:
             fleet.stop()

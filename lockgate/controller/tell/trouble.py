@@ -4,8 +4,10 @@ Checked every :data:`CHECK_INTERVAL_S` by :class:`TroubleMonitor`: weight pushes
 Envoy (``push_incomplete`` events), failed preflight drills, a revert not confirmed by every Envoy
 (``revert_incomplete``), a weight changed outside a rollout (``weight_drift``), observations dropped by
 ext_proc sources (their reported ``dropped_total`` grew), the control API (xDS server) unreachable, and
-Envoys that are disconnected from it or NACKed the routes. Conditions with a clear end (control API,
-Envoys) send a ``resolved`` alert when they clear. One-shot trouble of the same key is sent at most
+Envoys that are disconnected from it, NACKed the routes, or stay connected without ACKing the current
+routes for :data:`OUT_OF_SYNC_S` (a stalled Envoy, or one cut off by a network partition the TCP
+connection has not noticed: it keeps serving the weights it last ACKed). Conditions with a clear end
+(control API, Envoys) send a ``resolved`` alert when they clear. One-shot trouble of the same key is sent at most
 every :data:`COOLDOWN_S`; a firing control-API condition is re-sent every :data:`REFIRE_S`.
 """
 
@@ -27,6 +29,7 @@ CHECK_INTERVAL_S = 5.0          #: trouble checks
 COOLDOWN_S = 600.0              #: one-shot trouble of the same key at most this often
 CONTROL_FAILURES = 2            #: consecutive failed control-API probes before alerting
 REFIRE_S = 1800.0               #: a firing condition is re-sent this often while it lasts
+OUT_OF_SYNC_S = 10.0            #: a connected Envoy without an ACK of the current routes this long is trouble
 
 
 #: deployment-log events that may raise a trouble alert
@@ -53,6 +56,8 @@ class TroubleMonitor:
         self._control_down_since: float | None = None
         self._control_firing_sent: float | None = None
         self._envoy_problems: dict[str, str] = {}
+        #: node → (routes version it has not ACKed, since when): connected Envoys out of sync, not yet alerted
+        self._out_of_sync: dict[str, tuple[str, float]] = {}
         self._dropped_seen: dict[str, int] | None = None
         self._dropped_pending: dict[str, int] = {}
 
@@ -199,6 +204,7 @@ class TroubleMonitor:
 
     async def _check_envoys(self, resp, now: float) -> None:
         problems: dict[str, tuple[str, str]] = {}
+        behind: set[str] = set()
         for m in resp.models:
             for e in m.envoys:
                 what = None
@@ -206,8 +212,24 @@ class TroubleMonitor:
                     what = "disconnected from the xDS server"
                 elif e.nack_version and e.nack_version == m.xds_version:
                     what = f"NACKed routes {e.nack_version}: {e.nack_error[:300]}"
-                if what:
+                elif not e.acked:
+                    behind.add(e.node_id)
+                    version, since = self._out_of_sync.get(e.node_id, ("", now))
+                    if version != m.xds_version:
+                        since = now  # a newer push restarts the clock
+                    self._out_of_sync[e.node_id] = (m.xds_version, since)
+                    if e.node_id in self._envoy_problems:
+                        what = self._envoy_problems[e.node_id]  # in trouble until it is in sync again
+                    elif now - since >= OUT_OF_SYNC_S:
+                        live = (f"canary {e.acked_canary} at {e.acked_weight_bp / 100:g}%" if e.acked_canary
+                                else "no canary") if e.acked_version else "no routes"
+                        what = (f"connected but has not ACKed routes {m.xds_version} for {OUT_OF_SYNC_S:.0f} s or "
+                                f"more (it ACKed {e.acked_version or 'nothing'}: {live} for {m.model}); stalled or "
+                                f"cut off from the xDS server")
+                if what and e.node_id not in problems:
                     problems[e.node_id] = (what, m.model)
+        for node in [n for n in self._out_of_sync if n not in behind]:
+            del self._out_of_sync[node]
         for node, (what, model) in problems.items():
             if self._envoy_problems.get(node) != what:
                 self._envoy_problems[node] = what
@@ -236,4 +258,4 @@ class TroubleMonitor:
                 pass
 
 
-__all__ = ["CHECK_INTERVAL_S", "COOLDOWN_S", "CONTROL_FAILURES", "REFIRE_S", "TroubleMonitor"]
+__all__ = ["CHECK_INTERVAL_S", "COOLDOWN_S", "CONTROL_FAILURES", "OUT_OF_SYNC_S", "REFIRE_S", "TroubleMonitor"]

@@ -29,7 +29,9 @@ weight keeps serving it (Envoy keeps its last config) until it reconnects and AC
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -142,6 +144,12 @@ class WeightService:
         #: model → (weight, previous, actor, reason, version) served but not yet saved (rollbacks only)
         self.unsaved: dict[str, tuple[CanaryWeight, CanaryWeight, str, str, int]] = {}
         self._saver: asyncio.Task | None = None
+        #: every store call once serving starts runs here, one at a time and in order, off the event loop
+        #: (a durable commit takes milliseconds; the streams keep sending and taking ACKs meanwhile)
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xds-store")
+
+    async def _db(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._disk, functools.partial(fn, *args, **kwargs))
 
     def _routable(self, stored: dict[str, CanaryWeight]) -> dict[str, CanaryWeight]:
         weights = {m.name: stored.get(m.name, CanaryWeight(None, 0)) for m in self.config.models}
@@ -179,11 +187,16 @@ class WeightService:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
 
+    async def flush(self) -> None:
+        """Wait until what the Envoys hold is written (the node records queued so far)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
     async def _flush(self) -> None:
         while self._dirty:
             rows, self._dirty = self._dirty, {}
             try:
-                self.store.save_nodes(self.server_id, list(rows.values()))
+                await self._db(self.store.save_nodes, self.server_id, list(rows.values()))
             except sqlite3.Error as exc:
                 log.error("cannot record what %d Envoy(s) hold (%s); retrying", len(rows), exc)
                 for node, row in rows.items():
@@ -221,11 +234,11 @@ class WeightService:
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_S
-                    self.store.heartbeat(self.server_id, self.address, self.started_at)
-                    self._read_servers()
+                    await self._db(self.store.heartbeat, self.server_id, self.address, self.started_at)
+                    self._read_servers(await self._db(self.store.servers))
                 await self.catch_up()
                 if self.live_servers or self._remote_waits:
-                    self.records = {**self.store.nodes(), **{n: r for n, r in self.records.items()
+                    self.records = {**(await self._db(self.store.nodes)), **{n: r for n, r in self.records.items()
                                                              if n in self._dirty}}
                     await self.registry.notify()
                 if failing:
@@ -242,13 +255,14 @@ class WeightService:
         with contextlib.suppress(sqlite3.Error):
             self._dirty.update({s.node_id: (s.node_id, False, None, {}, None, None, "")
                                 for s in self.registry.connected()})
-            self.store.save_nodes(self.server_id, list(self._dirty.values()))
-            self.store.forget_server(self.server_id)
+            await self._db(self.store.save_nodes, self.server_id, list(self._dirty.values()))
+            await self._db(self.store.forget_server, self.server_id)
+        self._disk.shutdown(wait=True)
 
-    def _read_servers(self) -> None:
+    def _read_servers(self, servers: dict[str, tuple[str, float]]) -> None:
         now = time.monotonic()
         live = set()
-        for server, (_address, beat) in self.store.servers().items():
+        for server, (_address, beat) in servers.items():
             if server == self.server_id:
                 continue
             seen = self._heartbeats.get(server)
@@ -265,7 +279,7 @@ class WeightService:
 
     async def catch_up(self) -> None:
         """Serve what other servers saved since this one last looked (cheap when nothing changed)."""
-        version, forced = self.store.versions()
+        version, forced = await self._db(self.store.versions)
         if version <= self.db_version:
             return
         async with self._lock:
@@ -273,10 +287,10 @@ class WeightService:
 
     async def _reload(self) -> None:
         """Under the lock: the store's weights (rollbacks served but not yet saved stay served)."""
-        version, forced = self.store.versions()
+        version, forced = await self._db(self.store.versions)
         if version <= self.db_version:
             return
-        stored = self.store.load()
+        stored = await self._db(self.store.load)
         try:
             validate_persisted(self.config, stored)
         except StateMismatchError as exc:  # another server runs another config: keep serving ours
@@ -361,14 +375,15 @@ class WeightService:
                     and s.types[ROUTE_TYPE].acked_version >= version)
 
     # ----- persistence of served-first rollbacks -----
-    def _try_save_unsaved(self) -> bool:
-        """Save every served-but-unsaved rollback; True when none is left."""
+    async def _save_unsaved(self) -> bool:
+        """Save every served-but-unsaved rollback; True when none is left. Under the lock (saves stay in order)."""
         for model_name, (w, prev, actor, reason, version) in list(self.unsaved.items()):
             if self.weights.get(model_name) != w:
                 self.unsaved.pop(model_name, None)  # superseded by a later (saved) change
                 continue
             try:
-                saved, _previous, stored = self.store.save(model_name, w, actor, reason, at_least=version)
+                saved, _previous, stored = await self._db(self.store.save, model_name, w, actor, reason,
+                                                          at_least=version)
             except (sqlite3.Error, WeightConflict) as exc:
                 log.error("%s: rollback still not saved (%s); retrying", model_name, exc)
                 return False
@@ -380,7 +395,10 @@ class WeightService:
         return True
 
     async def _save_until_done(self) -> None:
-        while not self._try_save_unsaved():
+        while True:
+            async with self._lock:
+                if await self._save_unsaved():
+                    return
             await asyncio.sleep(1.0)
 
     def _schedule_save(self) -> None:
@@ -498,13 +516,13 @@ class WeightService:
         persisted = True
         try:
             if force:
-                version = self.store.next_version(at_least=self._floor(), forced=True)
+                version = await self._db(self.store.next_version, at_least=self._floor(), forced=True)
             elif serve_first:
                 version = self._floor()  # provisional: the save allocates it (or a later one)
                 self.unsaved[model_name] = (new, previous, actor, reason, version)
             else:  # durable before served
-                version, _stored_previous, stored = self.store.save(model_name, new, actor, reason,
-                                                                    at_least=self._floor())
+                version, _stored_previous, stored = await self._db(self.store.save, model_name, new, actor, reason,
+                                                                   at_least=self._floor())
                 weights = self._routable(stored)
                 for other, (w, *_rest) in self.unsaved.items():
                     weights[other] = w
@@ -520,7 +538,7 @@ class WeightService:
         pushed_at = time.time()
         routes_version = await self._serve(weights, version, force)
         if serve_first:
-            persisted = self._try_save_unsaved()  # right after the routes were handed to the streams
+            persisted = await self._save_unsaved()  # the streams send the routes meanwhile
             if not persisted:
                 self._schedule_save()
         results, remote = await asyncio.gather(

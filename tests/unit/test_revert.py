@@ -207,6 +207,7 @@ def test_after_an_xds_restart_a_revert_waits_for_the_envoys_that_held_the_canary
         task = asyncio.ensure_future(svc.set_weight("chat", "v2", 1000, actor="t", reason="t", timeout_s=5))
         await ack_routes(ads, e0)
         assert (await task).all_acked
+        await svc.flush()  # what e0 holds is written (in the background, off the event loop)
         store.close()
         # the xDS server restarts; e0 has not reconnected yet (it keeps serving 10 %)
         store2 = WeightStore(cfg.db_path)

@@ -481,6 +481,8 @@ def cmd_rollout_status(args) -> int:
                   f"({ev.get('canary_samples_in_stage', 0)} in this stage); "
                   f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
             print("\n".join(_verdict_table(ev)))
+            for line in _gate_lines(ev):
+                print(line)
             plan = r.get("plan")
             if plan and plan.get("metrics"):
                 print("\n".join(_plan_lines(plan)))
@@ -491,6 +493,51 @@ def cmd_rollout_status(args) -> int:
                     print(f"  ETA {p}")
             print(f"  {ev.get('alpha_statement', '')}")
     return 0
+
+
+def cmd_rollout_approve(args) -> int:
+    """``lockgate rollout approve MODEL [--stage N]``: let a gated stage end (recorded with who approved)."""
+    payload: dict = {"actor": args.as_name or _actor()}
+    if args.stage is not None:
+        payload["stage"] = args.stage
+    if args.note:
+        payload["note"] = args.note
+    status, body = _controller_http(args, "POST", f"/v1/rollouts/{args.model}/approve", payload)
+    if status != 200:
+        _fail(status, body)
+    r = body["rollout"]
+    who = body["approved_by"] + ("" if body.get("authenticated") else " (unauthenticated)")
+    if body.get("already"):
+        print(f"rollout #{r['id']} {r['model']}: {body['label']} was already approved by {who}")
+    else:
+        print(f"rollout #{r['id']} {r['model']}: {body['label']} approved by {who}; the controller moves on at its "
+              f"next look once the stage's other conditions and checks hold")
+    return 0
+
+
+def _gate_lines(ev: dict) -> list[str]:
+    """The current stage's gates (approval, external checks) of the last judgement."""
+    g = ev.get("gates")
+    if not g:
+        return []
+    out = []
+    a = g.get("approval")
+    if a:
+        if a.get("approved_by"):
+            who = a["approved_by"] + ("" if a.get("authenticated") else " (unauthenticated)")
+            out.append(f"  approval: given by {who}")
+        elif a.get("waiting_since"):
+            import time
+
+            out.append("  approval: waiting since "
+                       + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a["waiting_since"])))
+        else:
+            out.append("  approval: required to leave this stage (not yet asked: the stage is not done)")
+    for c in g.get("checks", []):
+        state = c.get("state", "?") + (", calling" if c.get("running") else "")
+        out.append(f"  check {c['name']}: {state}" + (f" - {c['reason']}" if c.get("reason") else
+                                                     f" ({c.get('url')}, expects {c.get('expect')})"))
+    return out
 
 
 def cmd_rollout_action(args) -> int:
@@ -699,6 +746,15 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         r.add_argument("model")
         r.set_defaults(fn=cmd_rollout_action, action=action)
+    r = rsub.add_parser("approve", help="approve the end of a gated stage (steps with approval: {required: true})")
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.add_argument("model")
+    r.add_argument("--stage", type=int, help="the stage (1 = the first) to approve; default: the current one")
+    r.add_argument("--note", default="", help="a note kept in the deployment log")
+    r.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="your name when the controller requires no token (recorded as unauthenticated; with "
+                        "tokens the token's client name is recorded instead)")
+    r.set_defaults(fn=cmd_rollout_approve)
     r = rsub.add_parser("diagnose", help="evidence per metric, per upstream host, first failing canary requests")
     r.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     r.add_argument("id", type=int, help="rollout id (see `lockgate history`)")

@@ -49,6 +49,7 @@ from lockgate.controller.ingest.collector import ControllerMetrics, ObservationC
 from lockgate.controller.ingest.envoy_watch import watch_envoy
 from lockgate.controller.ingest.observations import ObservationStore
 from lockgate.controller.ingest.samples import SampleStore, samples_path
+from lockgate.controller.tell.checks import HttpCheckCaller
 from lockgate.controller.tell.notify import Notifier
 from lockgate.controller.tell.trouble import TroubleMonitor
 from lockgate.grpc_auth import add_port, server_interceptors, warn_if_insecure
@@ -122,7 +123,7 @@ class Controller:
         # rollout state (stage, weight, verdicts, rollbacks, promotions) on /metrics, told by the promoter
         self.rollout_series = RolloutSeries(self.metrics.registry, [m.name for m in config.models])
         self.promoter = Promoter(config, self.rollouts, self.weights, self.store, sinks=[self.notifier],
-                                 evidence=self.evidence, series=self.rollout_series)
+                                 evidence=self.evidence, series=self.rollout_series, checks=HttpCheckCaller())
         self.actions = RolloutActions(config, self.rollouts, self.promoter, self.store)
         self.trouble = TroubleMonitor(self.notifier, self.probe_weights, self.metrics.sources, self.rollouts)
         # new observations wake the promotion loop (a breach rolls back when the evidence arrives)

@@ -20,6 +20,7 @@ port                        provided by                            used by
 :data:`RowsCallback`        ``decide.live_evidence.LiveEvidence``  the collector (``on_rows``)
 :data:`OutcomesCallback`    ``decide.live_evidence.LiveEvidence``  the collector (``on_outcomes``)
 :data:`LabelsCallback`      ``decide.live_evidence.LiveEvidence``  the observation store (``on_labels``)
+:class:`CheckCaller`        ``tell.checks.HttpCheckCaller``        promotion loop (steps' external checks)
 ==========================  =====================================  ===================================
 
 Kernel imports only (this module sits below every controller package).
@@ -27,13 +28,14 @@ Kernel imports only (this module sits below every controller package).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
 
 import numpy as np
 
 from lockgate.proto.v1 import control_pb2
 
-__all__ = ["ActiveRollouts", "DropCounts", "EventSink", "ObservationSource", "OutcomeEvent", "RolloutCommands",
+__all__ = ["ActiveRollouts", "CheckAnswer", "CheckCaller", "DropCounts", "EventSink", "ObservationSource", "OutcomeEvent", "RolloutCommands",
            "RolloutView", "StoredCallback", "RowsCallback", "OutcomesCallback", "LabelsCallback", "WeightPusher", "WeightReader"]
 
 
@@ -141,6 +143,33 @@ class RolloutCommands(Protocol):
 
     def status(self, model: str | None = None) -> list[dict[str, Any]]:
         """The latest rollout of ``model`` (or of every model) with its last evaluation and plan."""
+        ...
+
+    async def approve(self, model: str, stage: int | None, actor: str, authenticated: bool,
+                      note: str = "") -> dict[str, Any]:
+        """Approve leaving ``stage`` (1-based; None: the current one) of the active rollout of ``model``."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckAnswer:
+    """The answer to one call of a rollout step's external check (``steps[].checks``): the HTTP status and
+    the start of the body, or no status with ``timed_out`` (no answer within the check's timeout) or an
+    ``error`` (unreachable, not HTTP)."""
+
+    status: int | None
+    body: bytes = b""
+    elapsed_ms: float = 0.0
+    error: str | None = None
+    timed_out: bool = False
+
+
+@runtime_checkable
+class CheckCaller(Protocol):
+    """Calls a step's external check over HTTP. Never raises: a failure is in the answer."""
+
+    async def call(self, method: str, url: str, *, body: bytes | None, timeout_s: float) -> CheckAnswer:
+        """One request; gives up after ``timeout_s`` seconds (``timed_out``)."""
         ...
 
 

@@ -230,7 +230,7 @@ rollout:
         ("r.yaml:5:24: rollout.analysis_interval_s: must be at least 1"),
         ("r.yaml:7:7: rollout.steps[0].weight_percent: is required"),
         ("r.yaml:7:24: rollout.steps[0].weigth_percent: unknown field (did you mean 'weight_percent'? known: "
-         "min_canary_samples, min_duration, weight_percent)"),
+         "approval, checks, min_canary_samples, min_duration, weight_percent)"),
         ("r.yaml:8:24: rollout.steps[1].weight_percent: resolution is 0.01 %, got 5.005"),
         ("r.yaml:8:45: rollout.steps[1].min_duration: must not be negative"),
         ("r.yaml:9:42: rollout.steps[2].min_duration: must be a duration such as 90s"),

@@ -3,6 +3,8 @@
 * ``POST /v1/rollouts/start`` — body ``{"spec": <YAML text>, "source": <file name>}``
 * ``GET  /v1/rollouts[?model=M]`` — status of the latest rollout of each model (or of ``M``)
 * ``POST /v1/rollouts/<model>/<action>`` — ``pause`` | ``resume`` | ``abort`` | ``promote``
+* ``POST /v1/rollouts/<model>/approve`` — body ``{"stage": N, "note": …}`` (both optional): approve leaving
+  stage N (default: the current one) of a step with ``approval: {required: true}``
 
 Handlers run on the HTTP server's worker threads and hand the work to the controller's event loop
 (:class:`~lockgate.controller.ports.RolloutCommands`), waiting at most :data:`CALL_TIMEOUT_S`. Every
@@ -33,7 +35,11 @@ START_SCHEMA = {"type": "object", "required": ["spec"],
                                           "description": "its file name, for messages and the log"},
                                "actor": _ACTOR}}
 #: JSON Schema of ``POST /v1/rollouts/{model}/{action}`` (an empty body is allowed)
-ACTION_SCHEMA = {"type": "object", "properties": {"actor": _ACTOR}}
+ACTION_SCHEMA = {"type": "object", "properties": {
+    "actor": _ACTOR,
+    "stage": {"type": "integer", "minimum": 1,
+              "description": "approve only: the stage (1-based) whose end is approved; default the current one"},
+    "note": {"type": "string", "maxLength": 500, "description": "approve only: a note kept in the log"}}}
 
 __all__ = ["ACTION_SCHEMA", "CALL_TIMEOUT_S", "START_SCHEMA", "register_routes"]
 
@@ -110,10 +116,26 @@ def register_routes(http, commands: RolloutCommands, loop: asyncio.AbstractEvent
         parts = path.strip("/").split("/")  # v1/rollouts/<model>/<action>
         if len(parts) != 4:
             return 404, {"error": f"no such endpoint {path}"}
+        if parts[3] == "approve":
+            return approve(parts[2], body, client)
         if parts[3] not in ACTIONS:
-            raise RolloutError(f"unknown action {parts[3][:50]!r} (one of: {', '.join(ACTIONS)})", 400)
+            raise RolloutError(f"unknown action {parts[3][:50]!r} (one of: {', '.join(ACTIONS)}, approve)", 400)
         req = _json_object(body, '{"actor": …} (or an empty body)')
         return 200, call(commands.action(parts[2], parts[3], _actor(req, client)))
+
+    def approve(model, body, client):
+        """The approver is the authenticated client when the API requires tokens (never a name the caller
+        writes); without auth, the name the caller gives, recorded as unauthenticated."""
+        req = _json_object(body, '{"stage": N, "note": …, "actor": …} (or an empty body)')
+        stage = req.get("stage")
+        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage < 1):
+            raise RolloutError(f"stage: must be a stage number (1 = the first), got {type_name(stage)}", 400)
+        note = req.get("note", "")
+        if not isinstance(note, str) or len(note) > 500:
+            raise RolloutError(f"note: must be a string of at most 500 characters, got {type_name(note)}", 400)
+        if model not in models:
+            return 404, {"error": f"unknown model {model[:100]!r}"}
+        return 200, call(commands.approve(model, stage, _actor(req, client), client is not None, note))
 
     errors = {400: "malformed, naming what is wrong", 409: "conflict: another rollout of the model is active, "
               "or the rollout's status moved on", 504: "the controller did not answer in time"}
@@ -125,6 +147,6 @@ def register_routes(http, commands: RolloutCommands, loop: asyncio.AbstractEvent
         "status of the latest rollout of each model (lockgate rollout status)",
         query={"model": "only this model"}, responses={200: "the rollouts", 404: "unknown model"}))
     http.add_route("POST", "/v1/rollouts", guard(act), RouteDoc(
-        "pause, resume, abort or promote a model's active rollout",
+        "pause, resume, abort, promote or approve (a stage of) a model's active rollout",
         paths=("/v1/rollouts/{model}/{action}",), request_schema=ACTION_SCHEMA,
         responses={200: "done: the rollout after the action", 404: "no such endpoint or model", **errors}))

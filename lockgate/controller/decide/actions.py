@@ -17,6 +17,7 @@ import time
 from lockgate.config import ConfigError, LockgateConfig
 from lockgate.controller.decide import analysis
 from lockgate.controller.decide.evidence import stable_history, start_plan, status_plan
+from lockgate.controller.decide.gatekeeper import approvals_of
 from lockgate.controller.decide.promoter import LEASE_TTL_S, Promoter, RolloutError, load_spec_of, rollout_json
 from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import render_warning, spec_from_text
@@ -127,6 +128,50 @@ class RolloutActions:
             raise RolloutError(f"unknown action {action!r}", 400)
         return {"rollout": rollout_json(r)}
 
+    async def approve(self, model: str, stage: int | None, actor: str, authenticated: bool,
+                      note: str = "") -> dict:
+        """Approve leaving ``stage`` (1-based; None: the current stage) of ``model``'s active rollout, as
+        ``actor`` (the authenticated client's name, or what an unauthenticated caller said: ``authenticated``
+        tells which). Recorded in the deployment log (``approved``); the promotion loop advances on its next
+        look if the stage's other conditions and checks hold — an approval never overrides a gate.
+        A later stage may be approved in advance; an earlier one, or one that needs no approval, may not."""
+        active = self.rollouts.active(model)
+        if not active:
+            raise RolloutError(f"model {model!r} has no active rollout", 404)
+        async with self.promoter.lock(active[0].id):
+            rollout = self.rollouts.get(active[0].id) or active[0]
+            if rollout.status not in ("pending", "running", "paused"):
+                raise RolloutConflict(f"rollout #{rollout.id} is {rollout.status}: nothing to approve")
+            spec = load_spec_of(rollout, self.config)
+            n = len(spec.steps)
+            needing = [i + 1 for i, s in enumerate(spec.steps) if s.approval]
+            k = rollout.stage if stage is None else stage - 1
+            if not 0 <= k < n:
+                raise RolloutError(f"stage {stage}: rollout #{rollout.id} has stages 1 to {n}", 400)
+            if not spec.steps[k].approval:
+                which = (f"stages that need one: {', '.join(map(str, needing))}" if needing
+                         else "no stage of its spec needs one")
+                raise RolloutConflict(f"rollout #{rollout.id}: {stage_label(spec, k)} needs no approval ({which})")
+            if k < rollout.stage:
+                raise RolloutConflict(f"rollout #{rollout.id} is past {stage_label(spec, k)} already (at "
+                                      f"{stage_label(spec, rollout.stage)})")
+            label = stage_label(spec, k)
+            prior = approvals_of(self.rollouts.events(rollout.id)).get(k)
+            if prior is not None:
+                return {"rollout": rollout_json(rollout), "stage": k + 1, "label": label, "already": True,
+                        "approved_by": prior.actor, "approved_at": prior.at, "authenticated": prior.authenticated}
+            who = actor if authenticated else f"{actor} (unauthenticated)"
+            leaving = "the promotion to 100%" if k == n - 1 else f"the move to {spec.steps[k + 1].weight_bp / 100:g}%"
+            detail = {"reasons": [f"{label} approved by {who}: {leaving} may go ahead once the stage's other "
+                                  "conditions hold"], "approved_stage": k + 1, "authenticated": authenticated}
+            if note:
+                detail["note"] = note
+            self.rollouts.event(rollout.id, "approved", actor, detail, stage=k)
+        log.info("rollout #%d %s: %s approved by %s", rollout.id, model, label, who)
+        self.promoter.notify({model})  # the next look may advance at once
+        return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "stage": k + 1, "label": label,
+                "already": False, "approved_by": actor, "approved_at": time.time(), "authenticated": authenticated}
+
     def status(self, model: str | None = None) -> list[dict]:
         """The latest rollout of ``model`` (or of every configured model): record, last evaluation, stage,
         weight (basis points), plan and last outcome, as JSON."""
@@ -148,9 +193,11 @@ class RolloutActions:
                 d["weight_bp"] = _STATUS_WEIGHT_BP.get(r.status,
                                                        spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
             d["plan"] = status_plan(spec, r, time.time()) if spec is not None else None
-            outcome = [e for e in self.rollouts.events(r.id)
-                       if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
+            events = self.rollouts.events(r.id)
+            outcome = [e for e in events if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
             d["outcome"] = outcome[-1] if outcome else None
+            d["approvals"] = [{"stage": k + 1, "approved_by": a.actor, "approved_at": a.at,
+                               "authenticated": a.authenticated} for k, a in sorted(approvals_of(events).items())]
             out.append(d)
         return out
 

@@ -29,13 +29,15 @@ import grpc
 
 from lockgate.config import LockgateConfig
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
+from lockgate.controller.decide.gatekeeper import GateKeeper
+from lockgate.controller.decide.gates import gates_json
 from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, holds_lease, keep_leases
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
 from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
-from lockgate.controller.ports import EventSink, ObservationSource, OutcomeEvent, WeightPusher
+from lockgate.controller.ports import CheckCaller, EventSink, ObservationSource, OutcomeEvent, WeightPusher
 from lockgate.proto.v1 import control_pb2
 
 log = logging.getLogger("lockgate.controller.decide.promoter")
@@ -69,8 +71,11 @@ class Promoter:
 
     def __init__(self, config: LockgateConfig, rollouts: RolloutStore, weights: WeightPusher,
                  observations: ObservationSource, sinks: Sequence[EventSink] = (),
-                 evidence: LiveEvidence | None = None, series: RolloutSeries | None = None):
+                 evidence: LiveEvidence | None = None, series: RolloutSeries | None = None,
+                 checks: CheckCaller | None = None):
         self.config = config
+        #: the steps' approvals and external checks (``checks`` calls them; None: every check holds)
+        self.gatekeeper = GateKeeper(rollouts, checks, self.notify)
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
         self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
@@ -123,9 +128,14 @@ class Promoter:
             loop = asyncio.get_running_loop()
             judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
             detected_at = time.time()
+            gates = self.gatekeeper.inputs(rollout, spec)
             decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
-                                               rollout.stage_started_at), judgement, now, in_stage)
+                                               rollout.stage_started_at), judgement, now, in_stage, gates)
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
+            if decision.action != "rollback":
+                gates = self.gatekeeper.after(rollout, spec, decision, gates, now)
+            if (gates_now := gates_json(spec, rollout.stage, gates)) is not None:
+                summary["gates"] = gates_now
             if self.series is not None:
                 self.series.looked(rollout, spec, decision, summary, now)
             if decision.action == "rollback":

@@ -14,14 +14,21 @@ Envoy (see ``rollouts.ACTIVE_STATUSES``, the one list of the statuses that still
 4. not the last stage → ``advance`` to the next stage's weight (no harm is enough to ramp);
 5. last stage → ``promote`` to 100 % when every gating metric shows non-inferiority (or, with
    ``require_non_inferiority: false``, when none shows harm);
-6. the rollout's ``max_duration`` used up without 5 → ``inconclusive`` (held at its weight for a
+6. 4 and 5 only when the step's gates are open (:mod:`.gates`: its approval given, each external
+   check's latest answer a fresh pass); otherwise ``hold`` saying what is missing, with the checks
+   to call now in ``due_checks`` (gates never override 1: harm rolls back while waiting);
+7. the rollout's ``max_duration`` used up without 4/5 → ``inconclusive`` (held at its weight for a
    human; never promoted silently); otherwise ``hold`` collecting evidence.
+
+``gates=None`` leaves the steps' gates out (offline replay, which has no approvals or checks to
+replay); the promotion loop always passes a :class:`~.gates.GateInputs`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lockgate.controller.decide.gates import GateInputs, GateVerdict, open_gates
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.stats import Judgement
 from lockgate.routing import TOTAL_WEIGHT_BP
@@ -41,6 +48,8 @@ class StageDecision:
     stage: int           #: stage index after the decision (len(steps) after promotion)
     weight_bp: int       #: canary weight after the decision
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    due_checks: tuple[str, ...] = ()  #: external checks of the step to call now (see :mod:`.gates`)
+    awaiting_approval: bool = False   #: the step's own conditions are met; its approval is missing
 
     @property
     def moves_weight(self) -> bool:
@@ -54,7 +63,7 @@ def stage_label(spec: RolloutSpec, stage: int) -> str:
 
 
 def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: float,
-           canary_samples_in_stage: int) -> StageDecision:
+           canary_samples_in_stage: int, gates: GateInputs | None = None) -> StageDecision:
     if state.status not in ("running", "paused"):
         raise ValueError(f"decide() needs a running or paused rollout, not {state.status}")
     step = spec.steps[state.stage]
@@ -72,22 +81,31 @@ def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: floa
         waiting.append(f"minimum canary samples: {canary_samples_in_stage} of {step.min_canary_samples}")
     overdue = now - state.started_at >= spec.promotion.max_duration_s
     last = state.stage == len(spec.steps) - 1
+    gate = GateVerdict(open=True)
     if not waiting:
-        if not last:
+        promotable = judgement.decision == "promote" or (not spec.promotion.require_non_inferiority and
+                                                         judgement.decision == "continue")
+        if gates is not None and step.gated and (not last or promotable):
+            gate = open_gates(step, stage_label(spec, state.stage), spec.model, gates, now)
+        if not gate.open:
+            waiting.extend(gate.waiting)
+        elif not last:
             nxt = spec.steps[state.stage + 1]
             return StageDecision("advance", state.stage + 1, nxt.weight_bp,
                                  (f"{stage_label(spec, state.stage)} done, no gating metric shows harm; "
-                                  f"advancing to {nxt.weight_bp / 100:g}%",))
-        if judgement.decision == "promote" or (not spec.promotion.require_non_inferiority and
-                                               judgement.decision == "continue"):
+                                  f"advancing to {nxt.weight_bp / 100:g}%",) + gate.passed)
+        elif promotable:
             why = ("every gating metric shown within its allowed change" if judgement.decision == "promote"
                    else "no gating metric shows harm (non-inferiority not required by the spec)")
-            return StageDecision("promote", len(spec.steps), TOTAL_WEIGHT_BP, (f"promoting to 100%: {why}",))
-        waiting.append("promotion needs every gating metric shown within its allowed change: "
-                       + "; ".join(v.metric for v in judgement.verdicts if v.gating and v.verdict != "pass")
-                       + " not yet")
+            return StageDecision("promote", len(spec.steps), TOTAL_WEIGHT_BP,
+                                 (f"promoting to 100%: {why}",) + gate.passed)
+        else:
+            waiting.append("promotion needs every gating metric shown within its allowed change: "
+                           + "; ".join(v.metric for v in judgement.verdicts if v.gating and v.verdict != "pass")
+                           + " not yet")
     if overdue:
         return StageDecision("inconclusive", state.stage, current_bp,
                              (f"max duration {spec.promotion.max_duration_s:.0f} s reached without evidence for "
                               f"promotion; holding at {current_bp / 100:g}% for a human",) + tuple(waiting))
-    return StageDecision("hold", state.stage, current_bp, tuple(waiting) or ("collecting evidence",))
+    return StageDecision("hold", state.stage, current_bp, tuple(waiting) or ("collecting evidence",),
+                         due_checks=gate.due, awaiting_approval=gate.awaiting_approval)

@@ -88,7 +88,11 @@ BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
 # --------------------------------------------------------------------------- field names (shared with the schema)
 
 ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics")
-STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples")
+STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples", "approval", "checks")
+APPROVAL_KEYS = ("required",)
+CHECK_KEYS = ("name", "url", "method", "timeout_s", "interval_s", "expect")
+EXPECT_KEYS = ("status", "field", "equals")
+CHECK_METHODS = ("GET", "POST")
 PROMOTION_KEYS = ("require_non_inferiority", "max_duration", "preflight")
 METRIC_KEYS = ("name", "class", "gating", "harmful", "allowed", "alpha", "family")
 ALLOWED_MODES = ("absolute", "relative", "exceedance_ratio")
@@ -108,6 +112,15 @@ MAX_ANALYSIS_INTERVAL_S = 3600.0
 MAX_ALPHA = 0.2
 MAX_RELATIVE = 10.0
 MAX_EXCEEDANCE_RATIO = 10.0
+#: external checks of a step (``steps[].checks``): seconds the controller waits for an answer, and between calls
+DEFAULT_CHECK_TIMEOUT_S = 5.0
+MAX_CHECK_TIMEOUT_S = 60.0
+DEFAULT_CHECK_INTERVAL_S = 30.0
+MIN_CHECK_INTERVAL_S = 1.0
+MAX_CHECK_INTERVAL_S = 3600.0
+MAX_CHECKS_PER_STEP = 10
+#: the HTTP status a check must answer when ``expect.status`` is left out
+DEFAULT_CHECK_STATUS = 200
 #: Built-in metrics that take ``allowed: {exceedance_ratio: R}`` (the quantile metrics).
 QUANTILE_METRICS = tuple(n for n, d in BUILTIN_METRICS.items() if d.kind == "quantile")
 

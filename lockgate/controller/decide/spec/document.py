@@ -22,16 +22,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lockgate.controller.decide.spec.catalogue import (
     BUILTIN_METRICS,
+    CHECK_METHODS,
     DEFAULT_ALPHA,
     DEFAULT_ANALYSIS_INTERVAL_S,
+    DEFAULT_CHECK_INTERVAL_S,
+    DEFAULT_CHECK_STATUS,
+    DEFAULT_CHECK_TIMEOUT_S,
     DEFAULT_MAX_DURATION_S,
     DEFAULT_PREFLIGHT,
     DEFAULT_STEP_MIN_CANARY_SAMPLES,
     DEFAULT_STEP_MIN_DURATION_S,
     MAX_ALPHA,
     MAX_ANALYSIS_INTERVAL_S,
+    MAX_CHECK_INTERVAL_S,
+    MAX_CHECK_TIMEOUT_S,
+    MAX_CHECKS_PER_STEP,
     MAX_EXCEEDANCE_RATIO,
     MAX_RELATIVE,
+    MIN_CHECK_INTERVAL_S,
     NAME_RE,
     QUANTILE_METRICS,
 )
@@ -123,6 +131,40 @@ class MetricDocument(_Level):
                                            "share one metric's share of alpha, split evenly among them.")
 
 
+class ApprovalDocument(_Level):
+    """Leaving the step waits for ``lockgate rollout approve MODEL`` (who approved is logged)."""
+
+    required: bool = Field(description="true: the next stage (or, after the last step, the promotion) also needs "
+                                       "an approval; the metric gates still apply.")
+
+
+class ExpectDocument(_Level):
+    """The answer a check must give to pass."""
+
+    status: Union[Annotated[int, Field(ge=100, le=599)], list[Annotated[int, Field(ge=100, le=599)]]] = Field(
+        DEFAULT_CHECK_STATUS, description="The HTTP status (or statuses) that pass.")
+    field: str = Field(None, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",  # type: ignore[assignment]
+                       description="A field of the JSON answer (dotted for nested ones: result.status) that must "
+                                   "equal `equals`.")
+    equals: Union[str, float, bool] = Field(None, description="The value `field` must have "  # type: ignore[assignment]
+                                                              "(with field only).")
+
+
+class CheckDocument(_Level):
+    """An external gate: an HTTP endpoint that must answer pass before the rollout leaves the step."""
+
+    name: Name = Field(description="Unique within the step; shown in status, the log and the report.")
+    url: str = Field(pattern=r"^https?://\S+$", max_length=2000, description="http(s) URL the controller calls.")
+    method: Literal[tuple(CHECK_METHODS)] = Field("GET", description="POST sends the rollout as JSON "  # type: ignore[valid-type]
+                                                                    "(model, canary, stage, weight).")
+    timeout_s: float = Field(DEFAULT_CHECK_TIMEOUT_S, gt=0, le=MAX_CHECK_TIMEOUT_S,
+                             description="Seconds to wait for the answer; no answer in time holds the rollout.")
+    interval_s: float = Field(DEFAULT_CHECK_INTERVAL_S, ge=MIN_CHECK_INTERVAL_S, le=MAX_CHECK_INTERVAL_S,
+                              description="Seconds between calls while the step waits for it (a pass older than "
+                                          "this is called again).")
+    expect: ExpectDocument = Field(None)  # type: ignore[assignment]
+
+
 class StepDocument(_Level):
     """One item of rollout.steps: a stage of the ramp."""
 
@@ -134,6 +176,10 @@ class StepDocument(_Level):
                                    description="Least time at this stage. " + _DURATION_TEXT)
     min_canary_samples: int = Field(DEFAULT_STEP_MIN_CANARY_SAMPLES, ge=0,
                                     description="Least canary observations at this stage.")
+    approval: ApprovalDocument = Field(None)  # type: ignore[assignment]
+    checks: list[CheckDocument] = Field(None, max_length=MAX_CHECKS_PER_STEP,  # type: ignore[assignment]
+                                        description="External checks that must answer pass before the rollout "
+                                                    "leaves this step.")
 
 
 class PromotionDocument(_Level):
@@ -173,5 +219,5 @@ class SpecDocument(_Level):
     rollout: RolloutDocument
 
 
-__all__ = ["DURATION_PATTERN", "MetricDocument", "PromotionDocument", "RolloutDocument", "SpecDocument",
+__all__ = ["ApprovalDocument", "CheckDocument", "DURATION_PATTERN", "ExpectDocument", "MetricDocument", "PromotionDocument", "RolloutDocument", "SpecDocument",
            "StepDocument"]

@@ -29,22 +29,70 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
+class GateCheck:
+    """An external gate of a step (``steps[].checks[]``): an HTTP endpoint the controller calls before the
+    rollout may leave the step; it passes only on the expected answer (``expect_status`` and, when
+    ``expect_field`` is set, that dotted field of the JSON body equal to ``expect_equals``). A failing,
+    slow (``timeout_s``) or unreachable check holds the rollout; it is called again every ``interval_s``."""
+
+    name: str
+    url: str
+    method: str = "GET"
+    timeout_s: float = 5.0
+    interval_s: float = 30.0
+    expect_status: tuple[int, ...] = (200,)
+    expect_field: str | None = None
+    expect_equals: Any = None
+
+    def describe_expect(self) -> str:
+        """``HTTP 200 and verdict == 'pass'``."""
+        status = " or ".join(str(s) for s in self.expect_status)
+        if self.expect_field is None:
+            return f"HTTP {status}"
+        return f"HTTP {status} and {self.expect_field} == {json.dumps(self.expect_equals)}"
+
+    def canonical(self) -> dict:
+        out = {"name": self.name, "url": self.url, "method": self.method, "timeout_s": self.timeout_s,
+               "interval_s": self.interval_s, "expect_status": list(self.expect_status)}
+        if self.expect_field is not None:
+            out["expect_field"] = self.expect_field
+            out["expect_equals"] = self.expect_equals
+        return out
+
+
+@dataclass(frozen=True)
 class Step:
     """One stage of the ramp: hold ``weight_bp`` (basis points, 100 = 1 %) of the model's traffic on
     the canary for at least ``min_duration_s`` seconds and ``min_canary_samples`` canary observations
-    before the next stage may start (a gating metric shown worse than its allowance rolls back instead)."""
+    before the next stage may start (a gating metric shown worse than its allowance rolls back instead).
+
+    ``approval``: leaving the step (the next stage, or the promotion after the last one) also waits for
+    ``lockgate rollout approve``; ``checks``: and for every external check to answer pass."""
 
     weight_bp: int
     min_duration_s: float
     min_canary_samples: int
+    approval: bool = False
+    checks: tuple[GateCheck, ...] = ()
 
     @property
     def weight_percent(self) -> float:
         return self.weight_bp / 100
 
+    @property
+    def gated(self) -> bool:
+        """Leaving this step waits for an approval or external checks."""
+        return self.approval or bool(self.checks)
+
     def canonical(self) -> dict:
-        return {"weight_bp": self.weight_bp, "min_duration_s": self.min_duration_s,
-                "min_canary_samples": self.min_canary_samples}
+        out = {"weight_bp": self.weight_bp, "min_duration_s": self.min_duration_s,
+               "min_canary_samples": self.min_canary_samples}
+        # only when set, so that specs written before these fields existed keep their hash
+        if self.approval:
+            out["approval"] = True
+        if self.checks:
+            out["checks"] = [c.canonical() for c in self.checks]
+        return out
 
 
 DEFAULT_STEPS: tuple[Step, ...] = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,10 @@ from typing import TYPE_CHECKING, Any
 from lockgate.controller.decide.spec.catalogue import (
     ALLOWED_MODES,
     BUILTIN_METRICS,
+    CHECK_METHODS,
+    DEFAULT_CHECK_INTERVAL_S,
+    DEFAULT_CHECK_STATUS,
+    DEFAULT_CHECK_TIMEOUT_S,
     DEFAULT_ALPHA,
     DEFAULT_ANALYSIS_INTERVAL_S,
     DEFAULT_STEP_MIN_CANARY_SAMPLES,
@@ -29,9 +34,13 @@ from lockgate.controller.decide.spec.catalogue import (
     HARMFUL,
     MAX_ALPHA,
     MAX_ANALYSIS_INTERVAL_S,
+    MAX_CHECK_INTERVAL_S,
+    MAX_CHECK_TIMEOUT_S,
+    MAX_CHECKS_PER_STEP,
     MAX_DURATION_S,
     MAX_EXCEEDANCE_RATIO,
     MAX_RELATIVE,
+    MIN_CHECK_INTERVAL_S,
     NAME_RE,
     PREFLIGHTS,
     QUANTILE_METRICS,
@@ -39,6 +48,7 @@ from lockgate.controller.decide.spec.catalogue import (
 )
 from lockgate.controller.decide.spec.model import (
     DEFAULT_STEPS,
+    GateCheck,
     MetricCriterion,
     PromotionPolicy,
     RolloutSpec,
@@ -232,6 +242,7 @@ def _steps(f: Fields, errors: ErrorCollector) -> tuple[Step, ...]:
         has_n = "min_canary_samples" in sf.data
         dur = _duration(sf, "min_duration", DEFAULT_STEP_MIN_DURATION_S)
         n = sf.int("min_canary_samples", DEFAULT_STEP_MIN_CANARY_SAMPLES, min=0, max=10**12)
+        approval, checks = _step_gates(sf, errors)
         _finish(sf)
         if bp is None:
             continue
@@ -245,9 +256,111 @@ def _steps(f: Fields, errors: ErrorCollector) -> tuple[Step, ...]:
                 errors.add(path, "the 100 % step is the promotion: there is no baseline left to compare with, "
                                  "so it takes no min_duration/min_canary_samples (gate promotion with the step "
                                  "before it and the promotion section)")
+            if sf.data.get("approval") is not None or sf.data.get("checks"):
+                errors.add(path, "the 100 % step is the promotion: put approval/checks on the step before it "
+                                 "(leaving the last step below 100 % is the promotion)")
             continue
-        out.append(Step(bp, dur, n if n is not None else DEFAULT_STEP_MIN_CANARY_SAMPLES))
+        out.append(Step(bp, dur, n if n is not None else DEFAULT_STEP_MIN_CANARY_SAMPLES, approval, checks))
     return tuple(out)
+
+
+_FIELD_PATH_RE = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+
+
+def _step_gates(sf: Fields, errors: ErrorCollector) -> tuple[bool, tuple[GateCheck, ...]]:
+    """A step's ``approval: {required: true}`` and ``checks: [...]`` (the gates of leaving it)."""
+    raw = sf.raw("approval")
+    approval = False
+    if isinstance(raw, bool):
+        errors.add(sf.path + ("approval",), f"must be a mapping: write approval: {{required: {str(raw).lower()}}}")
+    elif raw is not None:
+        af = Fields(raw, sf.path + ("approval",), errors)
+        _null_required(af, "required")
+        req = af.raw("required", required=True)
+        if req is not None and not isinstance(req, bool):
+            errors.add(af.path + ("required",), f"must be true or false, got {type_name(req)}")
+        approval = req is True
+        _finish(af)
+    items = list(sf.list("checks"))
+    if len(items) > MAX_CHECKS_PER_STEP:
+        errors.add(sf.path + ("checks",), f"at most {MAX_CHECKS_PER_STEP} checks per step, got {len(items)}")
+    checks: list[GateCheck] = []
+    seen: dict[str, int] = {}
+    for path, item in items:
+        c = _check(item, path, errors)
+        if c is None:
+            continue
+        if c.name in seen:
+            errors.add(path + ("name",), f"duplicate check name {c.name!r} (also checks[{seen[c.name]}])")
+            continue
+        seen[c.name] = path[-1]  # type: ignore[assignment]
+        checks.append(c)
+    return approval, tuple(checks)
+
+
+def _check_url(f: Fields) -> str | None:
+    _null_required(f, "url")
+    url = f.str("url", required=True)
+    if url is None:
+        return None
+    path = f.path + ("url",)
+    if len(url) > 2000 or any(ch.isspace() for ch in url):
+        f.errors.add(path, "must be one http(s) URL of at most 2000 characters, without spaces")
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        f.errors.add(path, f"not a valid URL: {exc}")
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        f.errors.add(path, f"must be an http:// or https:// URL with a host, got {url[:100]!r}")
+        return None
+    return url
+
+
+def _check(item: Any, path: tuple[PathPart, ...], errors: ErrorCollector) -> GateCheck | None:
+    """One ``steps[].checks[]`` item."""
+    f = Fields(item, path, errors)
+    name = _name(f, "name", "check name")
+    url = _check_url(f)
+    method = _choice(f, "method", CHECK_METHODS, "GET") or "GET"
+    timeout = _number(f, "timeout_s", DEFAULT_CHECK_TIMEOUT_S, lo=0.0, hi=MAX_CHECK_TIMEOUT_S, lo_open=True,
+                      what=" seconds (how long the controller waits for the answer)")
+    interval = _number(f, "interval_s", DEFAULT_CHECK_INTERVAL_S, lo=MIN_CHECK_INTERVAL_S, hi=MAX_CHECK_INTERVAL_S,
+                       what=" seconds (how often the check is called while the step waits for it)")
+    ef = f.sub("expect")
+    status: tuple[int, ...] = (DEFAULT_CHECK_STATUS,)
+    raw_status = ef.raw("status")
+    if raw_status is not None:
+        values = raw_status if isinstance(raw_status, list) else [raw_status]
+        good = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599]
+        if not values or len(good) != len(values):
+            errors.add(ef.path + ("status",), f"must be an HTTP status (100-599) or a list of them, got "
+                                              f"{raw_status!r}"[:200])
+        else:
+            status = tuple(good)
+    field = ef.raw("field")
+    if field is not None and not (isinstance(field, str) and _FIELD_PATH_RE.match(field)):
+        got = repr(field) if isinstance(field, str) else type_name(field)
+        errors.add(ef.path + ("field",), f"must be a field of the JSON answer, dotted for nested ones (verdict, "
+                                         f"result.status, checks.0.ok), got {got}")
+        field = None
+    equals = ef.raw("equals")
+    if "field" in ef.data and "equals" not in ef.data:
+        errors.add(ef.path, "field needs equals: the value the answer's field must have to pass (e.g. equals: pass)")
+    elif "equals" in ef.data and "field" not in ef.data:
+        errors.add(ef.path + ("equals",), "equals needs field: the JSON field of the answer it is compared with")
+    elif "equals" in ef.data and (equals is None or isinstance(equals, (dict, list))):
+        errors.add(ef.path + ("equals",), f"must be a string, number or true/false, got {type_name(equals)}")
+    _finish(ef)
+    _finish(f)
+    if not name or url is None or timeout is None or interval is None:
+        return None
+    if field is not None and (equals is None or isinstance(equals, (dict, list))):
+        return None
+    return GateCheck(name=name, url=url, method=method, timeout_s=timeout, interval_s=interval,
+                     expect_status=status, expect_field=field, expect_equals=equals if field is not None else None)
 
 
 def _promotion(f: Fields) -> PromotionPolicy:

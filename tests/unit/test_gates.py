@@ -373,8 +373,8 @@ def test_gatekeeper_calls_due_checks_in_the_background_and_logs_changes(tmp_path
         .replace("https://cal.internal/window", f"http://127.0.0.1:{server.port}/ok")
     spec = spec_from_text(text)
     store = RolloutStore(tmp_path / "rollouts.db")
-    woken = []
-    keeper = GateKeeper(store, HttpCheckCaller(), woken.append)
+    woken, emitted = [], []
+    keeper = GateKeeper(store, HttpCheckCaller(), woken.append, lambda *a: emitted.append(a))
 
     async def main():
         r = store.create(model="chat", canary="v2", baseline="v1", spec_text=text, spec_source="x",
@@ -408,6 +408,15 @@ def test_gatekeeper_calls_due_checks_in_the_background_and_logs_changes(tmp_path
     events = store.events(rid)
     store.close()
     assert woken == [{"chat"}, {"chat"}]
+    # the first wait for an approval is an outcome event (an alert), once
+    assert [(k, r) for k, r, _ in emitted] == [("awaiting_approval", rid)]
+    from lockgate.controller.tell.alerts.message import alert_from_event
+
+    alert = alert_from_event({"kind": "awaiting_approval", "detail": emitted[0][2], "ts": 1.0,
+                              "rollout": {"id": rid, "model": "chat", "canary": "v2", "baseline": "v1"}}, 2000)
+    assert alert.title == (f"chat: rollout #{rid} of v2 waits for an approval at 20% of traffic: "
+                           "lockgate rollout approve chat") and alert.severity == "warning"
+    assert alert.lines == ["Reason: stage 1/3 (1%) is done and waits for an approval (lockgate rollout approve chat)"]
     logged = [(e["kind"], e["detail"].get("name"), e["detail"].get("state")) for e in events
               if e["kind"] in ("check", "awaiting_approval")]
     assert sorted(logged, key=str) == sorted([("check", "loadtest", "fail"), ("check", "window", "pass"),

@@ -9,6 +9,8 @@ to the log once per stage and starts the checks the decision says are due, each 
 (a check that takes its whole timeout never delays a look, so harm still rolls back while it runs).
 A check's answer is judged (:func:`.gates.judge_answer`), written to the log when its state changes
 (``check`` events: pass, fail, timeout, unreachable, with the start of the answer) and wakes the loop.
+The first wait for an approval is also an outcome event (``awaiting_approval``: an alert to the sinks
+subscribed to it, by default all).
 Results live in memory: a restarted controller calls the checks again; approvals are in the log.
 """
 
@@ -45,10 +47,13 @@ class GateKeeper:
     """Approvals and external checks of the rollouts' current steps (see the module docstring).
     ``wake(models)`` is called when a check's answer arrives (the promoter's ``notify``)."""
 
-    def __init__(self, rollouts: RolloutStore, caller: CheckCaller | None, wake: Callable[[set[str]], None]):
+    def __init__(self, rollouts: RolloutStore, caller: CheckCaller | None, wake: Callable[[set[str]], None],
+                 emit: Callable[[str, int, dict], None] | None = None):
         self.rollouts = rollouts
         self.caller = caller
         self.wake = wake
+        #: the promoter's outcome events (alerts): ``awaiting_approval`` tells the approvers
+        self.emit = emit
         self._results: dict[tuple[int, int, str], CheckResult] = {}
         self._running: dict[tuple[int, int, str], asyncio.Task] = {}
         self._awaiting: dict[tuple[int, int], float] = {}
@@ -81,8 +86,11 @@ class GateKeeper:
         if decision.awaiting_approval and (rollout.id, stage) not in self._awaiting:
             self._awaiting[(rollout.id, stage)] = now
             label = stage_label(spec, stage)
-            self._event(rollout, "awaiting_approval", stage, {
-                "reasons": [f"{label} is done and waits for an approval (lockgate rollout approve {rollout.model})"]})
+            detail = {"reasons": [f"{label} is done and waits for an approval (lockgate rollout approve "
+                                  f"{rollout.model})"]}
+            self._event(rollout, "awaiting_approval", stage, detail)
+            if self.emit is not None:
+                self.emit("awaiting_approval", rollout.id, detail)
         if decision.action == "hold" and stage < len(spec.steps):
             checks = {c.name: c for c in spec.steps[stage].checks}
             for name in decision.due_checks:

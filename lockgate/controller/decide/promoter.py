@@ -75,7 +75,7 @@ class Promoter:
                  checks: CheckCaller | None = None):
         self.config = config
         #: the steps' approvals and external checks (``checks`` calls them; None: every check holds)
-        self.gatekeeper = GateKeeper(rollouts, checks, self.notify)
+        self.gatekeeper = GateKeeper(rollouts, checks, self.notify, self.emit)
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
         self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)

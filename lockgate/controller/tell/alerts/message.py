@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from lockgate.controller.tell.verdicts import describe_beyond, describe_verdict, is_gating, ordered, rollback_line
 
 SEVERITY = {"rolled_back": "critical", "aborted": "warning", "inconclusive": "warning", "promoted": "info",
-            "advanced": "info", "started": "info"}
+            "advanced": "info", "started": "info", "awaiting_approval": "warning"}
 
 
 @dataclass
@@ -122,6 +122,9 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
                  + (", MANUAL — not by evidence)" if manual else ")"))
         if d.get("ack_ms") is not None:
             lines.append(f"Promotion push ACKed by every Envoy in {float(d['ack_ms']):.0f} ms")
+    elif kind == "awaiting_approval":
+        title = (f"{model}: rollout #{rid} of {canary} waits for an approval{share}: "
+                 f"lockgate rollout approve {model}")
     elif kind == "advanced":
         title = (f"{model}: canary {canary} advanced" + (f" to {weight_bp / 100:g}%" if weight_bp is not None else "")
                  + f" (rollout #{rid})")

@@ -109,7 +109,7 @@ def wait_for(fleet, what, pred, timeout):
         st = status(fleet)
         if pred(st):
             return st
-        if time.monotonic() > deadline or st["status"] not in ("pending", "running", "paused"):
+        if time.monotonic() > deadline or st["status"] not in ("pending", "running", "paused", "rolling_back"):
             raise AssertionError(f"{what}: not reached; last status:\n{json.dumps(st, indent=1)[:4000]}")
         time.sleep(0.3)
 
@@ -267,3 +267,31 @@ def test_with_auth_the_approver_is_the_token_client_not_the_name_given(tmp_path,
         v2.stop()
     approved = [e for e in events_of(tmp_path, st["id"]) if e["kind"] == "approved"]
     assert [(e["actor"], e["detail"]["authenticated"]) for e in approved] == [("release-manager", True)]
+
+
+def test_harm_rolls_back_while_waiting_for_an_approval(tmp_path):
+    """An approval never stands between harm and the rollback: the canary's server dies while its stage
+    waits for an approval (Envoy answers 503 for it), and the rollout is rolled back without one."""
+    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
+    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC.format(port=1).split("    - weight_percent: 30")[0]
+                    + "    - {weight_percent: 30, min_duration: 5m}\n"
+                    + "  promotion: {max_duration: 10m, preflight: none}\n"
+                    + "  metrics:\n    - {name: error_rate, allowed: {absolute: 0.15}}\n")
+    try:
+        with Fleet(tmp_path, chat_models(p1, p2), with_controller=True) as fleet, \
+                Traffic(fleet.ports["listener"], max_s=90):
+            assert fleet.cli("rollout", "start", str(spec)).returncode == 0
+            wait_for(fleet, "waiting for approval", lambda s: "waiting for approval" in reasons(s), 40)
+            v2.stop()  # every canary request now fails
+            st = wait_for(fleet, "rolled back", lambda s: s["status"] == "rolled_back", 60)
+            assert fleet.route_weights(0)["chat/key/0"][0] == ("chat.v2", 0)
+    finally:
+        v1.stop()
+        v2.stop()
+    events = events_of(tmp_path, st["id"])
+    kinds = [e["kind"] for e in events]
+    assert "approved" not in kinds and kinds.index("awaiting_approval") < kinds.index("rolled_back"), kinds
+    rb = next(e for e in events if e["kind"] == "rolled_back")
+    assert rb["actor"] == "controller" and "harm shown" in " ".join(rb["detail"]["reasons"])

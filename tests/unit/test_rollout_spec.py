@@ -251,7 +251,7 @@ rollout:
         ("r.yaml:23:37: rollout.metrics[6].allowed: must be {absolute: X}, {relative: X}"),
         ("r.yaml:25:7: rollout.metrics[8]: duplicate metric refusal_rate (also metrics[7])"),
         ("r.yaml:25:50: rollout.metrics[8].extra: unknown field (known: allowed, alpha, class, family, gating, "
-         "harmful, name)"),
+         "harmful, name, prometheus)"),
         ("r.yaml:26:7: rollout.metrics[9].allowed: is required"),
         ("r.yaml:27:35: rollout.metrics[10].class: must be a string (quote numeric class names"),
         ("r.yaml:27:58: rollout.metrics[10].allowed.absolute: must be a finite number"),
@@ -666,7 +666,7 @@ def test_schema_metric_enum_equals_builtins_and_fields_match_parser():
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     rollout = schema["properties"]["rollout"]
     metric = rollout["properties"]["metrics"]["items"]
-    assert metric["properties"]["name"]["enum"] == list(BUILTIN_METRICS)
+    assert metric["properties"]["name"]["anyOf"][0]["enum"] == list(BUILTIN_METRICS)  # or a prometheus metric's
     assert set(rollout["properties"]) == set(S.ROLLOUT_KEYS)
     assert set(rollout["properties"]["steps"]["items"]["properties"]) == set(S.STEP_KEYS)
     assert set(rollout["properties"]["promotion"]["properties"]) == set(S.PROMOTION_KEYS)

@@ -96,7 +96,8 @@ def _metric_rules(schema: dict[str, Any]) -> None:
     fractions = [n for n, d in BUILTIN_METRICS.items() if d.fraction]
     not_quantile = [n for n in names if n not in QUANTILE_METRICS]
     table = "; ".join(f"{n}: {d.kind}, harmful {d.harmful}" for n, d in BUILTIN_METRICS.items())
-    schema["properties"]["name"]["description"] = f"A built-in metric ({table})."
+    schema["properties"]["name"]["description"] = (f"A built-in metric ({table}), or a name of your own for a "
+                                                   "metric with a prometheus block.")
     schema["allOf"] = [
         {"if": {"properties": {"name": {"enum": per_class}}, "required": ["name"]},
          "then": {"required": ["class"], "properties": {"harmful": {"const": "decrease"}}},
@@ -108,12 +109,44 @@ def _metric_rules(schema: dict[str, Any]) -> None:
     ]
 
 
+class ArmQueryDocument(_Level):
+    """A PromQL query per arm (instead of one query with $version)."""
+
+    canary: str = Field(min_length=1, description="The canary's query ($canary or $version selects it).")
+    baseline: str = Field(min_length=1, description="The baseline's query ($baseline or $version selects it).")
+
+
+PromQuery = Annotated[Union[Annotated[str, Field(min_length=1)], ArmQueryDocument], Field(
+    description="A PromQL query with $version (the arm's version; also $canary, $baseline, $model), or one per arm.")]
+PromDuration = Union[Annotated[float, Field(gt=0)], Annotated[str, Field(pattern=r"^\d+(\.\d+)?(ms|s|m|h)?$")]]
+
+
+class PrometheusDocument(_Level):
+    """A metric read from Prometheus instead of lockgate's own observations (docs/rollout-spec.md)."""
+
+    kind: Literal["counter", "histogram", "gauge"] = Field(
+        description="counter: events/total (a rate test); histogram: the share of requests above le (a rate test); "
+                    "gauge: the mean of its samples (a mean test).")
+    events: PromQuery = Field(None, description="counter: the events counter (e.g. 5xx responses).")  # type: ignore[assignment]
+    total: PromQuery = Field(None, description="counter: the requests counter.")  # type: ignore[assignment]
+    histogram: PromQuery = Field(None, description="histogram: its series selector, without _bucket/_count.")  # type: ignore[assignment]
+    le: float = Field(None, gt=0, description="histogram: the bucket bound; requests above it are the events.")  # type: ignore[assignment]
+    query: PromQuery = Field(None, description="gauge: one series per arm.")  # type: ignore[assignment]
+    step: PromDuration = Field(None, description="gauge: sampling step (default 15s).")  # type: ignore[assignment]
+    block: PromDuration = Field(None, description="gauge: samples of one block of time form one cluster (default 1m).")  # type: ignore[assignment]
+    unit: str = Field(None, description="gauge: the unit of its values (for reading).")  # type: ignore[assignment]
+    url: str = Field(None, pattern=r"^https?://\S+$", description="This metric's Prometheus (default: lockgate.yaml's "  # type: ignore[assignment]
+                                                                  "controller.prometheus.url).")
+
+
 class MetricDocument(_Level):
-    """One item of rollout.metrics: a built-in metric and the change allowed on it."""
+    """One item of rollout.metrics: a built-in metric (or one read from Prometheus) and the change allowed on it."""
 
     model_config = ConfigDict(json_schema_extra=_metric_rules)
 
-    name: MetricName  # type: ignore[valid-type]
+    name: Union[MetricName, Name]  # type: ignore[valid-type]
+    prometheus: PrometheusDocument = Field(None, description="Read the metric from Prometheus; its name is then "  # type: ignore[assignment]
+                                                             "one of your own, not a built-in metric's.")
     cls: str = Field(None, alias="class", min_length=1,  # type: ignore[assignment]
                      description="The class watched by class_recall / class_precision (required for them, not "
                                  "allowed for other metrics).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from lockgate.controller.decide.spec.catalogue import (
@@ -153,6 +153,8 @@ class MetricCriterion:
     unit: str = ""
     alpha: float | None = None
     family: str | None = None
+    #: a :class:`~.prometheus.PromSource` when the metric is read from Prometheus (not a built-in metric)
+    prometheus: Any = None
 
     @property
     def key(self) -> str:
@@ -161,6 +163,8 @@ class MetricCriterion:
 
     @property
     def definition(self) -> MetricDef:
+        if self.prometheus is not None:
+            return self.prometheus.definition(self.name)
         return BUILTIN_METRICS[self.name]
 
     @property
@@ -201,6 +205,8 @@ class MetricCriterion:
             out["alpha"] = self.alpha
         if self.family is not None:
             out["family"] = self.family
+        if self.prometheus is not None:
+            out["prometheus"] = self.prometheus.canonical()
         return out
 
     def to_stats_spec(self, auto: Any = None) -> "MetricSpec":
@@ -307,7 +313,18 @@ class RolloutSpec:
         :meth:`MetricCriterion.to_stats_spec`); a missing one raises ``ValueError``.
         """
         auto = auto or {}
-        return [m.to_stats_spec(auto.get(m.key)) for m in self.metrics]
+        if not self.prometheus_metrics:
+            return [m.to_stats_spec(auto.get(m.key)) for m in self.metrics]
+        # Prometheus-sourced metrics are judged apart (decide/prometheus_evidence.py) but share the rollout's
+        # alpha: the metrics read from observations keep the share the whole spec gives them.
+        alphas = self.alphas
+        return [replace(m.to_stats_spec(auto.get(m.key)), alpha=alphas[m.key], family=None)
+                for m in self.metrics if m.prometheus is None]
+
+    @property
+    def prometheus_metrics(self) -> tuple[MetricCriterion, ...]:
+        """The metrics read from Prometheus (``prometheus:`` block); :meth:`to_stats_specs` leaves them out."""
+        return tuple(m for m in self.metrics if m.prometheus is not None)
 
 
 # --------------------------------------------------------------------------- hashing

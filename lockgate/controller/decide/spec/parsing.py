@@ -55,6 +55,8 @@ from lockgate.controller.decide.spec.model import (
     Step,
     _sha256,
 )
+from lockgate.controller.decide.spec.prometheus import check_against_config as check_prometheus_against_config
+from lockgate.controller.decide.spec.prometheus import parse_prometheus, resolved
 from lockgate.routing import TOTAL_WEIGHT_BP
 from lockgate.yamlconf import (
     ErrorCollector,
@@ -436,16 +438,23 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
     _null_required(f, "name")
     _null_required(f, "allowed")
     name = f.str("name", required=True)
-    d = BUILTIN_METRICS.get(name) if name is not None else None
-    if name is not None and d is None:
+    prom = None  # a Prometheus-sourced metric (spec/prometheus.py): its own name, kind and queries
+    if isinstance(f.data, dict) and "prometheus" in f.data:
+        prom = parse_prometheus(f, name, errors)
+        d = prom.definition(name) if prom is not None and name is not None else None
+    else:
+        f.raw("prometheus")  # a known field (for "unknown field" messages)
+        d = BUILTIN_METRICS.get(name) if name is not None else None
+    if name is not None and d is None and prom is None and "prometheus" not in f.data:
         close = difflib.get_close_matches(name, list(BUILTIN_METRICS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
         errors.add(path + ("name",), f"unknown metric {name!r} ({hint}built-in metrics: "
-                                     f"{', '.join(BUILTIN_METRICS)})")
-    cls = f.raw("class")
+                                     f"{', '.join(BUILTIN_METRICS)}; a metric of your own needs a prometheus: "
+                                     "block)")
+    cls = f.raw("class") if prom is None else None
     if d is not None and d.per_class and cls is None:
         errors.add(path, f"{d.name} is per class: set class: to the class it watches (e.g. class: fraud)")
-    elif d is not None and not d.per_class and "class" in f.data:
+    elif d is not None and not d.per_class and "class" in f.data and prom is None:
         errors.add(path + ("class",), f"only class_recall and class_precision take a class, not {d.name}")
         cls = None
     elif cls is not None and not isinstance(cls, str):
@@ -466,6 +475,10 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
     raw_allowed = f.raw("allowed", required=True)
     if raw_allowed is not None and d is not None:
         allowed = _allowed(raw_allowed, path + ("allowed",), d, harmful, errors)
+        if prom is not None and allowed is not None and allowed[0] == "auto":
+            errors.add(path + ("allowed",), "auto derives the allowance from lockgate's stored observations of the "
+                                            "baseline; a Prometheus metric needs {absolute: X} or {relative: X}")
+            allowed = None
     if rollout_alpha is not None:
         alpha = _number(f, "alpha", None, lo=0.0, hi=rollout_alpha, lo_open=True, hi_open=True,
                         what=f" (this metric's share of the rollout's alpha {rollout_alpha:g}; leave it out "
@@ -492,6 +505,11 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
         what = "exceedance ratio 1" if mode == "exceedance_ratio" else "allowed change 0"
         warnings.add(path + ("allowed",), f"{what}: promotion needs the canary shown strictly better "
                                           f"than the baseline on {d.name}")
+    if prom is not None and gating:
+        warnings.add(path + ("prometheus",), f"{d.name} gates on Prometheus aggregates: they have no per-user "
+                                             "breakdown, so its tests take requests as independent; when users send "
+                                             "many correlated requests its false-rollback chance exceeds its alpha "
+                                             "(docs/statistics.md section 9)")
     if not gating and alpha is not None:
         warnings.add(path + ("alpha",), f"alpha on a non-gating metric: {d.name} never decides, so its alpha "
                                         "only sets the width of its reported interval (it is not part of the "
@@ -501,7 +519,7 @@ def _metric(value: Any, path: tuple[PathPart, ...], errors: ErrorCollector, warn
                                          f"share the rollout's alpha")
     return MetricCriterion(name=d.name, kind=d.kind, harmful=harmful, allowed_mode=mode, allowed=x,
                            gating=gating, cls=cls if d.per_class else None, quantile=d.quantile,
-                           column=d.column, unit=d.unit, alpha=alpha, family=family)
+                           column=d.column, unit=d.unit, alpha=alpha, family=family, prometheus=prom)
 
 
 def _metrics(f: Fields, errors: ErrorCollector, warnings: ErrorCollector,
@@ -617,6 +635,9 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     if config is not None and model:
         _check_against_config(config, f, model, canary, errors)
         _check_metrics_against_config(config, f, model, metrics, errors)
+        check_prometheus_against_config(config, f.path + ("metrics",), metrics, errors)
+        metrics = tuple(replace(m, prometheus=resolved(m.prometheus, config)) if m.prometheus is not None else m
+                        for m in metrics)
     errors.raise_if_any()
     assert interval is not None and alpha is not None
     spec = RolloutSpec(model=model, canary=canary, analysis_interval_s=interval, alpha=alpha, steps=steps,

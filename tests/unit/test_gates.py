@@ -175,6 +175,11 @@ def test_judge_answer_passes_only_on_the_expected_answer():
     num = GateCheck("n", "http://h", expect_field="runs.0.score", expect_equals=1)
     assert judge_answer(num, CheckAnswer(200, b'{"runs": [{"score": 1.0}]}'), 0).passed
     assert not judge_answer(num, CheckAnswer(200, b'{"runs": [{"score": "1"}]}'), 0).passed
+    # credentials in a check's URL are never shown
+    secret = GateCheck("c", "https://ci:s3cret@ci.internal:8443/x?y=1", timeout_s=1)
+    for a in (CheckAnswer(None, timed_out=True), CheckAnswer(None, error="refused")):
+        r = judge_answer(secret, a, 0)
+        assert "s3cret" not in r.reason and "https://***@ci.internal:8443/x?y=1" in r.reason, r.reason
     several = GateCheck("s", "http://h", expect_status=(200, 204))
     assert judge_answer(several, CheckAnswer(204), 0).passed and not judge_answer(several, CheckAnswer(202), 0).passed
 

@@ -22,7 +22,14 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from lockgate.controller.decide.gates import Approval, CheckResult, GateInputs, check_request_body, judge_answer
+from lockgate.controller.decide.gates import (
+    Approval,
+    CheckResult,
+    GateInputs,
+    check_request_body,
+    judge_answer,
+    shown_url,
+)
 from lockgate.controller.decide.rollouts import Rollout, RolloutStore
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.decide.spec.model import GateCheck
@@ -124,7 +131,7 @@ class GateKeeper:
         if previous is None or previous.state != result.state:
             log.info("rollout #%d %s: %s", rollout.id, rollout.model, result.reason)
             self._event(rollout, "check", stage, {"reasons": [result.reason], **result.to_json(),
-                                                  "url": check.url, "expect": check.describe_expect()})
+                                                  "url": shown_url(check.url), "expect": check.describe_expect()})
         self.wake({rollout.model})
 
     def _event(self, rollout: Rollout, kind: str, stage: int, detail: dict) -> None:

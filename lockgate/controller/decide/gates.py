@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,7 +36,15 @@ from lockgate.controller.ports import CheckAnswer
 ANSWER_EXCERPT = 200
 
 __all__ = ["ANSWER_EXCERPT", "Approval", "CheckResult", "GateInputs", "GateVerdict", "check_request_body",
-           "excerpt", "fmt_utc", "gates_json", "judge_answer", "open_gates"]
+           "excerpt", "fmt_utc", "gates_json", "judge_answer", "open_gates", "shown_url"]
+
+
+def shown_url(url: str) -> str:
+    """``url`` as status, the log and the report show it: credentials in it (``user:pass@``) replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def fmt_utc(ts: float) -> str:
@@ -135,10 +144,10 @@ def judge_answer(check: GateCheck, answer: CheckAnswer, at: float) -> CheckResul
     ms = answer.elapsed_ms
     if answer.timed_out:
         return CheckResult(check.name, "timeout", f"check {check.name}: no answer within {check.timeout_s:g} s "
-                                                  f"(timeout) from {check.url}", at, ms)
+                                                  f"(timeout) from {shown_url(check.url)}", at, ms)
     if answer.status is None:
         return CheckResult(check.name, "unreachable", f"check {check.name}: unreachable: "
-                                                      f"{(answer.error or 'no answer')[:ANSWER_EXCERPT]} ({check.url})",
+                                                      f"{(answer.error or 'no answer')[:ANSWER_EXCERPT]} ({shown_url(check.url)})",
                            at, ms)
     text = excerpt(answer.body)
     shown = f": {text}" if text else " (empty answer)"
@@ -195,7 +204,7 @@ def open_gates(step: Step, label: str, model: str, gates: GateInputs, now: float
             due.append(check.name)
         if result is None:
             waiting.append(f"check {check.name}: {'calling' if running else 'not called yet'} "
-                           f"({check.method} {check.url}, expects {check.describe_expect()})")
+                           f"({check.method} {shown_url(check.url)}, expects {check.describe_expect()})")
         elif result.passed:
             waiting.append(f"check {check.name}: passed {now - result.at:.0f} s ago, calling it again "
                            f"(a pass counts for {check.interval_s:g} s)")
@@ -222,7 +231,7 @@ def gates_json(spec: RolloutSpec, stage: int, gates: GateInputs) -> dict[str, An
         for c in step.checks:
             r = gates.checks.get(c.name)
             d = r.to_json() if r is not None else {"name": c.name, "state": "not called", "reason": ""}
-            d.update(url=c.url, expect=c.describe_expect(), running=c.name in gates.running)
+            d.update(url=shown_url(c.url), expect=c.describe_expect(), running=c.name in gates.running)
             checks.append(d)
         out["checks"] = checks
     return out

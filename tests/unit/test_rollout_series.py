@@ -66,9 +66,11 @@ class Pusher:
 CLUSTERS = ["chat.v1", "chat.v2", "other.v1"]
 
 
-async def envoy(ads: AdsServer, svc: WeightService, stop: asyncio.Event) -> None:
+async def envoy(ads: AdsServer, svc: WeightService, stop: asyncio.Event, streams: list | None = None) -> None:
     """An Envoy-like ADS stream (the real ADS protocol code, in process) that ACKs every update."""
     s = svc.registry.open("e0")
+    if streams is not None:
+        streams.append(s)
     names = {ENDPOINT_TYPE: CLUSTERS, ROUTE_TYPE: ["lockgate"]}
     todo = []
     for r in (req(CLUSTER_TYPE, node="e0"), req(LISTENER_TYPE), req(ENDPOINT_TYPE, names=CLUSTERS),
@@ -248,3 +250,42 @@ def test_a_broken_input_never_raises_into_the_promoter():
     s = scrape(registry)
     assert value(s, "lockgate_promotions_total", model="chat", by="manual") == 0
     assert not [k for k in s if k[0].startswith("lockgate_rollout_")]
+
+
+def test_an_abort_not_yet_on_every_envoy_shows_rolling_back(tmp_path):
+    """The Envoy's stream drops while it holds the canary: the abort is incomplete (rolling_back, retried
+    by the loop), and the series say so at once — not counted as a rollback until it is complete."""
+    cfg = config_from_text(f"""
+state_dir: {tmp_path}
+control: {{port: 1}}
+models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]}}, v2: {{endpoints: ["127.0.0.1:12"]}}}}}}]
+""")
+    registry = CollectorRegistry()
+
+    async def main():
+        store = ObservationStore(tmp_path / "obs.db")
+        rollouts = RolloutStore(tmp_path / "rollouts.db")
+        svc = WeightService(cfg, WeightStore(cfg.db_path))
+        promoter = Promoter(cfg, rollouts, Pusher(svc), store, series=RolloutSeries(registry, ["chat"]))
+        actions = RolloutActions(cfg, rollouts, promoter, store)
+        stop, streams = asyncio.Event(), []
+        acks = asyncio.ensure_future(envoy(AdsServer(svc.cache, svc.registry), svc, stop, streams))
+        try:
+            out = await actions.start(SPEC, "chat-v2.yaml", "alice")
+            assert out["start"]["push"]["all_acked"], out["start"]
+            assert value(scrape(registry), "lockgate_rollout_status", model="chat", status="running") == 1
+            stop.set()
+            await acks
+            await svc.registry.close(streams[0])  # the Envoy keeps serving 10 % on its last routes
+            done = await actions.action("chat", "abort", "bob")
+            assert not done["complete"] and rollouts.get(out["rollout"]["id"]).status == "rolling_back", done
+            return scrape(registry)
+        finally:
+            store.close()
+            rollouts.close()
+
+    s = asyncio.run(main())
+    assert value(s, "lockgate_rollout_status", model="chat", status="rolling_back") == 1
+    assert value(s, "lockgate_rollout_status", model="chat", status="running") == 0
+    assert value(s, "lockgate_rollout_canary_weight_ratio", model="chat") == 0
+    assert value(s, "lockgate_rollbacks_total", model="chat", reason="abort") == 0

@@ -263,6 +263,8 @@ class Promoter:
             if rollout.status != "rolling_back":
                 self.rollouts.transition(rollout.id, expect=("pending", "running", "paused"), status="rolling_back",
                                          kind="rolling_back", actor=actor, weight_bp=0, detail=detail)
+                if self.series is not None:  # an abort not yet on every Envoy shows as rolling_back at once
+                    self.series.outcome("rolling_back", self.rollouts.get(rollout.id), detail)
             self.rollouts.event(rollout.id, "revert_incomplete", actor,
                                 {"final": final_status, "not_acked": timings.get("not_acked", []),
                                  "message": timings.get("error") or timings.get("message", ""),

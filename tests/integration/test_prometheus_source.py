@@ -212,3 +212,85 @@ scrape_configs:
         fleet.stop()
         for p in servers.values():
             p.stop()
+
+
+E2E_SPEC = """
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 1
+  alpha: 0.05
+  steps:
+    - {weight_percent: 20, min_duration: 2s, min_canary_samples: 40}
+    - {weight_percent: 50, min_duration: 2s, min_canary_samples: 100}
+  promotion: {max_duration: 10m, preflight: none}
+  metrics:
+    - {name: error_rate, gating: false, allowed: {absolute: 0.15}}
+    - name: http_error_rate
+      prometheus:
+        kind: counter
+        events: 'http_requests_total{handler="/v1/chat/completions", version="$version", status="5xx"}'
+        total: 'http_requests_total{handler="/v1/chat/completions", version="$version"}'
+      allowed: {absolute: 0.15}
+"""
+
+
+@pytest.mark.parametrize("canary_errors, outcome", [("0.02", "promoted"), ("0.42", "rolled_back")],
+                         ids=["good-canary-promoted-on-prometheus", "bad-canary-rolled-back-on-prometheus"])
+def test_the_controller_decides_on_a_prometheus_gate(tmp_path, canary_errors, outcome):
+    """The live controller (its incremental evidence, a spec loaded with lockgate.yaml's controller.prometheus)
+    gates a real rollout on a Prometheus metric alone: the observation-fed error_rate is informational."""
+    from tests.integration.test_rollout_e2e import Traffic, status
+
+    servers = {v: Proc([PY, "-m", "lockgate.examples.chat_server", "--port", "0", "--version", v, "--seed", s,
+                        "--latency-ms", "0", "--latency-jitter-ms", "0", "--error-rate", rate], tmp_path / f"{v}.log")
+               for v, s, rate in (("v1", "1", "0.02"), ("v2", "2", canary_errors))}
+    ports = {v: int(p.ready_text.split()[1]) for v, p in servers.items()}
+    prom_port = free_port()
+    fleet = Fleet(tmp_path, [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+                              "versions": {v: {"endpoints": [f"127.0.0.1:{p}"]} for v, p in ports.items()}}],
+                  with_controller=True)
+    cfg = yaml.safe_load(fleet.config_path.read_text())
+    cfg["controller"]["prometheus"] = {"url": f"http://127.0.0.1:{prom_port}", "timeout_s": 5, "refresh_s": 1}
+    fleet.config_path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: models
+    static_configs: [{{targets: ["127.0.0.1:{ports['v1']}", "127.0.0.1:{ports['v2']}"]}}]
+""")
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(E2E_SPEC)
+    prom = Proc(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log", ready_line=None)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if len(prom_query(prom_port, 'up{job="models"} == 1')) == 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        with fleet, Traffic(fleet.ports["listener"], max_s=120):
+            time.sleep(1.0)
+            r = fleet.cli("rollout", "start", str(spec))
+            assert r.returncode == 0, r.stderr + r.stdout
+            deadline = time.monotonic() + 100
+            st = status(fleet)
+            while time.monotonic() < deadline and st["status"] not in ("promoted", "rolled_back", "inconclusive"):
+                time.sleep(0.5)
+                st = status(fleet)
+            text = fleet.cli("rollout", "status", "chat").stdout
+    finally:
+        prom.stop()
+        for p in servers.values():
+            p.stop()
+    assert st["status"] == outcome, (st, text, (tmp_path / "controller.log").read_text()[-3000:])
+    verdicts = {v["metric"]: v for v in st["last_eval"]["verdicts"]}
+    gate = verdicts["http_error_rate"]
+    assert gate["gating"] and not verdicts["error_rate"]["gating"]
+    assert gate["verdict"] == ("pass" if outcome == "promoted" else "fail"), gate
+    assert "per-user clustering not available: Prometheus aggregates" in gate["reason"]
+    assert gate["details"]["source"] == "prometheus" and gate["n_canary"] > 0
+    assert "http_error_rate" in text

@@ -474,6 +474,9 @@ def cmd_rollout_status(args) -> int:
         ev = r.get("last_eval") or {}
         print(f"rollout #{r['id']} {r['model']}: {r['baseline']} → {r['canary']}: {r['status'].upper()}, "
               f"stage {r['stage'] + 1}, spec {r['spec_hash'][:12]}…")
+        for a in r.get("approvals") or []:
+            who = a["approved_by"] + ("" if a.get("authenticated") else " (unauthenticated)")
+            print(f"  approved: end of stage {a['stage']} by {who}")
         if ev:
             sd = ev.get("stage_decision", {})
             print(f"  decision: {ev.get('decision')} → {sd.get('action', '-')}: {'; '.join(sd.get('reasons', []))}")

@@ -167,6 +167,8 @@ def test_approval_then_failing_passing_and_timing_out_checks(tmp_path):
             r = fleet.cli("rollout", "approve", "chat", "--as", "alice", "--note", "load test booked")
             assert r.returncode == 0 and "stage 1/3 (10%) approved by alice (unauthenticated)" in r.stdout, r.stdout
             st = wait_for(fleet, "stage 2 after the approval", lambda s: s["stage"] >= 1, 30)
+            text = fleet.cli("rollout", "status", "chat", check=True).stdout
+            assert "approved: end of stage 1 by alice (unauthenticated)" in text, text
             assert st["approvals"] == [{"stage": 1, "approved_by": "alice", "approved_at": st["approvals"][0]
                                         ["approved_at"], "authenticated": False}]
 

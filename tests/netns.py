@@ -266,14 +266,14 @@ def host_token(name: str) -> str:
 
 
 class HostFleet:
-    """lockgate on many hosts, started as a user would run it (``lockgate xds``, ``lockgate controller``,
-    ``lockgate extproc`` and Envoy from a bootstrap rendered by :func:`lockgate.envoy_proc.render_bootstrap`).
+    """lockgate on many hosts, started as a user runs it (``lockgate xds``, ``lockgate controller``, and on
+    each host ``lockgate extproc --index i`` and ``lockgate envoy --node-id <host>``, as the systemd units do).
 
     The control plane (xDS server, control API, optional controller) runs in the root namespace with
     ``cp.yaml``; the xDS server and the controller's observations API listen on :attr:`Hosts.cp_ip`
     (off loopback, so ``auth.tokens``: one token per host, each host's processes present their own).
-    Each host gets its own ``<host>/lockgate.yaml`` — its own ``node_id`` (the host's name), ext_proc,
-    admin port and state — and, with namespaces, its own model servers ``v1``/``v2`` on the same
+    Each host gets its own ``<host>/lockgate.yaml`` — its own ``node_id`` (the host's name), state and
+    token — and, with namespaces, its own model servers ``v1``/``v2`` on the same
     ``127.0.0.1`` ports (the shared model config's endpoints). The listener (from LDS) is
     ``0.0.0.0:<listener>`` on every host (loopback hosts share it through SO_REUSEPORT)."""
 
@@ -358,10 +358,14 @@ class HostFleet:
             self._write_cp()
 
     # ----- a host's sidecar pair -----
-    def host_config(self, host: Host) -> Path:
+    def host_config(self, host: Host, envoy: dict | None = None) -> Path:
+        """Host ``host``'s lockgate.yaml: the fleet's, with its node id, state and token. With namespaces its
+        admin, ext_proc and metrics ports are the defaults (each host has its own ports, like real hosts);
+        loopback hosts get free ports each and one ext_proc process (ports ``extproc.port + i`` of several
+        hosts could clash). ``envoy``: the config's ``envoy:`` section (default: sized to the host)."""
         d = self.tmp / host.name
         d.mkdir(parents=True, exist_ok=True)
-        admin, ep, epm = self._free(3)
+        admin, ep, epm = (9901, 18080, 18090) if self.hosts.isolated else self._free(3)
         self.admin_ports[host.name] = admin
         cfg = dict(self.cp_config)
         cfg.update({
@@ -373,6 +377,10 @@ class HostFleet:
             "auth": {"tokens": [{"name": host.name, "sha256": _sha(host_token(host.name))}],
                      "token_file": str(self._token_file(d / "host.token", host_token(host.name)))},
         })
+        if not self.hosts.isolated:
+            cfg["extproc_processes"] = 1
+        if envoy is not None:
+            cfg["envoy"] = envoy
         cfg.pop("alerts", None)
         path = d / "lockgate.yaml"
         path.write_text(self._dump(cfg))
@@ -398,22 +406,25 @@ class HostFleet:
         self.node_of[host.name] = host
         self.start_models(host)
         if self.extproc:
-            self.procs[f"extproc-{host.name}"] = host.popen([PY, "-m", "lockgate", "-c", str(path), "extproc"],
-                                                           self.tmp / f"extproc-{host.name}.log")
+            from lockgate.config import load_config
+
+            for i in range(load_config(path).extproc_processes):  # every process the host's Envoy is given
+                self.procs[f"extproc-{host.name}-{i}"] = host.popen(
+                    [PY, "-m", "lockgate", "-c", str(path), "extproc", "--index", str(i)],
+                    self.tmp / f"extproc-{host.name}-{i}.log")
         if envoy:
             self.start_envoy(host)
 
     def start_envoy(self, host: Host, timeout: float = 60) -> Proc:
+        """``lockgate envoy --node-id <host>`` on the host (it writes the bootstrap and execs Envoy, as the
+        systemd unit runs it); returns once Envoy's admin says ready."""
         import time
 
-        from lockgate.config import load_config
-        from lockgate.envoy_proc import envoy_command, render_bootstrap
+        from tests.harness import PY
 
         path = self.host_configs.get(host.name) or self.host_config(host)
-        config = load_config(path)
-        bootstrap = path.parent / "envoy.yaml"
-        bootstrap.write_text(render_bootstrap(config))
-        p = host.popen(envoy_command(bootstrap), self.tmp / f"envoy-{host.name}.log", ready_line=None)
+        p = host.popen([PY, "-m", "lockgate", "-c", str(path), "envoy", "--node-id", host.name],
+                       self.tmp / f"envoy-{host.name}.log", ready_line=None)
         self.procs[f"envoy-{host.name}"] = p
         deadline = time.monotonic() + timeout
         while self.admin(host, "/ready")[0] != 200:
@@ -422,6 +433,10 @@ class HostFleet:
                                    + (self.tmp / f"envoy-{host.name}.log").read_text(errors="replace")[-3000:])
             time.sleep(0.05)
         return p
+
+    def envoy_argv(self, host: Host) -> list[str]:
+        """The Envoy command line ``lockgate envoy`` ran on ``host`` (from /proc: the process is Envoy now)."""
+        return Path(f"/proc/{self.procs[f'envoy-{host.name}'].pid}/cmdline").read_text().split("\0")[:-1]
 
     def start_fake_nacker(self, host: Host) -> Proc:
         """:mod:`tests.fake_ads` on ``host``: an ADS client that NACKs every route configuration."""

@@ -239,7 +239,8 @@ models:
                 assert {k for k, _ in labels} == declared[name], (name, labels)
                 assert not any(v.startswith("u") and v[1:].isdigit() for _, v in labels), labels
                 names.add(name)
-    assert names == set(declared), set(declared) - names
+    waits = "lockgate_rollout_awaiting_approval_since_timestamp_seconds"  # no approval here: the test below
+    assert names == set(declared) - {waits}, set(declared) - names
 
 
 def test_a_broken_input_never_raises_into_the_promoter():
@@ -289,3 +290,52 @@ models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]
     assert value(s, "lockgate_rollout_status", model="chat", status="running") == 0
     assert value(s, "lockgate_rollout_canary_weight_ratio", model="chat") == 0
     assert value(s, "lockgate_rollbacks_total", model="chat", reason="abort") == 0
+
+
+def test_a_stage_waiting_for_an_approval_says_since_when(tmp_path):
+    """A step with ``approval: {required: true}``: once its minimums are met the look holds for a person;
+    the series carry since when, until ``rollout approve`` lets the rollout advance."""
+    cfg = config_from_text(f"""
+state_dir: {tmp_path}
+control: {{port: 1}}
+models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:11"]}}, v2: {{endpoints: ["127.0.0.1:12"]}}}}}}]
+""")
+    spec = SPEC.replace("min_duration: 0s, min_canary_samples: 0}",
+                        "min_duration: 0s, min_canary_samples: 0, approval: {required: true}}")
+    assert spec != SPEC
+    registry = CollectorRegistry()
+    name = "lockgate_rollout_awaiting_approval_since_timestamp_seconds"
+
+    async def main():
+        store = ObservationStore(tmp_path / "obs.db")
+        rollouts = RolloutStore(tmp_path / "rollouts.db")
+        svc = WeightService(cfg, WeightStore(cfg.db_path))
+        promoter = Promoter(cfg, rollouts, Pusher(svc), store, series=RolloutSeries(registry, ["chat"]))
+        actions = RolloutActions(cfg, rollouts, promoter, store)
+        stop = asyncio.Event()
+        acks = asyncio.ensure_future(envoy(AdsServer(svc.cache, svc.registry), svc, stop))
+        try:
+            rid = (await actions.start(spec, "chat-v2.yaml", "alice"))["rollout"]["id"]
+            assert value(scrape(registry), name, model="chat") is None
+            await asyncio.sleep(0.2)
+            now = time.time()
+            store.insert(observations(rollouts.get(rid).started_at, now, 600, 0.01, 3), received_ts=now)
+            decision = await promoter.evaluate_and_act(rollouts.get(rid))
+            assert decision.action == "hold", decision
+            waiting = scrape(registry)
+            await actions.approve("chat", None, "carol", True)
+            decision = await promoter.evaluate_and_act(rollouts.get(rid))
+            assert decision.action == "advance", decision
+            return now, waiting, scrape(registry)
+        finally:
+            stop.set()
+            await acks
+            store.close()
+            rollouts.close()
+
+    now, waiting, after = asyncio.run(main())
+    since = value(waiting, name, model="chat")
+    assert since is not None and now - 10 <= since <= time.time(), since
+    assert value(waiting, "lockgate_rollout_stage_index", model="chat") == 0
+    assert value(after, name, model="chat") is None
+    assert value(after, "lockgate_rollout_stage_index", model="chat") == 1

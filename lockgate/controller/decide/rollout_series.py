@@ -19,6 +19,8 @@ Series (``model`` on every one; a model's gate series are replaced when its next
   the rollout decided it (Envoy's ACKed weights: ``lockgate weights``);
 * ``lockgate_rollout_last_evaluation_timestamp_seconds{model}`` — when the controller last judged it
   (stale while running: the controller is not driving it);
+* ``lockgate_rollout_awaiting_approval_since_timestamp_seconds{model}`` — since when the current stage
+  waits for a person's approval (``steps[].approval``; ``lockgate rollout approve``); absent otherwise;
 * ``lockgate_gate_verdict{model, metric, gating}`` — :data:`VERDICT_CODES`: 1 pass (shown within its
   allowance), 0 not yet shown either way, -1 fail (shown worse beyond its allowance);
 * ``lockgate_gate_value{model, metric, arm}`` — the metric's estimate per arm (``baseline``, ``canary``)
@@ -70,6 +72,7 @@ SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lockgate_rollout_stages": ("gauge", ("model",)),
     "lockgate_rollout_canary_weight_ratio": ("gauge", ("model",)),
     "lockgate_rollout_last_evaluation_timestamp_seconds": ("gauge", ("model",)),
+    "lockgate_rollout_awaiting_approval_since_timestamp_seconds": ("gauge", ("model",)),
     "lockgate_gate_verdict": ("gauge", ("model", "metric", "gating")),
     "lockgate_gate_value": ("gauge", ("model", "metric", "arm")),
     "lockgate_gate_samples": ("gauge", ("model", "metric", "arm")),
@@ -86,6 +89,8 @@ _HELP = {
     "lockgate_rollout_stages": "Stages in the rollout's spec",
     "lockgate_rollout_canary_weight_ratio": "The canary's share of the model's traffic as the rollout decided it (0..1)",
     "lockgate_rollout_last_evaluation_timestamp_seconds": "When the controller last judged the rollout (epoch s)",
+    "lockgate_rollout_awaiting_approval_since_timestamp_seconds": "Since when the rollout's stage waits for an "
+                                                                  "approval (epoch s; absent when it does not)",
     "lockgate_gate_verdict": "Per metric of the rollout spec: 1 pass (shown within its allowance), 0 not yet, "
                              "-1 fail (shown worse beyond its allowance)",
     "lockgate_gate_value": "The metric's estimate per arm (baseline, canary), in the metric's units",
@@ -122,6 +127,7 @@ class _ModelState:
     steps_bp: tuple[int, ...] = ()
     evaluated_at: float | None = None
     gates: dict[str, _Gate] = field(default_factory=dict)
+    awaiting_since: float | None = None
 
 
 def _finite(x: Any) -> float | None:
@@ -141,6 +147,14 @@ def _gates(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, _Gate]:
             n_baseline=int(v.get("n_baseline") or 0), n_canary=int(v.get("n_canary") or 0),
             difference=_finite(v.get("difference")), allowed=_finite(v.get("allowed")))
     return out
+
+
+def _awaiting_since(summary: Mapping[str, Any]) -> float | None:
+    """When the look's stage started waiting for an approval not yet given (``summary["gates"]``), else None."""
+    approval = (summary.get("gates") or {}).get("approval") or {}
+    if not approval.get("required") or approval.get("approved_by") is not None:
+        return None
+    return _finite(approval.get("waiting_since"))
 
 
 class RolloutSeries:
@@ -167,7 +181,7 @@ class RolloutSeries:
             if decision.action == "rollback":
                 status, weight = "rolling_back", 0
             state = _ModelState(rollout.id, rollout.canary, rollout.baseline, status, stage, len(steps), weight,
-                                steps, now, _gates(summary.get("verdicts") or ()))
+                                steps, now, _gates(summary.get("verdicts") or ()), _awaiting_since(summary))
             with self._lock:
                 self._state[rollout.model] = state
         except Exception:
@@ -189,9 +203,10 @@ class RolloutSeries:
                 if weight is None and steps:
                     weight = steps[min(rollout.stage, len(steps) - 1)]
                 gates = _gates(detail["verdicts"]) if detail.get("verdicts") else (old.gates if same else {})
+                awaiting = old.awaiting_since if same and old.stage == rollout.stage else None
                 self._state[model] = _ModelState(rollout.id, rollout.canary, rollout.baseline, rollout.status,
                                                  rollout.stage, len(steps) if steps else (old.stages if same else None),
-                                                 weight, steps, old.evaluated_at if same else None, gates)
+                                                 weight, steps, old.evaluated_at if same else None, gates, awaiting)
                 if kind in ROLLBACK_REASONS:
                     key = (model, ROLLBACK_REASONS[kind])
                     self._rollbacks[key] = self._rollbacks.get(key, 0) + 1
@@ -220,6 +235,8 @@ class RolloutSeries:
                 fam["lockgate_rollout_canary_weight_ratio"].add_metric([model], s.weight_bp / TOTAL_WEIGHT_BP)
             if s.evaluated_at is not None:
                 fam["lockgate_rollout_last_evaluation_timestamp_seconds"].add_metric([model], s.evaluated_at)
+            if s.awaiting_since is not None and s.status in ("running", "paused"):
+                fam["lockgate_rollout_awaiting_approval_since_timestamp_seconds"].add_metric([model], s.awaiting_since)
             for metric, g in sorted(s.gates.items()):
                 fam["lockgate_gate_verdict"].add_metric([model, metric, "true" if g.gating else "false"], g.verdict)
                 for arm, value, n in (("baseline", g.baseline, g.n_baseline), ("canary", g.canary, g.n_canary)):

@@ -110,6 +110,14 @@ def _print_model(m, out=sys.stdout) -> None:
     print(f"{m.model}: stable {m.stable}, {canary} (routes version {m.xds_version})", file=out)
     if not m.envoys:
         print("  no Envoy connected", file=out)
+    elif len(m.envoys) > 1:  # a fleet: the count first, then each Envoy
+        off = sum(1 for e in m.envoys if not e.connected)
+        nacked = sum(1 for e in m.envoys if e.connected and e.nack_version and e.nack_version == m.xds_version)
+        synced = sum(1 for e in m.envoys if e.connected and e.acked)
+        behind = len(m.envoys) - off - nacked - synced
+        parts = [f"{synced} in sync"] + [f"{n} {what}" for n, what in ((behind, "NOT in sync"), (nacked, "NACKed"),
+                                                                          (off, "DISCONNECTED")) if n]
+        print(f"  {len(m.envoys)} Envoys: {', '.join(parts)}", file=out)
     for e in m.envoys:
         state = "connected" if e.connected else "DISCONNECTED"
         live = (f"canary {e.acked_canary} at {_pct(e.acked_weight_bp)}" if e.acked_canary else "no canary") \

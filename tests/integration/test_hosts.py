@@ -196,7 +196,9 @@ def test_many_hosts_weights_rollback_late_join_nack_disconnect_and_one_analysis(
         model = wait_until("gpu-2 disconnected in lockgate weights",
                            lambda: (lambda m: m if not envoys(m)["gpu-2"]["connected"] else None)(weights_json(fleet)))
         assert envoys(model)["gpu-2"]["ackedWeightBp"] == 500
-        assert "envoy gpu-2: DISCONNECTED" in fleet.cli("weights", "chat").stdout
+        text = fleet.cli("weights", "chat").stdout
+        assert "envoy gpu-2: DISCONNECTED" in text
+        assert "  5 Envoys: 3 in sync, 1 NACKed, 1 DISCONNECTED" in text
         nack_alert = wait_until("a trouble alert for the NACK", lambda: trouble(receiver, "old-envoy", text="NACKed"),
                                 30, 0.2)
         gone_alert = wait_until("a trouble alert for gpu-2", lambda: trouble(receiver, "gpu-2", text="disconnected"),

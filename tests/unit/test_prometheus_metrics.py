@@ -288,3 +288,34 @@ def test_an_unreachable_prometheus_holds_the_gate_and_a_failing_one_rolls_back()
     fail = count_verdict(spec.metric("prom_errors").to_stats_spec(), spec.alphas["prom_errors"],
                          [(20, 4000, 200, 4000)], source="x")
     assert merge(base, [fail], spec).decision == "rollback"
+
+
+def test_a_replay_of_recorded_observations_never_promotes_past_a_prometheus_gate():
+    from lockgate.controller.decide.prometheus_evidence import NOT_REPLAYED
+    from lockgate.controller.decide.replay import replay
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    data = {"ts": np.sort(rng.uniform(1000.0, 1600.0, n)), "role": np.where(rng.random(n) < 0.5, "canary", "baseline"),
+            "status_code": np.full(n, 200.0), "timeout": np.zeros(n), "user_key": np.array([f"u{i}" for i in range(n)]),
+            "request_id": np.array([f"r{i}" for i in range(n)]), "weight": np.full(n, 0.5)}
+    data["version"] = np.where(data["role"] == "canary", "v2", "v1")
+    text = """
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 60
+  steps: [{weight_percent: 50, min_duration: 1m, min_canary_samples: 10}]
+  promotion: {max_duration: 1h}
+  metrics:
+    - {name: error_rate, allowed: {absolute: 0.02}}
+"""
+    assert replay(spec_from_text(text, "r.yaml"), data, start=1000.0)["decision"] == "promote"
+    with_gate = text + """    - name: prom_errors
+      prometheus: {kind: counter, events: 'e{version="$version"}', total: 't{version="$version"}'}
+      allowed: {absolute: 0.02}
+"""
+    out = replay(spec_from_text(with_gate, "r.yaml"), data, start=1000.0)
+    assert out["decision"] == "continue", out
+    assert {r["metric"]: r for r in out["reasons"]}["prom_errors"]["verdict"] == "not-yet"
+    assert any(NOT_REPLAYED in str(r) for r in out["reasons"])

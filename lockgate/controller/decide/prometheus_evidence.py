@@ -52,8 +52,8 @@ from lockgate.controller.stats.rates import rate_verdict
 
 log = logging.getLogger("lockgate.controller.decide.prometheus_evidence")
 
-__all__ = ["CLUSTERING_NOTE", "MAX_REQUESTS", "PrometheusEvidence", "count_groups", "count_verdict",
-           "gauge_verdict", "merge"]
+__all__ = ["CLUSTERING_NOTE", "MAX_REQUESTS", "NOT_REPLAYED", "PrometheusEvidence", "count_groups", "count_verdict",
+           "gauge_verdict", "merge", "offline"]
 
 #: in every Prometheus-sourced verdict
 CLUSTERING_NOTE = "per-user clustering not available: Prometheus aggregates"
@@ -145,6 +145,21 @@ def merge(judgement: Judgement, extra: Sequence[MetricVerdict], spec: RolloutSpe
     verdicts = [by[m.key] for m in spec.metrics if m.key in by]
     families = {m.key: m.family for m in spec.metrics if m.gating and m.family and m.alpha is None}
     return judge(verdicts, spec.alpha, families)
+
+
+#: the reason of a Prometheus-sourced verdict in a replay of recorded observations (``lockgate analyze``)
+NOT_REPLAYED = ("read from Prometheus by the live controller, not part of a recording of observations: this replay "
+                "holds it not-yet (a gating one keeps the replay from promoting)")
+
+
+def offline(judgement: Judgement, spec: RolloutSpec) -> Judgement:
+    """``judgement`` with a ``not-yet`` verdict for each Prometheus-sourced metric (:data:`NOT_REPLAYED`): a
+    replay never promotes past a gate it cannot see. Itself when the spec has none."""
+    metrics = getattr(spec, "prometheus_metrics", ())
+    if not metrics:
+        return judgement
+    alphas = spec.alphas
+    return merge(judgement, [undecided(m.to_stats_spec(), alphas[m.key], NOT_REPLAYED, None) for m in metrics], spec)
 
 
 class PrometheusEvidence:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lockgate.controller.decide import accumulator, analysis
+from lockgate.controller.decide import accumulator, analysis, prometheus_evidence
 from lockgate.controller.ingest.export_npz import read_observations
 from lockgate.controller.ingest.schema import ARRIVAL_COLUMNS, DECISION_COLUMNS
 from lockgate.controller.decide.spec import RolloutSpec, load_spec
@@ -146,7 +146,7 @@ def replay(spec: RolloutSpec, data: Mapping[str, Any], auto: Mapping[str, Any] |
 
     def at(now: float, intervals: bool):
         stage, stage_start = stages.at(now)
-        judgement = judge_at(now, intervals)
+        judgement = prometheus_evidence.offline(judge_at(now, intervals), spec)  # its gates: not-yet
         lo, hi = int(np.searchsorted(ts, stage_start, side="left")), int(np.searchsorted(ts, now, side="right"))
         in_stage = analysis.canary_samples_in_stage(ts[lo:hi], is_canary[lo:hi], stage_start, now)
         decision = decide(spec, StageState("running", stage, start_ts, stage_start), judgement, now, in_stage)

@@ -11,7 +11,8 @@ Independent of lockgate (imports nothing from it). The contract every example se
   a server that closes idle connections races the proxy's next request);
 * a stream may end without its terminating chunk (:class:`AbortStream`), or with a TCP RST
   (``reset=True``), as a crashing model server would;
-* ``--log-requests FILE``: one JSON line per request, written when the request arrives;
+* ``--log-requests FILE``: one JSON line per request, written when the request arrives (not ``/healthz``
+  nor ``/metrics`` unless ``--log-health``);
 * ``GET /metrics``: vLLM-style Prometheus series (``vllm_metrics.py``), labelled with ``version``;
 * SIGTERM/SIGINT: stop listening, give in-flight requests 1 s, exit 0.
 """
@@ -228,7 +229,7 @@ class _ModelVersion:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.request_log is not None and (self.log_health or scope["path"] != "/healthz"):
+        if self.request_log is not None and (self.log_health or scope["path"] not in ("/healthz", "/metrics")):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             self.request_log.write(time.time(), scope["path"], headers)
 
@@ -298,11 +299,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run_server(app: FastAPI, args: argparse.Namespace) -> int:
     """Serve ``app`` on ``args.host:args.port`` until SIGTERM/SIGINT; prints ``ready <port>``; returns 0."""
     log = RequestLog(args.log_requests, args.version) if args.log_requests else None
-    wrapped = _ModelVersion(app, args.version, log, getattr(args, "log_health", False))
-    # GET /metrics: vLLM-style series (lazy import: prometheus_client only where a server runs)
+    # GET /metrics: vLLM-style series (lazy import: prometheus_client only where a server runs); inside
+    # _ModelVersion, so its answers carry x-model-version like every other
     from .vllm_metrics import MetricsMiddleware
 
-    wrapped = MetricsMiddleware(wrapped, getattr(args, "model_name", "model"), args.version)
+    metered = MetricsMiddleware(app, getattr(args, "model_name", "model"), args.version)
+    wrapped = _ModelVersion(metered, args.version, log, getattr(args, "log_health", False))
     logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -393,6 +395,6 @@ def add_common_args(p: argparse.ArgumentParser, *, default_model: str) -> None:
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered with HTTP 500")
     p.add_argument("--log-requests", metavar="FILE", default=None,
                    help="append one JSON line per request: {t, version, path, user, request_id}")
-    p.add_argument("--log-health", action="store_true", help="also log GET /healthz requests (off by default)")
+    p.add_argument("--log-health", action="store_true", help="also log GET /healthz and /metrics requests (off by default)")
     p.add_argument("--test-modes", action="store_true",
                    help="honour the x-test-mode request header (test-only behaviours)")

@@ -567,3 +567,45 @@ def test_classifier_accuracy_prior_errors(spawn):
         r, d = s.post_json("/predict", {"text": "x"}, conn=c)
         assert r.status == 500 or d["label"] == "c"
     c.close()
+
+
+def _series(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_vllm_style_metrics_count_what_the_server_answered(spawn):
+    """GET /metrics: the vLLM series, labelled with version, agree with the answers the client got."""
+    s = spawn(CHAT, "--version", "v3", "--latency-ms", "0", "--seed", "5", "--error-rate", "0.25",
+              "--content-filter-rate", "0.2", "--tokens-mean", "8")
+    c = s.conn()
+    statuses, reasons, tokens = [], {}, 0
+    for i in range(120):
+        body = {**MSG, "stream": i % 4 == 0}
+        r, raw = s.request("POST", "/v1/chat/completions", body, conn=c)
+        statuses.append(r.status)
+        if r.status == 200 and not body["stream"]:
+            d = json.loads(raw)
+            reasons[d["choices"][0]["finish_reason"]] = reasons.get(d["choices"][0]["finish_reason"], 0) + 1
+            tokens += d["usage"]["completion_tokens"]
+    r, raw = s.request("GET", "/metrics", conn=c)
+    c.close()
+    assert r.status == 200 and r.getheader("x-model-version") == "v3"
+    m = _series(raw.decode())
+    lab = 'model_name="lockgate-chat",version="v3"'
+    h = 'handler="/v1/chat/completions",method="POST"'
+    n5 = statuses.count(500)
+    assert 0 < n5 < 120
+    assert m[f'http_requests_total{{{h},model_name="lockgate-chat",status="5xx",version="v3"}}'] == n5
+    assert m[f'http_requests_total{{{h},model_name="lockgate-chat",status="2xx",version="v3"}}'] == 120 - n5
+    assert m[f"vllm:e2e_request_latency_seconds_count{{{lab}}}"] == 120  # streams timed to their end
+    assert m[f'vllm:e2e_request_latency_seconds_bucket{{le="+Inf",{lab}}}'] == 120
+    assert m[f"vllm:num_requests_running{{{lab}}}"] == 0
+    success = {k: v for k, v in m.items() if k.startswith("vllm:request_success_total")}
+    assert sum(success.values()) == 120 - n5  # streams included
+    assert m[f'vllm:request_success_total{{finished_reason="content_filter",{lab}}}'] >= reasons.get("content_filter", 0) > 0
+    assert m[f"vllm:generation_tokens_total{{{lab}}}"] >= tokens > 0

@@ -227,12 +227,14 @@ class WeightService:
     # ----- keeping in step with the other servers of the store
     async def run_sync(self, stop: asyncio.Event) -> None:
         """Until ``stop``: heartbeat, pick up weights saved through other servers (re-serving them), and
-        read what their Envoys hold. Store errors are logged and retried; serving never stops."""
+        read what their Envoys hold (only with ``xds_servers``). Store errors are logged and retried; serving
+        never stops."""
         next_beat = 0.0
         failing = False
+        peers = len(self.config.xds_fleet()) > 1  # one xDS server (no xds_servers): no heartbeat to write
         while not stop.is_set():
             try:
-                if time.monotonic() >= next_beat:
+                if peers and time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_S
                     await self._db(self.store.heartbeat, self.server_id, self.address, self.started_at)
                     self._read_servers(await self._db(self.store.servers))

@@ -70,6 +70,7 @@ def cfg(request, tmp_path):
     return config_from_text(f"""
 state_dir: {tmp_path}
 {f"database: {url}" if url else ""}
+xds_servers: [{{xds: "127.0.0.1:18000", control: "127.0.0.1:18010"}}, {{xds: "127.0.0.1:18100", control: "127.0.0.1:18110"}}]
 models: [{{name: chat, stable: v1, versions: {{v1: {{endpoints: ["127.0.0.1:1"]}}, v2: {{endpoints: ["127.0.0.1:2"]}},
           v3: {{endpoints: ["127.0.0.1:3"]}}}}}}]
 """)

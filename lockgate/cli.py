@@ -596,8 +596,10 @@ def cmd_analyze(args) -> int:
 
 
 def _log_state_dir(args):
-    """state_dir of ``-c lockgate.yaml`` (the deployment-log commands read rollouts.db directly)."""
-    return _load(args).state_dir
+    """state_dir and database of ``-c lockgate.yaml`` (the deployment-log commands read the rollout store
+    directly: rollouts.db, or its schema in PostgreSQL)."""
+    config = _load(args)
+    return config.state_dir, config.database
 
 
 def _log_call(fn):
@@ -611,10 +613,10 @@ def _log_call(fn):
 
 def cmd_history(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
+    state_dir, database = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir)
+        store = h.open_log(state_dir, database)
         try:
             return h.history(store, args.model, args.limit)
         finally:
@@ -631,10 +633,10 @@ def cmd_history(args) -> int:
 
 def cmd_show(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
+    state_dir, database = _log_state_dir(args)
 
     def run():
-        store = h.open_log(state_dir)
+        store = h.open_log(state_dir, database)
         try:
             return h.describe(*h.load(store, args.id))
         finally:
@@ -647,8 +649,9 @@ def cmd_show(args) -> int:
 
 def cmd_annotate(args) -> int:
     from lockgate.controller.tell import history as h
-    state_dir = _log_state_dir(args)
-    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor()))
+    state_dir, database = _log_state_dir(args)
+    detail = _log_call(lambda: h.annotate(state_dir, args.id, args.root_cause, args.category, _actor(),
+                                                  database=database))
     print(f"rollout #{args.id}: root cause recorded [{detail['category']}] {detail['root_cause']}")
     return 0
 
@@ -656,7 +659,8 @@ def cmd_annotate(args) -> int:
 def cmd_rollout_diagnose(args) -> int:
     from lockgate.controller.tell import diagnose as dg
     config = _load(args)
-    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit))
+    d = _log_call(lambda: dg.diagnose(config.state_dir, args.id, config.controller.retention_days, args.limit,
+                                       database=config.database))
     print(json.dumps(d, indent=2) if args.json else dg.render(d))
     return 0
 
@@ -666,8 +670,9 @@ def cmd_report(args) -> int:
 
     from lockgate.controller.tell.report import write_report
 
-    state_dir = _log_state_dir(args)
-    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png))
+    state_dir, database = _log_state_dir(args)
+    html, png = _log_call(lambda: write_report(state_dir, args.id, Path(args.output), png=not args.no_png,
+                                                          database=database))
     print(f"wrote {html}" + (f" and {png}" if png else ""))
     return 0
 

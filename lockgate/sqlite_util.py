@@ -94,6 +94,6 @@ def window_where(*, model: str | None = None, since_ts: float | None = None, unt
         params.append(float(until_ts))
     if versions is not None:
         versions = list(versions)
-        clauses.append(f"{prefix}version IN ({','.join('?' * len(versions))})" if versions else "0")
+        clauses.append(f"{prefix}version IN ({','.join('?' * len(versions))})" if versions else "1 = 0")
         params.extend(versions)
     return clauses, params

@@ -131,12 +131,13 @@ class LockgateConfig:
         raise KeyError(name)
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / "lockgate.db"
+    def db_path(self) -> "Where":
+        """The xDS weight store: ``<state_dir>/lockgate.db``, or its schema in the ``database``."""
+        return self.store("lockgate.db")
 
     @property
-    def observations_db_path(self) -> Path:
-        return self.state_dir / "observations.db"
+    def observations_db_path(self) -> "Where":
+        return self.store("observations.db")
 
 
 def parse_config(data: Any, smap, source: str, base_dir: Path) -> LockgateConfig:

@@ -48,10 +48,11 @@ from lockgate.controller.evaluate.evaluation import EvaluationService, evaluatio
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
 from lockgate.controller.ingest.envoy_watch import watch_envoy
 from lockgate.controller.ingest.observations import ObservationStore
-from lockgate.controller.ingest.samples import SampleStore, samples_path
+from lockgate.controller.ingest.samples import FILENAME as SAMPLES_FILE, SampleStore
 from lockgate.controller.tell.checks import HttpCheckCaller
 from lockgate.controller.tell.notify import Notifier
 from lockgate.controller.tell.trouble import TroubleMonitor
+from lockgate.database import exists as store_exists
 from lockgate.grpc_auth import add_port, server_interceptors, warn_if_insecure
 from lockgate.proto.v1 import observations_pb2_grpc as pb_grpc
 
@@ -93,9 +94,9 @@ class Controller:
         # retained response bodies (capture.retain_bodies); a store left from before is still pruned when off
         rb = config.capture.retain_bodies
         self.samples: SampleStore | None = None
-        if rb is not None or samples_path(config.state_dir).exists():
+        if rb is not None or store_exists(config.store(SAMPLES_FILE)):
             try:
-                self.samples = SampleStore(samples_path(config.state_dir), max_count=rb.max_count if rb else None)
+                self.samples = SampleStore(config.store(SAMPLES_FILE), max_count=rb.max_count if rb else None)
             except (OSError, sqlite3.Error) as exc:
                 raise ControllerStartError(f"cannot open the response sample store: {exc}") from None
         self.collector = ObservationCollectorServicer(self.store, self.metrics, self.writer,
@@ -109,7 +110,7 @@ class Controller:
                 raise ControllerStartError(f"cannot start evaluation: {exc}") from None
         # ----- decide and tell
         try:
-            self.rollouts = RolloutStore(config.state_dir / "rollouts.db")
+            self.rollouts = RolloutStore(config.store("rollouts.db"))
         except (OSError, sqlite3.Error) as exc:
             raise ControllerStartError(f"cannot open the rollout store: {exc}") from None
         # one control API client per user, as before: the trouble probes never queue behind a push

@@ -1,6 +1,6 @@
 """The evaluation store and metrics: mirrored request samples and their evaluations (docs/evaluation.md).
 
-SQLite in WAL mode at ``state_dir/evaluation.db`` (separate from the observation store, so its
+SQLite in WAL mode at ``state_dir/evaluation.db`` (or the schema ``evaluation`` in PostgreSQL; separate from the observation store, so its
 writers never contend with the collector). Samples (request bodies!) are kept ``retention_hours``
 and at most ``max_samples`` rows per model, oldest pruned first; evaluations (no bodies) as long as
 observations (``controller.retention_days``). Written by the sampler (samples) and the evaluation
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lockgate.config import LockgateConfig
-from lockgate.sqlite_util import open_store, window_where, write_transaction
+from lockgate.database import Connection, Postgres, Where, open_store, window_where, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -68,8 +67,8 @@ EVAL_OBJECT_COLUMNS = ("request_id", "model", "version", "role", "evaluator", "e
 EVAL_COLUMNS = EVAL_FLOAT_COLUMNS + ("is_canary",) + EVAL_OBJECT_COLUMNS
 
 
-def evaluation_db_path(config: LockgateConfig) -> Path:
-    return config.state_dir / "evaluation.db"
+def evaluation_db_path(config: LockgateConfig) -> Where:
+    return config.store("evaluation.db")
 
 
 def evaluation_enabled(config: LockgateConfig) -> bool:
@@ -115,8 +114,8 @@ class EvaluationStore:
     """``samples`` + ``evaluations`` in one SQLite file. Thread-safe (one connection under a lock);
     ``read_only`` opens an existing file for readers (the export CLI)."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | Where, *, read_only: bool = False):
+        self.path: Where = path if isinstance(path, Postgres) else Path(path)
         self.read_only = read_only
         self._lock = threading.Lock()
         # private: prompts and replayed headers (e.g. authorization) live here
@@ -127,7 +126,7 @@ class EvaluationStore:
             self._db.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Connection]:
         with self._lock:
             with write_transaction(self._db) as db:
                 yield db
@@ -140,8 +139,8 @@ class EvaluationStore:
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO samples(request_id, model, canary, ts, method, path, content_type, accept, "
-                "headers, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO samples(request_id, model, canary, ts, method, path, content_type, accept, "
+                "headers, body) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (s.request_id, s.model, s.canary, s.ts, s.method, s.path, s.content_type, s.accept,
                  json.dumps(s.headers) if s.headers else None, s.body))
             stored = cur.rowcount == 1
@@ -149,7 +148,7 @@ class EvaluationStore:
         return stored, pruned
 
     @staticmethod
-    def _prune_model(db: sqlite3.Connection, model: str, before_ts: float, max_samples: int) -> int:
+    def _prune_model(db: Connection, model: str, before_ts: float, max_samples: int) -> int:
         n = db.execute("DELETE FROM samples WHERE model = ? AND ts < ?", (model, before_ts)).rowcount
         (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE model = ?", (model,)).fetchone()
         if count > max_samples:
@@ -210,8 +209,10 @@ class EvaluationStore:
         mark the sample, atomically."""
         with self._tx() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO evaluations(request_id, model, version, role, evaluator, score, similarity, "
-                "ts, sample_ts, error) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO evaluations(request_id, model, version, role, evaluator, score, similarity, "
+                "ts, sample_ts, error) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(request_id, version) DO UPDATE SET "
+                + ", ".join(f"{c}=excluded.{c}" for c in ("model", "role", "evaluator", "score", "similarity", "ts",
+                                                           "sample_ts", "error")),
                 [(r.request_id, r.model, r.version, r.role, r.evaluator, _f(r.score), _f(r.similarity), r.ts,
                   r.sample_ts, r.error) for r in rows])
             if sample_id is not None:

@@ -30,6 +30,7 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 
 from lockgate.controller.ingest.observations import ObservationStore
+from lockgate.database import sibling
 from lockgate.controller.ingest.schema import (
     BOOL_COLUMNS, FETCH_COLUMNS, FLOAT_COLUMNS, JSONL_FIELD_TYPES, LABEL_ARRIVAL_COLUMN, LABEL_KINDS, add_label_aliases,
     columns_to_arrays,
@@ -118,7 +119,7 @@ def _evaluations_beside(store: ObservationStore) -> Any:
     from lockgate.controller.evaluate.evaluation import EvaluationStore
 
     try:
-        return EvaluationStore(store.path.parent / "evaluation.db", read_only=True)
+        return EvaluationStore(sibling(store.path, "evaluation.db"), read_only=True)
     except (FileNotFoundError, sqlite3.Error):
         return None
 

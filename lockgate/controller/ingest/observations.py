@@ -1,10 +1,11 @@
 """The observation store: every request lockgate's Envoys saw, and the labels (feedback) that arrive later.
 
-SQLite in WAL mode at ``<state_dir>/observations.db``:
+SQLite in WAL mode at ``<state_dir>/observations.db``, or the schema ``observations`` in PostgreSQL
+(:mod:`lockgate.database`):
 
 * ``observations`` — append-only, one row per :class:`~lockgate.proto.v1.observations_pb2.Observation`
   (a column per field; ``NULL`` = not measured, never 0). ``(request_id, replay)`` is unique, so a
-  retried batch is stored once (``INSERT OR IGNORE``). Indexed by ``ts`` alone (retention) and by
+  retried batch is stored once (``ON CONFLICT DO NOTHING``). Indexed by ``ts`` alone (retention) and by
   ``(model, ts)``, ``(model, version, ts)``, ``(model, stage, ts)`` (statistics windows).
 * ``labels`` — feedback joined by request id: ``kind`` ∈ :data:`LABEL_KINDS`, ``value``, and the
   arrival time ``ts``. One row per ``(request_id, kind)``: a later different value replaces the earlier
@@ -39,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -53,7 +53,8 @@ from lockgate.controller.ingest.schema import (
     add_label_aliases, columns_to_arrays,
 )
 from lockgate.routing import TOTAL_WEIGHT_BP
-from lockgate.sqlite_util import open_reader, open_store, window_where, write_transaction
+from lockgate.database import (Connection, Postgres, Where, columns, insert_new, open_reader, open_store, set_durable,
+                               window_where, write_transaction)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, "
@@ -103,19 +104,16 @@ CREATE TABLE IF NOT EXISTS sources (
 _LOCK_TIMEOUT_S = 30.0
 
 
-def _add_missing_columns(db: sqlite3.Connection) -> None:
+def _add_missing_columns(db: Any) -> None:
     """A store created by an older lockgate gains the newer observation columns (NULL in old rows);
     runs before :data:`SCHEMA` (``open_store``'s ``before_schema``)."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(observations)")}
+    have = columns(db, "observations")
     if not have:
         return  # a new store: SCHEMA creates the table
     for c in STORED_COLUMNS:
         if c.name not in have:
             db.execute(f"ALTER TABLE observations ADD COLUMN {c.name} {c.sql_type.replace(' NOT NULL', '')}")
 
-
-_INSERT_SQL = (f"INSERT OR IGNORE INTO observations({', '.join(STORED_COLUMN_NAMES)}) "
-               f"VALUES ({', '.join('?' * len(STORED_COLUMN_NAMES))})")
 
 # SQL expression per fetch column (o = observations, l_<kind> = labels)
 _SELECT: dict[str, str] = {
@@ -125,7 +123,8 @@ _SELECT: dict[str, str] = {
     "refusal": "o.refusal", "entropy": "o.entropy", "confidence": "o.confidence",
     "class_entropy": "o.class_entropy", "events": "o.events",
     "thumbs": "CASE l_thumbs.value WHEN 'up' THEN 1.0 WHEN 'down' THEN 0.0 END",
-    "task_success": "l_task_success.value", "evaluator_score": "l_evaluator_score.value",
+    # a label value has no SQL type on SQLite, TEXT on PostgreSQL: numbers are read as numbers
+    "task_success": "CAST(l_task_success.value AS REAL)", "evaluator_score": "CAST(l_evaluator_score.value AS REAL)",
     **{LABEL_ARRIVAL_COLUMN[k]: f"l_{k}.ts" for k in LABEL_KINDS},
     "is_canary": "o.role = 'canary'", "timeout": "o.timeout", "truncated": "o.truncated",
     "output_tokens_estimated": "o.output_tokens_estimated", "replay": "o.replay",
@@ -212,14 +211,14 @@ def empty_columns() -> dict[str, np.ndarray]:
 class ObservationStore:
     """SQLite observation + label store. Thread-safe: writes are serialized, reads use pooled connections."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, synchronous: str = "FULL",
+    def __init__(self, path: str | Where, *, read_only: bool = False, synchronous: str = "FULL",
                  read_pool: int = 4):
-        self.path = Path(path)
+        self.path: Where = path if isinstance(path, Postgres) else Path(path)
         self.read_only = read_only
         self._write_lock = threading.Lock()
-        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._pool: queue.LifoQueue[Connection] = queue.LifoQueue()
         self._pool_max = read_pool
-        self._all_readers: list[sqlite3.Connection] = []
+        self._all_readers: list[Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         #: called after labels are written with ``[(request_id, kind, stored value, arrival ts), ...]``
@@ -230,24 +229,23 @@ class ObservationStore:
         self._sync_durable = synchronous.upper()
         self._sync_deferred = "NORMAL" if self._sync_durable in ("FULL", "EXTRA") else self._sync_durable
         self._sync_now = self._sync_durable
-        self._db: sqlite3.Connection | None = None
+        self._db: Connection | None = None
         if read_only:  # no writer: readers only (open_reader, the file opened read-only)
-            if not self.path.exists():
-                raise FileNotFoundError(f"no observation store at {self.path}")
+            open_store(self.path, read_only=True, what="observation store").close()  # FileNotFoundError if none
         else:
             self._db = open_store(self.path, SCHEMA, read_only=False, what="observation store",
                                   synchronous=synchronous, timeout_s=_LOCK_TIMEOUT_S,
                                   before_schema=_add_missing_columns)
 
     # ----- connections -----
-    def _connect_reader(self) -> sqlite3.Connection:
+    def _connect_reader(self) -> Connection:
         conn = open_reader(self.path, timeout_s=_LOCK_TIMEOUT_S, file_read_only=self.read_only)
         with self._readers_lock:
             self._all_readers.append(conn)
         return conn
 
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
+    def _reader(self) -> Iterator[Connection]:
         if self._closed:
             raise RuntimeError("observation store is closed")
         try:
@@ -266,7 +264,7 @@ class ObservationStore:
                 conn.close()
 
     @contextlib.contextmanager
-    def _writer(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _writer(self, durable: bool = True) -> Iterator[Connection]:
         """One write transaction. ``durable=False``: its commit is not synced to disk by itself, only
         by the next durable commit (or checkpoint); a crash of the process loses nothing, a power loss
         may lose it."""
@@ -275,7 +273,7 @@ class ObservationStore:
         with self._write_lock:
             sync = self._sync_durable if durable else self._sync_deferred
             if sync != self._sync_now:
-                self._db.execute(f"PRAGMA synchronous={sync}")
+                set_durable(self._db, durable, sqlite_durable=self._sync_durable, sqlite_fast=self._sync_deferred)
                 self._sync_now = sync
             with write_transaction(self._db) as db:
                 yield db
@@ -332,7 +330,7 @@ class ObservationStore:
                 existing.update(db.execute(
                     f"SELECT request_id, replay FROM observations WHERE request_id IN ({','.join('?' * len(chunk))})",
                     chunk).fetchall())
-            db.executemany(_INSERT_SQL, rows)
+            insert_new(db, "observations", STORED_COLUMN_NAMES, rows)
             seen: set[tuple[str, int]] = set()
             for k, i in zip(keys, index):
                 if k in existing or k in seen:
@@ -341,8 +339,8 @@ class ObservationStore:
                 new.append(i)
             if source:  # in the same transaction: the per-source count is exactly what was stored
                 db.execute("INSERT INTO sources(source, stored, rejected, last_ts) VALUES (?,?,?,?) "
-                           "ON CONFLICT(source) DO UPDATE SET stored = stored + excluded.stored, "
-                           "rejected = rejected + excluded.rejected, last_ts = excluded.last_ts",
+                           "ON CONFLICT(source) DO UPDATE SET stored = sources.stored + excluded.stored, "
+                           "rejected = sources.rejected + excluded.rejected, last_ts = excluded.last_ts",
                            (source, len(new), rejected, now))
         return InsertResult(new, len(rows) - len(new), rejected)
 
@@ -356,8 +354,8 @@ class ObservationStore:
                 if not o.request_id or not o.error_kind:
                     continue
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO outcomes(request_id, error_kind, response_flags, details, status_code, "
-                    "model, version, role, ts) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO outcomes(request_id, error_kind, response_flags, details, status_code, "
+                    "model, version, role, ts) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                     (o.request_id, o.error_kind, o.response_flags or None, o.details or None, o.status_code or None,
                      o.model or None, o.version or None, o.role or None, o.ts if o.ts > 0 else now))
                 if cur.rowcount:
@@ -379,10 +377,9 @@ class ObservationStore:
                 db.execute(
                     "INSERT INTO sources(source, last_ts, captured, acked, dropped, ended_ts, reported_by) "
                     "VALUES (?,?,?,?,?,?,?) ON CONFLICT(source) DO UPDATE SET "
-                    "captured = MAX(COALESCE(captured, 0), excluded.captured), "
-                    "acked = MAX(COALESCE(acked, 0), excluded.acked), "
-                    "dropped = MAX(COALESCE(dropped, 0), excluded.dropped), "
-                    "ended_ts = COALESCE(ended_ts, excluded.ended_ts), reported_by = excluded.reported_by",
+                    + ", ".join(f"{c} = CASE WHEN COALESCE(sources.{c}, 0) > excluded.{c} THEN sources.{c} "
+                                f"ELSE excluded.{c} END" for c in ("captured", "acked", "dropped"))  # the larger
+                    + ", ended_ts = COALESCE(sources.ended_ts, excluded.ended_ts), reported_by = excluded.reported_by",
                     (k.source, now, int(k.captured), int(k.acked), int(k.dropped), now, reported_by or None))
         return [x for x in self.source_losses() if x["source"] in names]
 
@@ -419,7 +416,7 @@ class ObservationStore:
                 db.executemany(
                     "INSERT INTO labels(request_id, kind, value, ts) VALUES (?,?,?,?) "
                     "ON CONFLICT(request_id, kind) DO UPDATE SET value=excluded.value, ts=excluded.ts "
-                    "WHERE labels.value IS NOT excluded.value", todo)
+                    "WHERE labels.value IS DISTINCT FROM excluded.value", todo)
             for fn in self.on_labels:  # after the commit; a value sent again is a no-op there too
                 fn(todo)
         return out
@@ -437,7 +434,8 @@ class ObservationStore:
                                   (older_than_ts, chunk)).fetchall()
                 if not rows:
                     break
-                db.executemany("INSERT OR REPLACE INTO expired(request_id, ts, pruned_at) VALUES (?,?,?)",
+                db.executemany("INSERT INTO expired(request_id, ts, pruned_at) VALUES (?,?,?) ON CONFLICT(request_id) "
+                               "DO UPDATE SET ts=excluded.ts, pruned_at=excluded.pruned_at",
                                [(rid, ts, now) for _, rid, ts in rows])
                 db.executemany("DELETE FROM labels WHERE request_id = ?", [(rid,) for _, rid, _ in rows])
                 db.executemany("DELETE FROM outcomes WHERE request_id = ?", [(rid,) for _, rid, _ in rows])
@@ -515,7 +513,7 @@ class ObservationStore:
                 params.append(stage)
         if not include_replay:
             clauses.append("o.replay = 0")
-        return " AND ".join(clauses) or "1", params
+        return " AND ".join(clauses) or "1 = 1", params
 
     def fetch(self, model: str, since_ts: float | None = None, until_ts: float | None = None,
               versions: Sequence[str] | None = None, *, stage: str | None = None, include_replay: bool = False,
@@ -617,7 +615,7 @@ def _label_db_value(kind: str, value: Any) -> Any:
 
 def _label_py_value(kind: str, value: Any) -> Any:
     if kind == "task_success":
-        return bool(value)
+        return bool(float(value))  # 1/0 on SQLite, '1'/'0' on PostgreSQL
     if kind == "evaluator_score":
         return float(value)
     return value

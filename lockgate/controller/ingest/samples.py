@@ -1,6 +1,6 @@
 """Retained response bodies (opt-in ``capture.retain_bodies``): a bounded sample of what a model answered.
 
-SQLite (WAL) at ``<state_dir>/response_samples.db`` — its own file, never the ``observations`` table,
+SQLite (WAL) at ``<state_dir>/response_samples.db`` (or the schema ``response_samples`` in PostgreSQL) — its own file, never the ``observations`` table,
 created ``0600`` (response bodies may hold user data), deletable on its own. One table::
 
     response_samples(request_id PRIMARY KEY, model, version, role, ts, status_code, upstream_host,
@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lockgate.sqlite_util import open_store, window_where
+from lockgate.database import Postgres, Where, open_store, window_where, write_transaction
 
 FILENAME = "response_samples.db"
 
@@ -47,7 +47,8 @@ CREATE INDEX IF NOT EXISTS samples_ts ON response_samples(ts);
 """
 _COLS = ("request_id", "model", "version", "role", "ts", "status_code", "upstream_host", "content_type",
          "content_encoding", "body", "truncated", "received_ts")
-_INSERT = f"INSERT OR IGNORE INTO response_samples({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})"
+_INSERT = (f"INSERT INTO response_samples({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))}) "
+           "ON CONFLICT DO NOTHING")
 
 
 def samples_path(state_dir: str | Path) -> Path:
@@ -68,8 +69,8 @@ def sample_row(obs: Any, received_ts: float) -> tuple | None:
 class SampleStore:
     """The ``response_samples`` table. ``max_count`` (per model) applies to inserts; read-only opens for tools."""
 
-    def __init__(self, path: str | Path, *, max_count: int | None = None, read_only: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | Where, *, max_count: int | None = None, read_only: bool = False):
+        self.path: Where = path if isinstance(path, Postgres) else Path(path)
         self.max_count = max_count
         self.read_only = read_only
         self._lock = threading.Lock()
@@ -91,36 +92,35 @@ class SampleStore:
                 if r is not None and (roles is None or r[3] in roles)]
         if not rows:
             return 0
+        new_by_model: dict[str, int] = {}
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
             try:
-                new_by_model: dict[str, int] = {}
-                for row in rows:
-                    before = db.total_changes
-                    db.execute(_INSERT, row)
-                    if db.total_changes != before:
-                        new_by_model[row[1]] = new_by_model.get(row[1], 0) + 1
-                if self.max_count is not None:
-                    for model, added in new_by_model.items():
-                        n = self._counts.get(model)
-                        if n is None:
-                            n = db.execute("SELECT COUNT(*) FROM response_samples WHERE model = ?",
-                                           (model,)).fetchone()[0]
-                        else:
-                            n += added
-                        if n > self.max_count:
-                            db.execute("DELETE FROM response_samples WHERE rowid IN (SELECT rowid FROM "
-                                       "response_samples WHERE model = ? ORDER BY ts, rowid LIMIT ?)",
-                                       (model, n - self.max_count))
-                            n = self.max_count
-                        self._counts[model] = n
+                self._insert(rows, new_by_model)
             except BaseException:
-                db.execute("ROLLBACK")
                 self._counts.clear()
                 raise
-            db.execute("COMMIT")
         return sum(new_by_model.values())
+
+    def _insert(self, rows: list[tuple], new_by_model: dict[str, int]) -> None:
+        """Insert ``rows`` (counting the new ones per model) and trim each model to ``max_count``, atomically."""
+        with write_transaction(self._db) as db:
+            for row in rows:
+                if db.execute(_INSERT, row).rowcount:
+                    new_by_model[row[1]] = new_by_model.get(row[1], 0) + 1
+            if self.max_count is not None:
+                for model, added in new_by_model.items():
+                    n = self._counts.get(model)
+                    if n is None:
+                        n = db.execute("SELECT COUNT(*) FROM response_samples WHERE model = ?",
+                                       (model,)).fetchone()[0]
+                    else:
+                        n += added
+                    if n > self.max_count:
+                        db.execute("DELETE FROM response_samples WHERE rowid IN (SELECT rowid FROM "
+                                   "response_samples WHERE model = ? ORDER BY ts, rowid LIMIT ?)",
+                                   (model, n - self.max_count))
+                        n = self.max_count
+                    self._counts[model] = n
 
     def prune(self, older_than_ts: float) -> int:
         """Delete samples with ``ts < older_than_ts`` (the observation retention). Returns rows deleted."""

@@ -30,8 +30,9 @@ import numpy as np
 
 from lockgate.controller.tell.history import LogError, fmt_ts, load, open_log
 from lockgate.controller.tell.verdicts import beyond_text, verdict_rows
-from lockgate.controller.ingest.samples import SampleStore, sample_json, samples_path
+from lockgate.controller.ingest.samples import FILENAME, SampleStore, sample_json
 from lockgate.controller.ingest.schema import ERROR_COLUMNS, error_column
+from lockgate.database import locate
 
 COLUMNS = ("ts", "request_id", "version", "role", "upstream_host", *ERROR_COLUMNS, "latency_ms", "output_tokens",
            "parse_error")
@@ -131,12 +132,12 @@ def first_failures(data: Mapping[str, np.ndarray], role: str = "canary", limit: 
 
 
 def canary_samples(state_dir: Path, model: str, canary: str, since: float, until: float,
-                   limit: int = SAMPLES_SHOWN) -> list[dict] | None:
+                   limit: int = SAMPLES_SHOWN, database: str | None = None) -> list[dict] | None:
     """The first ``limit`` retained canary responses of the window (None: no sample store at all)."""
-    path = samples_path(state_dir)
-    if not path.exists():
+    try:
+        store = SampleStore(locate(state_dir, FILENAME, database), read_only=True)
+    except FileNotFoundError:
         return None
-    store = SampleStore(path, read_only=True)
     try:
         recs = store.window(model, since, until, versions=[canary], role="canary", limit=limit)
     finally:
@@ -145,12 +146,13 @@ def canary_samples(state_dir: Path, model: str, canary: str, since: float, until
 
 
 def diagnose(state_dir: Path, rollout_id: int, retention_days: float | None = None, limit: int = 10,
-             now: float | None = None, samples: int = SAMPLES_SHOWN) -> dict:
-    """Everything ``lockgate rollout diagnose`` shows, as JSON data."""
+             now: float | None = None, samples: int = SAMPLES_SHOWN, database: str | None = None) -> dict:
+    """Everything ``lockgate rollout diagnose`` shows, as JSON data (``database``: the config's
+    PostgreSQL URL, if any)."""
     from lockgate.controller.ingest.observations import ObservationStore
 
     now = time.time() if now is None else now
-    store = open_log(state_dir)
+    store = open_log(state_dir, database)
     try:
         r, events, evaluations = load(store, rollout_id)
     finally:
@@ -166,14 +168,16 @@ def diagnose(state_dir: Path, rollout_id: int, retention_days: float | None = No
         "verdicts": last.get("verdicts", []),
         "hosts": [], "first_failures": [], "observations": 0, "note": None,
     }
-    got = canary_samples(Path(state_dir), r.model, r.canary, r.started_at, until, samples) if samples > 0 else []
+    got = canary_samples(Path(state_dir), r.model, r.canary, r.started_at, until, samples,
+                         database) if samples > 0 else []
     out["samples"] = got or []
     out["samples_kept"] = got is not None  # False: no response body was ever retained (retain_bodies off)
-    obs_path = Path(state_dir) / "observations.db"
-    if not obs_path.exists():
+    obs_path = locate(state_dir, "observations.db", database)
+    try:
+        obs = ObservationStore(obs_path, read_only=True)
+    except FileNotFoundError:
         out["note"] = f"no observation store at {obs_path}"
         return out
-    obs = ObservationStore(obs_path, read_only=True)
     try:
         data = obs.fetch(r.model, since_ts=r.started_at, until_ts=until, versions=[r.baseline, r.canary],
                          columns=list(COLUMNS))

@@ -1,7 +1,8 @@
 """The deployment log, read back: ``lockgate history``, ``lockgate show``, ``lockgate annotate``.
 
-Everything here reads ``<state_dir>/rollouts.db`` directly (a read-only SQLite connection), so it
-works whether or not the controller runs. The log is append-only: an annotation is one more
+Everything here reads the rollout store directly (``<state_dir>/rollouts.db`` on a read-only SQLite
+connection, or its PostgreSQL schema when the config has ``database:``), so it works whether or not
+the controller runs. The log is append-only: an annotation is one more
 ``annotation`` event (``detail`` = ``{"root_cause": …, "category": …}``); nothing is rewritten, and
 the latest annotation of a rollout wins for display.
 
@@ -22,7 +23,7 @@ from lockgate.controller.tell.verdicts import (EXCEEDANCE_SCALE, allowance_state
                                                fmt_line, is_gating, on_exceedance_scale, plain, rollback_line,
                                                scale_suffix, verdict_label, worse_bound)
 from lockgate.controller.tell.verdicts import verdict_rows  # noqa: F401  (re-exported for report and diagnose)
-from lockgate.sqlite_util import open_store
+from lockgate.database import Where, locate, open_store
 
 CATEGORIES = ("data", "preprocessing", "tokenizer", "hardware", "other")
 #: statuses that count as a failed rollout for ``history --causes``
@@ -41,31 +42,31 @@ class LogError(Exception):
 class ReadOnlyRolloutStore(RolloutStore):
     """:class:`RolloutStore` on a read-only connection (the same read methods; writes fail)."""
 
-    def __init__(self, path: Path):  # noqa: D107 - deliberately not calling super().__init__
-        if not path.exists():
+    def __init__(self, path: Where):  # noqa: D107 - deliberately not calling super().__init__
+        try:
+            self._db = open_store(path, read_only=True, what="deployment log", timeout_s=10.0)
+        except FileNotFoundError:
             raise LogError(f"no deployment log yet ({path} does not exist: no rollout was ever started "
-                           f"with this state_dir)")
+                           f"with this state_dir)") from None
         self.path = path
-        self._db = open_store(path, read_only=True, what="deployment log", timeout_s=10.0)
         self.owner = "read-only"
 
 
-def open_log(state_dir: Path) -> ReadOnlyRolloutStore:
-    return ReadOnlyRolloutStore(Path(state_dir) / "rollouts.db")
+def open_log(state_dir: Path, database: str | None = None) -> ReadOnlyRolloutStore:
+    """The deployment log of ``state_dir`` (``database``: the config's PostgreSQL URL, if any)."""
+    return ReadOnlyRolloutStore(locate(state_dir, "rollouts.db", database))
 
 
 def annotate(state_dir: Path, rollout_id: int, root_cause: str, category: str, actor: str,
-             now: float | None = None) -> dict:
+             now: float | None = None, database: str | None = None) -> dict:
     """Append an ``annotation`` event (the only write here). Returns the event detail."""
     if category not in CATEGORIES:
         raise LogError(f"--category must be one of {', '.join(CATEGORIES)}, got {category!r}")
     root_cause = root_cause.strip()
     if not root_cause:
         raise LogError("--root-cause must not be empty")
-    path = Path(state_dir) / "rollouts.db"
-    if not path.exists():
-        raise LogError(f"no deployment log yet ({path} does not exist)")
-    store = RolloutStore(path)
+    open_log(state_dir, database).close()  # LogError when there is none yet
+    store = RolloutStore(locate(state_dir, "rollouts.db", database))
     try:
         r = store.get(rollout_id)
         if r is None:

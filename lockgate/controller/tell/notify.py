@@ -66,9 +66,8 @@ class Notifier:
     def _open(self) -> None:
         if self.outbox is not None:
             return
-        state = self.config.state_dir
-        self.outbox = Outbox(state / "notify.db")
-        self.log_store = RolloutStore(state / "rollouts.db")
+        self.outbox = Outbox(self.config.store("notify.db"))
+        self.log_store = RolloutStore(self.config.store("rollouts.db"))
         self.outbox.prune(time.time() - KEEP_DONE_S)
 
     def _close(self) -> None:

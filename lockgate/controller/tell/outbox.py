@@ -1,4 +1,5 @@
-"""The notifier's durable queue (``<state_dir>/notify.db``, SQLite, WAL, ``synchronous=FULL``).
+"""The notifier's durable queue (``<state_dir>/notify.db``, SQLite, WAL, ``synchronous=FULL``; or the
+schema ``notify`` in PostgreSQL, :mod:`lockgate.database`).
 
 One row per (alert, sink) and per registry update, on a *channel* (``alert:<sink name>`` or
 ``registry``). Rows are delivered in order per channel: :meth:`Outbox.heads` is the oldest pending row
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lockgate.sqlite_util import open_store
+from lockgate.database import Where, open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -60,7 +61,7 @@ def _item(r: tuple) -> Item:
 class Outbox:
     """The durable queue. Not thread-safe: the notifier uses it from its one database thread."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Where):
         self.path = path
         self.db = open_store(path, SCHEMA, read_only=False, what="notification outbox", synchronous="FULL",
                              timeout_s=10.0)
@@ -71,9 +72,9 @@ class Outbox:
     def add(self, channel: str, kind: str, rollout_id: int | None, payload: dict, now: float | None = None) -> int:
         now = time.time() if now is None else now
         cur = self.db.execute("INSERT INTO outbox(channel, kind, rollout_id, payload_json, created_at, next_at) "
-                              "VALUES (?,?,?,?,?,?)", (channel, kind, rollout_id, json.dumps(payload, default=str),
+                              "VALUES (?,?,?,?,?,?) RETURNING id", (channel, kind, rollout_id, json.dumps(payload, default=str),
                                                        now, now))
-        return int(cur.lastrowid)
+        return int(cur.fetchone()[0])
 
     def heads(self, busy: frozenset[str] = frozenset()) -> list[Item]:
         """The oldest pending row of every channel (delivery is in order per channel)."""

@@ -314,9 +314,11 @@ def render_png(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], 
     return to_png(w, hgt, prims, scale)
 
 
-def write_report(state_dir: Path, rollout_id: int, out: Path, png: bool = True) -> tuple[Path, Path | None]:
-    """Write ``out`` (HTML) and, with ``png``, ``out`` with suffix ``.png``. Returns both paths."""
-    store = open_log(state_dir)
+def write_report(state_dir: Path, rollout_id: int, out: Path, png: bool = True,
+                 database: str | None = None) -> tuple[Path, Path | None]:
+    """Write ``out`` (HTML) and, with ``png``, ``out`` with suffix ``.png``. Returns both paths
+    (``database``: the config's PostgreSQL URL, if any)."""
+    store = open_log(state_dir, database)
     try:
         r, events, evaluations = load(store, rollout_id)
     finally:

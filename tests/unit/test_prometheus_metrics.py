@@ -319,3 +319,32 @@ rollout:
     assert out["decision"] == "continue", out
     assert {r["metric"]: r for r in out["reasons"]}["prom_errors"]["verdict"] == "not-yet"
     assert any(NOT_REPLAYED in str(r) for r in out["reasons"])
+
+
+def test_a_controller_starting_mid_rollout_recovers_the_stage_starts_from_the_store(tmp_path):
+    """Stage windows (the strata of the Prometheus counts) survive a restart or a takeover: the earlier stages'
+    starts are the first stored requests routed at their weights, as `lockgate analyze` reads them."""
+    from types import SimpleNamespace
+
+    from lockgate.controller.decide.prometheus_evidence import stage_starts
+    from lockgate.controller.ingest.observations import ObservationStore
+    from lockgate.proto.v1 import observations_pb2 as pb
+
+    text = SPEC.replace("  alpha: 0.01\n", "  alpha: 0.01\n  steps: [{weight_percent: 10}, {weight_percent: 30}, "
+                                            "{weight_percent: 50}]\n  promotion: {max_duration: 2h}\n")
+    spec = spec_from_text(text, "r.yaml")
+    store = ObservationStore(tmp_path / "obs.db")
+    try:
+        obs = [pb.Observation(request_id=f"r{t:g}-{i}", ts=t + i * 0.5, model="chat", version=v, role=role, weight_bp=bp,
+                              status_code=200, user_key=f"u{i}")
+               for t, bp in ((100.0, 1000), (200.0, 3000), (300.0, 5000))
+               for i, (v, role) in enumerate((("v1", "baseline"), ("v2", "canary")) * 3)]
+        store.insert(obs, received_ts=400.0)
+        rollout = SimpleNamespace(id=7, model="chat", canary="v2", baseline="v1", stage=2, started_at=50.0,
+                                  stage_started_at=300.0)
+        assert stage_starts(spec, [100.0, 200.5, 200.0, 300.0], [0.1, 0.3, 0.3, 0.5], 50.0, 1) == {1: 200.0}
+        assert PrometheusEvidence().bounds(rollout, 400.0, spec, store) == [50.0, 200.0, 300.0, 400.0]
+        # without the store (or at stage 0) only what this controller saw: the current stage's start
+        assert PrometheusEvidence().bounds(rollout, 400.0) == [50.0, 300.0, 400.0]
+    finally:
+        store.close()

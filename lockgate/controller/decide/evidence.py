@@ -40,9 +40,11 @@ EVAL_COLUMNS = DECISION_COLUMNS  #: the columns a decision reads (one home: inge
 PROMETHEUS = PrometheusEvidence()
 
 
-def with_prometheus(judgement: Any, rollout: Rollout, spec: RolloutSpec, now: float) -> Any:
-    """``judgement`` with the verdicts of ``spec``'s Prometheus-sourced metrics merged in (itself when none)."""
-    return PROMETHEUS.with_prometheus(judgement, rollout, spec, now)
+def with_prometheus(judgement: Any, rollout: Rollout, spec: RolloutSpec, now: float,
+                    observations: ObservationSource | None = None) -> Any:
+    """``judgement`` with the verdicts of ``spec``'s Prometheus-sourced metrics merged in (itself when none);
+    ``observations``: where a controller that starts mid-rollout finds the earlier stages' starts."""
+    return PROMETHEUS.with_prometheus(judgement, rollout, spec, now, observations)
 
 
 def rollout_columns(observations: ObservationSource, config: LockgateConfig, rollout: Rollout,
@@ -65,7 +67,8 @@ def judge(observations: ObservationSource, config: LockgateConfig, rollout: Roll
     counts) and the canary samples seen in the current stage: the full path (every stored row re-read;
     :class:`.accumulator.LiveEvidence` gives the same incrementally)."""
     data = rollout_columns(observations, config, rollout)
-    judgement = with_prometheus(analysis.evaluate_at(spec, data, now, rollout.auto_values()), rollout, spec, now)
+    judgement = with_prometheus(analysis.evaluate_at(spec, data, now, rollout.auto_values()), rollout, spec, now,
+                                observations)
     ts = np.asarray(data.get("ts", []), dtype=float)
     role = np.asarray(data.get("role", []), dtype=object)
     traffic = {"in_stage": analysis.canary_samples_in_stage(ts, role == "canary", rollout.stage_started_at, now),

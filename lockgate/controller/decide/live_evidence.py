@@ -144,7 +144,8 @@ class LiveEvidence:
                 if scheduled:
                     self._intervals_at[rollout.id] = now
             traffic = state.traffic(now, rollout.stage_started_at)
-        judgement = with_prometheus(judgement, rollout, spec, now)  # outside the lock: it may query Prometheus
+        # outside the lock: it may query Prometheus (and, at a first look mid-rollout, read the stage starts)
+        judgement = with_prometheus(judgement, rollout, spec, now, self.observations)
         summary = summarize(judgement, spec, rollout, traffic)
         return judgement, summary, traffic["in_stage"]
 

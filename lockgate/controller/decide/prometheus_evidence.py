@@ -16,9 +16,10 @@ What Prometheus gives and how it becomes the core's input:
   ``stats.means.evaluate_mean``, the samples of one ``block`` of time forming one cluster (neighbouring
   samples of a gauge are correlated).
 
-Strata are the rollout's stages, as for the built-in metrics: the windows between the stage starts this
-controller has seen (a controller restarted mid-rollout pools the stages before the current one into one
-window). Alpha: each metric runs at its share of the rollout's alpha (``RolloutSpec.alphas``), so the
+Strata are the rollout's stages, as for the built-in metrics: the windows between the stage starts. A
+controller learns them as it moves the rollout; one that starts mid-rollout (a restart, a standby taking
+over) recovers the earlier ones from the stored observations — each stage began with the first request
+routed at its weight, as ``lockgate analyze`` reads them (:func:`stage_starts`). Alpha: each metric runs at its share of the rollout's alpha (``RolloutSpec.alphas``), so the
 family-wise guarantee covers both sources together; :func:`merge` re-judges all verdicts as one judgement.
 
 **Missing data holds.** Prometheus unreachable, slow (``timeout_s``), an error, a query selecting no
@@ -53,7 +54,7 @@ from lockgate.controller.stats.rates import rate_verdict
 log = logging.getLogger("lockgate.controller.decide.prometheus_evidence")
 
 __all__ = ["CLUSTERING_NOTE", "MAX_REQUESTS", "NOT_REPLAYED", "PrometheusEvidence", "count_groups", "count_verdict",
-           "gauge_verdict", "merge", "offline"]
+           "gauge_verdict", "merge", "offline", "stage_starts"]
 
 #: in every Prometheus-sourced verdict
 CLUSTERING_NOTE = "per-user clustering not available: Prometheus aggregates"
@@ -139,6 +140,20 @@ def gauge_verdict(spec: MetricSpec, alpha: float, samples: dict[str, list[tuple[
     return replace(out, reason=f"{out.reason}; {note}", details={**out.details, **det})
 
 
+def stage_starts(spec: RolloutSpec, ts: Any, weight: Any, started_at: float, upto_stage: int) -> dict[int, float]:
+    """When each stage ``1..upto_stage`` began: the first observation (``ts``, epoch s) routed with its step's
+    weight (``weight``: the canary share 0-1 in force per request) at or after ``started_at``. Stages with
+    no such observation are left out (their windows pool with the previous one)."""
+    ts = np.asarray(ts, dtype=float)
+    bp = np.nan_to_num(np.asarray(weight, dtype=float)) * 10000.0
+    out: dict[int, float] = {}
+    for k in range(1, min(upto_stage, len(spec.steps) - 1) + 1):
+        hit = (np.abs(bp - spec.steps[k].weight_bp) < 0.5) & (ts >= started_at)
+        if hit.any():
+            out[k] = float(ts[hit].min())
+    return out
+
+
 def merge(judgement: Judgement, extra: Sequence[MetricVerdict], spec: RolloutSpec) -> Judgement:
     """One judgement of the observation-fed verdicts and the Prometheus-sourced ones, in the spec's order, at
     the rollout's alpha (each verdict already ran at its share of it)."""
@@ -183,29 +198,48 @@ class PrometheusEvidence:
                 self._readers[key] = PrometheusReader(url, timeout_s)
             return self._readers[key]
 
-    def bounds(self, rollout: Any, now: float) -> list[float]:
-        """The stage boundaries of ``rollout`` up to ``now``: its start, each stage start seen, ``now``."""
+    def bounds(self, rollout: Any, now: float, spec: RolloutSpec | None = None, observations: Any = None
+               ) -> list[float]:
+        """The stage boundaries of ``rollout`` up to ``now``: its start, each stage start, ``now``. At the first
+        look at a rollout past its first stage, the earlier stages' starts come from ``observations`` (an
+        ``ObservationSource``: one read of two columns), when given."""
+        with self._lock:
+            first = rollout.id not in self._stages
+        recovered: dict[int, float] = {}
+        if first and observations is not None and spec is not None and int(rollout.stage) > 0:
+            try:
+                data = observations.fetch(rollout.model, since_ts=rollout.started_at,
+                                          versions=[rollout.baseline, rollout.canary], columns=["ts", "weight"])
+                recovered = stage_starts(spec, data.get("ts", ()), data.get("weight", ()), rollout.started_at,
+                                         int(rollout.stage) - 1)
+            except Exception:  # advice for the strata only: without it the earlier stages pool into one window
+                log.exception("rollout #%s: the earlier stage starts could not be read", getattr(rollout, "id", "?"))
         with self._lock:
             seen = self._stages.setdefault(rollout.id, {})
+            for k, t in recovered.items():
+                seen.setdefault(k, t)
             seen.setdefault(int(rollout.stage), float(rollout.stage_started_at))
             starts = sorted(t for t in seen.values() if rollout.started_at < t < now)
         return [float(rollout.started_at), *starts, float(now)]
 
-    def with_prometheus(self, judgement: Judgement, rollout: Any, spec: RolloutSpec, now: float) -> Judgement:
+    def with_prometheus(self, judgement: Judgement, rollout: Any, spec: RolloutSpec, now: float,
+                        observations: Any = None) -> Judgement:
         """``judgement`` (of the observation-fed metrics) merged with the verdicts of ``spec``'s
-        Prometheus-sourced metrics; ``judgement`` itself when the spec has none."""
+        Prometheus-sourced metrics; ``judgement`` itself when the spec has none. ``observations`` (an
+        ``ObservationSource``) lets a controller that starts mid-rollout recover the earlier stage starts."""
         if not getattr(spec, "prometheus_metrics", ()):
             return judgement
-        return merge(judgement, self.verdicts(rollout, spec, now), spec)
+        return merge(judgement, self.verdicts(rollout, spec, now, observations), spec)
 
-    def verdicts(self, rollout: Any, spec: RolloutSpec, now: float) -> tuple[MetricVerdict, ...]:
+    def verdicts(self, rollout: Any, spec: RolloutSpec, now: float, observations: Any = None
+                 ) -> tuple[MetricVerdict, ...]:
         metrics = spec.prometheus_metrics
         refresh = min(m.prometheus.refresh_s for m in metrics)
         with self._lock:
             last = self._last.get(rollout.id)
         if last is not None and last[0] == spec.sha256 and last[1] == rollout.stage and 0 <= now - last[2] < refresh:
             return last[3]
-        bounds = self.bounds(rollout, now)
+        bounds = self.bounds(rollout, now, spec, observations)
         alphas = spec.alphas
         out = tuple(self.verdict(m, m.to_stats_spec(), alphas[m.key], rollout, bounds, now) for m in metrics)
         with self._lock:

@@ -37,6 +37,7 @@ BENCHMARKS = {
     "capture": ("capture.py", "capture.json", []),  # ~20 min (5-min loss check, ~1M-request memory run)
     "auto_rollback": ("auto_rollback.py", "auto_rollback.json", ["--no-doc"]),  # ~4 min, 24 automatic rollbacks
     "fleet_rollback": ("fleet_rollback.py", "fleet_rollback.json", ["--no-doc"]),  # ~2 min, N = 1, 3, 10 Envoys
+    "failover": ("failover.py", "failover.json", ["--no-doc"]),  # ~6 min, controller and xDS failover, 2 databases
 }
 
 
@@ -247,8 +248,15 @@ def render_fleet_rollback(d: dict) -> str:
     return render(d)
 
 
+def render_failover(d: dict) -> str:
+    from failover import render  # control-plane failover renders its own section
+
+    return render(d)
+
+
 RENDERERS = {"routing_latency": render_routing, "weight_push": render_weight_push, "capture": render_capture,
-             "auto_rollback": render_auto_rollback, "fleet_rollback": render_fleet_rollback}
+             "auto_rollback": render_auto_rollback, "fleet_rollback": render_fleet_rollback,
+             "failover": render_failover}
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -17,7 +17,9 @@ the host's name as node id, from its own ``lockgate.yaml``. Then, with real proc
   and names the two; the killed host's Envoy, restarted, gets weight 0 at once and the alert resolves;
 * a host cut off by a network partition (its link down; its ADS connection still looks alive) does not
   hold a weight change for the others, keeps serving the weights it had, shows as behind in
-  ``lockgate weights`` and raises a trouble alert; with the link back it catches up and the alert resolves.
+  ``lockgate weights`` and raises a trouble alert; with the link back it catches up and the alert resolves;
+* a real Envoy that NACKs its listener (another process holds the port on its host) holds no push and
+  is alerted on as out of sync.
 
 Where namespaces cannot be made (not root, no ``ip``) the hosts are loopback ports and the test says so
 (printed, and in the skip reason of the host-isolation checks).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 import urllib.request
 
@@ -231,11 +234,13 @@ def test_many_hosts_weights_rollback_late_join_nack_disconnect_and_one_analysis(
         hosts.close()
 
 
-def test_a_partitioned_host_keeps_serving_its_weights_is_alerted_and_catches_up(tmp_path, receiver, capsys):
+def test_a_partitioned_host_and_a_real_envoy_that_nacks_its_listener(tmp_path, receiver, capsys):
     """A network partition (the host's link down; its processes run on, its ADS connection looks alive to
     the xDS server): a weight change is ACKed by the other hosts without waiting for it, it keeps serving
     the weights it had, `lockgate weights` shows it behind, a trouble alert names it; once the link is back
-    it takes the current weights and the alert resolves."""
+    it takes the current weights and the alert resolves. Beside it, a real Envoy on a host where another
+    process holds the listener port NACKs the listener ("cannot bind … Address already in use"), so it
+    never asks for routes: it holds no push, shows NOT in sync, and is alerted on as out of sync."""
     hosts = Hosts()
     with capsys.disabled():
         print(f"\n[test_hosts] {hosts.note}")
@@ -244,11 +249,11 @@ def test_a_partitioned_host_keeps_serving_its_weights_is_alerted_and_catches_up(
         pytest.skip(f"a partition needs network namespaces ({hosts.note})")
     fleet = None
     try:
-        h1, h2, h3 = (hosts.add(n) for n in ("gpu-1", "gpu-2", "gpu-3"))
+        h1, h2, h3, busy = (hosts.add(n) for n in ("gpu-1", "gpu-2", "gpu-3", "busy"))
         fleet = HostFleet(tmp_path, hosts, controller=True, cp_extra={
             "alerts": [{"type": "webhook", "url": receiver.base + "/hook", "name": "hook", "on": ["trouble"],
                         "retry": {"max_attempts": 100, "initial_backoff_s": 0.3, "max_backoff_s": 1.0}}]})
-        for h in (h1, h2, h3):
+        for h in (h1, h2, h3, busy):
             fleet.allow(h.name)
         fleet.start_control_plane()
         for h in (h1, h2, h3):
@@ -257,12 +262,22 @@ def test_a_partitioned_host_keeps_serving_its_weights_is_alerted_and_catches_up(
             wait_until(f"routes on {h.name}", lambda: fleet.canary_weight(h) is not None)
         r = fleet.cli("set-weight", "chat", "v2", "10", "--json")
         assert r.returncode == 0, r.stdout + r.stderr
+        # another service holds the listener port on host "busy": its (real) Envoy NACKs the listener
+        busy.popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                    f"s.bind(('0.0.0.0', {fleet.ports['listener']})); s.listen(); print('ready', flush=True); "
+                    "time.sleep(3600)"], tmp_path / "squatter.log")
+        fleet.start_envoy(busy)
+        wait_until("busy's listener NACK", lambda: "lds.update_rejected: 1" in fleet.admin(busy, "/stats?filter=lds")[1])
+        assert fleet.canary_weight(busy) is None  # no listener, so no routes
+        e = envoys(weights_json(fleet))["busy"]
+        assert e["connected"] and not e["acked"] and not e["ackedVersion"]
 
         h3.link(up=False)
         r = fleet.cli("set-weight", "chat", "v2", "30", "--json", "--timeout", "10")
         assert r.returncode == 1, r.stdout + r.stderr
         resp = json.loads(r.stdout)
-        assert resp["notAcked"] == ["gpu-3 (timeout)"]
+        assert sorted(x.partition(" ")[0] for x in resp["notAcked"]) == ["busy", "gpu-3"], resp["notAcked"]
+        assert "gpu-3 (timeout)" in resp["notAcked"]
         assert all(envoys(resp["model"])[n]["acked"] for n in ("gpu-1", "gpu-2"))
         assert resp["elapsedMs"] < 10_000  # the others' ACKs were not held for the partitioned one
         assert fleet.canary_weight(h1) == fleet.canary_weight(h2) == 3000
@@ -275,6 +290,9 @@ def test_a_partitioned_host_keeps_serving_its_weights_is_alerted_and_catches_up(
         alert = wait_until("a trouble alert for the partitioned gpu-3",
                            lambda: trouble(receiver, "gpu-3", text="has not ACKed routes"), 40, 0.2)
         assert "canary v2 at 10%" in alert[0]["title"]
+        alert = wait_until("a trouble alert for busy", lambda: trouble(receiver, "busy", text="has not ACKed routes"),
+                           30, 0.2)
+        assert "it ACKed nothing: no routes" in alert[0]["title"]
 
         h3.link(up=True)
         wait_until("gpu-3 to catch up", lambda: fleet.canary_weight(h3) == 3000, 60, 0.2)

@@ -348,3 +348,24 @@ def test_a_controller_starting_mid_rollout_recovers_the_stage_starts_from_the_st
         assert PrometheusEvidence().bounds(rollout, 400.0) == [50.0, 300.0, 400.0]
     finally:
         store.close()
+
+
+def test_validate_warns_on_gating_prometheus_metrics_and_the_schema_accepts_the_block():
+    import yaml
+
+    from lockgate.controller.decide.spec.document import SpecDocument
+    from lockgate.controller.decide.spec_schema import rollout_schema
+
+    spec = spec_from_text(SPEC, "r.yaml")
+    warned = [w for w in spec.warnings if "Prometheus aggregates" in w.message]
+    # the gating ones, not the informational gauge
+    assert [w.path for w in warned] == ["rollout.metrics[1].prometheus", "rollout.metrics[2].prometheus"]
+    assert all(w.line for w in warned)
+    doc = SpecDocument.model_validate(yaml.safe_load(SPEC))
+    assert doc.rollout.metrics[1].prometheus.kind == "counter"
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (optional)")
+    validator = jsonschema.Draft202012Validator(rollout_schema())
+    assert not list(validator.iter_errors(yaml.safe_load(SPEC)))
+    bad = yaml.safe_load(SPEC)
+    bad["rollout"]["metrics"][1]["prometheus"]["kind"] = "summary"
+    assert list(validator.iter_errors(bad))

@@ -3,8 +3,10 @@ venv's lockgate for /opt/lockgate and a test config for /etc/lockgate/lockgate.y
 process, each with only its own token in LOCKGATE_TOKEN as the units' EnvironmentFile gives it (no
 auth.token_file), behind a real Envoy that `lockgate envoy` becomes. Traffic flows and is observed,
 the Envoy is known by the unit's node id, a weight change by a person is ACKed and logged under their
-name. (No live systemd here: PID 1 is not systemd on the development machine; `systemd-analyze verify`
-is in tests/unit/test_deploy.py.)"""
+name. As root, each process runs in its own mount namespace where the whole file system is read-only
+but the test's directory — what ProtectSystem=strict with StateDirectory= leaves it. (No live systemd
+here: PID 1 is not systemd on the development machine; `systemd-analyze verify` is in
+tests/unit/test_deploy.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +32,22 @@ pytestmark = [requires_envoy, pytest.mark.envoy]
 NODE = SPECIFIERS["%H"]  #: the host name the Envoy unit passes as its node id
 
 
+def read_only_but(writable: Path) -> list[str]:
+    """A prefix that runs a command with every file system read-only except ``writable`` (a private mount
+    namespace, as systemd's ProtectSystem=strict + StateDirectory=); [] when that cannot be made here."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return []
+    w = shlex.quote(str(writable))
+    script = (f"mount --make-rprivate / && mount --bind {w} {w} && mount -o remount,bind,ro / && "
+              f"! touch /.lockgate-ro-probe 2>/dev/null && exec \"$@\"")
+    return ["unshare", "--mount", "sh", "-c", script, "sh"]
+
+
 def unit_argv(unit: str, config: Path) -> list[str]:
     (exec_start,) = values(parse_unit(UNITS / unit), "Service", "ExecStart")
     argv = [expand(a) for a in shlex.split(exec_start)]
     assert argv[0] == INSTALLED + "lockgate" and argv[1:3] == ["-c", "/etc/lockgate/lockgate.yaml"]
-    return [str(Path(sys.executable).parent / "lockgate"), "-c", str(config)] + argv[3:]
+    return read_only_but(config.parent) + [str(Path(sys.executable).parent / "lockgate"), "-c", str(config)] + argv[3:]
 
 
 def test_the_units_commands_run_a_working_lockgate(tmp_path):

@@ -644,6 +644,26 @@ def render_workers(d: dict) -> str:
         p = s["p99_open_loop_ratios"][name]
         lines.append(f"| {name} | {r['median']:.2f} ({', '.join(f'{x:.2f}' for x in r['per_round'])}) | "
                      f"{p['median']:.2f} ({', '.join(f'{x:.2f}' for x in p['per_round'])}) |")
+    v = s["variants"]
+
+    def cpu(key: str, at: str = "cpu_us_per_request") -> dict:
+        return v[key][at]
+
+    one, two = cpu("B, 2 workers, 1 ext_proc"), cpu("B, 2 workers, 2 ext_proc")
+    lock1, lock2 = one["extproc"] + one["controller"], two["extproc"] + two["controller"]
+    b1 = cpu("B, 1 worker, 1 ext_proc")
+    share = b1["extproc"] / (b1["envoy"] + b1["extproc"] + b1["controller"])
+    c1, c2 = cpu("B, 2 workers, 1 ext_proc", "ceiling_cpu_us_per_request"), cpu("B, 2 workers, 2 ext_proc",
+                                                                             "ceiling_cpu_us_per_request")
+    lines += ["", f"CPU per response of lockgate's own processes (ext_proc + controller) with 2 Envoy workers: "
+                  f"{lock1:.0f} µs with 1 ext_proc, {lock2:.0f} µs with 2 (×{lock2 / lock1:.2f}) at {rate} rps; "
+                  f"{c1['extproc'] + c1['controller']:.0f} vs {c2['extproc'] + c2['controller']:.0f} µs "
+                  f"(×{(c2['extproc'] + c2['controller']) / (c1['extproc'] + c1['controller']):.2f}) at the ceiling. "
+                  f"The ext_proc's share of the whole path's CPU per response (1 worker, 1 ext_proc, {rate} rps): "
+                  f"{100 * share:.0f} %. Load average at the end: "
+                  f"{', '.join(f'{x:.2f}' for x in d['loadavg_at_end'])}.",
+              "", "What follows from it — `extproc_processes` defaults to one per two Envoy workers — is in "
+                  "[operations.md](operations.md#envoy-and-ext_proc-sizing-envoy)."]
     return "\n".join(lines) + "\n"
 
 

@@ -59,9 +59,10 @@ __all__ = ["CLUSTERING_NOTE", "MAX_REQUESTS", "NOT_REPLAYED", "PrometheusEvidenc
 #: in every Prometheus-sourced verdict
 CLUSTERING_NOTE = "per-user clustering not available: Prometheus aggregates"
 #: the most requests one look expands into per-request groups; beyond, the counts are scaled down (conservative).
-#: A look costs ~0.2 s at 100,000 requests and ~1 s at 500,000 on the 2-core development machine (numpy work
-#: linear in the requests), so 250,000 bounds it near half a second every ``refresh_s``
-MAX_REQUESTS = 250_000
+#: A look costs ~60 ms of CPU at 100,000 requests and ~170 ms at 500,000 on the 2-core development machine
+#: (numpy work and memory linear in the requests: tens of MB at the cap), once per ``refresh_s`` per rollout
+#: (bench/prometheus_clustering.py, part cost)
+MAX_REQUESTS = 500_000
 
 
 def count_groups(windows: Sequence[tuple[float, float, float, float]], max_requests: int = MAX_REQUESTS

@@ -43,6 +43,7 @@ from lockgate.controller.decide.actions import RolloutActions
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.promoter import Promoter
 from lockgate.controller.decide.rollout_series import RolloutSeries
+from lockgate.controller.decide.leases import NOTIFICATIONS_LEASE, once_leased
 from lockgate.controller.decide.rollouts import RolloutStore
 from lockgate.controller.evaluate.evaluation import EvaluationService, evaluation_enabled
 from lockgate.controller.ingest.collector import ControllerMetrics, ObservationCollectorServicer
@@ -143,7 +144,9 @@ class Controller:
             self.tasks.append(Task("evaluation", self.evaluation.run))
         self.tasks += [
             Task("promotion", self.promoter.run),
-            Task("notifications", functools.partial(_notifications, self.notifier, self.trouble), critical=False),
+            # of several controllers on one database, the one holding the lease delivers and checks (decide/leases.py)
+            Task("notifications", functools.partial(once_leased, self.rollouts, NOTIFICATIONS_LEASE, functools.partial(
+                _notifications, self.notifier, self.trouble)), critical=False),
             Task("envoy-watch", functools.partial(watch_envoy, config.admin, self.metrics.registry)),
         ]
         self.stop_event = asyncio.Event()

@@ -6,6 +6,10 @@ watch. The holder renews it every ``LEASE_RENEW_S`` (:func:`keep_leases`, beside
 look never lets it lapse); another controller takes the model over once the lease is ``LEASE_TTL_S``
 old, or at once when the holder was a process on the same host that is gone. The new driver starts at
 the stored stage with the stored evidence (docs/operations.md, "High availability").
+
+The same table holds the controller-wide duties that must run once per fleet, under names no model can
+have (``~notifications``: delivering alerts and registry updates from the shared outbox, and the trouble
+checks that raise alerts): :func:`once_leased` runs one only in the controller holding its lease.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ log = logging.getLogger("lockgate.controller.decide.leases")
 LEASE_TTL_S = 5.0
 LEASE_RENEW_S = 1.0
 
-__all__ = ["LEASE_RENEW_S", "LEASE_TTL_S", "holds_lease", "keep_leases"]
+#: the lease of the notifier and trouble checks (``~`` is not allowed in a model name)
+NOTIFICATIONS_LEASE = "~notifications"
+
+__all__ = ["LEASE_RENEW_S", "LEASE_TTL_S", "NOTIFICATIONS_LEASE", "holds_lease", "keep_leases", "once_leased"]
 
 
 def holds_lease(rollouts: RolloutStore, model: str) -> bool:
@@ -49,3 +56,40 @@ async def keep_leases(rollouts: RolloutStore, stop: asyncio.Event, every_s: floa
             await asyncio.wait_for(stop.wait(), every_s)
         except asyncio.TimeoutError:
             pass
+
+
+async def once_leased(rollouts: RolloutStore, name: str, run, stop: asyncio.Event) -> None:
+    """``run(stop)`` in this controller only once it holds lease ``name`` (free, run out, or its holder on this
+    host gone), renewing it meanwhile: of two controllers, one delivers the alerts. ``run`` is not stopped if the
+    lease is lost later (a notifier cannot be restarted): after a freeze longer than the lease both may run."""
+    while not stop.is_set():
+        try:
+            if rollouts.acquire(name, LEASE_TTL_S):
+                break
+        except sqlite3.Error as exc:
+            log.error("lease %s: %s", name, exc)
+        try:
+            await asyncio.wait_for(stop.wait(), LEASE_RENEW_S)
+        except asyncio.TimeoutError:
+            pass
+    if stop.is_set():
+        return
+    log.info("%s: this controller holds the lease", name)
+
+    async def renew() -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), LEASE_RENEW_S)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                if not rollouts.acquire(name, LEASE_TTL_S):
+                    log.error("%s: another controller took the lease (this one was too slow to renew it)", name)
+            except sqlite3.Error as exc:
+                log.error("lease %s not renewed: %s", name, exc)
+
+    renewer = asyncio.ensure_future(renew())
+    try:
+        await run(stop)
+    finally:
+        renewer.cancel()

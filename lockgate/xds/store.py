@@ -21,13 +21,24 @@ The SQL is the subset SQLite and PostgreSQL share (``?`` placeholders, ``ON CONF
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
-from lockgate.database import Where, open_store, write_transaction
+from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight, Cohort
+from lockgate.database import Where, columns, open_store, write_transaction
+
+
+def cohorts_json(weight: CanaryWeight) -> str:
+    """``weights.cohorts``: the cohorts as a JSON list of ``[name, kind, key, value]`` ("" when none)."""
+    return json.dumps([c.to_list() for c in weight.cohorts]) if weight.cohorts else ""
+
+
+def parse_cohorts(text: str | None) -> tuple[Cohort, ...]:
+    return tuple(Cohort(*c) for c in json.loads(text)) if text else ()
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS weights (
@@ -35,7 +46,8 @@ CREATE TABLE IF NOT EXISTS weights (
     canary TEXT,
     weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND {TOTAL_WEIGHT_BP}),
     stage TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    cohorts TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS weight_changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,13 +107,27 @@ class NodeRecord:
     updated_at: float
 
 
+def _locked(method):
+    """One call at a time on the store's connection (the xDS server calls it from its store thread, and
+    ``close`` may come from another): a call after ``close`` raises ``sqlite3.ProgrammingError``."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
 class WeightStore:
-    """Desired canary weights per model, persisted. Not thread-safe: one owner per process (its xDS server)."""
+    """Desired canary weights per model, persisted. Thread-safe (one lock around the connection)."""
 
     def __init__(self, path: Where):
+        self._lock = threading.RLock()
         # every committed weight must survive a power cut: it is what Envoys are served after a restart
         self._db = open_store(path, SCHEMA, read_only=False, what="xDS weight store", synchronous="FULL",
                               timeout_s=10)
+        if "cohorts" not in columns(self._db, "weights"):  # a store written before cohorts
+            with write_transaction(self._db):
+                self._db.execute("ALTER TABLE weights ADD COLUMN cohorts TEXT NOT NULL DEFAULT ''")
         if self._db.execute("SELECT 1 FROM envoy_nodes LIMIT 1").fetchone() is None:
             return
         with write_transaction(self._db):
@@ -111,13 +137,16 @@ class WeightStore:
                 "'', updated_at FROM envoy_nodes WHERE node_id NOT IN (SELECT node_id FROM xds_nodes)")
             self._db.execute("DELETE FROM envoy_nodes")
 
+    @_locked
     def close(self) -> None:
         self._db.close()
 
     # ----- weights and versions
+    @_locked
     def load(self) -> dict[str, CanaryWeight]:
-        rows = self._db.execute("SELECT model, canary, weight_bp, stage FROM weights").fetchall()
-        return {model: CanaryWeight(canary, bp, stage) for model, canary, bp, stage in rows}
+        rows = self._db.execute("SELECT model, canary, weight_bp, stage, cohorts FROM weights").fetchall()
+        return {model: CanaryWeight(canary, bp, stage, parse_cohorts(cohorts))
+                for model, canary, bp, stage, cohorts in rows}
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM xds_meta WHERE key=?", (key,)).fetchone()
@@ -127,14 +156,17 @@ class WeightStore:
         self._db.execute("INSERT INTO xds_meta(key, value) VALUES (?, ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, str(value)))
 
+    @_locked
     def versions(self) -> tuple[int, int]:
         """(the last allocated snapshot version, the last version that re-sends identical routes)."""
         got = dict(self._db.execute("SELECT key, value FROM xds_meta WHERE key IN ('version', 'forced')"))
         return int(got.get("version", 0)), int(got.get("forced", 0))
 
+    @_locked
     def last_version(self) -> int:
         return self._meta("version")
 
+    @_locked
     def next_version(self, at_least: int = 0, forced: bool = False) -> int:
         """Allocate a new snapshot version (> every earlier one, >= ``at_least``); ``forced``: it re-sends
         identical routes (a drill) on every server."""
@@ -145,6 +177,7 @@ class WeightStore:
                 self._set_meta("forced", version)
         return version
 
+    @_locked
     def save(self, model: str, weight: CanaryWeight, actor: str, reason: str, at_least: int = 0
              ) -> tuple[int, CanaryWeight | None, dict[str, CanaryWeight]]:
         """Persist one model's new weight and its change record atomically (before it is served), under a
@@ -163,10 +196,10 @@ class WeightStore:
                                      f"{previous.weight_bp / 100:g}%; roll it back first")
             version = max(self._meta("version") + 1, at_least)
             self._db.execute(
-                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at) VALUES (?,?,?,?,?) "
+                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at, cohorts) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "
-                "stage=excluded.stage, updated_at=excluded.updated_at",
-                (model, weight.canary, weight.weight_bp, weight.stage, now))
+                "stage=excluded.stage, updated_at=excluded.updated_at, cohorts=excluded.cohorts",
+                (model, weight.canary, weight.weight_bp, weight.stage, now, cohorts_json(weight)))
             self._db.execute(
                 "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version) "
                 "VALUES (?,?,?,?,?,?,?,?,?)",
@@ -177,6 +210,7 @@ class WeightStore:
         return version, previous, weights
 
     # ----- Envoys and servers
+    @_locked
     def save_nodes(self, server: str, rows: list[tuple]) -> None:
         """Record the state of Envoys connected to ``server``: rows of (node_id, connected, routes_version,
         {model: (canary, bp)}, acked_at, nack_version, nack_error). A disconnection is recorded only while
@@ -198,6 +232,7 @@ class WeightStore:
                     self._db.execute("UPDATE xds_nodes SET connected=0, updated_at=? WHERE node_id=? AND server=?",
                                      (now, node_id, server))
 
+    @_locked
     def nodes(self) -> dict[str, NodeRecord]:
         out = {}
         for (node_id, server, connected, routes_version, text, acked_at, nack_version, nack_error,
@@ -209,21 +244,25 @@ class WeightStore:
                                       nack_version, nack_error or "", updated_at)
         return out
 
+    @_locked
     def heartbeat(self, server: str, address: str, started_at: float) -> None:
         self._db.execute("INSERT INTO xds_servers(server, address, started_at, heartbeat_at) VALUES (?,?,?,?) "
                          "ON CONFLICT(server) DO UPDATE SET address=excluded.address, "
                          "heartbeat_at=excluded.heartbeat_at", (server, address, started_at, time.time()))
 
+    @_locked
     def servers(self) -> dict[str, tuple[str, float]]:
         """server → (address, last heartbeat, epoch seconds of that server's clock)."""
         return {s: (a, hb) for s, a, hb in self._db.execute("SELECT server, address, heartbeat_at FROM xds_servers")}
 
+    @_locked
     def forget_server(self, server: str) -> None:
         """A server stopping cleanly: its row goes; its Envoys' rows stay (they reconnect elsewhere)."""
         with write_transaction(self._db):
             self._db.execute("UPDATE xds_nodes SET connected=0 WHERE server=?", (server,))
             self._db.execute("DELETE FROM xds_servers WHERE server=?", (server,))
 
+    @_locked
     def changes(self, model: str | None = None, limit: int = 100) -> list[dict]:
         q = "SELECT ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version FROM weight_changes"
         args: tuple = ()

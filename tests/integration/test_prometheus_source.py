@@ -294,3 +294,64 @@ scrape_configs:
     assert "per-user clustering not available: Prometheus aggregates" in gate["reason"]
     assert gate["details"]["source"] == "prometheus" and gate["n_canary"] > 0
     assert "http_error_rate" in text
+
+
+def test_a_counter_reset_by_a_restarted_server_is_counted_exactly(tmp_path):
+    """A model server restarted mid-stage starts its counters again: the window is summed from the raw samples
+    (the difference of the two ends would say too few: 40 - 5 = 35 instead of 30 + 40 = 70). Like Prometheus's
+    own rate(), a reset is seen when a scrape catches the counter below its previous value."""
+    from lockgate.controller.evaluate.prometheus_source import PrometheusReader, read_counter_windows
+
+    port, prom_port = free_port(), free_port()
+    argv = [PY, "-m", "lockgate.examples.chat_server", "--port", str(port), "--version", "v2", "--latency-ms", "0"]
+    (tmp_path / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s}}
+scrape_configs:
+  - job_name: models
+    static_configs: [{{targets: ["127.0.0.1:{port}"]}}]
+""")
+    server = Proc(argv, tmp_path / "v2.log")
+    prom = Proc(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log", ready_line=None)
+    expr = 'sum(http_requests_total{handler="/v1/chat/completions", version="v2"})'
+
+    def wait_for(value: float) -> None:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                res = prom_query(prom_port, expr)
+                if res and float(res[0]["value"][1]) == value:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"Prometheus never saw {expr} == {value}")
+
+    def traffic(n: int) -> None:
+        send(port, [f"u{i}" for i in range(n)], {})
+
+    try:
+        traffic(5)
+        wait_for(5)
+        start = time.time()
+        time.sleep(1.5)
+        traffic(30)
+        wait_for(35)
+        server.stop()
+        server = Proc(argv, tmp_path / "v2.log")
+        traffic(10)
+        wait_for(10)  # a scrape saw the counter below its old value: the reset (as Prometheus's rate() sees one)
+        traffic(30)  # more than before the restart: the plain difference would be 40 - 5 = 35
+        wait_for(40)
+        now = time.time()
+        got = read_counter_windows(PrometheusReader(f"http://127.0.0.1:{prom_port}", 5.0), expr, [start, now], now)
+        assert got.counts == (70.0,), got
+        assert got.notes and "reset" in got.notes[0] and "sample by sample" in got.notes[0]
+        # without a reset the window is the plain difference, and says nothing
+        time.sleep(2)
+        later = time.time()
+        quiet = read_counter_windows(PrometheusReader(f"http://127.0.0.1:{prom_port}", 5.0), expr, [now, later], later)
+        assert quiet.counts == (0.0,) and not quiet.notes
+    finally:
+        prom.stop()
+        server.stop()

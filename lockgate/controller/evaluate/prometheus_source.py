@@ -11,9 +11,9 @@ the first and last samples to the ends of the window, so it returns fractional c
 for 1000) that differ from the true ones by up to a scrape interval's worth of traffic at each end; the
 rate tests count events, and a verdict should rest on the counts the servers really counted. Reading at
 past times needs no state of ours (Prometheus keeps the history), so a restarted controller reads the same
-numbers. A counter that went *down* in a window (a server restarted and its counter began again) makes the
-difference meaningless; then that window is read with ``sum(increase(Q[w]))`` (which handles resets),
-rounded, and the verdict says so. A value at ``T`` is the last sample at or before ``T`` within
+numbers. A counter reset in a window (a server restarted and its counter began again; ``resets()`` says so)
+makes the difference meaningless; then that window is summed from the raw samples, each drop counting the
+new value (exact: ``increase()`` without its extrapolation), and the verdict says so. A value at ``T`` is the last sample at or before ``T`` within
 Prometheus's lookback (5 min by default); a series that did not exist yet at a boundary counts from 0.
 
 **Gauges** are read with ``query_range`` over the rollout (one sample per ``step``).
@@ -188,28 +188,74 @@ class WindowCounts:
     notes: tuple[str, ...] = ()
 
 
+_PLAIN_SELECTOR = re.compile(r"^\s*[A-Za-z_:][A-Za-z0-9_:]*\s*(?:\{[^{}]*\})?\s*$")
+
+
+def _inner(expr: str) -> str:
+    return expr[len("sum("):-1] if expr.startswith("sum(") and expr.endswith(")") else expr
+
+
+def _range(inner: str, seconds: float) -> str:
+    """``inner`` over the last ``seconds`` (PromQL durations are integers: milliseconds); a subquery when
+    ``inner`` is not a plain selector."""
+    ms = max(int(round(seconds * 1000)), 1)
+    return f"{inner}[{ms}ms]" if _PLAIN_SELECTOR.match(inner) else f"({inner})[{ms}ms:]"
+
+
 def read_counter_windows(reader: PrometheusReader, expr: str, bounds: Sequence[float], now: float) -> WindowCounts:
-    """The increase of the summed counter ``expr`` (already ``sum(...)``) over each window between
-    consecutive ``bounds`` (the last bound is ``now``). Raises :class:`PrometheusError` when the counter has
-    no series at ``now`` (nothing counted: the query selects nothing)."""
+    """The increase of the summed counter ``expr`` (``sum(Q)``) over each window between consecutive
+    ``bounds`` (the last bound is ``now``): the difference of its values at the two ends, unless a series
+    was reset in the window (``resets()``: a server restarted and its counter began again). Then the window
+    is summed sample by sample from the raw samples (a drop counts the new value: exact, as ``increase()``
+    without its extrapolation); for a ``Q`` that is not a plain selector, ``increase()`` of a subquery,
+    rounded. Raises :class:`PrometheusError` when the counter has no series at ``now`` (nothing counted:
+    the query selects nothing)."""
     values: list[float | None] = [reader.scalar(expr, t, now=now) for t in bounds]
     if values[-1] is None:
         raise PrometheusError(f"no series for {expr} at {now:.0f} (the query selects nothing: check its labels, and "
                               "that Prometheus scrapes the servers)")
+    inner = _inner(expr)
     counts: list[float] = []
     notes: list[str] = []
     for i in range(len(bounds) - 1):
         a = values[i] if values[i] is not None else 0.0
         b = values[i + 1] if values[i + 1] is not None else 0.0
-        if b + 1e-9 < a:  # a reset: the difference means nothing; let Prometheus account for it
-            w = max(bounds[i + 1] - bounds[i], 0.001)
-            inner = expr[len("sum("):-1] if expr.startswith("sum(") and expr.endswith(")") else expr
-            inc = reader.scalar(f"sum(increase(({inner})[{w:.3f}s:]))" if "(" in inner else
-                                f"sum(increase({inner}[{w:.3f}s]))", bounds[i + 1], now=now)
-            c = float(round(inc)) if inc is not None and math.isfinite(inc) else 0.0
-            notes.append(f"the counter went down between {bounds[i]:.0f} and {bounds[i + 1]:.0f} (a restart): that "
-                         f"window read with increase() as {c:g}")
-            counts.append(c)
-        else:
+        w = max(bounds[i + 1] - bounds[i], 0.001)
+        resets = reader.scalar(f"sum(resets({_range(inner, w)}))", bounds[i + 1], now=now) or 0.0
+        if resets <= 0 and b + 1e-9 >= a:
             counts.append(float(round(b - a)))
+            continue
+        if _PLAIN_SELECTOR.match(inner):
+            c = _sample_sum(reader, inner, bounds[i], bounds[i + 1], now)
+            how = "summed sample by sample"
+        else:
+            inc = reader.scalar(f"sum(increase({_range(inner, w)}))", bounds[i + 1], now=now)
+            c = float(round(inc)) if inc is not None and math.isfinite(inc) else 0.0
+            how = "read with increase() (extrapolated, rounded)"
+        notes.append(f"a counter was reset between {bounds[i]:.0f} and {bounds[i + 1]:.0f} (a server restarted): "
+                     f"that window {how}: {c:g}")
+        counts.append(c)
     return WindowCounts(tuple(counts), tuple(notes))
+
+
+def _sample_sum(reader: PrometheusReader, selector: str, start: float, end: float, now: float) -> float:
+    """The reset-aware increase of every series of ``selector`` from ``start`` to ``end``, from the raw
+    samples: each series starts from its value at ``start`` (0 if it had none), a rise counts its
+    difference, a drop (a reset) counts the new value."""
+    before = {_key(m): v for m, v in reader.instant(selector, start, now=now)}
+    data = reader._get("query", {"query": _range(selector, end - start), "time": f"{end:.3f}",
+                                 "timeout": f"{reader.timeout_s:g}s"})
+    if data.get("resultType") != "matrix":
+        raise PrometheusError(f"{selector} over a range returned a {data.get('resultType')}, not samples")
+    total = 0.0
+    for series in data.get("result") or []:
+        prev = before.get(_key(series.get("metric") or {}), 0.0)
+        for _, v in series.get("values") or []:
+            x = float(v)
+            total += x - prev if x >= prev else x
+            prev = x
+    return float(round(total))
+
+
+def _key(labels: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in labels.items() if k != "__name__"))

@@ -52,6 +52,12 @@ def _addresses(address: "Address | str | Sequence[Address | str]") -> list[str]:
     return [dial_target(a) for a in items]
 
 
+def cohort_messages(cohorts: Sequence[Any]) -> list[control_pb2.Cohort]:
+    """Cohorts (anything with ``name``, ``kind``, ``key``, ``value``: :class:`lockgate.routing.Cohort`) as
+    the control API's messages."""
+    return [control_pb2.Cohort(name=c.name, kind=c.kind, key=c.key, value=c.value) for c in cohorts]
+
+
 class ControlClient:
     """Blocking client of the control API at ``address`` (a wildcard bind is dialled on loopback), or at
     the first reachable of several addresses (see the module docstring).
@@ -92,11 +98,13 @@ class ControlClient:
         return self._call("GetWeights", control_pb2.GetWeightsRequest(model=model), deadline_s)
 
     def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str, stage: str = "",
-                   timeout_s: float = 5.0, deadline_s: float | None = None) -> control_pb2.SetWeightResponse:
-        """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs."""
+                   timeout_s: float = 5.0, deadline_s: float | None = None,
+                   cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
+        """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs.
+        ``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
         return self._call("SetWeight", control_pb2.SetWeightRequest(
             model=model, version=version, weight_bp=weight_bp, timeout_s=timeout_s, actor=actor, reason=reason,
-            stage=stage), timeout_s + 5 if deadline_s is None else deadline_s)
+            stage=stage, cohorts=cohort_messages(cohorts)), timeout_s + 5 if deadline_s is None else deadline_s)
 
     def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,
                  deadline_s: float | None = None) -> control_pb2.RollbackResponse:
@@ -180,11 +188,12 @@ class AsyncControlClient:
 
     async def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str,
                          stage: str = "", timeout_s: float = 5.0, deadline_s: float = 10.0,
-                         wait_for_ready: bool = True) -> control_pb2.SetWeightResponse:
-        """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs."""
+                         wait_for_ready: bool = True, cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
+        """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs.
+        ``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
         return await self._call("SetWeight", control_pb2.SetWeightRequest(
             model=model, version=version, weight_bp=weight_bp, timeout_s=timeout_s, actor=actor, reason=reason,
-            stage=stage), deadline_s, wait_for_ready)
+            stage=stage, cohorts=cohort_messages(cohorts)), deadline_s, wait_for_ready)
 
     async def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,
                        deadline_s: float = 10.0, wait_for_ready: bool = True) -> control_pb2.RollbackResponse:

@@ -11,6 +11,9 @@ header names. Contents:
   :func:`parse_cluster_name`); route names ``<model>/key/<i>?canary=<v>&w=<bp>&stage=<s>`` (sticky key
   source ``i``, or ``key/none``) carry the split that routed a request, and ``<model>/qa/<version>`` /
   ``<model>/qa/*`` the QA override (:func:`route_name`, :func:`parse_route_name`).
+* **Cohorts** (:class:`Cohort`): named groups sent to the canary by a header or cookie value, before the
+  split, on routes ``<model>/cohort/<name>?canary=..`` (:func:`cohort_route_name`) that set
+  :data:`COHORT_HEADER`; their observations are labelled with the cohort and are neither arm.
 * **Sticky keys**: who is "the same user" (:func:`key_source_header`, :func:`cookie_value_regex`,
   :func:`xff_client_regex`, :func:`extract_key`) and the per-canary salt (:func:`canary_salt`) Envoy
   prepends before hashing, so two canaries' user sets are independent and raising a weight only adds users.
@@ -37,22 +40,61 @@ if TYPE_CHECKING:  # only for hints: this module reads config objects, never loa
 TOTAL_WEIGHT_BP = 10000  #: a model's whole traffic in basis points: weight 1 = 0.01 %, 10000 = 100 %
 
 
+COHORT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  #: a cohort's name (route names, labels)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A named group of users sent to the canary whatever the weight: requests whose header ``key``
+    (``kind`` ``header``) or cookie ``key`` (``kind`` ``cookie``) has exactly ``value``."""
+
+    name: str
+    kind: str   #: "header" | "cookie"
+    key: str    #: the header name (lower case) or the cookie name
+    value: str
+
+    def __post_init__(self) -> None:
+        if not COHORT_NAME_RE.match(self.name):
+            raise ValueError(f"cohort name {self.name!r}: lower-case letters, digits, '-' and '_' (max 63)")
+        if self.kind not in ("header", "cookie"):
+            raise ValueError(f"cohort {self.name!r}: kind must be header or cookie, got {self.kind!r}")
+        if not self.key or not self.value:
+            raise ValueError(f"cohort {self.name!r}: a {self.kind} name and value are required")
+        if self.kind == "header" and self.key.lower().startswith(RESERVED_HEADER_PREFIX):
+            raise ValueError(f"cohort {self.name!r}: header {self.key!r} is reserved ({RESERVED_HEADER_PREFIX}*)")
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind} {self.key}={self.value})"
+
+    def to_list(self) -> list[str]:
+        """``[name, kind, key, value]``: how the weight store and the control API carry it."""
+        return [self.name, self.kind, self.key, self.value]
+
+
 @dataclass(frozen=True)
 class CanaryWeight:
     """Desired split of one model: ``weight_bp`` basis points of :data:`TOTAL_WEIGHT_BP` to ``canary``
     (None: no canary, weight 0; the stable version gets the rest).
 
-    ``stage`` labels the rollout stage that asked for this weight ("" when set by hand)."""
+    ``stage`` labels the rollout stage that asked for this weight ("" when set by hand). ``cohorts``
+    are sent to the canary whatever the weight (routes before the split, :func:`cohort_route_name`);
+    a rollback (weight 0 by :meth:`WeightService.rollback`) drops them."""
 
     canary: str | None
     weight_bp: int
     stage: str = ""
+    cohorts: tuple[Cohort, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_bp <= TOTAL_WEIGHT_BP:
             raise ValueError(f"weight_bp must be 0..{TOTAL_WEIGHT_BP}, got {self.weight_bp}")
         if self.canary is None and self.weight_bp:
             raise ValueError("a weight needs a canary version")
+        if self.canary is None and self.cohorts:
+            raise ValueError("cohorts need a canary version")
+        names = [c.name for c in self.cohorts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cohort names must be unique, got {names}")
 
 
 NO_CANARY = CanaryWeight(None, 0)  #: a model without a canary: all traffic to its stable version
@@ -74,6 +116,7 @@ def parse_cluster_name(name: str) -> tuple[str, str] | None:
 
 STICKY_PATH = "sticky"  #: :attr:`RouteInfo.path` of a split route (``key/<i>``, ``key/none``)
 QA_PATH = "qa"          #: :attr:`RouteInfo.path` of a QA override route (``qa/<version>``, ``qa/*``)
+COHORT_PATH = "cohort"  #: :attr:`RouteInfo.path` of a cohort route (``cohort/<name>``)
 
 
 @dataclass(frozen=True)
@@ -81,10 +124,11 @@ class RouteInfo:
     """What a route name tells about the request it routed."""
 
     model: str
-    path: str          #: :data:`STICKY_PATH` or :data:`QA_PATH`
+    path: str          #: :data:`STICKY_PATH`, :data:`QA_PATH` or :data:`COHORT_PATH`
     canary: str | None  #: the canary of the split at routing time (None: no canary, or a QA route)
     weight_bp: int     #: the canary's weight at routing time, basis points of :data:`TOTAL_WEIGHT_BP`
     stage: str         #: the rollout stage that set the weight ("" when set by hand)
+    cohort: str = ""   #: the cohort of a :data:`COHORT_PATH` route ("" otherwise)
 
 
 def route_name(model: str, path: str, weight: CanaryWeight) -> str:
@@ -98,6 +142,11 @@ def route_name(model: str, path: str, weight: CanaryWeight) -> str:
 def sticky_route_name(model: str, source_index: int | None, weight: CanaryWeight) -> str:
     """:func:`route_name` of the route of sticky key source ``source_index`` (None: the keyless route)."""
     return route_name(model, "key/none" if source_index is None else f"key/{source_index}", weight)
+
+
+def cohort_route_name(model: str, cohort: str, weight: CanaryWeight) -> str:
+    """:func:`route_name` of the route of cohort ``cohort`` (``<model>/cohort/<name>?canary=..``)."""
+    return route_name(model, f"cohort/{cohort}", weight)
 
 
 def qa_route_name(model: str, version: str | None) -> str:
@@ -119,7 +168,10 @@ def parse_route_name(name: str) -> RouteInfo | None:
         weight_bp = int(q.get("w", ["0"])[0])
     except ValueError:
         return None
-    return RouteInfo(model, STICKY_PATH, q.get("canary", [""])[0] or None, weight_bp, q.get("stage", [""])[0])
+    canary, stage = q.get("canary", [""])[0] or None, q.get("stage", [""])[0]
+    if path.startswith("cohort/"):
+        return RouteInfo(model, COHORT_PATH, canary, weight_bp, stage, path[len("cohort/"):])
+    return RouteInfo(model, STICKY_PATH, canary, weight_bp, stage)
 
 
 # --- headers -----------------------------------------------------------------------------------------
@@ -137,6 +189,10 @@ SAMPLE_CANARY_HEADER = "x-lockgate-sample-canary"  #: set by Envoy on mirrored r
 REPLAY_HEADER = "x-lockgate-replay"
 DEFAULT_QA_TOKEN_HEADER = "x-lockgate-qa-token"  #: ``qa_override.token_header`` when not configured
 DEFAULT_QA_VERSION_HEADER = "x-lockgate-version"  #: ``qa_override.version_header`` when not configured
+#: set by Envoy on requests a cohort route sent to the canary: the cohort's name (a client-sent one is
+#: removed on every other route and overwritten on cohort routes; observations take the cohort from the
+#: route name, never from this header)
+COHORT_HEADER = "x-lockgate-cohort"
 FORWARDED_FOR_HEADER = "x-forwarded-for"  #: Envoy appends the peer address (``use_remote_address``)
 COOKIE_HEADER = "cookie"
 
@@ -228,6 +284,11 @@ def canary_salt(model: str, canary_version: str) -> str:
 def cookie_value_regex(name: str) -> str:
     """Full match of a ``cookie`` header that contains ``NAME=VALUE``; group 1 is VALUE (RE2 and Python)."""
     return r"^(?:.*;\s*)?" + re.escape(name) + r"=([^;]+).*$"
+
+
+def cookie_match_regex(name: str, value: str) -> str:
+    """Full match of a ``cookie`` header that holds the cookie ``NAME=VALUE`` exactly (RE2 and Python)."""
+    return r"^(?:.*;\s*)?" + re.escape(name) + "=" + re.escape(value) + r"(?:;.*)?$"
 
 
 def xff_client_regex(trusted_hops: int) -> str:

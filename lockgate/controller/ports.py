@@ -57,7 +57,8 @@ class WeightPusher(WeightReader, Protocol):
 
     async def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str,
                          stage: str = "", timeout_s: float = 5.0, deadline_s: float = 10.0,
-                         wait_for_ready: bool = True) -> control_pb2.SetWeightResponse:
+                         wait_for_ready: bool = True, cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
+        """``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
         ...
 
     async def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,

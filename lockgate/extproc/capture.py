@@ -30,7 +30,7 @@ from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.refusal import DEFAULT_REFUSAL_PATTERNS
 from lockgate.routing import (ATTR_CLIENT_REQUEST_ID, ATTR_CLUSTER, ATTR_CODE_DETAILS, ATTR_REQUEST_ID,
                               ATTR_REQUEST_SIZE, ATTR_REQUEST_TIME, ATTR_ROUTE, ATTR_UPSTREAM_ADDRESS,
-                              EXTPROC_FILTER, REQUEST_ID_HEADER, STICKY_PATH, extract_key, parse_cluster_name,
+                              EXTPROC_FILTER, REQUEST_ID_HEADER, STICKY_PATH, COHORT_PATH, extract_key, parse_cluster_name,
                               parse_route_name, request_header_attribute)
 
 ATTR_NS = EXTPROC_FILTER  #: the namespace of the attributes Envoy sends (the filter's name)
@@ -117,9 +117,10 @@ class Attribution:
     model: Model
     version: str
     role: str           #: "baseline" | "canary" | "other"
-    route: str          #: "sticky" | "qa"
+    route: str          #: "sticky" | "qa" | "cohort"
     weight_bp: int
     stage: str
+    cohort: str = ""    #: the cohort of a cohort route (its requests are role "other": neither arm)
 
 
 def attribute(config_models: dict[str, Model], cluster_name: str, route_name: str) -> Attribution | None:
@@ -130,14 +131,16 @@ def attribute(config_models: dict[str, Model], cluster_name: str, route_name: st
     version = parsed[1]
     info = parse_route_name(route_name)
     canary = info.canary if info else None
-    if version == model.stable:
+    if info is not None and info.path == COHORT_PATH:
+        role = "other"  # a cohort is chosen, not a random sample: never either arm of the gates' comparison
+    elif version == model.stable:
         role = "baseline"
     elif version == canary:
         role = "canary"
     else:
         role = "other"  # e.g. a QA-forced version that is not the current canary
     return Attribution(model, version, role, info.path if info else STICKY_PATH, info.weight_bp if info else 0,
-                       info.stage if info else "")
+                       info.stage if info else "", info.cohort if info else "")
 
 
 class ResponseCapture:
@@ -182,7 +185,7 @@ class ResponseCapture:
             request_id=_str(fields, ATTR_REQUEST_ID) or mint_request_id(),
             client_request_id=_str(fields, ATTR_CLIENT_REQUEST_ID),
             ts=now, model=who.model.name, version=who.version, role=who.role,
-            weight_bp=who.weight_bp, stage=who.stage, route=who.route,
+            weight_bp=who.weight_bp, stage=who.stage, route=who.route, cohort=who.cohort,
             upstream_host=_str(fields, ATTR_UPSTREAM_ADDRESS), status_code=status,
             user_key=hash_key(key[1], key_secret) if key else "",
             timeout=_str(fields, ATTR_CODE_DETAILS) == "upstream_response_timeout")

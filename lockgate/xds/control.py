@@ -46,7 +46,7 @@ from lockgate.config import LockgateConfig
 from lockgate.grpc_auth import current_client
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 from lockgate.xds.cache import STRAGGLER_FACTOR, STRAGGLER_GRACE_S, NodeRegistry, SnapshotCache
-from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight
+from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight, Cohort
 from lockgate.xds.resources import ROUTE_TYPE, build_resources
 from lockgate.xds.store import NodeRecord, WeightConflict, WeightStore
 
@@ -79,9 +79,9 @@ def validate_persisted(config: LockgateConfig, weights: dict[str, CanaryWeight])
                 problems.append(f"model {model_name!r} has canary {w.canary} at {w.weight_bp / 100:g}% "
                                 f"but is not in {config.source}")
             continue
-        if w.canary is not None and w.canary not in model.versions and w.weight_bp:
-            problems.append(f"model {model_name!r} has canary {w.canary!r} at {w.weight_bp / 100:g}% but "
-                            f"{config.source} has no such version")
+        if w.canary is not None and w.canary not in model.versions and (w.weight_bp or w.cohorts):
+            problems.append(f"model {model_name!r} has canary {w.canary!r} at {w.weight_bp / 100:g}%"
+                            f"{' with cohorts' if w.cohorts else ''} but {config.source} has no such version")
     if problems:
         raise StateMismatchError("; ".join(problems) + f" (state: {config.db_path}). Restore the config, "
                                  "or roll back with the previous config first.")
@@ -414,6 +414,8 @@ class WeightService:
         snap = self.cache.snapshot
         out = control_pb2.ModelWeights(model=name, stable=model.stable, canary=w.canary or "", weight_bp=w.weight_bp,
                                        stage=w.stage,
+                                       cohorts=[control_pb2.Cohort(name=c.name, kind=c.kind, key=c.key, value=c.value)
+                                                for c in w.cohorts],
                                        versions=list(model.versions),
                                        xds_version=str(snap.type_versions[ROUTE_TYPE]))
         local = self.registry.latest_by_node()
@@ -462,7 +464,8 @@ class WeightService:
 
     # ----- writes -----
     async def set_weight(self, model_name: str, version: str, weight_bp: int, *, actor: str, reason: str,
-                         timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "") -> control_pb2.SetWeightResponse:
+                         timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "",
+                         cohorts: tuple[Cohort, ...] = ()) -> control_pb2.SetWeightResponse:
         model = self._model(model_name)
         if version not in model.versions:
             raise WeightError(f"model {model_name!r} has no version {version!r} "
@@ -474,11 +477,16 @@ class WeightService:
         async with self._lock:
             await self._fresh()
             current = self.weights[model_name]
-            if current.canary not in (None, version) and current.weight_bp > 0:
+            if current.canary not in (None, version) and (current.weight_bp > 0 or current.cohorts):
                 raise WeightError(
-                    f"model {model_name!r} already has canary {current.canary!r} at {current.weight_bp / 100:g}%; "
-                    f"roll it back first", grpc.StatusCode.FAILED_PRECONDITION)
-            return await self._apply(model_name, CanaryWeight(version, weight_bp, stage), actor, reason, timeout_s)
+                    f"model {model_name!r} already has canary {current.canary!r} at {current.weight_bp / 100:g}%"
+                    f"{' with cohorts' if current.cohorts else ''}; roll it back first",
+                    grpc.StatusCode.FAILED_PRECONDITION)
+            try:
+                new = CanaryWeight(version, weight_bp, stage, tuple(cohorts))
+            except ValueError as exc:
+                raise WeightError(str(exc)) from None
+            return await self._apply(model_name, new, actor, reason, timeout_s)
 
     async def rollback(self, model_name: str, *, actor: str, reason: str,
                        timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
@@ -631,10 +639,14 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
 
     async def SetWeight(self, request, context):
         actor, reason = self._who(request, request.reason or "set-weight")
+        try:
+            cohorts = tuple(Cohort(c.name, c.kind, c.key, c.value) for c in request.cohorts)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return await self._guard(context, self.service.set_weight(
             request.model, request.version, request.weight_bp, actor=actor,
             reason=reason, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S,
-            stage=request.stage))
+            stage=request.stage, cohorts=cohorts))
 
     async def Rollback(self, request, context):
         actor, reason = self._who(request, request.reason or "rollback")

@@ -6,7 +6,8 @@ policy it renders are the routing contract, :mod:`lockgate.routing`:
 
 * listener ``lockgate``; route configuration ``lockgate``;
 * one EDS cluster per model version, ``<model>.<version>`` (:func:`lockgate.routing.cluster_name`);
-* route names ``<model>/qa/<version>`` and ``<model>/qa/*`` (QA override, see :func:`qa_routes`) and
+* route names ``<model>/qa/<version>`` and ``<model>/qa/*`` (QA override, see :func:`qa_routes`),
+  ``<model>/cohort/<name>?canary=<v>&w=<bp>&stage=<s>`` (cohorts, :func:`cohort_routes`) and
   ``<model>/key/<i>?canary=<v>&w=<bp>&stage=<s>`` (sticky key source i, with the split it carries),
   so the ext_proc server learns from ``xds.route_name`` which model, path, canary weight and stage
   routed each request — exactly, not from a poll (see :func:`lockgate.routing.parse_route_name`).
@@ -32,13 +33,15 @@ from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
 
 from lockgate.config import LockgateConfig, Model
-from lockgate.routing import (ACCESS_LOG_NAME, EXTPROC_FILTER, LOGGED_FLAGS, NO_CANARY, QA_METADATA_KEY,
+from lockgate.routing import (ACCESS_LOG_NAME, COHORT_HEADER, COOKIE_HEADER, EXTPROC_FILTER, LOGGED_FLAGS,
+                              NO_CANARY, QA_METADATA_KEY,
                               QA_METADATA_NS, REQUEST_ID_HEADER, SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER,
-                              TOTAL_WEIGHT_BP, CanaryWeight, canary_salt, key_headers, qa_route_name,
+                              TOTAL_WEIGHT_BP, CanaryWeight, canary_salt, cohort_route_name, cookie_match_regex,
+                              key_headers, qa_route_name,
                               response_attributes, sticky_route_name, stripped_request_headers)
 from lockgate.xds.sticky import hash_policy, route_header_matcher
 
@@ -288,7 +291,8 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
             filter=QA_METADATA_NS, path=[metadata_pb2.MetadataMatcher.PathSegment(key=QA_METADATA_KEY)],
             value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=version))))
         out.append(rc.Route(name=qa_route_name(model.name, version), match=match,
-                            route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout)))
+                            route=rc.RouteAction(cluster=model.cluster_name(version), timeout=timeout),
+                            request_headers_to_remove=[COHORT_HEADER]))
     check = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(processing_mode=qa_check_mode()))
     out.append(rc.Route(
         name=qa_route_name(model.name, None),
@@ -300,6 +304,29 @@ def qa_routes(config: LockgateConfig, model: Model, timeout: duration_pb2.Durati
     return out
 
 
+def cohort_routes(model: Model, weight: CanaryWeight, timeout: duration_pb2.Duration) -> list[rc.Route]:
+    """One route per cohort of ``weight`` (in its order), placed after the QA override and before the
+    split: a request whose header (or cookie) has the cohort's value goes to the canary's cluster
+    whatever the weight and its hash, named ``<model>/cohort/<name>?canary=..`` (the ext_proc labels its
+    observation from that name) and carrying :data:`COHORT_HEADER` ``<name>`` (a client-sent one is
+    overwritten here and removed on every other route). No evaluation mirror: a cohort's responses are
+    not a sample of the model's traffic. None without a canary (a rollback drops the cohorts)."""
+    if weight.canary is None or weight.canary == model.stable or weight.canary not in model.versions:
+        return []
+    out = []
+    for cohort in weight.cohorts:
+        if cohort.kind == "header":
+            cond = rc.HeaderMatcher(name=cohort.key, string_match=string_pb2.StringMatcher(exact=cohort.value))
+        else:
+            cond = rc.HeaderMatcher(name=COOKIE_HEADER, string_match=string_pb2.StringMatcher(
+                safe_regex=regex_pb2.RegexMatcher(regex=cookie_match_regex(cohort.key, cohort.value))))
+        out.append(rc.Route(
+            name=cohort_route_name(model.name, cohort.name, weight), match=_match(model, [cond]),
+            route=rc.RouteAction(cluster=model.cluster_name(weight.canary), timeout=timeout),
+            request_headers_to_add=[_set_header(COHORT_HEADER, cohort.name)]))
+    return out
+
+
 def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> route_pb2.RouteConfiguration:
     routes: list[rc.Route] = []
     for model in config.models:
@@ -307,6 +334,7 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
         timeout = _duration(model.timeout_s)
         if config.qa_override is not None:
             routes.extend(qa_routes(config, model, timeout))
+        routes.extend(cohort_routes(model, weight, timeout))  # first match wins: cohorts before the split
         salt = canary_salt(model.name, weight.canary or model.stable)
         mirrors = mirror_policies(model, weight)
         for i, source in enumerate(model.sticky_keys):
@@ -315,12 +343,14 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
                 name=sticky_route_name(model.name, i, weight),
                 match=_match(model, [cond] if cond is not None else []),
                 route=rc.RouteAction(weighted_clusters=_split(model, weight), hash_policy=[hash_policy(source, salt)],
-                                     timeout=timeout, request_mirror_policies=mirrors)))
+                                     timeout=timeout, request_mirror_policies=mirrors),
+                request_headers_to_remove=[COHORT_HEADER]))
         if model.sticky_keys[-1].kind != "client_ip":
             # No key at all: still split by weight (random per request), never unrouted.
             routes.append(rc.Route(name=sticky_route_name(model.name, None, weight), match=_match(model, []),
                                    route=rc.RouteAction(weighted_clusters=_split(model, weight), timeout=timeout,
-                                                        request_mirror_policies=mirrors)))
+                                                        request_mirror_policies=mirrors),
+                                   request_headers_to_remove=[COHORT_HEADER]))
     qa = config.qa_override
     strip = stripped_request_headers(qa.token_header if qa else None, qa.version_header if qa else None)
     vhost = rc.VirtualHost(name="lockgate", domains=["*"], routes=routes, request_headers_to_remove=strip,

@@ -97,7 +97,8 @@ class RolloutActions:
             spec = load_spec_of(rollout, self.config)
             want = spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp
             resp = await promoter.push(model, rollout.canary, want, f"#{rollout.id}:stage-{rollout.stage + 1}",
-                                       f"resumed by {actor}")  # re-applies the stage weight (after a drift)
+                                       f"resumed by {actor}",  # re-applies the stage weight (after a drift)
+                                       spec.cohorts_at(min(rollout.stage, len(spec.steps) - 1)))
             if not resp.all_acked:
                 raise RolloutError(f"resume: stage weight {want / 100:g}% not ACKed by "
                                    f"{', '.join(resp.not_acked) or resp.message}; still paused", 502)

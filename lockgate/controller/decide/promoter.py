@@ -188,10 +188,10 @@ class Promoter:
         return self.rollouts.transition(rollout.id, expect=("running",), status="paused", kind="weight_drift",
                                         actor="controller", weight_bp=live.weight_bp, detail=detail)
 
-    async def push(self, model: str, version: str, weight_bp: int, stage: str, reason: str
-                    ) -> control_pb2.SetWeightResponse:
-        return await self.weights.set_weight(model, version, weight_bp, actor="controller", reason=reason,
-                                             stage=stage, timeout_s=5.0, deadline_s=10.0)
+    async def push(self, model: str, version: str, weight_bp: int, stage: str, reason: str, cohorts: tuple = ()
+                   ) -> control_pb2.SetWeightResponse:  # cohorts: the spec's active at that stage (cohorts_at)
+        return await self.weights.set_weight(model, version, weight_bp, actor="controller", reason=reason, stage=stage,
+                                             timeout_s=5.0, deadline_s=10.0, **({"cohorts": cohorts} if cohorts else {}))
 
     async def _move(self, rollout: Rollout, spec: RolloutSpec, decision: StageDecision, summary: dict) -> None:
         label = "promoted" if decision.action == "promote" else f"stage-{decision.stage + 1}"
@@ -200,14 +200,14 @@ class Promoter:
             return
         self._pushed[rollout.id] = decision.weight_bp
         resp = await self.push(rollout.model, rollout.canary, decision.weight_bp, f"#{rollout.id}:{label}",
-                                "; ".join(decision.reasons))
+                                "; ".join(decision.reasons), spec.cohorts_at(decision.stage))
         if not resp.all_acked:
             self.rollouts.event(rollout.id, "push_incomplete", "controller",
                                 {"wanted_bp": decision.weight_bp, "not_acked": list(resp.not_acked),
                                  "message": resp.message}, rollout.stage)
             log.error("rollout #%d: weight push not ACKed by %s; will retry", rollout.id, list(resp.not_acked))
             return
-        detail = {"reasons": list(decision.reasons), "ack_ms": resp.elapsed_ms,
+        detail = {"reasons": list(decision.reasons), "ack_ms": resp.elapsed_ms, **spec.cohort_detail(decision.stage),
                   "verdicts": summary["verdicts"], "alpha_statement": summary.get("alpha_statement")}
         if decision.action == "promote":
             self.rollouts.transition(rollout.id, expect=("running",), status="promoted", stage=decision.stage,
@@ -453,7 +453,7 @@ class Promoter:
                                    f"({', '.join(drill.not_acked) or drill.message}); rollout aborted", 409, out)
         first = spec.steps[0]
         resp = await self.push(rollout.model, rollout.canary, first.weight_bp, f"#{rollout.id}:stage-1",
-                                f"rollout #{rollout.id} start")
+                                f"rollout #{rollout.id} start", spec.cohorts_at(0))
         if not resp.all_acked:
             self.rollouts.event(rollout.id, "push_incomplete", "controller",
                                 {"wanted_bp": first.weight_bp, "not_acked": list(resp.not_acked),
@@ -461,8 +461,8 @@ class Promoter:
             out["push"] = {"all_acked": False, "not_acked": list(resp.not_acked), "message": resp.message}
             return out  # stays pending; the loop retries
         started = self.rollouts.transition(rollout.id, expect=("pending",), status="running", stage=0, kind="started",
-                                           actor="controller", weight_bp=first.weight_bp,
-                                           detail={"ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
+                                           actor="controller", weight_bp=first.weight_bp, detail={**spec.cohort_detail(0),
+                                           "ack_ms": resp.elapsed_ms, "spec_hash": rollout.spec_hash})
         if self.series is not None:
             self.series.outcome("started", started, {}, spec)
         out["push"] = {"all_acked": True, "elapsed_ms": resp.elapsed_ms}

@@ -133,6 +133,7 @@ _SELECT: dict[str, str] = {
     "stage": "o.stage", "route": "o.route", "upstream_host": "o.upstream_host", "user_key": "o.user_key",
     "analyzer": "o.analyzer", "parse_error": "o.parse_error", "finish_reason": "o.finish_reason",
     "predicted_class": "o.predicted_class", "true_class": "l_true_class.value", "error_kind": "x.error_kind",
+    "cohort": "o.cohort",
 }
 _LABEL_JOINS = " ".join(
     f"LEFT JOIN labels l_{k} ON l_{k}.request_id = o.request_id AND l_{k}.kind = '{k}'" for k in LABEL_KINDS)

@@ -141,6 +141,7 @@ STORED_COLUMNS: tuple[StoredColumn, ...] = tuple(StoredColumn(*c) for c in (
     ("events", "INTEGER", "events", "opt"),
     ("replay", "INTEGER NOT NULL", "replay", "plain"),
     ("client_request_id", "TEXT", "client_request_id", "str"),
+    ("cohort", "TEXT", "cohort", "str"),  # the cohort a cohort route sent it with (role "other"), else NULL
     ("source", "TEXT", None, ""),
     ("received_ts", "REAL NOT NULL", None, ""),
 ))
@@ -160,7 +161,7 @@ BOOL_COLUMNS = ("is_canary", *STORED_BOOL_COLUMNS)
 #: object columns, None = not set
 OBJECT_COLUMNS = ("request_id", "model", "version", "role", "stage", "route", "upstream_host", "user_key",
                   "analyzer", "parse_error", "finish_reason", "predicted_class", "true_class", "client_request_id",
-                  "error_kind")
+                  "error_kind", "cohort")
 FETCH_COLUMNS = FLOAT_COLUMNS + BOOL_COLUMNS + OBJECT_COLUMNS
 #: the columns the decision reads (``analysis.prepare_dataset`` and the catalogue's metrics): what the
 #: controller fetches for a rollout's evaluation

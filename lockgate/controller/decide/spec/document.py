@@ -227,6 +227,22 @@ class PromotionDocument(_Level):
                                                 description="drill: prove the revert path before the first stage.")
 
 
+class CohortMatchDocument(_Level):
+    """The header (lower-case name) or cookie and the exact value that put a request in the cohort."""
+
+    name: str = Field(description="Header name (lower case, not x-lockgate-*) or cookie name.")
+    value: str = Field(min_length=1, max_length=256, description="The exact value.")
+
+
+class CohortDocument(_Level):
+    """A named group sent to the canary whatever the weight (by header or by cookie, not both)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Unique; labels its observations.")
+    header: CohortMatchDocument = Field(None)  # type: ignore[assignment]
+    cookie: CohortMatchDocument = Field(None)  # type: ignore[assignment]
+    from_step: int = Field(1, ge=1, description="The step (counted from 1) it starts at; default: every stage.")
+
+
 class RolloutDocument(_Level):
     """One progressive canary rollout: which model and canary, how it ramps, what is judged."""
 
@@ -242,6 +258,9 @@ class RolloutDocument(_Level):
                                       description="Stages (default: 1, 5, 20, 50 % then promotion to 100 %).")
     promotion: PromotionDocument = Field(None)  # type: ignore[assignment]
     metrics: list[MetricDocument] = Field(min_length=1, description="At least one must be gating.")
+    cohorts: list[CohortDocument] = Field(None, max_length=16,  # type: ignore[assignment]
+                                          description="Groups sent to the canary by header or cookie, never "
+                                                      "part of the sample the gates compare.")
 
 
 class SpecDocument(_Level):

@@ -255,6 +255,18 @@ class RolloutSpec:
     source: str = "<string>"
     sha256: str = ""
     warnings: tuple[Problem, ...] = ()
+    #: ``cohorts``: :class:`~.cohorts.CohortRule` s, sent to the canary whatever the weight (docs/rollout-spec.md)
+    cohorts: tuple[Any, ...] = ()
+
+    def cohorts_at(self, stage: int) -> tuple[Any, ...]:
+        """The :class:`lockgate.routing.Cohort` s active at ``stage`` (0-based), in the spec's order; none
+        at the promotion (``stage`` past the last step: everyone gets the canary)."""
+        return tuple(r.cohort for r in self.cohorts if r.active(stage)) if stage < len(self.steps) else ()
+
+    def cohort_detail(self, stage: int) -> dict:
+        """``{"cohorts": [description, ...]}`` for the deployment log of a move to ``stage`` ({} when none)."""
+        active = self.cohorts_at(stage)
+        return {"cohorts": [c.describe() for c in active]} if active else {}
 
     @property
     def gating_metrics(self) -> tuple[MetricCriterion, ...]:
@@ -295,6 +307,8 @@ class RolloutSpec:
             "steps": [s.canonical() for s in self.steps],
             "promotion": self.promotion.canonical(),
             "metrics": [m.canonical() for m in self.metrics],
+            # only when set, so that specs written before cohorts existed keep their hash
+            **({"cohorts": [r.canonical() for r in self.cohorts]} if self.cohorts else {}),
         }
 
     def canonical_json(self) -> str:

@@ -57,6 +57,7 @@ from lockgate.controller.decide.spec.model import (
 )
 from lockgate.controller.decide.spec.prometheus import check_against_config as check_prometheus_against_config
 from lockgate.controller.decide.spec.prometheus import parse_prometheus, resolved
+from lockgate.controller.decide.spec.cohorts import cohorts_against_config, parse_cohorts
 from lockgate.routing import TOTAL_WEIGHT_BP
 from lockgate.yamlconf import (
     ErrorCollector,
@@ -616,6 +617,7 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     steps = _steps(f, errors)
     promotion = _promotion(f)
     metrics = _metrics(f, errors, warnings, promotion.require_non_inferiority, valid_alpha)
+    cohorts = parse_cohorts(f, errors, len(steps))
     _finish(f)
     raw_metrics = f.data.get("metrics")
     _check_metric_set(metrics, f.path + ("metrics",), len(raw_metrics) if isinstance(raw_metrics, list) else -1,
@@ -635,13 +637,14 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     if config is not None and model:
         _check_against_config(config, f, model, canary, errors)
         _check_metrics_against_config(config, f, model, metrics, errors)
+        cohorts_against_config(config, f.path + ("cohorts",), model, cohorts, errors)
         check_prometheus_against_config(config, f.path + ("metrics",), metrics, errors)
         metrics = tuple(replace(m, prometheus=resolved(m.prometheus, config)) if m.prometheus is not None else m
                         for m in metrics)
     errors.raise_if_any()
     assert interval is not None and alpha is not None
     spec = RolloutSpec(model=model, canary=canary, analysis_interval_s=interval, alpha=alpha, steps=steps,
-                       promotion=promotion, metrics=metrics, source=source,
+                       promotion=promotion, metrics=metrics, source=source, cohorts=cohorts,
                        warnings=tuple(sorted(warnings.problems, key=lambda p: (p.line or 0, p.column or 0))))
     return _with_hash(spec)
 

@@ -170,6 +170,7 @@ class Hosts:
             self.note = f"loopback hosts, not network namespaces: {why}"
             return
         self.isolated = True
+        _remove_stale()
         self._make_bridge()
         self.cp_ip = f"10.77.{self.subnet}.1"
         self.note = (f"network namespaces {self.tag}-* on bridge {self.bridge} (10.77.{self.subnet}.0/24; "
@@ -241,6 +242,18 @@ class Hosts:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _remove_stale() -> None:
+    """Namespaces and bridges of runs whose process is gone (killed before its clean-up), when nothing
+    runs in them any more: a namespace someone's process still lives in is left alone."""
+    for ns in leftovers():
+        if not _ip("netns", "pids", ns, check=False).stdout.split():
+            _ip("netns", "del", ns, check=False)
+    for m in re.finditer(r"^\d+: (lgb(\d+))[:@]", _ip("-o", "link", "show", "type", "bridge", check=False).stdout,
+                         re.M):
+        if not Path(f"/proc/{m.group(2)}").exists():
+            _ip("link", "del", m.group(1), check=False)
 
 
 def leftovers() -> list[str]:

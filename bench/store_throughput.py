@@ -9,7 +9,10 @@ it (SQLite ``synchronous=FULL`` in WAL mode; PostgreSQL ``synchronous_commit=on`
 the server's defaults), then every row is read back once with ``ObservationStore.fetch`` (one
 model's window, as a look does). Each configuration stops early after ``--max-s`` seconds of inserts.
 
-The PostgreSQL server is started for the run from the Debian binaries (tests/pg.py's ``PgServer``,
+Three engines: SQLite; PostgreSQL as lockgate stores a batch (``COPY`` into a staging table, then one
+``INSERT … SELECT … ON CONFLICT DO NOTHING``: ``lockgate.database.insert_new``); and PostgreSQL with
+psycopg's pipelined ``executemany`` of the same ``INSERT … ON CONFLICT DO NOTHING`` instead (the
+alternative, for comparison). The PostgreSQL server is started for the run from the Debian binaries (tests/pg.py's ``PgServer``,
 durable settings) on 127.0.0.1, so both engines share the machine's disk and CPUs; the client talks
 TCP over loopback. Writes ``bench/results/store_throughput.json`` and the ``store_throughput``
 section of docs/benchmarks.md.
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import REPO, machine, save_json  # noqa: E402
+import lockgate.controller.ingest.observations as observations  # noqa: E402
 from lockgate.controller.ingest.observations import ObservationStore  # noqa: E402
 from lockgate.controller.ingest.schema import STORED_COLUMN_NAMES  # noqa: E402
 from lockgate.database import locate  # noqa: E402
@@ -38,6 +42,8 @@ from tests.pg import PgServer  # noqa: E402
 COL = {c: i for i, c in enumerate(STORED_COLUMN_NAMES)}
 T0 = 1.8e9
 HEAD = "## Observation store throughput: PostgreSQL vs SQLite"
+ENGINE_INSERT = observations.insert_new
+ENGINES = ("SQLite", "PostgreSQL", "PostgreSQL, executemany")
 
 
 def make_rows(n: int, seed: int = 7) -> list[tuple]:
@@ -74,8 +80,16 @@ def make_rows(n: int, seed: int = 7) -> list[tuple]:
     return out
 
 
-def run_one(where, rows: list[tuple], batch: int, max_s: float) -> dict:
+def executemany_insert(db, table: str, names, rows) -> None:
+    """The alternative to ``insert_new``'s COPY: psycopg's pipelined executemany."""
+    db.executemany(f"INSERT INTO {table}({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                   "ON CONFLICT DO NOTHING", rows)
+
+
+def run_one(where, rows: list[tuple], batch: int, max_s: float, executemany: bool = False) -> dict:
     store = ObservationStore(where)
+    if executemany:
+        observations.insert_new = executemany_insert
     try:
         stored = 0
         t0 = time.perf_counter()
@@ -90,6 +104,7 @@ def run_one(where, rows: list[tuple], batch: int, max_s: float) -> dict:
         fetch_s = time.perf_counter() - t1
         assert got["ts"].size == stored, (got["ts"].size, stored)
     finally:
+        observations.insert_new = ENGINE_INSERT
         store.close()
     return {"batch": batch, "stored": stored, "insert_s": round(insert_s, 3),
             "insert_obs_per_s": round(stored / insert_s), "batches_per_s": round(stored / batch / insert_s, 1),
@@ -105,15 +120,24 @@ def render(d: dict) -> str:
              "batches (one durable transaction each, as the collector stores a batch), then read back once with "
              f"`fetch` (one model's window, as a look does). SQLite: WAL, `synchronous=FULL`, a file in /tmp. "
              f"PostgreSQL {d['postgresql']}: started for the run with its defaults (`fsync=on`, "
-             "`synchronous_commit=on`), data in /tmp, client over TCP loopback, rows sent with psycopg's "
-             "pipelined `executemany`.", "",
+             "`synchronous_commit=on`), data in /tmp (the same disk), client over TCP loopback; a batch is sent "
+             "as lockgate sends it (`COPY` into a staging table, one `INSERT … SELECT … ON CONFLICT DO NOTHING`), "
+             "and, for comparison, with psycopg's pipelined `executemany` of the `INSERT`.", "",
              "| engine | batch | stored | insert: observations/s | batches/s | fetch: rows/s |",
              "|---|---|---|---|---|---|"]
     for engine, results in d["engines"].items():
         for r in results:
             lines.append(f"| {engine} | {r['batch']:,} | {r['stored']:,} | {r['insert_obs_per_s']:,} | "
                          f"{r['batches_per_s']} | {r['fetch_rows_per_s']:,} |")
-    lines += ["", d["summary"], ""]
+    lines += ["", d["summary"] + " A batch costs PostgreSQL about six client–server round trips (begin with the "
+              "store's advisory lock, the duplicate check, COPY start and end, the INSERT, commit), each a wake-up of "
+              "a server process on CPUs shared with the client; SQLite's are function calls in the controller's "
+              "process. So larger batches narrow the gap; an ext_proc sends what arrived in the last 100 ms (at most "
+              "`capture.batch_size`, 500), so its batches grow with the load (1,000 requests/s: about 100). The run "
+              "found one real problem, fixed before these numbers: psycopg prepares a statement run five times, "
+              "and a generic plan made while the table was small kept scanning the whole table for the duplicate "
+              "check (inserts fell to 470 observations/s at 40,000 rows); lockgate's sessions now use "
+              "`plan_cache_mode=force_custom_plan`.", ""]
     return "\n".join(lines)
 
 
@@ -139,7 +163,7 @@ def main() -> int:
     rows = make_rows(args.rows)
     loadavg = " ".join(f"{x:.1f}" for x in os.getloadavg())
     server = PgServer(durable=True).start()
-    engines: dict[str, list[dict]] = {"SQLite": [], "PostgreSQL": []}
+    engines: dict[str, list[dict]] = {e: [] for e in ENGINES}
     try:
         import psycopg
 
@@ -148,16 +172,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="lockgate-store-bench-") as tmp:
             for batch in args.batches:  # alternate engines so load changes hit both
                 for engine in engines:
-                    url = server.create_database() if engine == "PostgreSQL" else None
+                    url = server.create_database() if engine.startswith("PostgreSQL") else None
                     where = locate(Path(tmp) / f"{engine}-{batch}", "observations.db", url)
-                    r = run_one(where, rows, batch, args.max_s)
+                    r = run_one(where, rows, batch, args.max_s, executemany=engine.endswith("executemany"))
                     print(engine, r, flush=True)
                     engines[engine].append(r)
     finally:
         server.stop()
     ratios = [p["insert_obs_per_s"] / s["insert_obs_per_s"] for s, p in zip(engines["SQLite"], engines["PostgreSQL"])]
+    copy_gain = [p["insert_obs_per_s"] / m["insert_obs_per_s"]
+                 for p, m in zip(engines["PostgreSQL"], engines["PostgreSQL, executemany"])]
     summary = ("PostgreSQL stores " + ", ".join(f"{x:.2f}×" for x in ratios) + " SQLite's observations per second "
-               f"(batches of {', '.join(f'{b:,}' for b in args.batches)}).")
+               f"(batches of {', '.join(f'{b:,}' for b in args.batches)}); COPY gives "
+               + ", ".join(f"{x:.2f}×" for x in copy_gain) + " the rows per second of `executemany`.")
     d = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "loadavg": loadavg,
          "rows": args.rows, "postgresql": pg_version, "engines": engines, "summary": summary}
     save_json("store_throughput.json", d)

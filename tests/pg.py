@@ -2,8 +2,8 @@
 
 Import the fixtures into a test module (``from tests.pg import pg_server, pg_url, where``):
 
-* ``pg_server`` (session): a PostgreSQL 15 started from the Debian binaries (``LOCKGATE_PG_BIN``,
-  default ``/usr/lib/postgresql/15/bin``) with its data under a fresh ``/tmp/lockgate-pg-*``,
+* ``pg_server`` (session): a PostgreSQL started from the Debian binaries (``LOCKGATE_PG_BIN``,
+  default the newest ``/usr/lib/postgresql/<version>/bin``) with its data under a fresh ``/tmp/lockgate-pg-*``,
   listening on 127.0.0.1 on a free port; as root it runs as the ``postgres`` user (PostgreSQL
   refuses root). The test is skipped, saying why, when the binaries are missing.
 * ``pg_url``: ``postgresql://lockgate@127.0.0.1:<port>/<fresh database>`` for one test.
@@ -27,7 +27,16 @@ import pytest
 
 from lockgate.database import locate
 
-PG_BIN = Path(os.environ.get("LOCKGATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """``LOCKGATE_PG_BIN``, else the newest Debian ``/usr/lib/postgresql/<version>/bin`` with an initdb."""
+    if os.environ.get("LOCKGATE_PG_BIN"):
+        return Path(os.environ["LOCKGATE_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 USER = "lockgate"
 
 

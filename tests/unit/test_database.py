@@ -10,7 +10,8 @@ import pytest
 
 from lockgate.config import ConfigError, config_from_text
 from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
-from lockgate.database import Postgres, adapt_schema, adapt_sql, locate, open_store, redact, write_transaction
+from lockgate.database import (Postgres, adapt_schema, adapt_sql, insert_new, locate, open_store, redact,
+                               write_transaction)
 from tests.pg import pg_server, pg_url, where  # noqa: F401 (fixtures)
 
 MODELS = """
@@ -189,3 +190,31 @@ def test_two_stores_share_one_postgresql_database_without_clashing(pg_url, tmp_p
     assert two.execute("SELECT value FROM meta").fetchall() == [("two",)]
     one.close()
     two.close()
+
+
+def test_bulk_insert_keeps_the_first_of_each_key(where):
+    """insert_new: executemany on SQLite, COPY through a staging table on PostgreSQL; duplicates in the
+    batch and rows already stored are skipped, in one transaction or two."""
+    db = open_store(where("t.db"), "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "k TEXT NOT NULL UNIQUE, v REAL, n INTEGER);", read_only=False, what="test store")
+    with write_transaction(db):
+        insert_new(db, "t", ("k", "v", "n"), [("a", 1.5, 1), ("b", None, True), ("a", 9.0, 9)])
+    with write_transaction(db):
+        insert_new(db, "t", ("k", "v", "n"), [("c", 3.0, 3), ("b", 9.0, 9)])
+        insert_new(db, "t", ("k", "v", "n"), [("d", 4.0, 4)])
+    assert db.execute("SELECT k, v, n FROM t ORDER BY id").fetchall() == \
+        [("a", 1.5, 1), ("b", None, 1), ("c", 3.0, 3), ("d", 4.0, 4)]
+    db.close()
+
+
+def test_a_connection_postgresql_dropped_is_reopened_by_the_next_statement(pg_url, tmp_path):  # noqa: F811
+    import psycopg
+
+    store = RolloutStore(locate(tmp_path, "rollouts.db", pg_url))
+    r = _rollout(store)
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server ends every lockgate session
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'lockgate'")
+    with pytest.raises(sqlite3.OperationalError):  # the statement in flight fails, as a sqlite3 error
+        store.get(r.id)
+    assert store.get(r.id).id == r.id  # the next one reconnects
+    store.close()

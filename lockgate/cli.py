@@ -324,6 +324,10 @@ def cmd_validate_config(args) -> int:
     from lockgate.supervisor import sizing  # what `lockgate up` will run on this host
 
     print(f"lockgate up here: Envoy with {sizing(config)}")
+    from lockgate.database import redact
+
+    print(f"state: PostgreSQL {redact(config.database)} (a schema per store)" if config.database
+          else f"state: SQLite files in {config.state_dir}")
     return 0
 
 
@@ -468,6 +472,19 @@ def _verdict_table(last_eval: dict) -> list[str]:
     return ["  " + line for line in verdict_rows(last_eval.get("verdicts", []))]
 
 
+def _cohort_lines(cohorts: list[dict] | None) -> list[str]:
+    """``rollout status``: each cohort's requests since the start, apart from the gates' sample."""
+    out = []
+    for c in cohorts or []:
+        rate = "-" if c.get("error_rate") is None else f"{c['error_rate'] * 100:.2f}%"
+        p95 = "-" if c.get("p95_ms") is None else f"{c['p95_ms']:.0f} ms"
+        when = "every stage" if c.get("from_stage", 1) == 1 else f"from stage {c['from_stage']}"
+        out.append(f"  cohort {c['name']} ({c['match']}, {when}{'' if c.get('active') else ', not yet active'}): "
+                   f"{c['requests']} requests ({c.get('canary', 0)} to the canary), {c['errors']} errors ({rate}), "
+                   f"p95 {p95} — not in the gates' sample")
+    return out
+
+
 def cmd_rollout_status(args) -> int:
     path = "/v1/rollouts" + (f"?model={args.model}" if args.model else "")
     status, body = _controller_http(args, "GET", path)
@@ -493,6 +510,8 @@ def cmd_rollout_status(args) -> int:
                   f"traffic {ev.get('requests_per_hour', 0):,.0f} req/h")
             print("\n".join(_verdict_table(ev)))
             for line in _gate_lines(ev):
+                print(line)
+            for line in _cohort_lines(r.get("cohorts")):
                 print(line)
             plan = r.get("plan")
             if plan and plan.get("metrics"):

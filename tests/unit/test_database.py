@@ -218,3 +218,23 @@ def test_a_connection_postgresql_dropped_is_reopened_by_the_next_statement(pg_ur
         store.get(r.id)
     assert store.get(r.id).id == r.id  # the next one reconnects
     store.close()
+
+
+def test_check_config_says_where_the_state_lives(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "lockgate.yaml"
+    for line, said in (("", f"state: SQLite files in {tmp_path / 'lockgate-state'}"),
+                       ("database: postgresql://lockgate@db.example:5432/lockgate\n",
+                        "state: PostgreSQL postgresql://lockgate@db.example:5432/lockgate (a schema per store)")):
+        path.write_text(line + MODELS)
+        r = subprocess.run([sys.executable, "-m", "lockgate", "-c", str(path), "check-config"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert said in r.stdout, r.stdout
+    path.write_text("database: postgresql://lockgate:hunter2@db.example/lockgate\n" + MODELS)
+    r = subprocess.run([sys.executable, "-m", "lockgate", "-c", str(path), "check-config"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "lockgate.yaml:1:11: database: must not contain a password" in r.stderr, r.stderr
+    assert "hunter2" not in r.stdout + r.stderr

@@ -133,6 +133,8 @@ class Controller:
         self.collector.on_outcomes.append(self.evidence.outcomes_stored)
         self.store.on_labels.append(self.evidence.labels_stored)
         self.collector.on_stored.append(self.promoter.notify)
+        # of several controllers, the standby refuses observations: every ext_proc sends them to the driver
+        self.collector.accept_checks.append(self.promoter.driving.standby_reason)
         # ----- servers, started by start()
         self.server: grpc.aio.Server | None = None
         self.http: ControllerHTTP | None = None

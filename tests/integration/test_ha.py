@@ -122,8 +122,10 @@ def test_an_xds_server_killed_moves_nobody_and_pushes_go_through_the_other(tmp_p
         assert set(codes) == {200}, codes
 
 
-@pytest.mark.parametrize("where", ["same-host", "other-host"])
+@pytest.mark.parametrize("where", ["same-host", "other-host", "started-on-b"])
 def test_the_active_controller_killed_the_standby_drives_at_the_same_stage(tmp_path, chat, database, where):
+    """``started-on-b``: the rollout is started through the second controller, while every ext_proc prefers the
+    first (``controllers`` order): the first, as the standby, refuses observations, so they reach the driver."""
     if where == "other-host" and not can_unshare_uts():
         pytest.skip("needs root and unshare(1) for a second host name")
     spec = tmp_path / "rollout.yaml"
@@ -131,14 +133,15 @@ def test_the_active_controller_killed_the_standby_drives_at_the_same_stage(tmp_p
                                                             "min_duration: 8s, min_canary_samples: 80"))
     with HaFleet(tmp_path, chat, database, other_host_b=where == "other-host") as fleet, \
             CountingTraffic(fleet.ports["listener"]) as traffic:
-        r = fleet.cli("a", "rollout", "start", str(spec))
+        driver, standby = ("b", "a") if where == "started-on-b" else ("a", "b")
+        r = fleet.cli(driver, "rollout", "start", str(spec))
         assert r.returncode == 0, (r.stdout, r.stderr)
-        st = wait_for(lambda: (s := fleet.status("a"))["stage"] >= 1 and s, 60, "stage 2")
+        st = wait_for(lambda: (s := fleet.status(driver))["stage"] >= 1 and s, 60, "stage 2")
         assert st["status"] == "running" and st["stage"] == 1
         owner = fleet.lease()
-        assert owner is not None and owner[0].endswith(f":{fleet.procs['controller-a'].pid}"), owner
+        assert owner is not None and owner[0].endswith(f":{fleet.procs[f'controller-{driver}'].pid}"), owner
         log_before = fleet.events(st["id"])
-        fleet.procs["controller-a"].kill(signal.SIGKILL)
+        fleet.procs[f"controller-{driver}"].kill(signal.SIGKILL)
         killed_at = time.time()
         # weights stay where the last decision left them
         assert all(fleet.canary_weight(i) == 3000 for i in range(2))
@@ -146,15 +149,15 @@ def test_the_active_controller_killed_the_standby_drives_at_the_same_stage(tmp_p
                         "the standby takes the rollout over")
         takeover_s = took["ts"] - killed_at
         assert took["stage"] == 1, took
-        again = fleet.status("b")  # the same rollout, and — unless it has moved on since — the same stage clock
+        again = fleet.status(standby)  # the same rollout, and — unless it has moved on since — the same stage clock
         assert again["id"] == st["id"] and again["started_at"] == st["started_at"]
         if again["stage"] == st["stage"]:
             assert again["stage_started_at"] == st["stage_started_at"]
-        final = wait_for(lambda: (s := fleet.status("b"))["status"] in ("promoted", "rolled_back", "inconclusive",
+        final = wait_for(lambda: (s := fleet.status(standby))["status"] in ("promoted", "rolled_back", "inconclusive",
                                                                        "aborted") and s, 90, "the rollout ends")
         assert final["status"] == "promoted", final
         owner = fleet.lease()
-        assert owner is not None and owner[0].endswith(f":{fleet.procs['controller-b'].pid}"), owner
+        assert owner is not None and owner[0].endswith(f":{fleet.procs[f'controller-{standby}'].pid}"), owner
         events = fleet.events(final["id"])
         # no deployment-log row lost: everything logged before the kill is still there, in order
         assert events[:len(log_before)] == log_before
@@ -164,8 +167,10 @@ def test_the_active_controller_killed_the_standby_drives_at_the_same_stage(tmp_p
         assert kinds[-1] == ("promoted", 3)
         assert [k for k, _ in kinds].count("takeover") == 1
         assert all(fleet.canary_weight(i) == 10000 for i in range(2))
+        if where == "started-on-b":  # the ext_proc moved to the driver when the first controller, standby, refused
+            assert f"sending to 127.0.0.1:{fleet.ports['controller-b']}" in (tmp_path / "extproc.log").read_text()
         codes = traffic.snapshot()
         assert sum(codes.values()) > 200 and set(codes) == {200}, codes
-        print(f"controller-a killed at stage 2 ({where}): controller-b took over after {takeover_s:.2f} s; "
+        print(f"controller-{driver} killed at stage 2 ({where}): controller-{standby} took over after {takeover_s:.2f} s; "
               f"promoted; {sum(codes.values())} requests, all 200")
         assert takeover_s < 30

@@ -29,7 +29,8 @@ LEASE_RENEW_S = 1.0
 #: the lease of the notifier and trouble checks (``~`` is not allowed in a model name)
 NOTIFICATIONS_LEASE = "~notifications"
 
-__all__ = ["LEASE_RENEW_S", "LEASE_TTL_S", "NOTIFICATIONS_LEASE", "holds_lease", "keep_leases", "once_leased"]
+__all__ = ["Driving", "LEASE_RENEW_S", "LEASE_TTL_S", "NOTIFICATIONS_LEASE", "holds_lease", "keep_leases",
+           "once_leased"]
 
 
 def holds_lease(rollouts: RolloutStore, model: str) -> bool:
@@ -93,3 +94,38 @@ async def once_leased(rollouts: RolloutStore, name: str, run, stop: asyncio.Even
         await run(stop)
     finally:
         renewer.cancel()
+
+
+class Driving:
+    """Which active rollouts this controller drives and which another controller drives, as the promotion loop
+    last found (:meth:`mine` / :meth:`theirs`). A controller that drives none while another drives some is the
+    **standby**: its collector refuses observations (:meth:`standby_reason`), so every ext_proc sends them to the
+    driving controller, whose incremental evidence folds them (the standby's would not reach it)."""
+
+    def __init__(self) -> None:
+        self.own: set[int] = set()
+        self.others: set[int] = set()
+
+    def theirs(self, rollout_id: int) -> None:
+        self.own.discard(rollout_id)
+        self.others.add(rollout_id)
+
+    def mine(self, rollout_id: int) -> bool:
+        """Record that this controller drives it; True when another one did until now (a takeover)."""
+        self.own.add(rollout_id)
+        if rollout_id in self.others:
+            self.others.discard(rollout_id)
+            return True
+        return False
+
+    def retain(self, rollout_ids) -> None:
+        keep = set(rollout_ids)
+        self.own &= keep
+        self.others &= keep
+
+    def standby_reason(self) -> str | None:
+        """None when this controller takes observations; else why not (the collector answers UNAVAILABLE)."""
+        if self.others and not self.own:
+            return (f"standby controller: another controller drives rollout(s) "
+                    f"{', '.join(f'#{i}' for i in sorted(self.others))}; its observations API takes them")
+        return None

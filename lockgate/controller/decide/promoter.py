@@ -31,7 +31,7 @@ from lockgate.config import LockgateConfig
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
 from lockgate.controller.decide.gatekeeper import GateKeeper
 from lockgate.controller.decide.gates import gates_json
-from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, holds_lease, keep_leases
+from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, Driving, holds_lease, keep_leases
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
@@ -94,8 +94,7 @@ class Promoter:
         #: rollout id → (time, (action, verdicts)) of the last evaluation written to the history
         self._recorded: dict[int, tuple[float, Any]] = {}
         self._pushed: dict[int, int] = {}  #: rollout id → weight of its last move's push (maybe not ACKed yet)
-        #: rollouts another controller drives: no incremental evidence kept (rebuilt from the store on takeover)
-        self._foreign: set[int] = set()
+        self.driving = Driving()  #: which rollouts this controller drives, which another does (leases.py)
         #: rollout id → (final status, reason, actor, detected_at) of a revert not yet written down
         self._unrecorded: dict[int, tuple[str, str, str, float]] = {}
 
@@ -366,9 +365,10 @@ class Promoter:
             dirty, self._dirty = self._dirty, set()
             deferred = 0.0
             active = self.rollouts.active()
+            self.driving.retain(r.id for r in active)
             if self.evidence is not None:
                 self.evidence.retain(r.id for r in active if r.status in ("running", "paused")
-                                     and r.id not in self._foreign)
+                                     and r.id not in self.driving.others)
             for rollout in active:
                 try:
                     mine = self.rollouts.acquire(rollout.model, LEASE_TTL_S)
@@ -378,11 +378,10 @@ class Promoter:
                     log.error("lease of %s not renewed (%s); %s", rollout.model, exc,
                               "still ours" if mine else "not ours")
                 if not mine:
-                    self._pushed.pop(rollout.id, None)  # another controller drives it
-                    self._foreign.add(rollout.id)
+                    self._pushed.pop(rollout.id, None)  # another controller drives it (no evidence kept here)
+                    self.driving.theirs(rollout.id)
                     continue
-                if rollout.id in self._foreign:  # taken over: the other controller's lease ran out (or it is gone)
-                    self._foreign.discard(rollout.id)
+                if self.driving.mine(rollout.id):  # taken over: the other controller's lease ran out (or it is gone)
                     self.rollouts.event(rollout.id, "takeover", self.rollouts.owner, {}, rollout.stage)
                 if rollout.id in self._unrecorded or rollout.status == "rolling_back":
                     try:

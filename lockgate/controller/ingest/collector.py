@@ -267,6 +267,9 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         #: called on the event loop with the set of models a stored batch had new observations for
         #: (the promotion loop re-checks for harm at once: rollback is event-driven, not polled).
         self.on_stored: list = []
+        #: callables returning None (take the batch) or why this controller refuses observations now (a
+        #: standby of several controllers: answered UNAVAILABLE, so the ext_proc sends to the next one)
+        self.accept_checks: list = []
         #: called on the writer thread, right after each slice is durable, with the slice's proto
         #: observations, the indexes of the new ones, the source and the received time: the incremental
         #: evidence folds those of running rollouts (``decide/live_evidence.py``; a ``ports.RowsCallback``)
@@ -332,6 +335,9 @@ class ObservationCollectorServicer(pb_grpc.ObservationCollectorServicer):
         return ack, time.perf_counter() - t0
 
     async def Report(self, request: pb.ObservationBatch, context) -> pb.ReportAck:
+        for check in self.accept_checks:
+            if (reason := check()) is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         loop = asyncio.get_running_loop()
         now = time.time()
         self.metrics.sources.update(request.source or "unknown", request.dropped_total, now)

@@ -159,15 +159,16 @@ def test_read_only_store_sees_writes(tmp_path, store):
         ObservationStore(tmp_path / "missing.db", read_only=True)
 
 
-def test_insert_throughput(store):
-    """≥ 2,000 observations/s, durably (synchronous=FULL), in batches of 100 — with a wide margin."""
+def test_batches_of_100_are_all_stored_once(store):
+    """40 batches of 100 stored in 40 durable transactions: every observation new once, none twice (the
+    rate is a benchmark's business: bench/store_throughput.py)."""
     batches = [[obs(f"b{j}-{i}", NOW + i, status_code=200, duration_ms=10.0, ttfb_ms=1.0, user_key=f"u{i}",
                     output_tokens=5, weight_bp=500) for i in range(100)] for j in range(40)]
-    t = time.perf_counter()
     for b in batches:
-        store.insert(b, source="bench")
-    rate = 4000 / (time.perf_counter() - t)
-    assert rate > 2000, f"{rate:.0f} obs/s"
+        result = store.insert(b, source="bench")
+        assert len(result.new) == 100 and result.rejected == 0
+    assert store.count() == 4000
+    assert len(store.insert(batches[7], source="bench").new) == 0
 
 
 # ----- export / read round trip -----

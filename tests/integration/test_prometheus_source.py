@@ -79,7 +79,7 @@ def test_prometheus_verdicts_equal_the_observation_stream_on_the_same_traffic(tm
     from lockgate.config import load_config
     from lockgate.controller.decide import analysis
     from lockgate.controller.decide.evidence import EVAL_COLUMNS
-    from lockgate.controller.decide.prometheus_evidence import CLUSTERING_NOTE, PrometheusEvidence
+    from lockgate.controller.decide.prometheus_evidence import CLUSTERING_NOTE, PrometheusEvidence, merge
     from lockgate.controller.decide.rollouts import Rollout
     from lockgate.controller.decide.spec import spec_from_text
     from lockgate.controller.ingest.observations import ObservationStore
@@ -164,7 +164,9 @@ scrape_configs:
             store.close()
         assert len(data["ts"]) == N_USERS
         prometheus = PrometheusEvidence()
-        judgement = prometheus.with_prometheus(analysis.evaluate_at(spec, data, now), rollout, spec, now)
+        # both sources judged at the same look (merge: with_prometheus itself would not ask Prometheus at a look
+        # whose other metrics already roll back — here the observation-fed error_rate does)
+        judgement = merge(analysis.evaluate_at(spec, data, now), prometheus.verdicts(rollout, spec, now), spec)
         by = {v.metric: v for v in judgement.verdicts}
         print(json.dumps([{k: v.to_dict()[k] for k in ("metric", "verdict", "reason", "n_baseline", "n_canary")}
                           for v in judgement.verdicts], indent=1))
@@ -197,15 +199,20 @@ scrape_configs:
 
         # a bucket bound the histogram does not have, and a Prometheus that is gone: the gate holds
         spec_bad = spec_from_text(SPEC.replace("le: 0.1", "le: 0.07"), "spec.yaml", config)
-        held = PrometheusEvidence().with_prometheus(analysis.evaluate_at(spec_bad, data, now), rollout, spec_bad, now)
+        held = merge(analysis.evaluate_at(spec_bad, data, now), PrometheusEvidence().verdicts(rollout, spec_bad, now),
+                     spec_bad)
         hv = {v.metric: v for v in held.verdicts}["slow_share"]
         assert hv.verdict == "not-yet" and "no bucket le=0.07" in hv.reason, hv.reason
         prom.stop()
         prom = None
-        gone = PrometheusEvidence().with_prometheus(analysis.evaluate_at(spec, data, now), rollout, spec, now)
+        gone = merge(analysis.evaluate_at(spec, data, now), PrometheusEvidence().verdicts(rollout, spec, now), spec)
         for v in gone.verdicts[1:]:
             assert v.verdict == "not-yet" and "unreachable" in v.reason and "the gate holds" in v.reason, v.reason
         assert {v.metric: v.verdict for v in gone.verdicts}["error_rate"] == "fail"  # the observations still decide
+        # and a look that rolls back on them does not wait for Prometheus at all
+        quick = PrometheusEvidence().with_prometheus(analysis.evaluate_at(spec, data, now), rollout, spec, now)
+        assert quick.decision == "rollback"
+        assert "other gating metrics roll the canary back" in {v.metric: v for v in quick.verdicts}["slow_share"].reason
     finally:
         if prom is not None:
             prom.stop()

@@ -369,3 +369,26 @@ def test_validate_warns_on_gating_prometheus_metrics_and_the_schema_accepts_the_
     bad = yaml.safe_load(SPEC)
     bad["rollout"]["metrics"][1]["prometheus"]["kind"] = "summary"
     assert list(validator.iter_errors(bad))
+
+
+def test_a_prometheus_that_does_not_answer_costs_one_timeout_and_never_delays_a_rollback():
+    from lockgate.controller.evaluate.prometheus_source import PrometheusUnreachable
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        reader = PrometheusReader(url, 0.3)
+        for _ in range(3):
+            with pytest.raises(PrometheusUnreachable, match="unreachable"):
+                reader.instant("up", 1000.0)
+        assert reader.queries == 1  # the later calls failed at once, without asking
+        cfg = config_from_text(CONFIG + f"controller: {{prometheus: {{url: '{url}', timeout_s: 0.3}}}}\n", "l.yaml")
+        spec = spec_from_text(SPEC, "r.yaml", cfg)
+        ev = PrometheusEvidence()
+        fail = count_verdict(MetricSpec("error_rate", "rate", allowed=0.5, allowed_mode="relative"),
+                             spec.alphas["error_rate"], [(20, 4000, 200, 4000)], source="x")
+        rolled = ev.with_prometheus(judge([fail], 0.01), _Rollout(), spec, 1100.0)
+        assert rolled.decision == "rollback" and not ev._readers  # Prometheus was not asked
+        held = {v.metric: v for v in rolled.verdicts}["prom_errors"]
+        assert held.verdict == "not-yet" and "other gating metrics roll the canary back" in held.reason

@@ -230,7 +230,20 @@ class PrometheusEvidence:
         ``ObservationSource``) lets a controller that starts mid-rollout recover the earlier stage starts."""
         if not getattr(spec, "prometheus_metrics", ()):
             return judgement
+        if judgement.decision == "rollback":  # decided without Prometheus: never wait for it to roll back
+            return merge(judgement, self.last_verdicts(rollout, spec), spec)
         return merge(judgement, self.verdicts(rollout, spec, now, observations), spec)
+
+    def last_verdicts(self, rollout: Any, spec: RolloutSpec) -> tuple[MetricVerdict, ...]:
+        """The verdicts of the last round of queries (whatever their age), or ``not-yet`` ones: for a look that
+        rolls back on other metrics, which must not wait for Prometheus."""
+        with self._lock:
+            last = self._last.get(rollout.id)
+        if last is not None and last[0] == spec.sha256:
+            return last[3]
+        alphas = spec.alphas
+        return tuple(undecided(m.to_stats_spec(), alphas[m.key], "not read at this look: other gating metrics roll "
+                               "the canary back", None) for m in spec.prometheus_metrics)
 
     def verdicts(self, rollout: Any, spec: RolloutSpec, now: float, observations: Any = None
                  ) -> tuple[MetricVerdict, ...]:

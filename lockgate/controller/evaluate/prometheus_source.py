@@ -28,13 +28,14 @@ import json
 import math
 import re
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["PrometheusError", "PrometheusReader", "WindowCounts", "counter_expr", "histogram_exprs",
+__all__ = ["PrometheusError", "PrometheusReader", "PrometheusUnreachable", "WindowCounts", "counter_expr", "histogram_exprs",
            "le_matcher", "read_counter_windows"]
 
 #: boundary readings older than this (seconds before ``now``) are final: cached, never read again
@@ -46,6 +47,10 @@ class PrometheusError(Exception):
     """A query could not be answered (unreachable, timeout, HTTP or PromQL error, unexpected answer)."""
 
 
+class PrometheusUnreachable(PrometheusError):
+    """No answer at all (connection refused, timeout): the reader then fails fast for a while."""
+
+
 class PrometheusReader:
     """A Prometheus HTTP API at ``url`` (its base URL), each call bounded by ``timeout_s``.
 
@@ -55,11 +60,25 @@ class PrometheusReader:
     def __init__(self, url: str, timeout_s: float = 2.0):
         self.url = url.rstrip("/")
         self.timeout_s = float(timeout_s)
+        #: after an unreachable/timed-out call, every call fails at once for this long (a Prometheus that does
+        #: not answer costs one timeout per round of queries, not one per query)
+        self.backoff_s = max(1.0, self.timeout_s)
+        self._down: tuple[float, str] | None = None
         self._lock = threading.Lock()
         self._settled: dict[tuple[str, float], list[tuple[dict, float]]] = {}
         self.queries = 0  #: HTTP calls made (for tests and diagnostics)
 
     def _get(self, path: str, params: dict[str, Any]) -> Any:
+        down = self._down
+        if down is not None and time.monotonic() < down[0]:
+            raise PrometheusUnreachable(down[1])
+        try:
+            return self._call(path, params)
+        except PrometheusUnreachable as exc:
+            self._down = (time.monotonic() + self.backoff_s, f"{exc} (not asked again for {self.backoff_s:g} s)")
+            raise
+
+    def _call(self, path: str, params: dict[str, Any]) -> Any:
         url = f"{self.url}/api/v1/{path}?" + urllib.parse.urlencode(params)
         self.queries += 1
         try:
@@ -75,7 +94,7 @@ class PrometheusReader:
                                   + (f": {detail}" if detail else "")) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise PrometheusError(f"Prometheus at {self.url} unreachable: {reason}") from None
+            raise PrometheusUnreachable(f"Prometheus at {self.url} unreachable: {reason}") from None
         try:
             doc = json.loads(body)
         except ValueError:

@@ -234,6 +234,11 @@ def adapt_schema(script: str) -> list[str]:
     return out
 
 
+#: libpq parameters lockgate sets unless the ``database`` URL does: dead-peer detection
+LIBPQ_DEFAULTS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                  "tcp_user_timeout": 10_000}
+
+
 class PgConnection:
     """A PostgreSQL session with the part of :class:`sqlite3.Connection` lockgate's stores use.
 
@@ -258,6 +263,7 @@ class PgConnection:
             raise PgOperationalError("database: postgresql:// needs psycopg 3: pip install 'lockgate[postgresql]'") \
                 from None
         from psycopg.adapt import Dumper, Loader
+        from psycopg.conninfo import conninfo_to_dict
         from psycopg.types.string import StrDumper
 
         # force_custom_plan: psycopg prepares a statement run 5 times; a generic plan made while a table
@@ -266,9 +272,14 @@ class PgConnection:
                    "-c plan_cache_mode=force_custom_plan"]
         if self.read_only:
             options.append("-c default_transaction_read_only=on")
+        # a database machine that vanishes without a reset is noticed within ~10 s, not TCP's ~15 min;
+        # the URL's own parameters win
         try:
-            conn = psycopg.connect(self.where.url, autocommit=True, connect_timeout=max(2, int(self.timeout_s)),
-                                   application_name="lockgate", options=" ".join(options))
+            given = conninfo_to_dict(self.where.url)
+            extra = {k: v for k, v in {**LIBPQ_DEFAULTS, "connect_timeout": max(2, int(self.timeout_s))}.items()
+                     if k not in given}
+            conn = psycopg.connect(self.where.url, autocommit=True, application_name="lockgate",
+                                   options=" ".join([str(given.get("options", "")), *options]).strip(), **extra)
         except psycopg.Error as exc:
             raise _pg_error(exc) from exc
 

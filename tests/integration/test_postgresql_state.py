@@ -4,7 +4,7 @@ A real Envoy, the xDS server and the controller on a fresh database of a real Po
 (tests/pg.py) drive a good canary to promotion under sticky traffic. Then: no SQLite store exists in
 the state directory; the weights and their change log, the rollout and its deployment log, the
 observations and the outbox (the registry update of the promotion) are in the database; the
-deployment-log commands read it from there; and a restarted xDS server serves the promoted weight
+deployment-log commands and the export read it from there; and a restarted xDS server serves the promoted weight
 from it.
 """
 
@@ -45,6 +45,7 @@ def test_a_rollout_with_every_store_in_postgresql(tmp_path, pg_url):  # noqa: F8
             assert final["status"] == "promoted", final
             history = fleet.cli("history", "--json", check=True)
             shown = fleet.cli("show", str(final["id"]), check=True)
+            exported = fleet.cli("observations", "export", "--model", "chat", check=True)
             # a restarted xDS server serves the promoted weight, read back from PostgreSQL
             fleet.procs["xds"].kill()
             fleet.start_xds()
@@ -75,6 +76,7 @@ def test_a_rollout_with_every_store_in_postgresql(tmp_path, pg_url):  # noqa: F8
     columns = obs.fetch("chat")
     obs.close()
     assert n > 100 and columns["ts"].size == n
+    assert 100 < len(exported.stdout.splitlines()) <= n  # the CLI export read them from PostgreSQL (more came later)
     assert set(columns["version"]) == {"v1", "v2"}
 
     outbox = Outbox(where("notify.db"))

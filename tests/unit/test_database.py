@@ -238,3 +238,19 @@ def test_check_config_says_where_the_state_lives(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2 and "lockgate.yaml:1:11: database: must not contain a password" in r.stderr, r.stderr
     assert "hunter2" not in r.stdout + r.stderr
+
+
+def test_sessions_notice_a_vanished_server_and_keep_the_urls_own_parameters(pg_url, tmp_path):  # noqa: F811
+    from lockgate.database import PgConnection
+
+    db = PgConnection(locate(tmp_path, "x.db", pg_url), read_only=False, timeout_s=10)
+    params = db._conn.info.get_parameters()
+    assert (params["tcp_user_timeout"], params["keepalives_idle"]) == ("10000", "5")
+    assert db.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
+    db.close()
+    own = PgConnection(locate(tmp_path, "x.db", pg_url + "?tcp_user_timeout=3000&options=-c%20work_mem%3D8MB"),
+                       read_only=False, timeout_s=10)
+    assert own._conn.info.get_parameters()["tcp_user_timeout"] == "3000"
+    assert own.execute("SHOW work_mem").fetchone() == ("8MB",)
+    assert own.execute("SHOW search_path").fetchone() == ("x",)
+    own.close()

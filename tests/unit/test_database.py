@@ -254,3 +254,23 @@ def test_sessions_notice_a_vanished_server_and_keep_the_urls_own_parameters(pg_u
     assert own.execute("SHOW work_mem").fetchone() == ("8MB",)
     assert own.execute("SHOW search_path").fetchone() == ("x",)
     own.close()
+
+
+def test_response_samples_keep_the_newest_per_model_on_both_engines(where):
+    """SampleStore's bound deletes by SQLite's implicit rowid: an explicit identity column on PostgreSQL."""
+    from lockgate.controller.ingest.samples import SampleStore
+    from lockgate.proto.v1 import observations_pb2 as pb
+
+    def obs(rid, ts, model="chat"):
+        return pb.Observation(request_id=rid, ts=ts, model=model, version="v2", role="canary", status_code=200,
+                              body_sample=f"body {rid}".encode(), body_sample_content_type="application/json")
+
+    store = SampleStore(where("response_samples.db"), max_count=3)
+    assert store.insert([obs(f"a{i}", 1000.0 + i) for i in range(5)], 2000.0) == 5
+    assert store.insert([obs("a4", 1004.0)], 2000.0) == 0  # idempotent on request id
+    assert store.insert([obs("b0", 1000.0, model="other")], 2000.0) == 1
+    assert [r["request_id"] for r in store.window("chat")] == ["a2", "a3", "a4"]  # the oldest deleted
+    assert store.get("a3")["body"] == b"body a3" and store.count() == 4
+    assert store.prune(1003.5) == 3  # a2, a3 and b0 are older
+    assert [r["request_id"] for r in store.window("chat")] == ["a4"]
+    store.close()

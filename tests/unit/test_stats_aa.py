@@ -9,11 +9,16 @@ soon as any gating metric fails.  Anytime-validity means the probability of
 import math
 
 import numpy as np
+import pytest
 
 from lockgate.controller.stats import MetricSpec, evaluate_all, evaluate_mean, evaluate_rate
 from lockgate.controller.stats.simulate import Effects, RolloutConfig, default_specs, look_times, prefix, simulate_rollout
 
 ALPHA = 0.05
+
+# Hundreds of simulated rollouts each: ~1 min on an idle 2-core machine, 3-4 min at load 10 (the default
+# 300 s limit was hit there). The limit only catches a hang.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _tol(alpha: float, n: int) -> float:

@@ -99,12 +99,13 @@ class ControlClient:
 
     def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str, stage: str = "",
                    timeout_s: float = 5.0, deadline_s: float | None = None,
-                   cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
+                   cohorts: Sequence[Any] = (), mirror_ppm: int = 0) -> control_pb2.SetWeightResponse:
         """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs.
-        ``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
+        ``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight; ``mirror_ppm``
+        of the split's requests are mirrored to the canary (the shadow stage)."""
         return self._call("SetWeight", control_pb2.SetWeightRequest(
             model=model, version=version, weight_bp=weight_bp, timeout_s=timeout_s, actor=actor, reason=reason,
-            stage=stage, cohorts=cohort_messages(cohorts)), timeout_s + 5 if deadline_s is None else deadline_s)
+            stage=stage, cohorts=cohort_messages(cohorts), mirror_ppm=mirror_ppm), timeout_s + 5 if deadline_s is None else deadline_s)
 
     def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,
                  deadline_s: float | None = None) -> control_pb2.RollbackResponse:
@@ -188,12 +189,13 @@ class AsyncControlClient:
 
     async def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str,
                          stage: str = "", timeout_s: float = 5.0, deadline_s: float = 10.0,
-                         wait_for_ready: bool = True, cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
+                         wait_for_ready: bool = True, cohorts: Sequence[Any] = (),
+                         mirror_ppm: int = 0) -> control_pb2.SetWeightResponse:
         """Canary ``version`` of ``model`` to ``weight_bp`` basis points (0..10000); waits ``timeout_s`` for ACKs.
         ``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
         return await self._call("SetWeight", control_pb2.SetWeightRequest(
             model=model, version=version, weight_bp=weight_bp, timeout_s=timeout_s, actor=actor, reason=reason,
-            stage=stage, cohorts=cohort_messages(cohorts)), deadline_s, wait_for_ready)
+            stage=stage, cohorts=cohort_messages(cohorts), mirror_ppm=mirror_ppm), deadline_s, wait_for_ready)
 
     async def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,
                        deadline_s: float = 10.0, wait_for_ready: bool = True) -> control_pb2.RollbackResponse:

@@ -71,6 +71,9 @@ class Cohort:
         return [self.name, self.kind, self.key, self.value]
 
 
+MILLION = 1_000_000  #: denominator of :attr:`CanaryWeight.mirror_ppm`
+
+
 @dataclass(frozen=True)
 class CanaryWeight:
     """Desired split of one model: ``weight_bp`` basis points of :data:`TOTAL_WEIGHT_BP` to ``canary``
@@ -78,12 +81,16 @@ class CanaryWeight:
 
     ``stage`` labels the rollout stage that asked for this weight ("" when set by hand). ``cohorts``
     are sent to the canary whatever the weight (routes before the split, :func:`cohort_route_name`);
-    a rollback (weight 0 by :meth:`WeightService.rollback`) drops them."""
+    a rollback (weight 0 by :meth:`WeightService.rollback`) drops them. ``mirror_ppm``: the shadow
+    stage — that share (parts per million) of the split's requests is mirrored to the canary's shadow
+    cluster (:func:`shadow_cluster_name`; the mirror's response is captured there and discarded); a
+    rollback drops it."""
 
     canary: str | None
     weight_bp: int
     stage: str = ""
     cohorts: tuple[Cohort, ...] = ()
+    mirror_ppm: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_bp <= TOTAL_WEIGHT_BP:
@@ -95,6 +102,10 @@ class CanaryWeight:
         names = [c.name for c in self.cohorts]
         if len(set(names)) != len(names):
             raise ValueError(f"cohort names must be unique, got {names}")
+        if not 0 <= self.mirror_ppm <= MILLION:
+            raise ValueError(f"mirror_ppm must be 0..{MILLION}, got {self.mirror_ppm}")
+        if self.canary is None and self.mirror_ppm:
+            raise ValueError("a shadow mirror needs a canary version")
 
 
 NO_CANARY = CanaryWeight(None, 0)  #: a model without a canary: all traffic to its stable version
@@ -105,6 +116,40 @@ NO_CANARY = CanaryWeight(None, 0)  #: a model without a canary: all traffic to i
 def cluster_name(model: str, version: str) -> str:
     """Envoy cluster of one model version: ``<model>.<version>`` (model names cannot contain dots)."""
     return f"{model}.{version}"
+
+
+#: suffix of a canary's shadow cluster (the mirror's target): ``<model>.<version>.shadow``. Version names
+#: have no dots, so :func:`parse_cluster_name` never mistakes it for a model version's cluster.
+SHADOW_SUFFIX = ".shadow"
+
+
+def shadow_cluster_name(model: str, version: str) -> str:
+    """The shadow stage's cluster of one canary version: the same endpoints as :func:`cluster_name`,
+    reached only by the mirror, with the capture filter as an upstream filter (the mirror's response
+    passes no downstream filter)."""
+    return f"{model}.{version}{SHADOW_SUFFIX}"
+
+
+#: a shadow observation's request id is the mirrored user request's id with this suffix (the store keeps
+#: one row per request id): :func:`paired_request_id` gives the user request's id back
+SHADOW_ID_SUFFIX = "/shadow"
+
+
+def shadow_request_id(request_id: str) -> str:
+    return request_id + SHADOW_ID_SUFFIX
+
+
+def paired_request_id(shadow_id: str) -> str | None:
+    """The user request a shadow observation mirrors (None for an id that is not a shadow's)."""
+    return shadow_id[:-len(SHADOW_ID_SUFFIX)] if shadow_id.endswith(SHADOW_ID_SUFFIX) else None
+
+
+def parse_shadow_cluster_name(name: str) -> tuple[str, str] | None:
+    """``chat.v2.shadow`` → ``(model, version)``; None for any other cluster."""
+    if not name.endswith(SHADOW_SUFFIX):
+        return None
+    parsed = parse_cluster_name(name[:-len(SHADOW_SUFFIX)])
+    return parsed if parsed is not None and "." not in parsed[1] else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -192,6 +237,7 @@ DEFAULT_QA_VERSION_HEADER = "x-lockgate-version"  #: ``qa_override.version_heade
 #: set by Envoy on requests a cohort route sent to the canary: the cohort's name (a client-sent one is
 #: removed on every other route and overwritten on cohort routes; observations take the cohort from the
 #: route name, never from this header)
+SHADOW_STAGE_HEADER = "x-lockgate-shadow-stage"  #: set by Envoy on the shadow stage's mirror only: its stage
 COHORT_HEADER = "x-lockgate-cohort"
 FORWARDED_FOR_HEADER = "x-forwarded-for"  #: Envoy appends the peer address (``use_remote_address``)
 COOKIE_HEADER = "cookie"

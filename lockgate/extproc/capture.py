@@ -30,8 +30,10 @@ from lockgate.proto.v1 import observations_pb2 as obs_pb2
 from lockgate.refusal import DEFAULT_REFUSAL_PATTERNS
 from lockgate.routing import (ATTR_CLIENT_REQUEST_ID, ATTR_CLUSTER, ATTR_CODE_DETAILS, ATTR_REQUEST_ID,
                               ATTR_REQUEST_SIZE, ATTR_REQUEST_TIME, ATTR_ROUTE, ATTR_UPSTREAM_ADDRESS,
-                              EXTPROC_FILTER, REQUEST_ID_HEADER, STICKY_PATH, COHORT_PATH, extract_key, parse_cluster_name,
-                              parse_route_name, request_header_attribute)
+                              EXTPROC_FILTER, REQUEST_ID_HEADER, SHADOW_STAGE_HEADER, STICKY_PATH, COHORT_PATH, extract_key, parse_cluster_name,
+                              parse_route_name, parse_shadow_cluster_name, request_header_attribute, shadow_request_id)
+
+SHADOW_ROUTE = "shadow"  #: :attr:`Attribution.route` of a shadow-stage mirror's response
 
 ATTR_NS = EXTPROC_FILTER  #: the namespace of the attributes Envoy sends (the filter's name)
 
@@ -116,14 +118,23 @@ class Attribution:
 
     model: Model
     version: str
-    role: str           #: "baseline" | "canary" | "other"
-    route: str          #: "sticky" | "qa" | "cohort"
+    role: str           #: "baseline" | "canary" | "shadow" | "other"
+    route: str          #: "sticky" | "qa" | "cohort" | "shadow"
     weight_bp: int
     stage: str
     cohort: str = ""    #: the cohort of a cohort route (its requests are role "other": neither arm)
 
 
 def attribute(config_models: dict[str, Model], cluster_name: str, route_name: str) -> Attribution | None:
+    shadow = parse_shadow_cluster_name(cluster_name)
+    if shadow is not None:
+        # the shadow stage's mirror (captured by the shadow cluster's upstream filter): the canary's
+        # answer to a baseline user's request, which no user saw; paired with it by request id
+        if shadow[0] not in config_models:
+            return None
+        info = parse_route_name(route_name)
+        return Attribution(config_models[shadow[0]], shadow[1], "shadow", SHADOW_ROUTE,
+                           info.weight_bp if info else 0, info.stage if info else "")
     parsed = parse_cluster_name(cluster_name)
     if parsed is None or parsed[0] not in config_models:
         return None
@@ -189,6 +200,9 @@ class ResponseCapture:
             upstream_host=_str(fields, ATTR_UPSTREAM_ADDRESS), status_code=status,
             user_key=hash_key(key[1], key_secret) if key else "",
             timeout=_str(fields, ATTR_CODE_DETAILS) == "upstream_response_timeout")
+        if who.role == "shadow":  # its own row, paired with the user's by the id (routing.paired_request_id)
+            obs.request_id = shadow_request_id(obs.request_id)
+            obs.stage = _str(fields, request_header_attribute(SHADOW_STAGE_HEADER))
         if start_ts is not None:
             obs.ttfb_ms = max(0.0, (now - start_ts) * 1000)
         size = fields.get(ATTR_REQUEST_SIZE)

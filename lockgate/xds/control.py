@@ -465,7 +465,7 @@ class WeightService:
     # ----- writes -----
     async def set_weight(self, model_name: str, version: str, weight_bp: int, *, actor: str, reason: str,
                          timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "",
-                         cohorts: tuple[Cohort, ...] = ()) -> control_pb2.SetWeightResponse:
+                         cohorts: tuple[Cohort, ...] = (), mirror_ppm: int = 0) -> control_pb2.SetWeightResponse:
         model = self._model(model_name)
         if version not in model.versions:
             raise WeightError(f"model {model_name!r} has no version {version!r} "
@@ -483,7 +483,7 @@ class WeightService:
                     f"{' with cohorts' if current.cohorts else ''}; roll it back first",
                     grpc.StatusCode.FAILED_PRECONDITION)
             try:
-                new = CanaryWeight(version, weight_bp, stage, tuple(cohorts))
+                new = CanaryWeight(version, weight_bp, stage, tuple(cohorts), mirror_ppm=mirror_ppm)
             except ValueError as exc:
                 raise WeightError(str(exc)) from None
             return await self._apply(model_name, new, actor, reason, timeout_s)
@@ -522,7 +522,8 @@ class WeightService:
         previous = self.weights[model_name]
         weights = dict(self.weights)
         weights[model_name] = new
-        serve_first = new.weight_bp == 0 and not force  # a revert never waits on the disk
+        # a revert never waits on the disk (a shadow stage, weight 0 with a mirror, is no revert)
+        serve_first = new.weight_bp == 0 and not new.mirror_ppm and not force
         persisted = True
         try:
             if force:
@@ -646,7 +647,7 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
         return await self._guard(context, self.service.set_weight(
             request.model, request.version, request.weight_bp, actor=actor,
             reason=reason, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S,
-            stage=request.stage, cohorts=cohorts))
+            stage=request.stage, cohorts=cohorts, mirror_ppm=request.mirror_ppm))
 
     async def Rollback(self, request, context):
         actor, reason = self._who(request, request.reason or "rollback")

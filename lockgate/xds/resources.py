@@ -21,7 +21,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from envoy.config.accesslog.v3 import accesslog_pb2 as alc
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -38,11 +38,12 @@ from envoy.type.v3 import percent_pb2
 
 from lockgate.config import LockgateConfig, Model
 from lockgate.routing import (ACCESS_LOG_NAME, COHORT_HEADER, COOKIE_HEADER, EXTPROC_FILTER, LOGGED_FLAGS,
+                              SHADOW_STAGE_HEADER, request_header_attribute,
                               NO_CANARY, QA_METADATA_KEY,
                               QA_METADATA_NS, REQUEST_ID_HEADER, SAMPLE_CANARY_HEADER, SAMPLE_MODEL_HEADER,
                               TOTAL_WEIGHT_BP, CanaryWeight, canary_salt, cohort_route_name, cookie_match_regex,
                               key_headers, qa_route_name,
-                              response_attributes, sticky_route_name, stripped_request_headers)
+                              response_attributes, shadow_cluster_name, sticky_route_name, stripped_request_headers)
 from lockgate.xds.sticky import hash_policy, route_header_matcher
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -208,6 +209,54 @@ def build_cluster(name: str) -> cluster_pb2.Cluster:
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN)
 
 
+#: at most this many mirrored requests in flight per Envoy to one canary's shadow cluster (its circuit
+#: breaker): beyond it Envoy drops the mirror before it reaches a host (``upstream_rq_pending_overflow``)
+SHADOW_MAX_REQUESTS = 64
+
+
+def build_shadow_cluster(config: LockgateConfig, name: str, max_requests: int = SHADOW_MAX_REQUESTS) -> cluster_pb2.Cluster:
+    """A canary's shadow cluster (:func:`lockgate.routing.shadow_cluster_name`): the canary's endpoints
+    (EDS), reached only by the shadow stage's mirror. The mirror's response passes none of the listener's
+    filters, so the capture filter runs here as an *upstream* filter (Envoy 1.40 accepts ext_proc in a
+    cluster's ``HttpProtocolOptions.http_filters``, before ``upstream_codec``): the ext_proc sees the
+    shadow's response with the cluster and route names and the user request's
+    ``x-lockgate-request-id`` (the mirror copies the request headers). Bounded: no retries, a circuit
+    breaker of ``max_requests`` in flight and no queue (``max_pending_requests`` 1)."""
+    from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+    cluster = build_cluster(name)
+    capture = capture_filter(config)
+    capture.response_attributes.append(request_header_attribute(SHADOW_STAGE_HEADER))
+    options = hpo.HttpProtocolOptions(
+        explicit_http_config=hpo.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()),
+        http_filters=[
+            hcm.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(capture)),
+            hcm.HttpFilter(name="envoy.filters.http.upstream_codec",
+                           typed_config=_any(upstream_codec_pb2.UpstreamCodec()))])
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(options)
+    cluster.circuit_breakers.thresholds.append(circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_requests=wrappers_pb2.UInt32Value(value=max_requests),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=1),
+        max_retries=wrappers_pb2.UInt32Value(value=0)))
+    return cluster
+
+
+def shadow_mirror(model: Model, weight: CanaryWeight) -> list[rc.RouteAction.RequestMirrorPolicy]:
+    """The shadow stage: ``weight.mirror_ppm`` of the split's requests mirrored (fire and forget: the
+    user's response never waits for it) to the canary's shadow cluster, carrying the stage in
+    :data:`SHADOW_STAGE_HEADER` (the route's name is not known to an upstream filter). None without a canary."""
+    if weight.mirror_ppm <= 0 or weight.canary is None or weight.canary == model.stable \
+            or weight.canary not in model.versions:
+        return []
+    return [rc.RouteAction.RequestMirrorPolicy(
+        cluster=shadow_cluster_name(model.name, weight.canary),
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(
+            numerator=weight.mirror_ppm, denominator=percent_pb2.FractionalPercent.MILLION)),
+        trace_sampled=wrappers_pb2.BoolValue(value=False),
+        request_headers_mutations=[mutation_rules_pb2.HeaderMutation(append=_set_header(SHADOW_STAGE_HEADER, weight.stage))])]
+
+
 def build_load_assignment(model: Model, version: str) -> endpoint_pb2.ClusterLoadAssignment:
     endpoints = [
         endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
@@ -336,7 +385,7 @@ def build_routes(config: LockgateConfig, weights: dict[str, CanaryWeight]) -> ro
             routes.extend(qa_routes(config, model, timeout))
         routes.extend(cohort_routes(model, weight, timeout))  # first match wins: cohorts before the split
         salt = canary_salt(model.name, weight.canary or model.stable)
-        mirrors = mirror_policies(model, weight)
+        mirrors = mirror_policies(model, weight) + shadow_mirror(model, weight)
         for i, source in enumerate(model.sticky_keys):
             cond = route_header_matcher(source)
             routes.append(rc.Route(
@@ -375,6 +424,12 @@ def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) ->
             name = model.cluster_name(version)
             clusters[name] = build_cluster(name)
             endpoints[name] = build_load_assignment(model, version)
+        weight = weights.get(model.name, NO_CANARY)
+        if shadow_mirror(model, weight):
+            shadow = shadow_cluster_name(model.name, weight.canary)
+            clusters[shadow] = build_shadow_cluster(config, shadow)
+            endpoints[shadow] = build_load_assignment(model, weight.canary)
+            endpoints[shadow].cluster_name = shadow
     return {
         CLUSTER_TYPE: clusters,
         ENDPOINT_TYPE: endpoints,

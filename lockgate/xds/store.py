@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS weights (
     weight_bp INTEGER NOT NULL CHECK (weight_bp BETWEEN 0 AND {TOTAL_WEIGHT_BP}),
     stage TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL,
-    cohorts TEXT NOT NULL DEFAULT ''
+    cohorts TEXT NOT NULL DEFAULT '',
+    mirror_ppm INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS weight_changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -128,6 +129,9 @@ class WeightStore:
         if "cohorts" not in columns(self._db, "weights"):  # a store written before cohorts
             with write_transaction(self._db):
                 self._db.execute("ALTER TABLE weights ADD COLUMN cohorts TEXT NOT NULL DEFAULT ''")
+        if "mirror_ppm" not in columns(self._db, "weights"):  # a store written before the shadow stage
+            with write_transaction(self._db):
+                self._db.execute("ALTER TABLE weights ADD COLUMN mirror_ppm INTEGER NOT NULL DEFAULT 0")
         if self._db.execute("SELECT 1 FROM envoy_nodes LIMIT 1").fetchone() is None:
             return
         with write_transaction(self._db):
@@ -144,9 +148,9 @@ class WeightStore:
     # ----- weights and versions
     @_locked
     def load(self) -> dict[str, CanaryWeight]:
-        rows = self._db.execute("SELECT model, canary, weight_bp, stage, cohorts FROM weights").fetchall()
-        return {model: CanaryWeight(canary, bp, stage, parse_cohorts(cohorts))
-                for model, canary, bp, stage, cohorts in rows}
+        rows = self._db.execute("SELECT model, canary, weight_bp, stage, cohorts, mirror_ppm FROM weights").fetchall()
+        return {model: CanaryWeight(canary, bp, stage, parse_cohorts(cohorts), mirror_ppm=mirror_ppm)
+                for model, canary, bp, stage, cohorts, mirror_ppm in rows}
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM xds_meta WHERE key=?", (key,)).fetchone()
@@ -196,10 +200,11 @@ class WeightStore:
                                      f"{previous.weight_bp / 100:g}%; roll it back first")
             version = max(self._meta("version") + 1, at_least)
             self._db.execute(
-                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at, cohorts) VALUES (?,?,?,?,?,?) "
+                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at, cohorts, mirror_ppm) VALUES (?,?,?,?,?,?,?) "
                 "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "
-                "stage=excluded.stage, updated_at=excluded.updated_at, cohorts=excluded.cohorts",
-                (model, weight.canary, weight.weight_bp, weight.stage, now, cohorts_json(weight)))
+                "stage=excluded.stage, updated_at=excluded.updated_at, cohorts=excluded.cohorts, "
+                "mirror_ppm=excluded.mirror_ppm",
+                (model, weight.canary, weight.weight_bp, weight.stage, now, cohorts_json(weight), weight.mirror_ppm))
             self._db.execute(
                 "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version) "
                 "VALUES (?,?,?,?,?,?,?,?,?)",

@@ -114,6 +114,13 @@ class ControlClient:
                                                                   reason=reason),
                           timeout_s + 5 if deadline_s is None else deadline_s)
 
+    def eject_host(self, model: str, version: str, endpoint: str, *, actor: str, reason: str, restore: bool = False,
+                   timeout_s: float = 5.0, deadline_s: float | None = None) -> control_pb2.SetWeightResponse:
+        """Take ``endpoint`` (``ip:port``) of the canary ``version`` out of rotation (or back: ``restore``)."""
+        return self._call("EjectHost", control_pb2.EjectHostRequest(
+            model=model, version=version, endpoint=endpoint, timeout_s=timeout_s, actor=actor, reason=reason,
+            restore=restore), timeout_s + 5 if deadline_s is None else deadline_s)
+
     def drill(self, model: str, *, actor: str, timeout_s: float = 5.0,
               deadline_s: float | None = None) -> control_pb2.DrillResponse:
         """Re-push ``model``'s routes unchanged and time each Envoy's ACK (no traffic moves)."""
@@ -203,6 +210,14 @@ class AsyncControlClient:
         return await self._call("Rollback", control_pb2.RollbackRequest(model=model, timeout_s=timeout_s,
                                                                          actor=actor, reason=reason),
                                 deadline_s, wait_for_ready)
+
+    async def eject_host(self, model: str, version: str, endpoint: str, *, actor: str, reason: str,
+                         restore: bool = False, timeout_s: float = 5.0, deadline_s: float = 10.0,
+                         wait_for_ready: bool = True) -> control_pb2.SetWeightResponse:
+        """Take ``endpoint`` (``ip:port``) of the canary ``version`` out of rotation (or back: ``restore``)."""
+        return await self._call("EjectHost", control_pb2.EjectHostRequest(
+            model=model, version=version, endpoint=endpoint, timeout_s=timeout_s, actor=actor, reason=reason,
+            restore=restore), deadline_s, wait_for_ready)
 
     async def drill(self, model: str, *, actor: str, timeout_s: float = 5.0, deadline_s: float = 10.0,
                     wait_for_ready: bool = True) -> control_pb2.DrillResponse:

@@ -81,16 +81,19 @@ class CanaryWeight:
 
     ``stage`` labels the rollout stage that asked for this weight ("" when set by hand). ``cohorts``
     are sent to the canary whatever the weight (routes before the split, :func:`cohort_route_name`);
-    a rollback (weight 0 by :meth:`WeightService.rollback`) drops them. ``mirror_ppm``: the shadow
-    stage — that share (parts per million) of the split's requests is mirrored to the canary's shadow
-    cluster (:func:`shadow_cluster_name`; the mirror's response is captured there and discarded); a
-    rollback drops it."""
+    a rollback (weight 0 by :meth:`WeightService.rollback`) drops them. ``ejected``: endpoints of the
+    canary version (``ip:port``) taken out of rotation (per-host gating: its EDS leaves them out);
+    a rollback drops them too (the version gets no traffic; its next rollout starts with every host).
+    ``mirror_ppm``: the shadow stage — that share (parts per million) of the split's requests is mirrored
+    to the canary's shadow cluster (:func:`shadow_cluster_name`; the mirror's response is captured there
+    and discarded); a rollback drops it."""
 
     canary: str | None
     weight_bp: int
     stage: str = ""
     cohorts: tuple[Cohort, ...] = ()
     mirror_ppm: int = 0
+    ejected: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_bp <= TOTAL_WEIGHT_BP:
@@ -106,6 +109,8 @@ class CanaryWeight:
             raise ValueError(f"mirror_ppm must be 0..{MILLION}, got {self.mirror_ppm}")
         if self.canary is None and self.mirror_ppm:
             raise ValueError("a shadow mirror needs a canary version")
+        if self.canary is None and self.ejected:
+            raise ValueError("ejected endpoints need a canary version")
 
 
 NO_CANARY = CanaryWeight(None, 0)  #: a model without a canary: all traffic to its stable version

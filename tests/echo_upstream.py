@@ -1,11 +1,13 @@
 """A tiny upstream for data-path tests: answers every request with JSON naming its version and
 echoing the request headers it received. ``python -m tests.echo_upstream --port 0 --version v1``
-prints ``ready <port>``. Optional ``--log FILE``: one JSON line per request with arrival time."""
+prints ``ready <port>``. Optional ``--log FILE``: one JSON line per request with arrival time;
+``--error-rate P``: answer 500 to a share P of requests (a bad host, for per-host gating tests)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import sys
 import threading
@@ -18,6 +20,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--version", required=True)
     ap.add_argument("--log")
+    ap.add_argument("--error-rate", type=float, default=0.0)
     args = ap.parse_args()
     log = open(args.log, "a", buffering=1) if args.log else None
     lock = threading.Lock()
@@ -34,7 +37,7 @@ def main() -> None:
                 self.rfile.read(length)
             body = json.dumps({"version": args.version, "path": self.path,
                                "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
-            self.send_response(200)
+            self.send_response(500 if args.error_rate and random.random() < args.error_rate else 200)
             self.send_header("content-type", "application/json")
             self.send_header("x-model-version", args.version)
             self.send_header("content-length", str(len(body)))

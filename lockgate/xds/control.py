@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -47,7 +48,7 @@ from lockgate.grpc_auth import current_client
 from lockgate.proto.v1 import control_pb2, control_pb2_grpc
 from lockgate.xds.cache import STRAGGLER_FACTOR, STRAGGLER_GRACE_S, NodeRegistry, SnapshotCache
 from lockgate.routing import TOTAL_WEIGHT_BP, CanaryWeight, Cohort
-from lockgate.xds.resources import ROUTE_TYPE, build_resources
+from lockgate.xds.resources import ENDPOINT_TYPE, ROUTE_TYPE, build_resources, endpoint_address
 from lockgate.xds.store import NodeRecord, WeightConflict, WeightStore
 
 log = logging.getLogger("lockgate.xds.control")
@@ -416,6 +417,7 @@ class WeightService:
                                        stage=w.stage,
                                        cohorts=[control_pb2.Cohort(name=c.name, kind=c.kind, key=c.key, value=c.value)
                                                 for c in w.cohorts],
+                                       ejected=list(w.ejected),
                                        versions=list(model.versions),
                                        xds_version=str(snap.type_versions[ROUTE_TYPE]))
         local = self.registry.latest_by_node()
@@ -482,11 +484,38 @@ class WeightService:
                     f"model {model_name!r} already has canary {current.canary!r} at {current.weight_bp / 100:g}%"
                     f"{' with cohorts' if current.cohorts else ''}; roll it back first",
                     grpc.StatusCode.FAILED_PRECONDITION)
-            try:
-                new = CanaryWeight(version, weight_bp, stage, tuple(cohorts), mirror_ppm=mirror_ppm)
+            try:  # hosts ejected from this canary stay out while it stays the canary
+                new = CanaryWeight(version, weight_bp, stage, tuple(cohorts), mirror_ppm=mirror_ppm,
+                                   ejected=current.ejected if current.canary == version else ())
             except ValueError as exc:
                 raise WeightError(str(exc)) from None
             return await self._apply(model_name, new, actor, reason, timeout_s)
+
+    async def eject_host(self, model_name: str, version: str, endpoint: str, *, actor: str, reason: str,
+                         restore: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
+        """Take ``endpoint`` (``ip:port``) of the canary ``version`` out of rotation (its EDS without it), or
+        put it back (``restore``); saved before it is served; answers once every connected Envoy ACKed the
+        new endpoints. The last endpoint of a version is never taken out."""
+        model = self._model(model_name)
+        if version not in model.versions:
+            raise WeightError(f"model {model_name!r} has no version {version!r}", grpc.StatusCode.NOT_FOUND)
+        known = [endpoint_address(ep) for ep in model.versions[version].endpoints]
+        if endpoint not in known:
+            raise WeightError(f"version {version!r} of {model_name!r} has no endpoint {endpoint!r} "
+                              f"(endpoints: {', '.join(known)})", grpc.StatusCode.NOT_FOUND)
+        async with self._lock:
+            await self._fresh()
+            current = self.weights[model_name]
+            if current.canary != version:
+                raise WeightError(f"{version!r} is not the canary of {model_name!r} (canary: {current.canary!r}); "
+                                  "only a canary's hosts are ejected", grpc.StatusCode.FAILED_PRECONDITION)
+            out = tuple(e for e in current.ejected if e != endpoint) if restore else (
+                current.ejected if endpoint in current.ejected else current.ejected + (endpoint,))
+            if len(set(known) - set(out)) < 1:
+                raise WeightError(f"{endpoint} is the last endpoint of {model_name} {version} in rotation; "
+                                  "it is never ejected", grpc.StatusCode.FAILED_PRECONDITION)
+            new = dataclasses.replace(current, ejected=out)
+            return await self._apply(model_name, new, actor, reason, timeout_s, endpoints=True)
 
     async def rollback(self, model_name: str, *, actor: str, reason: str,
                        timeout_s: float = DEFAULT_TIMEOUT_S) -> control_pb2.SetWeightResponse:
@@ -518,7 +547,8 @@ class WeightService:
             log.error("cannot read the weight store before a change (%s); using the last known weights", exc)
 
     async def _apply(self, model_name: str, new: CanaryWeight, actor: str, reason: str, timeout_s: float,
-                     force: bool = False) -> control_pb2.SetWeightResponse:
+                     force: bool = False, endpoints: bool = False) -> control_pb2.SetWeightResponse:
+        """``endpoints``: the change is in EDS (an ejection): wait for the endpoints' ACKs, not the routes'."""
         previous = self.weights[model_name]
         weights = dict(self.weights)
         weights[model_name] = new
@@ -552,9 +582,17 @@ class WeightService:
             persisted = await self._save_unsaved()  # the streams send the routes meanwhile
             if not persisted:
                 self._schedule_save()
-        results, remote = await asyncio.gather(
-            self.registry.wait_for(ROUTE_TYPE, routes_version, timeout_s),
-            self._wait_remote(model_name, None if force else new, routes_version, timeout_s, pushed_at))
+        ack_type = ENDPOINT_TYPE if endpoints else ROUTE_TYPE
+        if endpoints:  # EDS ACKs are tracked on the server an Envoy is connected to only
+            results = await self.registry.wait_for(ENDPOINT_TYPE, self.cache.snapshot.type_versions[ENDPOINT_TYPE],
+                                                   timeout_s)
+            local = {st.node_id for st in self.registry.connected()}
+            remote = {n: ("not verified: its endpoint ACKs are not shared", 0.0) for n, rec in self.records.items()
+                      if n not in local and self._remote_live(rec)}
+        else:
+            results, remote = await asyncio.gather(
+                self.registry.wait_for(ROUTE_TYPE, routes_version, timeout_s),
+                self._wait_remote(model_name, None if force else new, routes_version, timeout_s, pushed_at))
         elapsed_ms = (time.monotonic() - t0) * 1000
         state = self.model_state(model_name)
         not_acked = []
@@ -565,7 +603,7 @@ class WeightService:
                 continue
             for env in state.envoys:
                 if env.node_id == node and stream is not None and outcome == "acked":
-                    env.ack_ms = max(0.0, (stream.types[ROUTE_TYPE].acked_at - t0) * 1000)
+                    env.ack_ms = max(0.0, (stream.types[ack_type].acked_at - t0) * 1000)
             if outcome != "acked":
                 not_acked.append(f"{node} ({outcome})")
         for node, (outcome, ack_ms) in sorted(remote.items()):
@@ -653,6 +691,12 @@ class ControlServer(control_pb2_grpc.WeightControlServicer):
         actor, reason = self._who(request, request.reason or "rollback")
         return await self._guard(context, self.service.rollback(
             request.model, actor=actor, reason=reason, timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
+
+    async def EjectHost(self, request, context):
+        actor, reason = self._who(request, request.reason or ("restore host" if request.restore else "eject host"))
+        return await self._guard(context, self.service.eject_host(
+            request.model, request.version, request.endpoint, actor=actor, reason=reason, restore=request.restore,
+            timeout_s=request.timeout_s or DEFAULT_TIMEOUT_S))
 
     async def Drill(self, request, context):
         actor, _ = self._who(request, "drill")

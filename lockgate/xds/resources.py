@@ -209,6 +209,11 @@ def build_cluster(name: str) -> cluster_pb2.Cluster:
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN)
 
 
+def endpoint_address(ep) -> str:
+    """An endpoint as EDS serves it and Envoy reports it (``upstream.address``): ``ip:port``."""
+    return f"{'127.0.0.1' if ep.host == 'localhost' else ep.host}:{ep.port}"
+
+
 #: at most this many mirrored requests in flight per Envoy to one canary's shadow cluster (its circuit
 #: breaker): beyond it Envoy drops the mirror before it reaches a host (``upstream_rq_pending_overflow``)
 SHADOW_MAX_REQUESTS = 64
@@ -257,12 +262,14 @@ def shadow_mirror(model: Model, weight: CanaryWeight) -> list[rc.RouteAction.Req
         request_headers_mutations=[mutation_rules_pb2.HeaderMutation(append=_set_header(SHADOW_STAGE_HEADER, weight.stage))])]
 
 
-def build_load_assignment(model: Model, version: str) -> endpoint_pb2.ClusterLoadAssignment:
+def build_load_assignment(model: Model, version: str, ejected: tuple[str, ...] = ()) -> endpoint_pb2.ClusterLoadAssignment:
+    """The version's endpoints, without the ``ejected`` ones (per-host gating: out of rotation; Envoy
+    refuses an EDS weight of 0, and a removed endpoint without health checks gets no new request)."""
     endpoints = [
         endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
                 address="127.0.0.1" if ep.host == "localhost" else ep.host, port_value=ep.port))))
-        for ep in model.versions[version].endpoints]
+        for ep in model.versions[version].endpoints if endpoint_address(ep) not in ejected]
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=model.cluster_name(version),
         endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=endpoints)])
@@ -423,12 +430,14 @@ def build_resources(config: LockgateConfig, weights: dict[str, CanaryWeight]) ->
         for version in model.versions:
             name = model.cluster_name(version)
             clusters[name] = build_cluster(name)
-            endpoints[name] = build_load_assignment(model, version)
+            w = weights.get(model.name)
+            out = w.ejected if w is not None and w.canary == version else ()
+            endpoints[name] = build_load_assignment(model, version, out)
         weight = weights.get(model.name, NO_CANARY)
         if shadow_mirror(model, weight):
             shadow = shadow_cluster_name(model.name, weight.canary)
             clusters[shadow] = build_shadow_cluster(config, shadow)
-            endpoints[shadow] = build_load_assignment(model, weight.canary)
+            endpoints[shadow] = build_load_assignment(model, weight.canary, weight.ejected)
             endpoints[shadow].cluster_name = shadow
     return {
         CLUSTER_TYPE: clusters,

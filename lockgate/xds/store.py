@@ -40,6 +40,15 @@ def cohorts_json(weight: CanaryWeight) -> str:
 def parse_cohorts(text: str | None) -> tuple[Cohort, ...]:
     return tuple(Cohort(*c) for c in json.loads(text)) if text else ()
 
+
+def ejected_json(weight: CanaryWeight) -> str:
+    """``weights.ejected``: the canary's endpoints out of rotation, a JSON list of ``ip:port`` ("" when none)."""
+    return json.dumps(list(weight.ejected)) if weight.ejected else ""
+
+
+def parse_ejected(text: str | None) -> tuple[str, ...]:
+    return tuple(str(e) for e in json.loads(text)) if text else ()
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS weights (
     model TEXT PRIMARY KEY,
@@ -48,7 +57,8 @@ CREATE TABLE IF NOT EXISTS weights (
     stage TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL,
     cohorts TEXT NOT NULL DEFAULT '',
-    mirror_ppm INTEGER NOT NULL DEFAULT 0
+    mirror_ppm INTEGER NOT NULL DEFAULT 0,
+    ejected TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS weight_changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -132,6 +142,9 @@ class WeightStore:
         if "mirror_ppm" not in columns(self._db, "weights"):  # a store written before the shadow stage
             with write_transaction(self._db):
                 self._db.execute("ALTER TABLE weights ADD COLUMN mirror_ppm INTEGER NOT NULL DEFAULT 0")
+        if "ejected" not in columns(self._db, "weights"):  # a store written before per-host ejection
+            with write_transaction(self._db):
+                self._db.execute("ALTER TABLE weights ADD COLUMN ejected TEXT NOT NULL DEFAULT ''")
         if self._db.execute("SELECT 1 FROM envoy_nodes LIMIT 1").fetchone() is None:
             return
         with write_transaction(self._db):
@@ -148,9 +161,10 @@ class WeightStore:
     # ----- weights and versions
     @_locked
     def load(self) -> dict[str, CanaryWeight]:
-        rows = self._db.execute("SELECT model, canary, weight_bp, stage, cohorts, mirror_ppm FROM weights").fetchall()
-        return {model: CanaryWeight(canary, bp, stage, parse_cohorts(cohorts), mirror_ppm=mirror_ppm)
-                for model, canary, bp, stage, cohorts, mirror_ppm in rows}
+        rows = self._db.execute("SELECT model, canary, weight_bp, stage, cohorts, ejected, mirror_ppm FROM weights").fetchall()
+        return {model: CanaryWeight(canary, bp, stage, parse_cohorts(cohorts), mirror_ppm=mirror_ppm,
+                                    ejected=parse_ejected(ejected))
+                for model, canary, bp, stage, cohorts, ejected, mirror_ppm in rows}
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM xds_meta WHERE key=?", (key,)).fetchone()
@@ -200,11 +214,11 @@ class WeightStore:
                                      f"{previous.weight_bp / 100:g}%; roll it back first")
             version = max(self._meta("version") + 1, at_least)
             self._db.execute(
-                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at, cohorts, mirror_ppm) VALUES (?,?,?,?,?,?,?) "
+                "INSERT INTO weights(model, canary, weight_bp, stage, updated_at, cohorts, ejected, mirror_ppm) VALUES (?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(model) DO UPDATE SET canary=excluded.canary, weight_bp=excluded.weight_bp, "
-                "stage=excluded.stage, updated_at=excluded.updated_at, cohorts=excluded.cohorts, "
+                "stage=excluded.stage, updated_at=excluded.updated_at, cohorts=excluded.cohorts, ejected=excluded.ejected, "
                 "mirror_ppm=excluded.mirror_ppm",
-                (model, weight.canary, weight.weight_bp, weight.stage, now, cohorts_json(weight), weight.mirror_ppm))
+                (model, weight.canary, weight.weight_bp, weight.stage, now, cohorts_json(weight), ejected_json(weight), weight.mirror_ppm))
             self._db.execute(
                 "INSERT INTO weight_changes(ts, model, canary, from_bp, to_bp, stage, actor, reason, xds_version) "
                 "VALUES (?,?,?,?,?,?,?,?,?)",

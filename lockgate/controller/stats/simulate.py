@@ -39,6 +39,7 @@ class Effects:
     score_shift: float = 0.0
     minority_recall_shift: float = 0.0
     majority_recall_shift: float = 0.0
+    host_error_mults: tuple[float, ...] = ()  # per canary host (requests spread evenly): error multiplier on top of error_mult
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ def simulate_rollout(rng: np.random.Generator, cfg: RolloutConfig = RolloutConfi
     err_u = rng.gamma(k, 1.0 / k, n_users)
     ref_u = rng.gamma(k, 1.0 / k, n_users)
     p_err = np.clip(cfg.base_error * err_u[user] * drift * np.where(is_c, effects.error_mult, 1.0), 0, 1)
+    host = None
+    if effects.host_error_mults:  # only then: streams without hosts keep their draws
+        hm = np.asarray(effects.host_error_mults, dtype=float)
+        host = np.where(is_c, rng.integers(0, hm.size, n), -1)
+        p_err = np.clip(p_err * np.where(is_c, hm[np.maximum(host, 0)], 1.0), 0, 1)
     p_ref = np.clip(cfg.base_refusal * ref_u[user] * np.where(is_c, effects.refusal_mult, 1.0), 0, 1)
     error = rng.random(n) < p_err
     refusal = (rng.random(n) < p_ref) & ~error
@@ -116,7 +122,7 @@ def simulate_rollout(rng: np.random.Generator, cfg: RolloutConfig = RolloutConfi
     ts = t_h * 3600.0
     label_ts = np.where(labelled, ts + rng.exponential(cfg.label_delay_mean_s, n), np.inf)
     label = np.where(labelled, true.astype(float), np.nan)
-    return {
+    out = {
         "ts": ts,
         "user": user,
         "cluster": user,
@@ -133,6 +139,9 @@ def simulate_rollout(rng: np.random.Generator, cfg: RolloutConfig = RolloutConfi
         "label_ts": label_ts,
         "true_class": true,
     }
+    if host is not None:
+        out["host"] = host  # canary host index per request (-1: a baseline request)
+    return out
 
 
 def default_specs(*, with_classes: bool = False) -> list[MetricSpec]:

@@ -1,0 +1,120 @@
+"""Per-host ejection through real Envoys (docs/rollout-spec.md, "Per-host gating and ejection"): a canary
+version with three endpoints, one of them answering 500 often; the control API's EjectHost takes it out of
+rotation through EDS, every Envoy ACKs, it gets no more requests while the other two share them; the
+weight store keeps the ejection (a restarted xDS server serves it), a later weight change keeps it, the
+last endpoint is never taken out, and a rollback restores every endpoint. Observations carry the host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from lockgate.control_client import ControlClient
+from tests.harness import PY, Client, Fleet, Proc, requires_envoy
+
+pytestmark = [requires_envoy, pytest.mark.envoy]
+
+
+def echo(name: str, tmp, error_rate: float = 0.0) -> tuple[Proc, int]:
+    argv = [PY, "-m", "tests.echo_upstream", "--port", "0", "--version", name]
+    if error_rate:
+        argv += ["--error-rate", str(error_rate)]
+    p = Proc(argv, tmp / f"echo-{name}.log")
+    return p, int(p.ready_text.split()[1])
+
+
+def eds_hosts(fleet: Fleet, i: int, cluster: str) -> list[str]:
+    """The endpoints Envoy ``i`` holds for ``cluster`` (admin /clusters)."""
+    out = []
+    for line in fleet.admin(i, "/clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) >= 4 and parts[0] == cluster and parts[2] == "cx_active":
+            out.append(parts[1])
+    return sorted(out)
+
+
+def served_by(fleet: Fleet, n: int, users: int = 400) -> Counter:
+    """Send ``n`` requests over ``users`` sticky users; which canary host (x-model-version) answered."""
+    c = Client(fleet.ports["listener"])
+    got: Counter = Counter()
+    for i in range(n):
+        r = c.request("/v1/chat/completions", {"x-user-id": f"u{i % users}"})
+        got[r.version] += 1
+    return got
+
+
+def test_a_bad_host_is_ejected_on_every_envoy_and_restored_by_a_rollback(tmp_path):
+    procs, ports = {}, {}
+    procs["v1"], ports["v1"] = echo("v1", tmp_path)
+    for h, rate in (("a", 0.5), ("b", 0.0), ("c", 0.0)):
+        procs[h], ports[h] = echo(f"v2-{h}", tmp_path, rate)
+    ep = {h: f"127.0.0.1:{ports[h]}" for h in "abc"}
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{ports['v1']}"]},
+                            "v2": {"endpoints": [ep["a"], ep["b"], ep["c"]]}}}]
+    fleet = Fleet(tmp_path, models, n_envoys=2, with_controller=True)
+    cluster = "chat.v2"
+    try:
+        with fleet:
+            ctl = ControlClient(f"127.0.0.1:{fleet.ports['control']}")
+            resp = ctl.set_weight("chat", "v2", 10_000, actor="test", reason="all to v2")
+            assert resp.all_acked and len(resp.model.envoys) == 2, resp
+            before = served_by(fleet, 300)
+            assert set(before) == {"v2-a", "v2-b", "v2-c"} and min(before.values()) >= 60, before
+
+            # observations carry the host that served them (Envoy's upstream.address)
+            obs = fleet.wait_observations(300, timeout=30)
+            hosts = Counter(o["upstream_host"] for o in obs if o["version"] == "v2")
+            assert set(hosts) == set(ep.values()), hosts
+            bad = [o for o in obs if o["upstream_host"] == ep["a"]]
+            assert sum(o["status_code"] >= 500 for o in bad) > 0.3 * len(bad)
+            assert not any(o["status_code"] >= 500 for o in obs if o["upstream_host"] != ep["a"])
+
+            # unknown endpoint, not the canary's, and a version that is not the canary: clear errors
+            with pytest.raises(grpc.RpcError) as err:
+                ctl.eject_host("chat", "v2", "127.0.0.1:1", actor="test", reason="x")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and ep["a"] in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                ctl.eject_host("chat", "v1", f"127.0.0.1:{ports['v1']}", actor="test", reason="x")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+            resp = ctl.eject_host("chat", "v2", ep["a"], actor="test", reason="host a: errors x5")
+            assert resp.all_acked and len(resp.model.envoys) == 2, resp
+            assert list(resp.model.ejected) == [ep["a"]] and resp.persisted
+            for i in range(2):  # every Envoy's EDS is without it
+                assert eds_hosts(fleet, i, cluster) == sorted([ep["b"], ep["c"]]), eds_hosts(fleet, i, cluster)
+            after = served_by(fleet, 200)
+            assert set(after) == {"v2-b", "v2-c"}, after
+
+            # a weight change keeps the ejection; a restarted xDS server serves it from the store
+            assert list(ctl.set_weight("chat", "v2", 9_000, actor="test", reason="w").model.ejected) == [ep["a"]]
+            fleet.procs["xds"].kill()
+            fleet.start_xds()
+            ctl = ControlClient(f"127.0.0.1:{fleet.ports['control']}")
+            assert list(ctl.get_weights("chat").models[0].ejected) == [ep["a"]]
+            deadline = time.monotonic() + 15
+            while len(ctl.get_weights("chat").models[0].envoys) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert eds_hosts(fleet, 0, cluster) == sorted([ep["b"], ep["c"]])
+
+            # the last endpoint in rotation is never taken out
+            ctl.eject_host("chat", "v2", ep["b"], actor="test", reason="b too")
+            with pytest.raises(grpc.RpcError) as err:
+                ctl.eject_host("chat", "v2", ep["c"], actor="test", reason="and c")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "last endpoint" in err.value.details()
+            resp = ctl.eject_host("chat", "v2", ep["b"], actor="test", reason="b is fine", restore=True)
+            assert resp.all_acked and list(resp.model.ejected) == [ep["a"]]
+
+            # a rollback restores every endpoint of the version (it gets no traffic; the next rollout starts whole)
+            resp = ctl.rollback("chat", actor="test", reason="done")
+            assert resp.all_acked and list(resp.model.ejected) == []
+            for i in range(2):
+                assert eds_hosts(fleet, i, cluster) == sorted(ep.values())
+    finally:
+        for p in procs.values():
+            p.stop()

@@ -511,6 +511,10 @@ def cmd_rollout_status(args) -> int:
             print("\n".join(_verdict_table(ev)))
             for line in _gate_lines(ev):
                 print(line)
+            if ev.get("capacity"):
+                c = ev["capacity"]
+                print(f"  capacity: {'HOLDING' if c.get('holding') else 'fits' if c.get('fits') else 'over'} - "
+                      f"{c.get('reason', '')}")
             for line in _cohort_lines(r.get("cohorts")):
                 print(line)
             plan = r.get("plan")

@@ -255,7 +255,7 @@ rollout:
         ("r.yaml:26:7: rollout.metrics[9].allowed: is required"),
         ("r.yaml:27:35: rollout.metrics[10].class: must be a string (quote numeric class names"),
         ("r.yaml:27:58: rollout.metrics[10].allowed.absolute: must be a finite number"),
-        ("r.yaml:28:10: rollout.extra: unknown field (known: alpha, analysis_interval_s, canary, cohorts, metrics, "
+        ("r.yaml:28:10: rollout.extra: unknown field (known: alpha, analysis_interval_s, canary, capacity, cohorts, metrics, "
          "model, promotion, steps)"),
     ]
     for e in expect:

@@ -15,6 +15,7 @@ Outcome events go to the :class:`~lockgate.controller.ports.EventSink` s it was 
 registry feedback), as background tasks after the weights moved and the record was written. Starting a
 rollout and the manual actions (pause, resume, abort, promote) are :mod:`.actions`; the HTTP routes are
 :mod:`lockgate.controller.api.rollouts`.
+Long: one rollout's look, moves and reverts share its lock; the gates and the capacity rule are their own modules.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Sequence
 import grpc
 
 from lockgate.config import LockgateConfig
+from lockgate.controller.decide.capacity_watch import CapacityWatch
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
 from lockgate.controller.decide.gatekeeper import GateKeeper
 from lockgate.controller.decide.gates import gates_json
@@ -76,6 +78,8 @@ class Promoter:
         self.config = config
         #: the steps' approvals and external checks (``checks`` calls them; None: every check holds)
         self.gatekeeper = GateKeeper(rollouts, checks, self.notify, self.emit)
+        #: the spec's capacity rule: traffic rates from the store, capacity_hold / capacity_clear in the log
+        self.capacity = CapacityWatch(observations, rollouts, config)
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
         self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
@@ -128,13 +132,18 @@ class Promoter:
             judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
             detected_at = time.time()
             gates = self.gatekeeper.inputs(rollout, spec)
+            capacity = (await loop.run_in_executor(None, self.capacity.verdict, rollout, spec, now)
+                        if spec.capacity is not None and rollout.status == "running" else None)
             decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
-                                               rollout.stage_started_at), judgement, now, in_stage, gates)
+                                               rollout.stage_started_at), judgement, now, in_stage, gates, capacity)
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
             if decision.action != "rollback":
                 gates = self.gatekeeper.after(rollout, spec, decision, gates, now)
             if (gates_now := gates_json(spec, rollout.stage, gates)) is not None:
                 summary["gates"] = gates_now
+            if decision.action != "rollback" and (capacity_now := self.capacity.after(rollout, spec, decision,
+                                                                                      capacity)) is not None:
+                summary["capacity"] = capacity_now
             if self.series is not None:
                 self.series.looked(rollout, spec, decision, summary, now)
             if decision.action == "rollback":

@@ -17,17 +17,21 @@ Envoy (see ``rollouts.ACTIVE_STATUSES``, the one list of the statuses that still
 6. 4 and 5 only when the step's gates are open (:mod:`.gates`: its approval given, each external
    check's latest answer a fresh pass); otherwise ``hold`` saying what is missing, with the checks
    to call now in ``due_checks`` (gates never override 1: harm rolls back while waiting);
+6b. 4 and 5 only when the canary's hosts can take the next weight (:mod:`.capacity`, a spec with
+   ``capacity:``); otherwise ``hold`` with the projection in the reason (``capacity_hold``);
 7. the rollout's ``max_duration`` used up without 4/5 → ``inconclusive`` (held at its weight for a
    human; never promoted silently); otherwise ``hold`` collecting evidence.
 
 ``gates=None`` leaves the steps' gates out (offline replay, which has no approvals or checks to
-replay); the promotion loop always passes a :class:`~.gates.GateInputs`.
+replay); the promotion loop always passes a :class:`~.gates.GateInputs`. ``capacity=None`` leaves the
+capacity rule out (no ``capacity:`` in the spec, or the replay).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lockgate.controller.decide.capacity import CapacityVerdict
 from lockgate.controller.decide.gates import GateInputs, GateVerdict, open_gates
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.stats import Judgement
@@ -50,6 +54,7 @@ class StageDecision:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     due_checks: tuple[str, ...] = ()  #: external checks of the step to call now (see :mod:`.gates`)
     awaiting_approval: bool = False   #: the step's own conditions are met; its approval is missing
+    capacity_hold: bool = False       #: held because the canary's hosts cannot take the next weight
 
     @property
     def moves_weight(self) -> bool:
@@ -63,7 +68,8 @@ def stage_label(spec: RolloutSpec, stage: int) -> str:
 
 
 def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: float,
-           canary_samples_in_stage: int, gates: GateInputs | None = None) -> StageDecision:
+           canary_samples_in_stage: int, gates: GateInputs | None = None,
+           capacity: CapacityVerdict | None = None) -> StageDecision:
     if state.status not in ("running", "paused"):
         raise ValueError(f"decide() needs a running or paused rollout, not {state.status}")
     step = spec.steps[state.stage]
@@ -82,6 +88,7 @@ def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: floa
     overdue = now - state.started_at >= spec.promotion.max_duration_s
     last = state.stage == len(spec.steps) - 1
     gate = GateVerdict(open=True)
+    capacity_hold = False
     if not waiting:
         promotable = judgement.decision == "promote" or (not spec.promotion.require_non_inferiority and
                                                          judgement.decision == "continue")
@@ -89,16 +96,23 @@ def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: floa
             gate = open_gates(step, stage_label(spec, state.stage), spec.model, gates, now)
         if not gate.open:
             waiting.extend(gate.waiting)
+        if capacity is not None and not capacity.fits and (not last or promotable):
+            waiting.append(capacity.reason)
+            capacity_hold = True
+        if waiting:
+            pass
         elif not last:
             nxt = spec.steps[state.stage + 1]
             return StageDecision("advance", state.stage + 1, nxt.weight_bp,
                                  (f"{stage_label(spec, state.stage)} done, no gating metric shows harm; "
-                                  f"advancing to {nxt.weight_bp / 100:g}%",) + gate.passed)
+                                  f"advancing to {nxt.weight_bp / 100:g}%",) + gate.passed
+                                 + ((capacity.reason,) if capacity is not None else ()))
         elif promotable:
             why = ("every gating metric shown within its allowed change" if judgement.decision == "promote"
                    else "no gating metric shows harm (non-inferiority not required by the spec)")
             return StageDecision("promote", len(spec.steps), TOTAL_WEIGHT_BP,
-                                 (f"promoting to 100%: {why}",) + gate.passed)
+                                 (f"promoting to 100%: {why}",) + gate.passed
+                                 + ((capacity.reason,) if capacity is not None else ()))
         else:
             waiting.append("promotion needs every gating metric shown within its allowed change: "
                            + "; ".join(v.metric for v in judgement.verdicts if v.gating and v.verdict != "pass")
@@ -108,4 +122,4 @@ def decide(spec: RolloutSpec, state: StageState, judgement: Judgement, now: floa
                              (f"max duration {spec.promotion.max_duration_s:.0f} s reached without evidence for "
                               f"promotion; holding at {current_bp / 100:g}% for a human",) + tuple(waiting))
     return StageDecision("hold", state.stage, current_bp, tuple(waiting) or ("collecting evidence",),
-                         due_checks=gate.due, awaiting_approval=gate.awaiting_approval)
+                         due_checks=gate.due, awaiting_approval=gate.awaiting_approval, capacity_hold=capacity_hold)

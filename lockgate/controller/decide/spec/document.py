@@ -243,6 +243,18 @@ class CohortDocument(_Level):
     from_step: int = Field(1, ge=1, description="The step (counted from 1) it starts at; default: every stage.")
 
 
+class CapacityDocument(_Level):
+    """The canary hosts' capacity: the ramp holds before a step whose projected load exceeds
+    hosts x capacity x headroom (hosts: the canary version's endpoints in lockgate.yaml)."""
+
+    requests_per_s_per_host: float = Field(None, gt=0, le=1e9,  # type: ignore[assignment]
+                                           description="Requests per second one canary host can serve.")
+    tokens_per_s_per_host: float = Field(None, gt=0, le=1e9,  # type: ignore[assignment]
+                                         description="Output tokens per second one canary host can generate.")
+    headroom: float = Field(0.8, gt=0, le=1, description="The share of the capacity a step may use.")
+    window_s: float = Field(60, ge=10, le=3600, description="Seconds of traffic the rate is measured over.")
+
+
 class RolloutDocument(_Level):
     """One progressive canary rollout: which model and canary, how it ramps, what is judged."""
 
@@ -261,6 +273,8 @@ class RolloutDocument(_Level):
     cohorts: list[CohortDocument] = Field(None, max_length=16,  # type: ignore[assignment]
                                           description="Groups sent to the canary by header or cookie, never "
                                                       "part of the sample the gates compare.")
+    capacity: CapacityDocument = Field(None,  # type: ignore[assignment]
+                                       description="Hold the ramp before a step the canary's hosts cannot take.")
 
 
 class SpecDocument(_Level):
@@ -271,5 +285,5 @@ class SpecDocument(_Level):
     rollout: RolloutDocument
 
 
-__all__ = ["ApprovalDocument", "CheckDocument", "DURATION_PATTERN", "ExpectDocument", "MetricDocument", "PromotionDocument", "RolloutDocument", "SpecDocument",
+__all__ = ["ApprovalDocument", "CapacityDocument", "CheckDocument", "DURATION_PATTERN", "ExpectDocument", "MetricDocument", "PromotionDocument", "RolloutDocument", "SpecDocument",
            "StepDocument"]

@@ -257,6 +257,8 @@ class RolloutSpec:
     warnings: tuple[Problem, ...] = ()
     #: ``cohorts``: :class:`~.cohorts.CohortRule` s, sent to the canary whatever the weight (docs/rollout-spec.md)
     cohorts: tuple[Any, ...] = ()
+    #: ``capacity``: :class:`~.capacity.CapacitySpec` (None: no capacity rule; docs/rollout-spec.md "Capacity")
+    capacity: Any = None
 
     def cohorts_at(self, stage: int) -> tuple[Any, ...]:
         """The :class:`lockgate.routing.Cohort` s active at ``stage`` (0-based), in the spec's order; none
@@ -309,6 +311,7 @@ class RolloutSpec:
             "metrics": [m.canonical() for m in self.metrics],
             # only when set, so that specs written before cohorts existed keep their hash
             **({"cohorts": [r.canonical() for r in self.cohorts]} if self.cohorts else {}),
+            **({"capacity": self.capacity.canonical()} if self.capacity is not None else {}),
         }
 
     def canonical_json(self) -> str:

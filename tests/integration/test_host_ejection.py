@@ -118,3 +118,75 @@ def test_a_bad_host_is_ejected_on_every_envoy_and_restored_by_a_rollback(tmp_pat
     finally:
         for p in procs.values():
             p.stop()
+
+
+SPEC = """
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 1
+  alpha: 0.05
+  steps:
+    - {weight_percent: 20, min_duration: 2s, min_canary_samples: 60}
+    - {weight_percent: 50, min_duration: 2s, min_canary_samples: 300}
+  promotion: {max_duration: 10m}
+  metrics:
+    - {name: error_rate, gating: true, allowed: {absolute: 0.15}}
+"""
+
+
+def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_path):
+    """One of three canary hosts answers 500 to 70 % of requests (the version as a whole: ~25 %, beyond the
+    baseline's 2 % + 15 points): the controller ejects that host (every Envoy ACKed, logged with its
+    numbers), judges the version without it, and promotes it."""
+    from tests.integration.test_rollout_e2e import Traffic, chat_server, status, wait_status
+
+    servers, ports = [], {}
+    p, ports["v1"] = chat_server(tmp_path, "v1", "--error-rate", "0.02", "--seed", "1")
+    servers.append(p)
+    for h, rate, seed in (("a", "0.7", "2"), ("b", "0.02", "3"), ("c", "0.02", "4")):
+        p, ports[h] = chat_server(tmp_path, f"v2{h}", "--error-rate", rate, "--seed", seed)
+        servers.append(p)
+    ep = {h: f"127.0.0.1:{ports[h]}" for h in "abc"}
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{ports['v1']}"]},
+                            "v2": {"endpoints": [ep["a"], ep["b"], ep["c"]]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC)
+    try:
+        with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet, Traffic(fleet.ports["listener"]):
+            time.sleep(1.0)
+            r = fleet.cli("rollout", "start", str(spec))
+            assert r.returncode == 0, r.stderr + r.stdout
+            final = wait_status(fleet, ("promoted", "rolled_back", "inconclusive", "aborted"), 90)
+            text = fleet.cli("rollout", "status", "chat").stdout
+            live = ControlClient(f"127.0.0.1:{fleet.ports['control']}").get_weights("chat").models[0]
+            eds = [eds_hosts(fleet, i, "chat.v2") for i in range(2)]
+            obs = fleet.observations(model="chat")
+    finally:
+        for p in servers:
+            p.stop()
+    from lockgate.controller.decide.rollouts import RolloutStore
+
+    store = RolloutStore(tmp_path / "state" / "rollouts.db")
+    try:
+        events = store.events(final["id"])
+    finally:
+        store.close()
+    assert final["status"] == "promoted", (text, [e["kind"] for e in events])
+    ejected = [e for e in events if e["kind"] == "host_ejected"]
+    assert len(ejected) == 1, [e["kind"] for e in events]
+    d = ejected[0]["detail"]
+    assert d["host"] == ep["a"] and sorted(d["peers"]) == sorted([ep["b"], ep["c"]])
+    assert d["host_error_rate"] > 0.4 and d["peers_error_rate"] < 0.1 and d["host_requests"] > 0, d
+    assert d["not_acked"] == [] and "shown worse than its peers" in d["reasons"][0]
+    # still out after the promotion, on every Envoy
+    assert list(live.ejected) == [ep["a"]] and live.weight_bp == 10_000
+    assert eds == [sorted([ep["b"], ep["c"]])] * 2, eds
+    # no request reached it once every Envoy had ACKed (a few in flight at that moment may finish)
+    after = [o for o in obs if o["version"] == "v2" and o["ts"] > ejected[0]["ts"] + 1.0]
+    assert after and not any(o["upstream_host"] == ep["a"] for o in after)
+    # the version's last verdict left the ejected host's rows out: its error rate is the healthy hosts'
+    err = {v["metric"]: v for v in final["last_eval"]["verdicts"]}["error_rate"]
+    assert err["verdict"] == "pass" and err["canary"] < 0.1, err
+    assert final["last_eval"]["hosts"]["ejected"] == [ep["a"]]

@@ -87,3 +87,32 @@ def test_simulated_rollout_bad_host_ejected_before_end_of_ramp():
     assert [hv.host for hv in ejections(hj)] == ["c0"]
     hv = next(h for h in hj.hosts if h.host == "c0")
     assert hv.verdict.canary > 3 * hv.verdict.baseline
+
+
+def test_without_hosts_leaves_out_only_the_canary_rows_of_ejected_hosts():
+    from lockgate.controller.decide.host_watch import WithoutHosts
+
+    class Rows:  # the store's answer shape: equal-length columns
+        def fetch(self, model, since_ts=None, until_ts=None, versions=None, *, columns=None):
+            self.asked = columns
+            d = {"ts": np.arange(5.0), "version": np.array(["v1", "v2", "v2", "v2", "v1"], dtype=object),
+                 "upstream_host": np.array(["h1", "a", "b", "a", "a"], dtype=object),
+                 "status_code": np.array([200, 500, 200, 500, 200], dtype=float)}
+            return {k: v for k, v in d.items() if columns is None or k in columns}
+
+    src = Rows()
+    got = WithoutHosts(src, "v2", ["a"]).fetch("chat", 0.0, versions=["v1", "v2"], columns=["ts", "status_code"])
+    assert set(src.asked) == {"ts", "status_code", "version", "upstream_host"}
+    assert set(got) == {"ts", "status_code"} and got["ts"].tolist() == [0.0, 2.0, 4.0]  # v1's row on "a" stays
+    assert WithoutHosts(src, "v2", []).fetch("chat", columns=["ts"])["ts"].size == 5
+
+
+def test_host_ejected_alert_says_which_host_and_its_numbers():
+    from lockgate.controller.tell.alerts.message import alert_from_event
+
+    a = alert_from_event({"kind": "host_ejected", "ts": 1.0,
+                          "rollout": {"id": 3, "model": "chat", "canary": "v2", "baseline": "v1", "started_at": 0.0},
+                          "detail": {"host": "10.0.0.5:8000", "host_errors": 41.0, "host_requests": 60,
+                                     "peers_errors": 2.0, "peers_requests": 130,
+                                     "reasons": ["host 10.0.0.5:8000 of v2 shown worse than its peers"]}})
+    assert "10.0.0.5:8000" in a.title and "EJECTED" in a.title and "41/60" in a.title and "2/130" in a.title

@@ -33,6 +33,7 @@ from lockgate.controller.decide.capacity_watch import CapacityWatch
 from lockgate.controller.decide.evidence import EVAL_COLUMNS, judge  # noqa: F401  (EVAL_COLUMNS: bench imports it here)
 from lockgate.controller.decide.gatekeeper import GateKeeper
 from lockgate.controller.decide.gates import gates_json
+from lockgate.controller.decide.host_watch import HostWatch, WithoutHosts
 from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, Driving, holds_lease, keep_leases
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollout_series import RolloutSeries
@@ -78,6 +79,8 @@ class Promoter:
         self.config = config
         #: the steps' approvals and external checks (``checks`` calls them; None: every check holds)
         self.gatekeeper = GateKeeper(rollouts, checks, self.notify, self.emit)
+        #: per-host gating: the canary's hosts against each other, ejections, the version judged without them
+        self.hosts = HostWatch(observations, rollouts, weights, config, self.emit)
         #: the spec's capacity rule: traffic rates from the store, capacity_hold / capacity_clear in the log
         self.capacity = CapacityWatch(observations, rollouts, config)
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
@@ -106,7 +109,10 @@ class Promoter:
         """The lock every change of one rollout's weights and record is made under."""
         return self._locks.setdefault(rollout_id, asyncio.Lock())
 
-    def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float) -> tuple[Any, dict, int]:
+    def _evaluate(self, rollout: Rollout, spec: RolloutSpec, now: float, without: tuple[str, ...] = ()
+                  ) -> tuple[Any, dict, int]:
+        if without:  # ejected hosts: their canary rows left out (the full path; the incremental one keeps every row)
+            return judge(WithoutHosts(self.observations, rollout.canary, without), self.config, rollout, spec, now)
         if self.evidence is not None:
             try:
                 out = self.evidence.judge(rollout, spec, now)
@@ -129,13 +135,24 @@ class Promoter:
             if rollout.status == "running":
                 rollout = await self._pause_on_weight_drift(rollout, spec)
             loop = asyncio.get_running_loop()
-            judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now)
+            ejected = await self.hosts.step(rollout, now, act=rollout.status == "running")
+            judgement, summary, in_stage = await loop.run_in_executor(None, self._evaluate, rollout, spec, now, ejected)
+            if (hosts_now := self.hosts.summary(rollout, ejected)) is not None:
+                summary["hosts"] = hosts_now
             detected_at = time.time()
             gates = self.gatekeeper.inputs(rollout, spec)
             capacity = (await loop.run_in_executor(None, self.capacity.verdict, rollout, spec, now)
                         if spec.capacity is not None and rollout.status == "running" else None)
             decision = decide(spec, StageState(rollout.status, rollout.stage, rollout.started_at,
                                                rollout.stage_started_at), judgement, now, in_stage, gates, capacity)
+            if decision.action == "rollback" and (sus := self.hosts.suspect(rollout)) is not None:
+                # rolled back only when the harm is not one host's: the version without the suspect must fail too
+                alone, _s, _n = await loop.run_in_executor(None, self._evaluate, rollout, spec, now,
+                                                           (*ejected, sus.host))
+                if alone.decision != "rollback":
+                    decision = StageDecision("hold", rollout.stage,
+                                             spec.steps[min(rollout.stage, len(spec.steps) - 1)].weight_bp,
+                                             (self.hosts.held(rollout, sus),))
             summary["stage_decision"] = {"action": decision.action, "reasons": list(decision.reasons)}
             if decision.action != "rollback":
                 gates = self.gatekeeper.after(rollout, spec, decision, gates, now)

@@ -125,6 +125,10 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
     elif kind == "awaiting_approval":
         title = (f"{model}: rollout #{rid} of {canary} waits for an approval{share}: "
                  f"lockgate rollout approve {model}")
+    elif kind == "host_ejected":
+        title = (f"{model}: host {d.get('host', '?')} of canary {canary} EJECTED (rollout #{rid}): errors "
+                 f"{d.get('host_errors') or 0:.0f}/{d.get('host_requests', 0)} vs its peers' "
+                 f"{d.get('peers_errors') or 0:.0f}/{d.get('peers_requests', 0)}; the version is judged without it")
     elif kind == "advanced":
         title = (f"{model}: canary {canary} advanced" + (f" to {weight_bp / 100:g}%" if weight_bp is not None else "")
                  + f" (rollout #{rid})")

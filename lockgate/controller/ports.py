@@ -80,7 +80,8 @@ class ObservationSource(Protocol):
     def fetch(self, model: str, since_ts: float | None = None, until_ts: float | None = None,
               versions: Sequence[str] | None = None, *, columns: Sequence[str] | None = None
               ) -> dict[str, np.ndarray]:
-        """Rows of ``model`` with ``since_ts <= ts < until_ts`` (epoch s) of ``versions``, ordered by ts."""
+        """Rows of ``model`` with ``since_ts <= ts < until_ts`` (epoch s) of ``versions``, ordered by ts.
+        (The store also takes ``cohort=NAME``: only that cohort's rows, read by :func:`.evidence.cohort_stats`.)"""
         ...
 
 

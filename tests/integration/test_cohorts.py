@@ -154,3 +154,98 @@ def test_control_api_refuses_bad_cohorts(tmp_path):
     finally:
         for p in procs.values():
             p.stop()
+
+
+SPEC = """
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 1
+  steps:
+    - {weight_percent: 1, min_duration: 10m, min_canary_samples: 10}
+    - {weight_percent: 5, min_duration: 10m}
+  promotion: {max_duration: 1h}
+  metrics:
+    - {name: error_rate, gating: true, allowed: {absolute: 0.2}}
+  cohorts:
+    - {name: beta, header: {name: x-beta-tester, value: "true"}}
+    - {name: staff, cookie: {name: internal, value: "1"}, from_step: 2}
+"""
+
+
+def test_rollout_sends_its_cohorts_which_never_count_as_the_gates_sample(tmp_path):
+    from tests.integration.test_rollout_e2e import Traffic, chat_server, status
+
+    v1, p1 = chat_server(tmp_path, "v1", "--seed", "1")
+    v2, p2 = chat_server(tmp_path, "v2", "--seed", "2")
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(SPEC)
+    body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hello"}]}).encode()
+
+    def chat(c: Client, user: str, extra: dict[str, str]) -> str | None:
+        r = c.request("/v1/chat/completions", {"x-user-id": user, "content-type": "application/json", **extra},
+                      "POST", body)
+        return r.version
+
+    try:
+        with Fleet(tmp_path, models, n_envoys=2, with_controller=True) as fleet:
+            r = fleet.cli("rollout", "start", str(spec))
+            assert r.returncode == 0, r.stderr + r.stdout
+            c = Client(fleet.ports["listener"])
+            with Traffic(fleet.ports["listener"], users=400, threads=2, max_s=8):
+                beta = [chat(c, f"beta-{i}", {"x-beta-tester": "true"}) for i in range(60)]
+                # staff starts at step 2: at step 1 its cookie is nobody's ticket to the canary
+                staff = [chat(c, f"staff-{i}", {"cookie": "internal=1"}) for i in range(60)]
+                time.sleep(3)
+            assert beta == ["v2"] * 60  # at 1 %: every beta tester, whatever their hash
+            assert staff.count("v1") >= 55, staff
+            routes = [n for n in fleet.route_weights(1)]  # the second Envoy has the same split routes
+            assert "chat/key/0" in routes
+
+            # the gates' canary sample is exactly the canary rows that are not a cohort's
+            obs = fleet.wait_observations(1, timeout=5)
+            deadline = time.monotonic() + 20
+            while True:
+                obs = fleet.observations()
+                canary_rows = sum(1 for o in obs if o["role"] == "canary")
+                v2_rows = sum(1 for o in obs if o["version"] == "v2")
+                st = status(fleet)
+                ev = st.get("last_eval") or {}
+                if ev.get("n_canary") == canary_rows and st.get("cohorts") and st["cohorts"][0]["requests"] == 60:
+                    break
+                assert time.monotonic() < deadline, (ev.get("n_canary"), canary_rows, st.get("cohorts"))
+                time.sleep(0.5)
+            cohort_rows = [o for o in obs if o["cohort"]]
+            assert len(cohort_rows) == 60 and {(o["cohort"], o["role"], o["version"]) for o in cohort_rows} == \
+                {("beta", "other", "v2")}
+            assert v2_rows == canary_rows + 60 and ev["n_canary"] < v2_rows
+            beta_stats, staff_stats = st["cohorts"]
+            assert (beta_stats["name"], beta_stats["requests"], beta_stats["canary"], beta_stats["active"]) == \
+                ("beta", 60, 60, True)
+            assert beta_stats["p95_ms"] is not None and beta_stats["error_rate"] is not None
+            assert (staff_stats["name"], staff_stats["requests"], staff_stats["active"]) == ("staff", 0, False)
+            assert (ev.get("cohorts") or [{}])[0].get("requests", 0) > 0  # the judgement's summary has them too
+            text = fleet.cli("rollout", "status", "chat").stdout
+            assert "cohort beta (header x-beta-tester=true, every stage): 60 requests (60 to the canary)" in text, text
+            assert "cohort staff (cookie internal=1, from stage 2, not yet active): 0 requests" in text, text
+
+            # the deployment log says which cohorts the stage sent
+            from lockgate.controller.decide.rollouts import RolloutStore
+
+            store = RolloutStore(tmp_path / "state" / "rollouts.db")
+            started = [e for e in store.events(st["id"]) if e["kind"] == "started"]
+            store.close()
+            assert started[0]["detail"]["cohorts"] == ["beta (header x-beta-tester=true)"], started
+
+            # abort: the revert takes the cohort back to the baseline on both Envoys
+            r = fleet.cli("rollout", "abort", "chat")
+            assert r.returncode == 0 and "reverted to v1 in" in r.stdout, r.stdout + r.stderr
+            for i in range(2):
+                assert not [n for n in cohort_routes(fleet, i) if "/cohort/" in n]
+            assert [chat(c, f"beta-{i}", {"x-beta-tester": "true"}) for i in range(30)] == ["v1"] * 30
+            c.close()
+    finally:
+        v1.stop()
+        v2.stop()

@@ -16,7 +16,7 @@ import time
 
 from lockgate.config import ConfigError, LockgateConfig
 from lockgate.controller.decide import analysis
-from lockgate.controller.decide.evidence import stable_history, start_plan, status_plan
+from lockgate.controller.decide.evidence import stable_history, start_plan, status_plan, with_cohorts
 from lockgate.controller.decide.gatekeeper import approvals_of
 from lockgate.controller.decide.promoter import LEASE_TTL_S, Promoter, RolloutError, load_spec_of, rollout_json
 from lockgate.controller.decide.rollouts import RolloutConflict, RolloutStore
@@ -194,6 +194,8 @@ class RolloutActions:
                 d["weight_bp"] = _STATUS_WEIGHT_BP.get(r.status,
                                                        spec.steps[min(r.stage, len(spec.steps) - 1)].weight_bp)
             d["plan"] = status_plan(spec, r, time.time()) if spec is not None else None
+            if spec is not None and spec.cohorts:  # apart from the gates' sample (evidence.cohort_stats)
+                d["cohorts"] = with_cohorts({}, self.observations, r, spec).get("cohorts")
             events = self.rollouts.events(r.id)
             outcome = [e for e in events if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
             d["outcome"] = outcome[-1] if outcome else None

@@ -26,7 +26,7 @@ from lockgate.config import LockgateConfig
 from lockgate.controller.decide import analysis, ramp_plan
 from lockgate.controller.decide.prometheus_evidence import PrometheusEvidence
 from lockgate.controller.decide.rollouts import Rollout
-from lockgate.controller.ingest.schema import DECISION_COLUMNS
+from lockgate.controller.ingest.schema import DECISION_COLUMNS, ERROR_COLUMNS, error_column
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.decide.stages import stage_label
 from lockgate.controller.ports import ObservationSource
@@ -75,7 +75,48 @@ def judge(observations: ObservationSource, config: LockgateConfig, rollout: Roll
                "requests_per_hour": analysis.request_rate_per_hour(ts, now),
                "n_baseline": int(np.count_nonzero(role == "baseline")),
                "n_canary": int(np.count_nonzero(role == "canary"))}
-    return judgement, summarize(judgement, spec, rollout, traffic), traffic["in_stage"]
+    return judgement, with_cohorts(summarize(judgement, spec, rollout, traffic), observations, rollout, spec), \
+        traffic["in_stage"]
+
+
+#: what :func:`cohort_stats` reads of a cohort's rows
+COHORT_COLUMNS = ("ts", "version", *ERROR_COLUMNS, "latency_ms")
+
+
+def cohort_stats(observations: ObservationSource, rollout: Rollout, spec: RolloutSpec) -> list[dict]:
+    """Per cohort of ``spec`` (``rollout.cohorts``), what its requests looked like since the rollout
+    started: ``requests``, ``canary`` (of those, served by the canary), ``errors`` / ``error_rate`` and
+    ``p95_ms`` (latency; None when unmeasured). Shown apart in status, the log and the report: a cohort is
+    chosen, not a random sample, so these rows are never part of the gates' comparison (role ``other``).
+    One indexed read per cohort (its rows only, whatever the model's traffic); [] without cohorts."""
+    out = []
+    for rule in spec.cohorts:
+        c = rule.cohort
+        data = observations.fetch(rollout.model, since_ts=rollout.started_at, cohort=c.name,  # type: ignore[call-arg]
+                                  columns=list(COHORT_COLUMNS))
+        n = int(np.asarray(data.get("ts", [])).size)
+        err = error_column(data["status_code"], data["timeout"], data["error_kind"]) if n else np.zeros(0)
+        known = err[~np.isnan(err)]
+        lat = np.asarray(data.get("latency_ms", []), dtype=float)
+        lat = lat[~np.isnan(lat)]
+        out.append({"name": c.name, "match": f"{c.kind} {c.key}={c.value}",
+                    "from_stage": rule.from_stage + 1, "active": rule.active(rollout.stage),
+                    "requests": n, "canary": int(np.count_nonzero(np.asarray(data.get("version", [])) == rollout.canary)),
+                    "errors": int(np.nansum(known)), "error_rate": float(known.mean()) if known.size else None,
+                    "p95_ms": float(np.quantile(lat, 0.95)) if lat.size else None})
+    return out
+
+
+def with_cohorts(summary: dict, observations: ObservationSource | None, rollout: Rollout, spec: RolloutSpec) -> dict:
+    """``summary`` (an evaluation's) with ``cohorts``: :func:`cohort_stats` (untouched without cohorts; a
+    failed read is logged and leaves them out: they never decide anything)."""
+    if not spec.cohorts or observations is None:
+        return summary
+    try:
+        summary["cohorts"] = cohort_stats(observations, rollout, spec)
+    except Exception as exc:  # noqa: BLE001 - a display; the judgement stands without it
+        log.warning("rollout #%d: cohort statistics not read: %s", rollout.id, exc)
+    return summary
 
 
 def summarize(judgement: Any, spec: RolloutSpec, rollout: Rollout, traffic: dict) -> dict:
@@ -123,5 +164,6 @@ def status_plan(spec: RolloutSpec, rollout: Rollout, now: float) -> dict | None:
         return None
 
 
-__all__ = ["AUTO_HISTORY_S", "EVAL_COLUMNS", "PROMETHEUS", "with_prometheus", "judge", "rollout_columns", "stable_history", "start_plan",
+__all__ = ["AUTO_HISTORY_S", "COHORT_COLUMNS", "EVAL_COLUMNS", "PROMETHEUS", "cohort_stats", "with_cohorts",
+           "with_prometheus", "judge", "rollout_columns", "stable_history", "start_plan",
            "status_plan", "summarize"]

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lockgate.controller.decide.accumulator import RolloutEvidence, supported
-from lockgate.controller.decide.evidence import summarize, with_prometheus
+from lockgate.controller.decide.evidence import summarize, with_cohorts, with_prometheus
 from lockgate.controller.decide.rollouts import Rollout
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.ingest.observations import observation_row
@@ -146,7 +146,7 @@ class LiveEvidence:
             traffic = state.traffic(now, rollout.stage_started_at)
         # outside the lock: it may query Prometheus (and, at a first look mid-rollout, read the stage starts)
         judgement = with_prometheus(judgement, rollout, spec, now, self.observations)
-        summary = summarize(judgement, spec, rollout, traffic)
+        summary = with_cohorts(summarize(judgement, spec, rollout, traffic), self.observations, rollout, spec)
         return judgement, summary, traffic["in_stage"]
 
     def _state(self, rollout: Rollout, specs: list[MetricSpec]):

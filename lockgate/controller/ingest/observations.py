@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS obs_model_ts ON observations(model, ts);
 CREATE INDEX IF NOT EXISTS obs_model_version_ts ON observations(model, version, ts);
 CREATE INDEX IF NOT EXISTS obs_model_stage_ts ON observations(model, stage, ts);
 CREATE INDEX IF NOT EXISTS obs_client_request_id ON observations(client_request_id);
+CREATE INDEX IF NOT EXISTS obs_model_cohort_ts ON observations(model, cohort, ts) WHERE cohort IS NOT NULL;
 CREATE TABLE IF NOT EXISTS labels (
     request_id TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN (@LABEL_KINDS@)),
@@ -505,9 +506,13 @@ class ObservationStore:
 
     @staticmethod
     def _where(model: str | None, since_ts: float | None, until_ts: float | None,
-               versions: Sequence[str] | None, stage: str | None, include_replay: bool) -> tuple[str, list[Any]]:
+               versions: Sequence[str] | None, stage: str | None, include_replay: bool,
+               cohort: str | None = None) -> tuple[str, list[Any]]:
         clauses, params = window_where(model=model, since_ts=since_ts, until_ts=until_ts, versions=versions,
                                        prefix="o.")
+        if cohort is not None:  # one cohort's rows by the partial index obs_model_cohort_ts, whatever the traffic
+            clauses.append("o.cohort = ?")
+            params.append(cohort)
         if stage is not None:
             clauses.append("o.stage = ?" if stage else "o.stage IS NULL")
             if stage:
@@ -518,7 +523,7 @@ class ObservationStore:
 
     def fetch(self, model: str, since_ts: float | None = None, until_ts: float | None = None,
               versions: Sequence[str] | None = None, *, stage: str | None = None, include_replay: bool = False,
-              columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+              columns: Sequence[str] | None = None, cohort: str | None = None) -> dict[str, np.ndarray]:
         """Columnar observations of ``model`` with ``since_ts <= ts < until_ts``, ordered by ts.
 
         Columns (see :data:`FETCH_COLUMNS`): float64 with NaN for not measured (``latency_ms`` is the
@@ -527,13 +532,14 @@ class ObservationStore:
         rows with role ``other`` are neither arm), object with ``None`` for unset strings. Labels
         (``true_class``, ``thumbs``, ``task_success``, ``evaluator_score``) come with their arrival time
         (``label_arrival_ts`` for ``true_class``, ``<kind>_arrival_ts`` for the others); ``label`` /
-        ``label_ts`` alias ``true_class`` / ``label_arrival_ts``. Replays are excluded unless asked.
+        ``label_ts`` alias ``true_class`` / ``label_arrival_ts``. Replays are excluded unless asked;
+        ``cohort``: only the rows that cohort's route sent.
         """
         cols = tuple(columns) if columns is not None else FETCH_COLUMNS
         unknown = [c for c in cols if c not in _SELECT]
         if unknown:
             raise KeyError(f"unknown columns {unknown}")
-        where, params = self._where(model, since_ts, until_ts, versions, stage, include_replay)
+        where, params = self._where(model, since_ts, until_ts, versions, stage, include_replay, cohort)
         return add_label_aliases(_columnar(self._query(where, params, cols), cols))
 
     def iter_records(self, model: str | None = None, since_ts: float | None = None, until_ts: float | None = None,

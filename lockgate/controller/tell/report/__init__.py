@@ -230,6 +230,19 @@ def _n(x, fmt="{:.4g}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def cohort_table(cohorts: Sequence[dict]) -> str:
+    """The cohorts (``rollout.cohorts``) as of the last judgement: their requests since the start, apart from
+    the gates' sample (a cohort is chosen, not random: never compared)."""
+    rows = "".join(
+        f"<tr><td>{escape(c['name'])}</td><td>{escape(c['match'])}</td><td>{c.get('from_stage', 1)}</td>"
+        f"<td>{c['requests']}</td><td>{c.get('canary', 0)}</td><td>{c['errors']}</td>"
+        f"<td>{'-' if c.get('error_rate') is None else '%.2f%%' % (c['error_rate'] * 100)}</td>"
+        f"<td>{_n(c.get('p95_ms'), '{:.0f}')}</td></tr>" for c in cohorts)
+    return ("<h2>Cohorts (not in the gates' sample)</h2><table class='verdicts'><tr><th>cohort</th><th>match</th>"
+            "<th>from stage</th><th>requests</th><th>to the canary</th><th>errors</th><th>error rate</th>"
+            f"<th>p95 ms</th></tr>{rows}</table>")
+
+
 def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict], now: float | None = None,
                 png_name: str | None = None) -> str:
     d = ReportData(r, events, evaluations, now)
@@ -273,6 +286,8 @@ def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict],
     h.append(verdict_table(last.get("verdicts", [])) if last.get("verdicts") else "<p>no judgement recorded</p>")
     if last.get("alpha_statement"):
         h.append(f"<p>{escape(last['alpha_statement'])}</p>")
+    if last.get("cohorts"):
+        h.append(cohort_table(last["cohorts"]))
     h.append("<h2>Charts</h2><p>Time is seconds/minutes since the rollout started. Shaded bands are the stages; "
              "dashed vertical lines are decisions. The interval is the anytime-valid bound on canary − baseline; "
              "the red dashed line is the rollback line, the allowed change in the harmful direction (+allowed "

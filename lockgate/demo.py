@@ -7,6 +7,9 @@ many sticky users and a delayed-feedback poster, then plays two rollouts at once
 * **good**: chat v2 ramps 1 → 5 → 20 → 50 → 100 % and is promoted on evidence;
 * **bad**: ticket-classifier v2 is better on aggregate accuracy but misses fraud tickets (a minority
   class); its fraud-recall gate rolls it back, and the revert time is shown.
+* **host** (optional, ``--story host``): chat v2 runs on three hosts and one of them answers 500 to 30 %
+  of its requests (a failing card); lockgate tests each host against its peers, ejects that one through
+  EDS (every Envoy ACKed), judges the version without it and promotes it.
 
 The terminal shows each rollout's stage, weight, samples, gating verdicts and ETA every second.
 At the end: ``lockgate history``, the HTML reports, and everything started is stopped (Ctrl-C at
@@ -19,8 +22,10 @@ import argparse
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,7 +39,11 @@ from lockgate.examples.traffic import TrafficGenerator
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "examples" / "lockgate.yaml"
 SPECS = {"good": REPO / "examples" / "rollouts" / "demo-chat-v2.yaml",
-         "bad": REPO / "examples" / "rollouts" / "demo-classifier-v2.yaml"}
+         "bad": REPO / "examples" / "rollouts" / "demo-classifier-v2.yaml",
+         "host": REPO / "examples" / "rollouts" / "demo-chat-v2.yaml"}
+#: --story host: chat v2's second host (of three) is bad
+BAD_HOST_FLAGS = ["--refusal-rate", "0.02", "--error-rate", "0.3", "--latency-ms", "15", "--tokens-mean", "44",
+                  "--seed", "13"]
 MARKER = ".lockgate-demo-state"
 
 SERVERS = {  # (model, version) → module and flags
@@ -67,6 +76,29 @@ class Demo:
         self.t0 = time.monotonic()
         self.state = self.config.state_dir
         self.logs = self.state / "logs"
+        self.host_dir: Path | None = None
+        self.announced_hosts: set[str] = set()
+        if getattr(args, "story", "") == "host":
+            self.host_config()
+
+    def host_config(self) -> None:
+        """``--story host``: the config with chat v2 on three hosts (its endpoint and two more on free ports),
+        written to a temporary directory (the state directory stays the configured one)."""
+        data = yaml.safe_load(Path(self.config_path).read_text())
+        data["state_dir"] = str(self.state)
+        chat = next(m for m in data["models"] if m["name"] == "chat")
+        eps = list(chat["versions"]["v2"]["endpoints"])
+        host = eps[0].rsplit(":", 1)[0]
+        while len(eps) < 3:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                eps.append(f"{host}:{sock.getsockname()[1]}")
+        chat["versions"]["v2"]["endpoints"] = eps
+        self.host_dir = Path(tempfile.mkdtemp(prefix="lockgate-demo-host-"))
+        path = self.host_dir / "lockgate.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.config_path = str(path)
+        self.config = load_config(self.config_path)
 
     # ----- lifecycle -----
     def fresh_state(self) -> None:
@@ -80,16 +112,21 @@ class Demo:
 
     def start_servers(self) -> None:
         for (model, version), (module, flags) in SERVERS.items():
-            ep = self.config.model(model).versions[version].endpoints[0]
-            log = open(self.logs / f"{model}-{version}.log", "ab")
-            p = subprocess.Popen([sys.executable, "-m", module, "--host", ep.host, "--port", str(ep.port),
-                                  "--version", version, *flags], stdout=subprocess.PIPE, stderr=log,
-                                 start_new_session=True)
-            self.procs.append(p)
-            line = p.stdout.readline().decode() if p.stdout else ""
-            if not line.startswith("ready"):
-                raise RuntimeError(f"{module} {version} did not start (port {ep.port} in use?); see {log.name}")
+            for i, ep in enumerate(self.config.model(model).versions[version].endpoints):
+                bad = self.host_dir is not None and (model, version) == ("chat", "v2") and i == 1
+                log = open(self.logs / f"{model}-{version}{f'-{i}' if i else ''}.log", "ab")
+                p = subprocess.Popen([sys.executable, "-m", module, "--host", ep.host, "--port", str(ep.port),
+                                      "--version", version, *(BAD_HOST_FLAGS if bad else flags)],
+                                     stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+                self.procs.append(p)
+                line = p.stdout.readline().decode() if p.stdout else ""
+                if not line.startswith("ready"):
+                    raise RuntimeError(f"{module} {version} did not start (port {ep.port} in use?); see {log.name}")
         say(f"  model servers: chat v1/v2, ticket-classifier v1/v2 (v2 misses fraud tickets) — logs in {self.logs}")
+        if self.host_dir is not None:
+            eps = self.config.model("chat").versions["v2"].endpoints
+            say(f"  chat v2 runs on 3 hosts: {', '.join(f'{e.host}:{e.port}' for e in eps)}; "
+                f"{eps[1].host}:{eps[1].port} answers 500 to 30 % of its requests (a failing card)")
 
     def start_lockgate(self) -> None:
         log = open(self.logs / "lockgate-up.log", "ab")
@@ -124,6 +161,8 @@ class Demo:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if self.host_dir is not None:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
 
     # ----- controller API -----
     def api(self, method: str, path: str, payload: dict | None = None) -> tuple[int, dict]:
@@ -168,9 +207,26 @@ class Demo:
         if hours and r["status"] == "running":
             secs = max(hours) * 3600
             eta = f" ETA {secs:.0f}s" if secs < 600 else f" ETA {secs / 60:.0f}min"
+        out = (ev.get("hosts") or {}).get("ejected") or []
         return (f"[{time.monotonic() - self.t0:5.0f}s] {r['model']:<17} {r['status']:<11} "
                 f"{r.get('stage_label', ''):<19} {('%g%%' % (weight / 100)) if weight is not None else '?':>5} "
-                f"baseline {ev.get('n_baseline', 0):>5} canary {ev.get('n_canary', 0):>5}  {verdicts}{eta}")
+                f"baseline {ev.get('n_baseline', 0):>5} canary {ev.get('n_canary', 0):>5}  {verdicts}{eta}"
+                + (f"  hosts out: {', '.join(out)}" if out else ""))
+
+    def announce_hosts(self, r: dict) -> None:
+        """The first look that shows a host out of rotation: say so, with the numbers of the log's entry."""
+        out = ((r.get("last_eval") or {}).get("hosts") or {}).get("ejected") or []
+        for host in out:
+            if host in self.announced_hosts:
+                continue
+            self.announced_hosts.add(host)
+            ev = next((e for e in r.get("hosts") or [] if e.get("kind") == "host_ejected"
+                       and (e.get("detail") or {}).get("host") == host), None)
+            d = (ev or {}).get("detail") or {}
+            nums = (f": errors {d['host_errors']:.0f}/{d['host_requests']} vs its peers' "
+                    f"{d['peers_errors']:.0f}/{d['peers_requests']}, every Envoy ACKed in {d.get('ack_ms', 0):.1f} ms"
+                    if d.get("host_requests") is not None else "")
+            say(f"  ==> {r['model']} {r['canary']}: host {host} EJECTED{nums}; the version is judged without it")
 
     def watch(self, models: list[str], timeout: float) -> dict[str, dict]:
         deadline = time.monotonic() + timeout
@@ -181,6 +237,7 @@ class Demo:
                 if r["model"] not in models or r["model"] in final:
                     continue
                 say(self.line(r))
+                self.announce_hosts(r)
                 if r["status"] in ("promoted", "rolled_back", "aborted", "inconclusive"):
                     final[r["model"]] = r
                     self.announce(r)
@@ -245,6 +302,8 @@ class Demo:
             say(f"demo: {', '.join(missing)} did not finish within {self.args.timeout:.0f} s")
             return 1
         ok = all((final[m]["status"] == "promoted") == (m == "chat") for m in models)
+        if self.host_dir is not None:
+            ok = ok and bool(self.announced_hosts)
         say("\ndemo finished: " + ", ".join(f"{m} {final[m]['status']}" for m in models))
         return 0 if ok else 1
 
@@ -252,8 +311,9 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockgate.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--story", choices=("both", "good", "bad"), default="both",
-                    help="good: chat v2 promoted; bad: ticket-classifier v2 rolled back (default both, at once)")
+    ap.add_argument("--story", choices=("both", "good", "bad", "host"), default="both",
+                    help="good: chat v2 promoted; bad: ticket-classifier v2 rolled back (default both, at once); "
+                         "host: chat v2 on three hosts, one bad: that host ejected, the version promoted")
     ap.add_argument("--slow", type=float, default=1.0, help="stretch every stage's duration by this factor")
     ap.add_argument("--rate", type=float, default=120.0, help="requests per second over both models")
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds of baseline traffic before the rollouts")

@@ -199,6 +199,8 @@ class RolloutActions:
             events = self.rollouts.events(r.id)
             outcome = [e for e in events if e["kind"] in ("promoted", "rolled_back", "aborted", "inconclusive")]
             d["outcome"] = outcome[-1] if outcome else None
+            #: per-host gating: each ejection (with its numbers), incomplete ejection and held rollback
+            d["hosts"] = [e for e in events if e["kind"] in ("host_ejected", "host_eject_incomplete", "host_suspect")]
             d["approvals"] = [{"stage": k + 1, "approved_by": a.actor, "approved_at": a.at,
                                "authenticated": a.authenticated} for k, a in sorted(approvals_of(events).items())]
             out.append(d)

@@ -57,8 +57,10 @@ class WeightPusher(WeightReader, Protocol):
 
     async def set_weight(self, model: str, version: str, weight_bp: int, *, actor: str, reason: str,
                          stage: str = "", timeout_s: float = 5.0, deadline_s: float = 10.0,
-                         wait_for_ready: bool = True, cohorts: Sequence[Any] = ()) -> control_pb2.SetWeightResponse:
-        """``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight."""
+                         wait_for_ready: bool = True, cohorts: Sequence[Any] = (),
+                         mirror_ppm: int = 0) -> control_pb2.SetWeightResponse:
+        """``cohorts`` (:class:`lockgate.routing.Cohort`) go to the canary whatever the weight; ``mirror_ppm``
+        of the split's requests are mirrored to the canary (the shadow stage)."""
         ...
 
     async def rollback(self, model: str, *, actor: str, reason: str, timeout_s: float = 5.0,

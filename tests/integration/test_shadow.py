@@ -112,3 +112,104 @@ def test_shadow_stage_mirrors_captures_pairs_and_rolls_back(tmp_path):
     finally:
         for p in procs.values():
             p.stop()
+
+
+# ----- the shadow stage of a rollout, driven by the controller
+
+ROLLOUT = """
+rollout:
+  model: chat
+  canary: v2
+  analysis_interval_s: 1
+  alpha: 0.05
+  shadow: {{mirror_percent: 100, max_rps: 1000, min_duration: {min_duration}, min_pairs: 200}}
+  steps:
+    - {{weight_percent: 10, min_duration: 1h, min_canary_samples: 40}}
+  promotion: {{max_duration: 3h}}
+  metrics:
+    - {{name: error_rate, gating: true, allowed: {{relative: 0.5}}}}
+    - {{name: output_tokens, gating: false, allowed: {{relative: 0.5}}}}
+"""
+
+
+class Users:
+    """Sticky users sending chat requests through Envoy until stopped; counts who answered them."""
+
+    def __init__(self, port: int, threads: int = 3, max_s: float = 90):
+        import threading
+        self.port, self.max_s = port, max_s
+        self.stop = threading.Event()
+        self.versions: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int, n: int) -> None:
+        c = Client(self.port)
+        k = i
+        deadline = time.monotonic() + self.max_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            r = c.request("/v1/chat/completions", {"x-user-id": f"user-{k % 500}", "content-type": "application/json"},
+                          "POST", PROMPT)
+            with self.lock:
+                self.versions[r.version or "?"] = self.versions.get(r.version or "?", 0) + 1
+            k += n
+            time.sleep(0.004)
+        c.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def rollout_status(fleet):
+    r = fleet.cli("rollout", "status", "chat", "--json", check=True)
+    return json.loads(r.stdout)["rollouts"][0]
+
+
+@pytest.mark.parametrize("canary_errors, bad", [("0.2", True), ("0.04", False)],
+                         ids=["errors-x5-rolled-back-in-shadow", "healthy-canary-to-its-first-step"])
+def test_a_rollout_starts_in_shadow(tmp_path, canary_errors, bad):
+    procs = {}
+    procs["v1"], p1, log1 = start_upstream("chat-v1", tmp_path, error_rate=0.04)
+    procs["v2"], p2, log2 = start_upstream("chat-v2", tmp_path, error_rate=float(canary_errors))
+    models = [{"name": "chat", "match": {"path_prefix": "/v1/chat"}, "stable": "v1",
+               "versions": {"v1": {"endpoints": [f"127.0.0.1:{p1}"]}, "v2": {"endpoints": [f"127.0.0.1:{p2}"]}}}]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(ROLLOUT.format(min_duration="1h" if bad else "5s"))
+    try:
+        with Fleet(tmp_path, models, with_controller=True) as fleet, Users(fleet.ports["listener"]) as users:
+            time.sleep(1.0)
+            r = fleet.cli("rollout", "start", str(spec))
+            assert r.returncode == 0, r.stderr + r.stdout
+            final = wait_for(lambda: (lambda st: st if st["status"] != "pending" else None)(rollout_status(fleet)),
+                             timeout=75, what="the shadow stage's outcome")
+            weights = fleet.route_weights(0)
+            mirrors = mirror_clusters(fleet)
+            seen_during = dict(users.versions)
+            shadows = [o for o in fleet.observations(model="chat") if o["role"] == "shadow"]
+        canary_hits = lines(log2)
+    finally:
+        for p in procs.values():
+            p.stop()
+    ev = final["last_eval"] or {}
+    if bad:
+        assert final["status"] == "rolled_back", final
+        # not a single user-facing canary response: every user was answered by the baseline
+        assert seen_during.get("chat-v2", 0) == 0 and seen_during.get("chat-v1", 0) > 200, seen_during
+        assert canary_hits > 0  # the canary was asked (the mirror), its answers went nowhere but the gates
+        assert weights["chat/key/0"][0] == ("chat.v2", 0) and mirrors == []
+        err = {v["metric"]: v for v in ev["verdicts"]}["error_rate"]
+        assert err["verdict"] == "fail", ev
+        assert "no user saw the canary" in " ".join(ev["stage_decision"]["reasons"])
+    else:
+        assert final["status"] == "running" and final["stage"] == 0, final
+        assert weights["chat/key/0"][0] == ("chat.v2", 1000)  # the first user-facing step: 10 %
+        assert mirrors == []  # the mirror ends with the shadow stage
+        assert len(shadows) >= 200  # min_pairs (and 5 s) in shadow before the first step
+    assert len(shadows) > 0 and {o["version"] for o in shadows} == {"v2"}

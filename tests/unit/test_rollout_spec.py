@@ -256,7 +256,7 @@ rollout:
         ("r.yaml:27:35: rollout.metrics[10].class: must be a string (quote numeric class names"),
         ("r.yaml:27:58: rollout.metrics[10].allowed.absolute: must be a finite number"),
         ("r.yaml:28:10: rollout.extra: unknown field (known: alpha, analysis_interval_s, canary, capacity, cohorts, metrics, "
-         "model, promotion, steps)"),
+         "model, promotion, shadow, steps)"),
     ]
     for e in expect:
         assert any(line.startswith(e) for line in lines), f"missing: {e}\n--- got:\n{out}"

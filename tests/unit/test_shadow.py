@@ -100,3 +100,88 @@ def test_the_mirror_is_persisted_and_an_older_store_is_migrated(tmp_path):
     store = WeightStore(path)
     assert store.load()["chat"] == CanaryWeight("v2", 0, "shadow")
     store.close()
+
+
+# ----- the shadow stage's spec and decision (controller side)
+
+SPEC_HEAD = """rollout:
+  model: chat
+  canary: v2
+  shadow: {shadow}
+  metrics:
+    - {{name: error_rate, gating: true, allowed: {{relative: 0.5}}}}
+    - {{name: output_tokens, gating: false, allowed: {{relative: 0.5}}}}
+"""
+
+
+def shadow_spec(shadow="{mirror_percent: 10, max_rps: 50, min_duration: 1m, min_pairs: 100}"):
+    from lockgate.controller.decide.spec import spec_from_text
+    return spec_from_text(SPEC_HEAD.format(shadow=shadow), "r.yaml")
+
+
+def test_the_shadow_block_is_validated_with_file_and_line():
+    from lockgate.controller.decide.spec import ConfigError
+    spec = shadow_spec()
+    assert (spec.shadow.mirror_percent, spec.shadow.max_rps, spec.shadow.min_duration_s, spec.shadow.min_pairs) == \
+        (10, 50, 60, 100)
+    assert spec.sha256 != shadow_spec("{mirror_percent: 20, max_rps: 50, min_duration: 1m}").sha256
+    with pytest.raises(ConfigError) as exc:
+        shadow_spec("{mirror_percent: 0, max_rps: -1, min_duration: soon, extra: 1}")
+    lines = [p.render(exc.value.source) for p in exc.value.problems]
+    assert lines == [
+        "r.yaml:4:28: rollout.shadow.mirror_percent: must be greater than 0 and at most 100, got 0",
+        "r.yaml:4:40: rollout.shadow.max_rps: must be greater than 0 and at most 1e+06 (mirrored requests/s in all), "
+        "got -1",
+        "r.yaml:4:58: rollout.shadow.min_duration: must be a duration such as 90s, 10m, 1.5h, 2d or seconds, got 'soon'",
+        "r.yaml:4:71: rollout.shadow.extra: unknown field (known: max_rps, min_duration, min_pairs, mirror_percent)"]
+    with pytest.raises(ConfigError, match="r.yaml:4:11: rollout.shadow.max_rps: is required"):
+        shadow_spec("{mirror_percent: 5}")
+
+
+def test_the_mirror_share_is_bounded_by_max_rps():
+    from lockgate.controller.decide.shadow import mirror_ppm
+    assert mirror_ppm(10, 50, None) == 100_000          # traffic unknown: the configured share
+    assert mirror_ppm(10, 50, 100.0) == 100_000         # 10 % of 100/s = 10/s <= 50/s
+    assert mirror_ppm(10, 50, 2000.0) == 25_000         # 10 % of 2000/s = 200/s > 50/s: 2.5 %
+    assert mirror_ppm(100, 1, 1e9) == 1                 # never 0 (a mirror of nothing)
+
+
+def rows(n, base_err, canary_err, seed=1, unpaired=0):
+    """n user requests answered by the baseline, each mirrored to the canary (its answer in a shadow row)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ids = [f"r{i}" for i in range(n)]
+    ts = np.arange(n, dtype=float)
+    base_status = np.where(rng.random(n) < base_err, 500, 200)
+    shadow_status = np.where(rng.random(n) < canary_err, 500, 200)
+    role = ["baseline"] * n + ["shadow"] * (n - unpaired)
+    rid = ids + [shadow_request_id(r) for r in ids[unpaired:]]
+    return {"ts": np.concatenate([ts, ts[unpaired:] + 0.01]), "request_id": np.asarray(rid, dtype=object),
+            "role": np.asarray(role, dtype=object), "version": np.asarray(["v1"] * n + ["v2"] * (n - unpaired), dtype=object),
+            "weight": np.zeros(2 * n - unpaired), "user_key": np.asarray(["u"] * (2 * n - unpaired), dtype=object),
+            "status_code": np.concatenate([base_status, shadow_status[unpaired:]]).astype(float),
+            "timeout": np.zeros(2 * n - unpaired), "error_kind": np.asarray([None] * (2 * n - unpaired), dtype=object),
+            "output_tokens": np.full(2 * n - unpaired, 20.0)}
+
+
+def test_pairs_are_the_shadow_rows_with_their_users_baseline_row():
+    from lockgate.controller.decide.shadow import paired_columns
+    paired, k = paired_columns(rows(50, 0.0, 0.0, unpaired=10))
+    assert k == 40
+    assert list(paired["role"]).count("canary") == 40 and list(paired["role"]).count("baseline") == 40
+    # one cluster per pair: the user request's id on both rows
+    assert list(paired["user_key"][:40]) == list(paired["user_key"][40:]) == [f"r{i}" for i in range(10, 50)]
+    assert set(paired["weight"]) == {0.5}
+
+
+def test_errors_x5_in_shadow_roll_back_and_a_healthy_canary_advances():
+    from lockgate.controller.decide.shadow import judge_pairs, shadow_decision
+    spec = shadow_spec()
+    bad, k = judge_pairs(spec, rows(2000, 0.02, 0.10), now=3000.0)
+    action, reasons = shadow_decision(spec, bad, k, started_at=0.0, now=3000.0)
+    assert action == "rollback" and "error_rate shown worse" in reasons[0] and "no user saw the canary" in reasons[0]
+    good, k = judge_pairs(spec, rows(2000, 0.02, 0.02, seed=2), now=3000.0)
+    assert shadow_decision(spec, good, k, 0.0, 3000.0)[0] == "advance"
+    assert shadow_decision(spec, good, k, 0.0, 30.0) == ("hold", ("shadow: 30 of 60 s in shadow",))
+    few, k = judge_pairs(spec, rows(50, 0.02, 0.02), now=3000.0)
+    assert shadow_decision(spec, few, k, 0.0, 3000.0) == ("hold", ("shadow: 50 of 100 paired answers",))

@@ -38,6 +38,7 @@ from lockgate.controller.decide.leases import LEASE_RENEW_S, LEASE_TTL_S, Drivin
 from lockgate.controller.decide.live_evidence import LiveEvidence
 from lockgate.controller.decide.rollout_series import RolloutSeries
 from lockgate.controller.decide.rollouts import Rollout, RolloutConflict, RolloutStore
+from lockgate.controller.decide.shadow import ShadowStage, in_shadow
 from lockgate.controller.decide.spec import RolloutSpec, spec_from_text
 from lockgate.controller.decide.stages import StageDecision, StageState, decide, stage_label
 from lockgate.controller.ports import CheckCaller, EventSink, ObservationSource, OutcomeEvent, WeightPusher
@@ -83,6 +84,8 @@ class Promoter:
         self.hosts = HostWatch(observations, rollouts, weights, config, self.emit)
         #: the spec's capacity rule: traffic rates from the store, capacity_hold / capacity_clear in the log
         self.capacity = CapacityWatch(observations, rollouts, config)
+        #: the spec's shadow stage (decide/shadow.py): mirrored requests, paired answers, while still pending
+        self.shadow = ShadowStage()
         #: the rollout state on /metrics (None: not exported), told of every look and outcome
         self.series = series
         #: the incremental evidence (None: every look re-reads the store, :func:`.evidence.judge`)
@@ -462,6 +465,11 @@ class Promoter:
     async def _begin_locked(self, rollout: Rollout) -> dict:
         spec = load_spec_of(rollout, self.config)
         out: dict[str, Any] = {}
+        if in_shadow(spec, self.rollouts, rollout.id):  # the shadow stage first (decide/shadow.py): still pending
+            held = await self.shadow.step(self, rollout, spec)
+            if held is not None:
+                return held
+            out["shadow"] = "passed"
         if spec.promotion.preflight == "drill":
             drill = await self.weights.drill(rollout.model, actor=f"rollout#{rollout.id}", timeout_s=5.0,
                                              deadline_s=10.0)

@@ -87,7 +87,7 @@ BUILTIN_METRICS: dict[str, MetricDef] = {m.name: m for m in (
 
 # --------------------------------------------------------------------------- field names (shared with the schema)
 
-ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics", "cohorts", "capacity")
+ROLLOUT_KEYS = ("model", "canary", "analysis_interval_s", "alpha", "steps", "promotion", "metrics", "cohorts", "capacity", "shadow")
 STEP_KEYS = ("weight_percent", "min_duration", "min_canary_samples", "approval", "checks")
 APPROVAL_KEYS = ("required",)
 CHECK_KEYS = ("name", "url", "method", "timeout_s", "interval_s", "expect")

@@ -255,6 +255,16 @@ class CapacityDocument(_Level):
     window_s: float = Field(60, ge=10, le=3600, description="Seconds of traffic the rate is measured over.")
 
 
+class ShadowDocument(_Level):
+    """The shadow stage: before any user sees the canary, a share of the baseline's requests is
+    mirrored to it and the two answers to each request are compared."""
+
+    mirror_percent: float = Field(gt=0, le=100, description="The share of the model's requests mirrored.")
+    max_rps: float = Field(gt=0, le=1e6, description="At most this many mirrored requests per second in all.")
+    min_duration: Duration = Field("10m", description="At least this long in shadow.")  # type: ignore[assignment]
+    min_pairs: int = Field(200, ge=1, le=10_000_000, description="And at least this many paired answers.")
+
+
 class RolloutDocument(_Level):
     """One progressive canary rollout: which model and canary, how it ramps, what is judged."""
 
@@ -275,6 +285,8 @@ class RolloutDocument(_Level):
                                                       "part of the sample the gates compare.")
     capacity: CapacityDocument = Field(None,  # type: ignore[assignment]
                                        description="Hold the ramp before a step the canary's hosts cannot take.")
+    shadow: ShadowDocument = Field(None,  # type: ignore[assignment]
+                                   description="A first stage at 0 % served: mirrored requests, paired answers.")
 
 
 class SpecDocument(_Level):
@@ -285,5 +297,5 @@ class SpecDocument(_Level):
     rollout: RolloutDocument
 
 
-__all__ = ["ApprovalDocument", "CapacityDocument", "CheckDocument", "DURATION_PATTERN", "ExpectDocument", "MetricDocument", "PromotionDocument", "RolloutDocument", "SpecDocument",
+__all__ = ["ApprovalDocument", "CapacityDocument", "CheckDocument", "DURATION_PATTERN", "ExpectDocument", "MetricDocument", "PromotionDocument", "RolloutDocument", "ShadowDocument", "SpecDocument",
            "StepDocument"]

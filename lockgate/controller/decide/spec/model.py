@@ -259,6 +259,8 @@ class RolloutSpec:
     cohorts: tuple[Any, ...] = ()
     #: ``capacity``: :class:`~.capacity.CapacitySpec` (None: no capacity rule; docs/rollout-spec.md "Capacity")
     capacity: Any = None
+    #: ``shadow``: :class:`~.shadow.ShadowSpec` (None: no shadow stage; docs/rollout-spec.md "Shadow stage")
+    shadow: Any = None
 
     def cohorts_at(self, stage: int) -> tuple[Any, ...]:
         """The :class:`lockgate.routing.Cohort` s active at ``stage`` (0-based), in the spec's order; none
@@ -312,6 +314,7 @@ class RolloutSpec:
             # only when set, so that specs written before cohorts existed keep their hash
             **({"cohorts": [r.canonical() for r in self.cohorts]} if self.cohorts else {}),
             **({"capacity": self.capacity.canonical()} if self.capacity is not None else {}),
+            **({"shadow": self.shadow.canonical()} if self.shadow is not None else {}),
         }
 
     def canonical_json(self) -> str:

@@ -59,6 +59,7 @@ from lockgate.controller.decide.spec.prometheus import check_against_config as c
 from lockgate.controller.decide.spec.prometheus import parse_prometheus, resolved
 from lockgate.controller.decide.spec.cohorts import cohorts_against_config, parse_cohorts
 from lockgate.controller.decide.spec.capacity import parse_capacity
+from lockgate.controller.decide.spec.shadow import parse_shadow
 from lockgate.routing import TOTAL_WEIGHT_BP
 from lockgate.yamlconf import (
     ErrorCollector,
@@ -620,6 +621,7 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     metrics = _metrics(f, errors, warnings, promotion.require_non_inferiority, valid_alpha)
     cohorts = parse_cohorts(f, errors, len(steps))
     capacity = parse_capacity(f, errors)
+    shadow = parse_shadow(f, errors)
     _finish(f)
     raw_metrics = f.data.get("metrics")
     _check_metric_set(metrics, f.path + ("metrics",), len(raw_metrics) if isinstance(raw_metrics, list) else -1,
@@ -646,7 +648,7 @@ def parse_spec(data: Any, smap, source: str, config: "LockgateConfig | None" = N
     errors.raise_if_any()
     assert interval is not None and alpha is not None
     spec = RolloutSpec(model=model, canary=canary, analysis_interval_s=interval, alpha=alpha, steps=steps,
-                       promotion=promotion, metrics=metrics, source=source, cohorts=cohorts, capacity=capacity,
+                       promotion=promotion, metrics=metrics, source=source, cohorts=cohorts, capacity=capacity, shadow=shadow,
                        warnings=tuple(sorted(warnings.problems, key=lambda p: (p.line or 0, p.column or 0))))
     return _with_hash(spec)
 

@@ -209,3 +209,47 @@ def test_cohort_requests_are_labelled_and_neither_arm():
     assert (who.role, who.route, who.cohort, who.weight_bp, who.stage) == ("other", "cohort", "beta", 1, "#1:stage-1")
     who = attribute(models, "chat.v2", routing.sticky_route_name("chat", 0, w))
     assert (who.role, who.route, who.cohort) == ("canary", "sticky", "")
+
+
+# ----------------------------------------------------------------------------- shown apart
+
+
+def test_cohort_stats_read_each_cohort_apart_and_the_gates_columns_never_see_them(tmp_path):
+    from lockgate.controller.decide.evidence import cohort_stats, rollout_columns
+    from lockgate.controller.decide.rollouts import Rollout
+    from lockgate.controller.ingest.observations import ObservationStore
+    from lockgate.controller.tell.report import cohort_table
+    from lockgate.proto.v1 import observations_pb2 as obs_pb2
+
+    spec = spec_from_text(BASE + """  cohorts:
+    - {name: beta, header: {name: x-beta-tester, value: "true"}}
+    - {name: staff, cookie: {name: internal, value: "1"}, from_step: 2}
+""", "r.yaml")
+    rows = []
+    for i in range(200):  # the random split: half each arm
+        rows.append(obs_pb2.Observation(request_id=f"s{i}", ts=100.0 + i, model="chat", version="v2" if i % 2 else "v1",
+                                        role="canary" if i % 2 else "baseline", weight_bp=100, route="sticky",
+                                        status_code=200, duration_ms=10.0))
+    for i in range(40):  # beta: 10 errors, slow
+        rows.append(obs_pb2.Observation(request_id=f"b{i}", ts=100.5 + i, model="chat", version="v2", role="other",
+                                        weight_bp=100, route="cohort", cohort="beta",
+                                        status_code=500 if i < 10 else 200, duration_ms=100.0 + i))
+    store = ObservationStore(tmp_path / "obs.db")
+    store.insert(rows)
+    r = Rollout(id=1, model="chat", canary="v2", baseline="v1", spec_text="", spec_source="r.yaml", spec_hash="h",
+                status="running", stage=0, started_at=50.0, stage_started_at=50.0, ended_at=None, created_by="t",
+                auto={}, last_eval=None, last_eval_at=None)
+    beta, staff = cohort_stats(store, r, spec)
+    assert (beta["name"], beta["requests"], beta["canary"], beta["errors"], beta["active"]) == ("beta", 40, 40, 10, True)
+    assert beta["error_rate"] == pytest.approx(0.25)
+    assert beta["p95_ms"] == pytest.approx(100.0 + 39 * 0.95, abs=0.5)
+    assert (staff["requests"], staff["error_rate"], staff["p95_ms"], staff["active"]) == (0, None, None, False)
+    # what the gates read: the two arms, 100 canary rows, none of the cohort's
+    data = rollout_columns(store, CFG, r)
+    role = list(data["role"])
+    assert role.count("canary") == 100 and role.count("baseline") == 100 and set(role) <= {"canary", "baseline", "other"}
+    canary = [i for i, x in enumerate(role) if x == "canary"]
+    assert all(data["request_id"][i].startswith("s") for i in canary)
+    html = cohort_table([beta, staff])
+    assert "<td>beta</td><td>header x-beta-tester=true</td><td>1</td><td>40</td><td>40</td><td>10</td><td>25.00%</td>" in html
+    store.close()

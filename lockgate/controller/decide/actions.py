@@ -56,9 +56,7 @@ class RolloutActions:
         except ConfigError as exc:
             raise RolloutError("invalid rollout spec", 400, [p.render(exc.source) for p in exc.problems]) from None
         model = self.config.model(spec.model)
-        owner = self.rollouts.lease_owner(spec.model)
-        if owner and owner[0] != self.rollouts.owner and owner[1] > time.time():
-            raise RolloutError(f"model {spec.model!r} is driven by another controller ({owner[0]})", 409)
+        self._take_lease(spec.model)  # refused when another controller drives the model
         now = time.time()
         history = stable_history(self.observations, self.config, spec.model, now)
         try:
@@ -69,6 +67,7 @@ class RolloutActions:
         plan = await asyncio.get_running_loop().run_in_executor(None, start_plan, spec, history, auto, now)
         warnings = [render_warning(p, spec.source) for p in spec.warnings] + list(plan.warnings)
         try:
+            self._take_lease(spec.model)  # again, just before the row exists: no other controller begins it
             rollout = self.rollouts.create(model=spec.model, canary=spec.canary, baseline=model.stable,
                                            spec_text=spec_text, spec_source=source, spec_hash=spec.sha256,
                                            created_by=actor, auto=auto_json)
@@ -81,6 +80,14 @@ class RolloutActions:
         started = await self.promoter.begin(rollout)
         return {"rollout": rollout_json(self.rollouts.get(rollout.id)), "warnings": warnings, "plan": plan_json,
                 "start": started}
+
+    def _take_lease(self, model: str) -> None:
+        """Hold ``model``'s lease (so this controller begins and drives the rollout), or raise 409 naming the
+        controller that holds it."""
+        if not self.rollouts.acquire(model, LEASE_TTL_S):
+            owner = self.rollouts.lease_owner(model)
+            raise RolloutError(f"model {model!r} is driven by another controller ({owner[0] if owner else '?'}); "
+                               "start it there", 409)
 
     async def action(self, model: str, action: str, actor: str) -> dict:
         """``pause`` | ``resume`` | ``abort`` | ``promote`` the active rollout of ``model`` (by ``actor``)."""

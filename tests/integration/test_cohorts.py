@@ -238,6 +238,9 @@ def test_rollout_sends_its_cohorts_which_never_count_as_the_gates_sample(tmp_pat
             started = [e for e in store.events(st["id"]) if e["kind"] == "started"]
             store.close()
             assert started[0]["detail"]["cohorts"] == ["beta (header x-beta-tester=true)"], started
+            shown = fleet.cli("show", str(st["id"]), check=True).stdout
+            assert "started stage 1 1% by controller: ACKed in" in shown and \
+                "cohorts to the canary: beta (header x-beta-tester=true)" in shown, shown
 
             # abort: the revert takes the cohort back to the baseline on both Envoys
             r = fleet.cli("rollout", "abort", "chat")

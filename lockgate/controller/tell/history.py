@@ -169,6 +169,8 @@ def _action_summary(e: dict) -> str:
         parts.append("; ".join(d["reasons"]))
     if "ack_ms" in d:
         parts.append(f"ACKed in {fmt_ms(d['ack_ms'])}")
+    if d.get("cohorts"):  # rollout.cohorts this stage sent to the canary
+        parts.append("cohorts to the canary: " + ", ".join(d["cohorts"]))
     t = d.get("timings")
     if t:
         if t.get("error"):

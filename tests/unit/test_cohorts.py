@@ -55,6 +55,8 @@ def test_spec_cohorts_standing_and_step_rules():
     assert spec.cohorts_at(3) == ()  # the promotion: everyone has the canary
     assert spec.cohort_detail(1) == {"cohorts": ["beta (header x-beta-tester=true)", "staff (cookie internal=1)"]}
     assert spec.cohort_detail(3) == {}
+    assert spec.summary().endswith("1 metric (1 gating), cohorts: beta (header x-beta-tester=true), every stage, "
+                                   "staff (cookie internal=1), from stage-2")
     # the hash covers the cohorts; a spec without them keeps the hash it had before cohorts existed
     plain = spec_from_text(BASE, "r.yaml")
     assert "cohorts" not in plain.canonical() and plain.sha256 != spec.sha256

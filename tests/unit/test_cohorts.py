@@ -5,7 +5,6 @@ the weight store (persisted with the weight, older stores migrated), the ext_pro
 from __future__ import annotations
 
 import re
-import sqlite3
 
 import pytest
 from hypothesis import given, strategies as st
@@ -17,6 +16,7 @@ from lockgate.extproc.capture import attribute
 from lockgate.routing import COHORT_HEADER, CanaryWeight, Cohort
 from lockgate.xds.resources import ROUTE_TYPE, build_resources
 from lockgate.xds.store import WeightStore
+from tests.pg import pg_server, pg_url, where  # noqa: F401  (fixtures)
 
 CFG = config_from_text("""
 qa_override: {token: "0123456789abcdef-token"}
@@ -182,13 +182,16 @@ def test_no_cohort_routes_without_a_canary_or_after_a_rollback():
 # ----------------------------------------------------------------------------- weight store
 
 
-def test_weight_store_keeps_cohorts_and_migrates_an_older_store(tmp_path):
-    path = tmp_path / "lockgate.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE weights (model TEXT PRIMARY KEY, canary TEXT, weight_bp INTEGER NOT NULL, "
-               "stage TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL)")
-    db.execute("INSERT INTO weights VALUES ('chat', 'v2', 100, 's', 1.0)")
-    db.commit()
+def test_weight_store_keeps_cohorts_and_migrates_an_older_store(where):
+    """On SQLite and PostgreSQL: a store written before cohorts gains the column, keeps its weight."""
+    from lockgate.database import open_store, write_transaction
+
+    path = where("lockgate.db")
+    db = open_store(path, "CREATE TABLE IF NOT EXISTS weights (model TEXT PRIMARY KEY, canary TEXT, "
+                          "weight_bp INTEGER NOT NULL, stage TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL);",
+                    read_only=False, what="an older weight store")
+    with write_transaction(db):
+        db.execute("INSERT INTO weights(model, canary, weight_bp, stage, updated_at) VALUES ('chat', 'v2', 100, 's', 1.0)")
     db.close()
     store = WeightStore(path)
     assert store.load() == {"chat": CanaryWeight("v2", 100, "s")}

@@ -74,7 +74,7 @@ def test_every_capacity_problem_with_file_line_and_field(tmp_path):
         spec_from_text(SPEC.replace("    requests_per_s_per_host: 60\n", "    headroom: 0.5\n"), "c.yaml")
     assert [p.render("c.yaml") for p in err.value.problems] == [
         "c.yaml:9:5: rollout.capacity: needs requests_per_s_per_host and/or tokens_per_s_per_host (the canary's "
-        "capacity per host)"]
+        "capacity per host), or latency_rise (observed mode)"]
     with pytest.raises(ConfigError) as err:
         spec_from_text(SPEC.replace("    requests_per_s_per_host: 60\n", ""), "c.yaml")
     assert "c.yaml:8:12: rollout.capacity: is empty: give requests_per_s_per_host" in str(err.value)
@@ -232,5 +232,86 @@ def test_watch_reads_rates_from_the_store_and_logs_each_change_once(tmp_path):
     again = CapacityWatch(obs, store, cfg)
     again.after(r, low, decide(low, st, J("continue"), 105.0, 50, None, v_low), v_low)
     assert [e["kind"] for e in store.events(r.id) if e["kind"].startswith("capacity")] == kinds
+    obs.close()
+    store.close()
+
+
+# ----------------------------------------------------------------------------- observed mode (latency_rise)
+
+OBSERVED = SPEC.replace("    requests_per_s_per_host: 60\n", "    latency_rise: 1.5\n    window_s: 30\n")
+
+
+def test_observed_mode_parses_alone_or_with_a_capacity_and_refuses_bad_factors():
+    spec = spec_from_text(OBSERVED)
+    assert spec.capacity.latency_rise == 1.5 and spec.capacity.requests_per_s_per_host is None
+    assert spec.canonical()["capacity"] == {"latency_rise": 1.5, "headroom": 0.8, "window_s": 30.0}
+    assert spec.capacity.describe() == "p50 latency rise at most ×1.5"
+    assert spec_from_text(SPEC).sha256 != spec_from_text(SPEC.replace("60\n", "60\n    latency_rise: 2\n", 1)).sha256
+    with pytest.raises(ConfigError) as err:
+        spec_from_text(OBSERVED.replace("latency_rise: 1.5", "latency_rise: 1"), "o.yaml")
+    assert [p.render("o.yaml") for p in err.value.problems] == [
+        "o.yaml:9:19: rollout.capacity.latency_rise: must be at least 1.05 and at most 100 (the factor the canary's "
+        "p50 latency may rise by with load), got 1"]
+
+
+def test_observed_mode_holds_when_the_canarys_p50_rose_with_load():
+    spec = spec_from_text(OBSERVED)
+    base = dict(window_s=30, hosts=2, requests=3000, canary_requests=600, start_latency_n=200, canary_latency_n=600)
+    v = judge_capacity(spec, 0, LoadInputs(**base, start_p50_ms=120.0, canary_p50_ms=310.0))
+    assert not v.fits and v.reason == (
+        "capacity: holding at 20%: before the next step 50%: the canary's p50 latency rose from 120 ms (the first "
+        "30 s of the rollout, at 20%) to 310 ms over the last 30 s (×2.58, more than the allowed ×1.5): its hosts "
+        "slow down with load")
+    assert v.numbers["latency_ratio"] == 2.583 and v.numbers["start_p50_ms"] == 120.0
+    v = judge_capacity(spec, 0, LoadInputs(**base, start_p50_ms=120.0, canary_p50_ms=150.0))
+    assert v.fits and v.reason == ("capacity: before the next step 50%: the canary's p50 latency 150 ms over the "
+                                   "last 30 s vs 120 ms in the first 30 s of the rollout, at 20% (×1.25, within "
+                                   "×1.5): fits")
+    few = dict(base, start_latency_n=10)
+    v = judge_capacity(spec, 0, LoadInputs(**few, start_p50_ms=120.0, canary_p50_ms=900.0))
+    assert v.fits and "not compared yet (10 of 30 responses in the first 30 s of the rollout, 600 of 30" in v.reason
+    # a sub-millisecond start counts as 1 ms: 0.2 -> 1.2 ms is x1.2, not x6
+    assert judge_capacity(spec, 0, LoadInputs(**base, start_p50_ms=0.2, canary_p50_ms=1.2)).fits
+    # with a configured capacity too: both said, either one holds
+    both = spec_from_text(OBSERVED.replace("    latency_rise: 1.5\n", "    latency_rise: 1.5\n"
+                                                                      "    requests_per_s_per_host: 20\n"))
+    v = judge_capacity(both, 0, LoadInputs(**base, start_p50_ms=120.0, canary_p50_ms=310.0))
+    assert not v.fits and v.reason.startswith("capacity: holding at 20%: next step 50% projects 50 req/s onto 2 "
+                                              "canary hosts, capacity 2 × 20 × 0.8 = 32 req/s (traffic 100 req/s "
+                                              "over the last 30 s); and the canary's p50 latency rose from 120 ms")
+    v = judge_capacity(both, 0, LoadInputs(**dict(base, requests=1200), start_p50_ms=120.0, canary_p50_ms=130.0))
+    assert v.fits and "20 req/s onto 2 canary hosts" in v.reason and "(×1.08, within ×1.5): fits" in v.reason
+
+
+def test_watch_reads_the_start_and_recent_canary_latency(tmp_path):
+    import time as _time
+
+    from lockgate.controller.decide.capacity_watch import CapacityWatch
+    from lockgate.controller.decide.rollouts import RolloutStore
+    from lockgate.controller.ingest.observations import ObservationStore
+    from lockgate.proto.v1 import observations_pb2
+
+    cfg = _config(tmp_path)
+    spec = spec_from_text(OBSERVED, "o.yaml", cfg)
+    obs = ObservationStore(tmp_path / "obs.db")
+    store = RolloutStore(tmp_path / "rollouts.db")
+    r = store.create(model="chat", canary="v2", baseline="v1", spec_text=OBSERVED, spec_source="o.yaml",
+                     spec_hash=spec.sha256, created_by="t", auto={})
+    r = store.transition(r.id, expect=("pending",), status="running", stage=0, kind="started", actor="t")
+    t0 = r.started_at
+    rows = []
+    for i in range(900):  # 90 s at 10 req/s from the start; the canary (every 2nd) slows from 100 to 250 ms
+        ts = t0 + i * 0.1
+        version = "v2" if i % 2 == 0 else "v1"
+        rows.append(observations_pb2.Observation(
+            request_id=f"r{i}", model="chat", version=version, role="canary" if version == "v2" else "baseline",
+            ts=ts, status_code=200, duration_ms=(100.0 if ts < t0 + 45 else 250.0) if version == "v2" else 80.0))
+    obs.insert(rows)
+    watch = CapacityWatch(obs, store, cfg)
+    v = watch.verdict(r, spec, t0 + 90.0)
+    assert (v.numbers["start_p50_ms"], v.numbers["start_latency_n"]) == (100.0, 150)
+    assert (v.numbers["canary_p50_ms"], v.numbers["canary_latency_n"]) == (250.0, 150)
+    assert not v.fits and "rose from 100 ms" in v.reason and "to 250 ms over the last 30 s (×2.50" in v.reason
+    assert watch._start[r.id] == (100.0, 150)  # read once: the start window is complete
     obs.close()
     store.close()

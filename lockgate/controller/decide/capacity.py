@@ -12,8 +12,12 @@ stored observations by :mod:`.capacity_watch`) and :func:`judge_capacity` projec
   (the whole model's mean while the canary has fewer than :data:`MIN_TOKEN_SAMPLES` counted responses);
 
 and compares each with ``hosts × capacity per host × headroom`` (hosts: the canary version's
-endpoints in lockgate.yaml). When a projection exceeds its limit the step is not taken: the rollout
-*holds* at its current weight with the numbers in the reason. A capacity hold never promotes and never
+endpoints in lockgate.yaml). **Observed mode** (``latency_rise: F``, alone or with the above): the
+canary's p50 latency over the last ``window_s`` seconds against its p50 over the first ``window_s``
+seconds of the rollout (the first stage: its lightest load); beyond ``F`` times that, its hosts already
+slow down with load and the next step would add more. When a projection exceeds its limit, or the
+latency rose beyond ``F``, the step is not taken: the rollout *holds* at its current weight with the
+numbers in the reason. A capacity hold never promotes and never
 rolls back by itself; harm shown by a gating metric still rolls back (:func:`.stages.decide` asks the
 capacity only when it would otherwise move the weight). :func:`capacity_json` is what ``rollout
 status``, the deployment log and the report show.
@@ -29,8 +33,13 @@ from lockgate.routing import TOTAL_WEIGHT_BP
 
 #: counted canary responses (with output tokens) needed before the canary's own tokens per request is used
 MIN_TOKEN_SAMPLES = 20
+#: canary responses with a latency needed in each window before the observed mode compares p50s
+MIN_LATENCY_SAMPLES = 30
+#: a start p50 below this counts as this (ratios of sub-millisecond latencies are noise)
+MIN_REFERENCE_MS = 1.0
 
-__all__ = ["CapacityVerdict", "LoadInputs", "MIN_TOKEN_SAMPLES", "capacity_json", "judge_capacity"]
+__all__ = ["CapacityVerdict", "LoadInputs", "MIN_LATENCY_SAMPLES", "MIN_REFERENCE_MS", "MIN_TOKEN_SAMPLES",
+           "capacity_json", "judge_capacity"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,9 @@ class LoadInputs:
     """The model's traffic over the last ``window_s`` seconds: every request (``requests``), the canary's
     (``canary_requests``), and the output tokens of the responses that report them (``tokens`` over
     ``token_responses``; the canary's ``canary_tokens`` over ``canary_token_responses``); ``hosts``: the
-    canary version's endpoints in lockgate.yaml."""
+    canary version's endpoints in lockgate.yaml. Observed mode: the canary's p50 latency over the window
+    (``canary_p50_ms`` of ``canary_latency_n`` responses) and over the first ``window_s`` seconds of the
+    rollout (``start_p50_ms`` of ``start_latency_n``)."""
 
     window_s: float
     hosts: int
@@ -48,6 +59,10 @@ class LoadInputs:
     token_responses: int = 0
     canary_tokens: float = 0.0
     canary_token_responses: int = 0
+    canary_p50_ms: float | None = None
+    canary_latency_n: int = 0
+    start_p50_ms: float | None = None
+    start_latency_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,10 +136,36 @@ def judge_capacity(spec: RolloutSpec, stage: int, load: LoadInputs) -> CapacityV
                     f"{tokens_per_request:.0f} tokens, {per_whom} mean), capacity {load.hosts} × "
                     f"{cap.tokens_per_s_per_host:g} × {cap.headroom:g} = {_rate(limit)} tokens/s")
             (over if projected_tps > limit else within).append(text)
-    if over:
-        return CapacityVerdict(False, f"capacity: {where}{step_name} projects {'; and '.join(over)} {traffic}",
-                               numbers)
-    return CapacityVerdict(True, f"capacity: {step_name} projects {'; '.join(within)} {traffic}: fits", numbers)
+    rose, latency = _latency(cap.latency_rise, spec, load, numbers)
+    if over or rose:
+        parts = ([f"{step_name} projects {'; and '.join(over)} {traffic}"] if over else
+                 [f"before the {step_name}"]) + ([latency] if rose else [])
+        return CapacityVerdict(False, f"capacity: {where}" + (": " if not over else "; and ").join(parts), numbers)
+    parts = ([f"{step_name} projects {'; '.join(within)} {traffic}"] if within else [f"before the {step_name}"]) \
+        + ([latency] if latency else [])
+    return CapacityVerdict(True, "capacity: " + (": " if not within else "; ").join(parts) + ": fits", numbers)
+
+
+def _latency(rise: float | None, spec: RolloutSpec, load: LoadInputs, numbers: dict[str, Any]) -> tuple[bool, str]:
+    """Observed mode: (whether the canary's p50 latency rose beyond ``rise``, the sentence saying so)."""
+    if rise is None:
+        return False, ""
+    numbers.update(latency_rise=rise, canary_p50_ms=load.canary_p50_ms, canary_latency_n=load.canary_latency_n,
+                   start_p50_ms=load.start_p50_ms, start_latency_n=load.start_latency_n)
+    if (load.canary_p50_ms is None or load.start_p50_ms is None or load.canary_latency_n < MIN_LATENCY_SAMPLES
+            or load.start_latency_n < MIN_LATENCY_SAMPLES):
+        return False, (f"the canary's p50 latency is not compared yet ({load.start_latency_n} of "
+                       f"{MIN_LATENCY_SAMPLES} responses in the first {load.window_s:g} s of the rollout, "
+                       f"{load.canary_latency_n} of {MIN_LATENCY_SAMPLES} in the last {load.window_s:g} s)")
+    ratio = load.canary_p50_ms / max(load.start_p50_ms, MIN_REFERENCE_MS)
+    numbers["latency_ratio"] = round(ratio, 3)
+    start = f"the first {load.window_s:g} s of the rollout, at {_share(spec.steps[0].weight_bp)}"
+    if ratio > rise:
+        return True, (f"the canary's p50 latency rose from {load.start_p50_ms:.0f} ms ({start}) to "
+                      f"{load.canary_p50_ms:.0f} ms over the last {load.window_s:g} s (×{ratio:.2f}, more than the "
+                      f"allowed ×{rise:g}): its hosts slow down with load")
+    return False, (f"the canary's p50 latency {load.canary_p50_ms:.0f} ms over the last {load.window_s:g} s vs "
+                   f"{load.start_p50_ms:.0f} ms in {start} (×{ratio:.2f}, within ×{rise:g})")
 
 
 def capacity_json(verdict: CapacityVerdict | None, held: bool) -> dict[str, Any] | None:

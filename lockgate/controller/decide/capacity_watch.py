@@ -3,8 +3,9 @@ stored observations, and the deployment log's ``capacity_hold`` / ``capacity_cle
 
 :class:`CapacityWatch` is built by the :class:`~.promoter.Promoter`. At each look of a rollout whose
 spec has ``capacity:``, :meth:`CapacityWatch.verdict` (called in a worker thread) reads the model's
-observations of the last ``window_s`` seconds (two columns: version and output tokens; re-read at most
-every :data:`REFRESH_S` seconds per rollout, so data-triggered looks cost nothing extra), counts the
+observations of the last ``window_s`` seconds (version, output tokens, latency; re-read at most every
+:data:`REFRESH_S` seconds per rollout, so data-triggered looks cost nothing extra; with ``latency_rise``
+also the canary's latencies of the rollout's first ``window_s`` seconds, read once), counts the
 canary's hosts in lockgate.yaml and asks :func:`.capacity.judge_capacity`. After the decision,
 :meth:`CapacityWatch.after` writes ``capacity_hold`` to the log when a stage starts being held by the
 rule and ``capacity_clear`` when it no longer is (once per change of state, with the numbers).
@@ -30,22 +31,38 @@ log = logging.getLogger("lockgate.controller.decide.capacity_watch")
 
 REFRESH_S = 2.0  #: the window's rates of one rollout are re-read at most this often
 
-__all__ = ["CapacityWatch", "REFRESH_S", "read_load"]
+__all__ = ["CapacityWatch", "REFRESH_S", "read_load", "start_latency"]
+
+
+def _p50(latency: np.ndarray) -> tuple[float | None, int]:
+    known = latency[np.isfinite(latency)]
+    return (float(np.median(known)) if len(known) else None), int(len(known))
+
+
+def start_latency(observations: ObservationSource, model: str, canary: str, started_at: float,
+                  window_s: float) -> tuple[float | None, int]:
+    """The canary's p50 latency (and its count) in the first ``window_s`` seconds of the rollout."""
+    cols = observations.fetch(model, started_at, started_at + window_s, [canary], columns=("latency_ms",))
+    return _p50(np.asarray(cols["latency_ms"], dtype=float))
 
 
 def read_load(observations: ObservationSource, model: str, canary: str, hosts: int, window_s: float,
-              now: float) -> LoadInputs:
-    """The model's traffic in ``[now - window_s, now)`` from the store (see :class:`.capacity.LoadInputs`)."""
-    cols = observations.fetch(model, now - window_s, now, columns=("version", "output_tokens"))
+              now: float, start: tuple[float | None, int] = (None, 0)) -> LoadInputs:
+    """The model's traffic in ``[now - window_s, now)`` from the store (see :class:`.capacity.LoadInputs`);
+    ``start``: the canary's p50 latency at the start of the rollout (:func:`start_latency`), for the
+    observed mode."""
+    cols = observations.fetch(model, now - window_s, now, columns=("version", "output_tokens", "latency_ms"))
     version = cols["version"]
     tokens = np.asarray(cols["output_tokens"], dtype=float)
     canary_rows = version == canary
     counted = np.isfinite(tokens)
+    p50, n = _p50(np.asarray(cols["latency_ms"], dtype=float)[canary_rows])
     return LoadInputs(window_s=window_s, hosts=hosts, requests=int(len(version)),
                       canary_requests=int(np.count_nonzero(canary_rows)),
                       tokens=float(tokens[counted].sum()), token_responses=int(np.count_nonzero(counted)),
                       canary_tokens=float(tokens[counted & canary_rows].sum()),
-                      canary_token_responses=int(np.count_nonzero(counted & canary_rows)))
+                      canary_token_responses=int(np.count_nonzero(counted & canary_rows)),
+                      canary_p50_ms=p50, canary_latency_n=n, start_p50_ms=start[0], start_latency_n=start[1])
 
 
 class CapacityWatch:
@@ -57,6 +74,7 @@ class CapacityWatch:
         self.config = config
         self._lock = threading.Lock()
         self._loads: dict[int, tuple[float, LoadInputs]] = {}  #: rollout id → (read at, load)
+        self._start: dict[int, tuple[float | None, int]] = {}  #: rollout id → its canary p50 at the start
         self._state: dict[tuple[int, int], bool] = {}  #: (rollout id, stage) → held by capacity at the last look
 
     def verdict(self, rollout: Rollout, spec: RolloutSpec, now: float) -> CapacityVerdict | None:
@@ -72,7 +90,13 @@ class CapacityWatch:
         else:
             hosts = canary_hosts(self.config, rollout.model, rollout.canary)
             try:
-                load = read_load(self.observations, rollout.model, rollout.canary, hosts, cap.window_s, now)
+                start = self._start.get(rollout.id, (None, 0))
+                if cap.latency_rise is not None and rollout.id not in self._start:
+                    start = start_latency(self.observations, rollout.model, rollout.canary, rollout.started_at,
+                                          cap.window_s)
+                    if now >= rollout.started_at + cap.window_s:  # the start window is complete: read once
+                        self._start[rollout.id] = start
+                load = read_load(self.observations, rollout.model, rollout.canary, hosts, cap.window_s, now, start)
             except Exception as exc:  # never stop a look (harm must still roll back): hold, saying why
                 log.exception("rollout #%d: capacity: traffic rates not read", rollout.id)
                 return CapacityVerdict(False, f"capacity: holding: the traffic rates could not be read "

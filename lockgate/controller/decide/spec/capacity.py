@@ -6,6 +6,7 @@ capacity:
   requests_per_s_per_host: 60     # or tokens_per_s_per_host: 2000 (output tokens), or both
   headroom: 0.8                   # use at most this share of it (default 0.8)
   window_s: 60                    # the traffic rate is measured over the last window_s seconds (default 60)
+  latency_rise: 1.5               # observed mode: hold when the canary's p50 latency rose beyond x1.5 with load
 ```
 
 The number of canary hosts is the number of ``endpoints`` of the canary version in lockgate.yaml,
@@ -25,23 +26,28 @@ from typing import Any
 
 from lockgate.yamlconf import ErrorCollector, Fields
 
-CAPACITY_KEYS = ("requests_per_s_per_host", "tokens_per_s_per_host", "headroom", "window_s")
+CAPACITY_KEYS = ("requests_per_s_per_host", "tokens_per_s_per_host", "headroom", "window_s", "latency_rise")
 DEFAULT_HEADROOM = 0.8
 DEFAULT_WINDOW_S = 60.0
 MIN_WINDOW_S = 10.0
 MAX_WINDOW_S = 3600.0
 MAX_RATE = 1e9
+MIN_LATENCY_RISE = 1.05
+MAX_LATENCY_RISE = 100.0
 
 
 @dataclass(frozen=True)
 class CapacitySpec:
     """The canary hosts' capacity: requests/s and/or output tokens/s per host (None: not limited on
-    that), the share of it a step may use (``headroom``) and the rate window in seconds."""
+    that), the share of it a step may use (``headroom``) and the rate window in seconds; ``latency_rise``
+    (observed mode, None: off): the factor by which the canary's p50 latency may rise with load over its
+    p50 at the start of the rollout."""
 
     requests_per_s_per_host: float | None = None
     tokens_per_s_per_host: float | None = None
     headroom: float = DEFAULT_HEADROOM
     window_s: float = DEFAULT_WINDOW_S
+    latency_rise: float | None = None
 
     def canonical(self) -> dict:
         out: dict[str, Any] = {"headroom": self.headroom, "window_s": self.window_s}
@@ -49,13 +55,18 @@ class CapacitySpec:
             out["requests_per_s_per_host"] = self.requests_per_s_per_host
         if self.tokens_per_s_per_host is not None:
             out["tokens_per_s_per_host"] = self.tokens_per_s_per_host
+        if self.latency_rise is not None:
+            out["latency_rise"] = self.latency_rise
         return out
 
     def describe(self) -> str:
         """``60 req/s and 2000 tokens/s per host, headroom 0.8``."""
         parts = [f"{v:g} {u}" for v, u in ((self.requests_per_s_per_host, "req/s"),
                                             (self.tokens_per_s_per_host, "tokens/s")) if v is not None]
-        return f"{' and '.join(parts)} per host, headroom {self.headroom:g}"
+        rise = f"p50 latency rise at most ×{self.latency_rise:g}" if self.latency_rise is not None else ""
+        if not parts:
+            return rise
+        return f"{' and '.join(parts)} per host, headroom {self.headroom:g}" + (f"; {rise}" if rise else "")
 
 
 def parse_capacity(f: Fields, errors: ErrorCollector) -> CapacitySpec | None:
@@ -65,7 +76,8 @@ def parse_capacity(f: Fields, errors: ErrorCollector) -> CapacitySpec | None:
         return None
     cf = f.sub("capacity")
     if f.data["capacity"] is None:
-        errors.add(cf.path, "is empty: give requests_per_s_per_host and/or tokens_per_s_per_host (or remove it)")
+        errors.add(cf.path, "is empty: give requests_per_s_per_host and/or tokens_per_s_per_host, or latency_rise "
+                            "(or remove it)")
         return None
     before = len(errors.problems)
     rps = cf.float("requests_per_s_per_host")
@@ -78,15 +90,20 @@ def parse_capacity(f: Fields, errors: ErrorCollector) -> CapacitySpec | None:
         errors.add(cf.path + ("headroom",), f"must be greater than 0 and at most 1 (the share of the capacity a "
                                             f"step may use), got {headroom:g}")
     window = cf.float("window_s", DEFAULT_WINDOW_S, min=MIN_WINDOW_S, max=MAX_WINDOW_S)
+    rise = cf.float("latency_rise")
+    if rise is not None and not MIN_LATENCY_RISE <= rise <= MAX_LATENCY_RISE:
+        errors.add(cf.path + ("latency_rise",), f"must be at least {MIN_LATENCY_RISE:g} and at most "
+                                                f"{MAX_LATENCY_RISE:g} (the factor the canary's p50 latency may rise "
+                                                f"by with load), got {rise:g}")
     cf.finish()
-    if isinstance(cf.data, dict) and rps is None and tps is None and "requests_per_s_per_host" not in cf.data \
-            and "tokens_per_s_per_host" not in cf.data:
+    if isinstance(cf.data, dict) and not any(k in cf.data for k in ("requests_per_s_per_host", "tokens_per_s_per_host",
+                                                                     "latency_rise")):
         errors.add(cf.path, "needs requests_per_s_per_host and/or tokens_per_s_per_host (the canary's capacity per "
-                            "host)")
+                            "host), or latency_rise (observed mode)")
     if len(errors.problems) != before:
         return None
     return CapacitySpec(rps, tps, headroom if headroom is not None else DEFAULT_HEADROOM,
-                        window if window is not None else DEFAULT_WINDOW_S)
+                        window if window is not None else DEFAULT_WINDOW_S, rise)
 
 
 def canary_hosts(config: Any, model: str, canary: str) -> int:

@@ -253,6 +253,9 @@ class CapacityDocument(_Level):
                                          description="Output tokens per second one canary host can generate.")
     headroom: float = Field(0.8, gt=0, le=1, description="The share of the capacity a step may use.")
     window_s: float = Field(60, ge=10, le=3600, description="Seconds of traffic the rate is measured over.")
+    latency_rise: float = Field(None, ge=1.05, le=100,  # type: ignore[assignment]
+                                description="Observed mode: hold when the canary's p50 latency over the last "
+                                            "window_s is more than this factor above its p50 at the start.")
 
 
 class ShadowDocument(_Level):

@@ -18,9 +18,11 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,7 @@ class PgServer:
     """One PostgreSQL server in a throw-away directory (``fsync=off`` unless ``durable``: tests)."""
 
     def __init__(self, *, durable: bool = False):
-        missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (PG_BIN / b).exists()]
+        missing = [b for b in ("initdb", "postgres") if not (PG_BIN / b).exists()]
         if missing:
             raise FileNotFoundError(f"PostgreSQL server binaries not found in {PG_BIN} ({', '.join(missing)}): "
                                     f"apt-get install postgresql, or set LOCKGATE_PG_BIN")
@@ -60,6 +62,10 @@ class PgServer:
         self.port = _free_port()
         self.durable = durable
         self._as: list[str] = []
+        #: the server is a direct child that gets SIGINT (fast shutdown) when this process dies: a test run
+        #: killed by a timeout leaves no server behind (only its directory)
+        self._server_prefix = ["setpriv", "--pdeathsig", "INT"]
+        self.proc: subprocess.Popen | None = None
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             owner = pwd.getpwnam("postgres")
             self.base.chmod(0o755)
@@ -67,6 +73,7 @@ class PgServer:
                 d.mkdir()
                 os.chown(d, owner.pw_uid, owner.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
+            self._server_prefix += ["--reuid", "postgres", "--regid", "postgres", "--init-groups"]
         else:
             self.sockets.mkdir()
         self._databases = itertools.count(1)
@@ -79,16 +86,40 @@ class PgServer:
     def start(self) -> "PgServer":
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                   "--no-instructions")
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c max_connections=200"
+        args = [str(PG_BIN / "postgres"), "-D", str(self.data), "-c", "listen_addresses=127.0.0.1", "-p",
+                str(self.port), "-k", str(self.sockets), "-c", "max_connections=200"]
         if not self.durable:
-            opts += " -c fsync=off -c full_page_writes=off"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.sockets / "server.log"), "-w",
-                  "-t", "60", "-o", opts, "start")
+            args += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+        with open(self.base / "server.log", "ab") as log:
+            self.proc = subprocess.Popen([*self._server_prefix, "--", *args], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self._wait_ready(60.0)
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.base / "server.log").read_text(errors="replace")[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"PostgreSQL did not start ({self.proc.returncode}):\n{log}") from None
+                time.sleep(0.1)
 
     def stop(self) -> None:
         try:
-            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)  # fast shutdown
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 

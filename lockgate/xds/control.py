@@ -417,7 +417,7 @@ class WeightService:
                                        stage=w.stage,
                                        cohorts=[control_pb2.Cohort(name=c.name, kind=c.kind, key=c.key, value=c.value)
                                                 for c in w.cohorts],
-                                       ejected=list(w.ejected),
+                                       ejected=list(w.ejected), mirror_ppm=w.mirror_ppm,
                                        versions=list(model.versions),
                                        xds_version=str(snap.type_versions[ROUTE_TYPE]))
         local = self.registry.latest_by_node()

@@ -71,7 +71,7 @@ def test_shadow_stage_mirrors_captures_pairs_and_rolls_back(tmp_path):
             ctl = ControlClient(f"127.0.0.1:{fleet.ports['control']}")
             resp = ctl.set_weight("chat", "v2", 0, actor="test", reason="shadow", stage="shadow",
                                   mirror_ppm=1_000_000)
-            assert resp.all_acked, resp
+            assert resp.all_acked and resp.model.mirror_ppm == 1_000_000, resp
             shadow = shadow_cluster_name("chat", "v2")
             assert shadow in dynamic_clusters(fleet)
             assert shadow in mirror_clusters(fleet)
@@ -99,7 +99,7 @@ def test_shadow_stage_mirrors_captures_pairs_and_rolls_back(tmp_path):
             assert all(r["status_code"] == 200 for r in users)
 
             resp = ctl.rollback("chat", actor="test", reason="shadow failed")
-            assert resp.all_acked, resp
+            assert resp.all_acked and resp.model.mirror_ppm == 0, resp
             wait_for(lambda: shadow not in dynamic_clusters(fleet), what="the shadow cluster removed")
             assert mirror_clusters(fleet) == []
             before = lines(log2)

@@ -158,7 +158,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=40_000)
     ap.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--max-s", type=float, default=60.0)
-    ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--no-doc", action="store_true", help="print only: no results file, no docs section")
     args = ap.parse_args()
     rows = make_rows(args.rows)
     loadavg = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -187,10 +187,10 @@ def main() -> int:
                + ", ".join(f"{x:.2f}×" for x in copy_gain) + " the rows per second of `executemany`.")
     d = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "loadavg": loadavg,
          "rows": args.rows, "postgresql": pg_version, "engines": engines, "summary": summary}
-    save_json("store_throughput.json", d)
     text = render(d)
     print(text)
     if not args.no_doc:
+        save_json("store_throughput.json", d)
         write_section(text)
     return 0
 

@@ -73,6 +73,13 @@ class WeightPusher(WeightReader, Protocol):
         """Re-push the routes unchanged and time each Envoy's ACK (no traffic moves)."""
         ...
 
+    async def eject_host(self, model: str, version: str, endpoint: str, *, actor: str, reason: str,
+                         restore: bool = False, timeout_s: float = 5.0, deadline_s: float = 10.0,
+                         wait_for_ready: bool = True) -> control_pb2.SetWeightResponse:
+        """Take ``endpoint`` (``ip:port``) of the canary ``version`` out of rotation (EDS without it; or back:
+        ``restore``); ``all_acked`` says every Envoy has the new endpoints (per-host gating)."""
+        ...
+
 
 @runtime_checkable
 class ObservationSource(Protocol):

@@ -5,7 +5,7 @@ it, every Envoy ACKed), logged and alerted with its numbers, and the version jud
 :class:`HostWatch` is built by the :class:`~.promoter.Promoter`. At each look of a running rollout whose
 canary version has at least two endpoints in lockgate.yaml:
 
-1. :meth:`HostWatch.step` reads the endpoints already out (``GetWeights``: the xDS weight store is the one
+1. :meth:`HostWatch.step` (the hosts re-judged at most every :data:`JUDGE_EVERY_S`) reads the endpoints already out (``GetWeights``: the xDS weight store is the one
    truth; a rollback or a new canary empties it), judges the canary's own requests of the rollout per
    ``upstream_host`` (error rate, each host against its pooled active peers, allowed ratio
    :data:`~lockgate.controller.stats.hosts.DEFAULT_HOST_ALLOWED` + 1, alpha
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,7 +38,9 @@ from lockgate.controller.stats.hosts import HostJudgement, HostVerdict, ejection
 
 log = logging.getLogger("lockgate.controller.decide.host_watch")
 
-__all__ = ["HostWatch", "WithoutHosts", "host_numbers"]
+__all__ = ["HostWatch", "JUDGE_EVERY_S", "WithoutHosts", "host_numbers"]
+
+JUDGE_EVERY_S = 2.0  #: a rollout's hosts are re-judged at most this often (data-triggered looks in between reuse it)
 
 HOST_COLUMNS = ("ts", "role", "user_key", "upstream_host", "weight", *ERROR_COLUMNS)
 
@@ -86,6 +89,7 @@ class HostWatch:
         self.emit = emit
         self.last: dict[int, HostJudgement] = {}  #: rollout id → its last host judgement
         self._suspected: set[tuple[int, str]] = set()
+        self._judged_at: dict[int, float] = {}  #: rollout id → when its hosts were last judged (monotonic)
 
     def n_hosts(self, rollout: Rollout) -> int:
         try:
@@ -127,7 +131,11 @@ class HostWatch:
             log.warning("rollout #%d: cannot read the ejected hosts (%s)", rollout.id, exc)
             return ()
         loop = asyncio.get_running_loop()
-        hj = await loop.run_in_executor(None, self.judge, rollout, ejected)
+        hj = self.last.get(rollout.id)
+        if hj is None or hj.ejected != tuple(sorted(ejected)) or \
+                time.monotonic() - self._judged_at.get(rollout.id, -1e9) >= JUDGE_EVERY_S:
+            hj = await loop.run_in_executor(None, self.judge, rollout, ejected)
+            self._judged_at[rollout.id] = time.monotonic()
         if hj is None:
             return ejected
         for hv in ejections(hj) if act else ():

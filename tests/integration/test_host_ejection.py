@@ -135,16 +135,15 @@ rollout:
 """
 
 
-def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_path):
-    """One of three canary hosts answers 500 to 70 % of requests (the version as a whole: ~25 %, beyond the
-    baseline's 2 % + 15 points): the controller ejects that host (every Envoy ACKed, logged with its
-    numbers), judges the version without it, and promotes it."""
-    from tests.integration.test_rollout_e2e import Traffic, chat_server, status, wait_status
+def run_rollout(tmp_path, rates: tuple[str, str, str]):
+    """chat v1 at 2 % errors, v2 on three hosts at ``rates``; a controller-driven rollout of v2 with 2 Envoys.
+    Returns (final status, the rollout's log, live weights, each Envoy's v2 endpoints, observations, endpoints)."""
+    from tests.integration.test_rollout_e2e import Traffic, chat_server, wait_status
 
     servers, ports = [], {}
     p, ports["v1"] = chat_server(tmp_path, "v1", "--error-rate", "0.02", "--seed", "1")
     servers.append(p)
-    for h, rate, seed in (("a", "0.7", "2"), ("b", "0.02", "3"), ("c", "0.02", "4")):
+    for h, rate, seed in zip("abc", rates, ("2", "3", "4")):
         p, ports[h] = chat_server(tmp_path, f"v2{h}", "--error-rate", rate, "--seed", seed)
         servers.append(p)
     ep = {h: f"127.0.0.1:{ports[h]}" for h in "abc"}
@@ -159,7 +158,6 @@ def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_pa
             r = fleet.cli("rollout", "start", str(spec))
             assert r.returncode == 0, r.stderr + r.stdout
             final = wait_status(fleet, ("promoted", "rolled_back", "inconclusive", "aborted"), 90)
-            text = fleet.cli("rollout", "status", "chat").stdout
             live = ControlClient(f"127.0.0.1:{fleet.ports['control']}").get_weights("chat").models[0]
             eds = [eds_hosts(fleet, i, "chat.v2") for i in range(2)]
             obs = fleet.observations(model="chat")
@@ -173,13 +171,22 @@ def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_pa
         events = store.events(final["id"])
     finally:
         store.close()
-    assert final["status"] == "promoted", (text, [e["kind"] for e in events])
+    return final, events, live, eds, obs, ep
+
+
+def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_path):
+    """One of three canary hosts answers 500 to 70 % of requests (the version as a whole: ~25 %, beyond the
+    baseline's 2 % + 15 points): the controller ejects that host (every Envoy ACKed, logged with its
+    numbers), judges the version without it, and promotes it."""
+    final, events, live, eds, obs, ep = run_rollout(tmp_path, ("0.7", "0.02", "0.02"))
+    assert final["status"] == "promoted", [e["kind"] for e in events]
     ejected = [e for e in events if e["kind"] == "host_ejected"]
     assert len(ejected) == 1, [e["kind"] for e in events]
     d = ejected[0]["detail"]
     assert d["host"] == ep["a"] and sorted(d["peers"]) == sorted([ep["b"], ep["c"]])
     assert d["host_error_rate"] > 0.4 and d["peers_error_rate"] < 0.1 and d["host_requests"] > 0, d
     assert d["not_acked"] == [] and "shown worse than its peers" in d["reasons"][0]
+    assert [e["detail"]["host"] for e in final["hosts"] if e["kind"] == "host_ejected"] == [ep["a"]]  # status
     # still out after the promotion, on every Envoy
     assert list(live.ejected) == [ep["a"]] and live.weight_bp == 10_000
     assert eds == [sorted([ep["b"], ep["c"]])] * 2, eds
@@ -190,3 +197,13 @@ def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_pa
     err = {v["metric"]: v for v in final["last_eval"]["verdicts"]}["error_rate"]
     assert err["verdict"] == "pass" and err["canary"] < 0.1, err
     assert final["last_eval"]["hosts"]["ejected"] == [ep["a"]]
+
+
+def test_healthy_canary_hosts_are_judged_and_none_is_ejected(tmp_path):
+    final, events, live, eds, obs, ep = run_rollout(tmp_path, ("0.02", "0.02", "0.02"))
+    assert final["status"] == "promoted", [e["kind"] for e in events]
+    assert not [e for e in events if e["kind"].startswith("host_")], [e["kind"] for e in events]
+    hosts = final["last_eval"]["hosts"]
+    assert hosts["ejected"] == [] and sorted(h["host"] for h in hosts["hosts"]) == sorted(ep.values())
+    assert all(h["verdict"] != "fail" and h["host_requests"] > 0 for h in hosts["hosts"]), hosts
+    assert list(live.ejected) == [] and eds == [sorted(ep.values())] * 2

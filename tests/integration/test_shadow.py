@@ -198,7 +198,10 @@ def test_a_rollout_starts_in_shadow(tmp_path, canary_errors, bad):
         for p in procs.values():
             p.stop()
     ev = final["last_eval"] or {}
+    print(f"shadow outcome {final['status']}: users answered {seen_during}, canary asked {canary_hits} times, "
+          f"{ev.get('shadow')}, verdicts {[(v['metric'], v['verdict'], v.get('baseline'), v.get('canary')) for v in ev.get('verdicts', [])]}")
     if bad:
+        assert ev["shadow"]["pairs"] > 0 and ev["shadow"]["action"] == "rollback", ev
         assert final["status"] == "rolled_back", final
         # not a single user-facing canary response: every user was answered by the baseline
         assert seen_during.get("chat-v2", 0) == 0 and seen_during.get("chat-v1", 0) > 200, seen_during

@@ -154,8 +154,9 @@ class ShadowStage:
         summary = judgement.to_dict()
         summary["shadow"] = {"pairs": pairs, "action": action, "mirror_ppm": self._pushed.get(rollout.id)}
         summary["stage_decision"] = {"action": action, "reasons": list(reasons)}
-        summary.setdefault("n_baseline", pairs)
-        summary.setdefault("n_canary", 0)
+        summary["n_baseline"] = summary["n_canary"] = pairs  # the two answers of each pair
+        summary["canary_samples_in_stage"] = pairs
+        summary["requests_per_hour"] = (baseline_rate(data, now) or 0.0) * 3600
         rollouts.record_evaluation(rollout.id, now, 0, 0, summary)
         if action == "rollback":
             from lockgate.controller.decide.stages import StageDecision

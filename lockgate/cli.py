@@ -485,6 +485,23 @@ def _cohort_lines(cohorts: list[dict] | None) -> list[str]:
     return out
 
 
+def _host_lines(entries: list[dict] | None, judged: dict | None) -> list[str]:
+    """``rollout status``: per-host gating - each ejection and held rollback with its numbers, the hosts out."""
+    out = []
+    for e in entries or []:
+        d = e.get("detail") or {}
+        what = {"host_ejected": "EJECTED", "host_eject_incomplete": "ejection NOT ACKed everywhere",
+                "host_suspect": "suspected (rollback held)"}.get(e.get("kind"), e.get("kind"))
+        rates = ""
+        if d.get("host_error_rate") is not None and d.get("peers_error_rate") is not None:
+            rates = (f": errors {d['host_error_rate'] * 100:.2f}% of {d.get('host_requests', 0)} vs its peers' "
+                     f"{d['peers_error_rate'] * 100:.2f}% of {d.get('peers_requests', 0)}")
+        out.append(f"  host {d.get('host', '?')} {what}{rates}")
+    if judged and judged.get("ejected"):
+        out.append(f"  hosts out of rotation: {', '.join(judged['ejected'])} (the version is judged without them)")
+    return out
+
+
 def cmd_rollout_status(args) -> int:
     path = "/v1/rollouts" + (f"?model={args.model}" if args.model else "")
     status, body = _controller_http(args, "GET", path)
@@ -516,6 +533,8 @@ def cmd_rollout_status(args) -> int:
                 print(f"  capacity: {'HOLDING' if c.get('holding') else 'fits' if c.get('fits') else 'over'} - "
                       f"{c.get('reason', '')}")
             for line in _cohort_lines(r.get("cohorts")):
+                print(line)
+            for line in _host_lines(r.get("hosts"), ev.get("hosts")):
                 print(line)
             plan = r.get("plan")
             if plan and plan.get("metrics"):

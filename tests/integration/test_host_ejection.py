@@ -161,6 +161,7 @@ def run_rollout(tmp_path, rates: tuple[str, str, str]):
             live = ControlClient(f"127.0.0.1:{fleet.ports['control']}").get_weights("chat").models[0]
             eds = [eds_hosts(fleet, i, "chat.v2") for i in range(2)]
             obs = fleet.observations(model="chat")
+            final["text"] = fleet.cli("rollout", "status", "chat").stdout
     finally:
         for p in servers:
             p.stop()
@@ -187,6 +188,8 @@ def test_the_controller_ejects_a_bad_canary_host_and_promotes_the_version(tmp_pa
     assert d["host_error_rate"] > 0.4 and d["peers_error_rate"] < 0.1 and d["host_requests"] > 0, d
     assert d["not_acked"] == [] and "shown worse than its peers" in d["reasons"][0]
     assert [e["detail"]["host"] for e in final["hosts"] if e["kind"] == "host_ejected"] == [ep["a"]]  # status
+    assert f"host {ep['a']} EJECTED: errors" in final["text"], final["text"]
+    assert f"hosts out of rotation: {ep['a']}" in final["text"], final["text"]
     # still out after the promotion, on every Envoy
     assert list(live.ejected) == [ep["a"]] and live.weight_bp == 10_000
     assert eds == [sorted([ep["b"], ep["c"]])] * 2, eds
@@ -207,3 +210,4 @@ def test_healthy_canary_hosts_are_judged_and_none_is_ejected(tmp_path):
     assert hosts["ejected"] == [] and sorted(h["host"] for h in hosts["hosts"]) == sorted(ep.values())
     assert all(h["verdict"] != "fail" and h["host_requests"] > 0 for h in hosts["hosts"]), hosts
     assert list(live.ejected) == [] and eds == [sorted(ep.values())] * 2
+    assert "EJECTED" not in final["text"] and "hosts out" not in final["text"]

@@ -155,9 +155,9 @@ def test_observed_mode_holds_while_the_canary_slows_with_load_and_moves_on_when_
                             "v2": {"endpoints": [f"127.0.0.1:{proxy.port}"]}}}]
     spec = tmp_path / "observed.yaml"
     spec.write_text(SPEC.format(capacity="{latency_rise: 3, window_s: 10}").replace(
-        "{weight_percent: 10, min_duration: 1s", "{weight_percent: 10, min_duration: 20s"))
+        "{weight_percent: 10, min_duration: 1s", "{weight_percent: 10, min_duration: 60s"))  # room to slow down
     try:
-        with Fleet(tmp_path, models, with_controller=True) as fleet, Traffic(fleet.ports["listener"], max_s=170):
+        with Fleet(tmp_path, models, with_controller=True) as fleet, Traffic(fleet.ports["listener"], max_s=240):
             r = fleet.cli("rollout", "start", str(spec))
             assert r.returncode == 0, r.stderr + r.stdout
 
@@ -178,7 +178,7 @@ def test_observed_mode_holds_while_the_canary_slows_with_load_and_moves_on_when_
             text = fleet.cli("rollout", "status", "chat", check=True).stdout
             assert "capacity: HOLDING - capacity: holding at 10%" in text, text
             proxy.delay_s = 0.0  # recovered
-            st = wait_for(fleet, "promoted once the canary is fast again", lambda s: s["status"] == "promoted", 90)
+            st = wait_for(fleet, "promoted once the canary is fast again", lambda s: s["status"] == "promoted", 120)
     finally:
         v1.stop()
         v2.stop()

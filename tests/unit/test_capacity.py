@@ -50,6 +50,8 @@ def test_capacity_parses_with_defaults_and_changes_the_hash_only_when_set():
     both = spec_from_text(SPEC.replace("requests_per_s_per_host: 60\n", "{tokens_per_s_per_host: 2000, "
                                                                         "requests_per_s_per_host: 5, headroom: 1}\n"))
     assert both.capacity.describe() == "5 req/s and 2000 tokens/s per host, headroom 1"
+    # lockgate validate / rollout start print it in the spec's summary
+    assert spec.summary().endswith("1 metric (1 gating), capacity: 60 req/s per host, headroom 0.8")
 
 
 def test_every_capacity_problem_with_file_line_and_field(tmp_path):

@@ -325,7 +325,8 @@ class RolloutSpec:
         n, g = len(self.metrics), len(self.gating_metrics)
         return (f"model {self.model}, canary {self.canary}, {len(self.steps)} stage{'s' * (len(self.steps) != 1)}"
                 f" + promotion, {n} metric{'s' * (n != 1)} ({g} gating)"
-                + (f", cohorts: {', '.join(r.describe() for r in self.cohorts)}" if self.cohorts else ""))
+                + (f", cohorts: {', '.join(r.describe() for r in self.cohorts)}" if self.cohorts else "")
+                + (f", capacity: {self.capacity.describe()}" if self.capacity is not None else ""))
 
     def to_stats_specs(self, auto: Mapping[str, Any] | None = None) -> list["MetricSpec"]:
         """Every criterion as a statistics-core ``MetricSpec`` (named by :attr:`MetricCriterion.key`).

@@ -108,6 +108,12 @@ def _pct(bp: int) -> str:
 def _print_model(m, out=sys.stdout) -> None:
     canary = f"canary {m.canary} at {_pct(m.weight_bp)}" if m.canary else "no canary"
     print(f"{m.model}: stable {m.stable}, {canary} (routes version {m.xds_version})", file=out)
+    if m.mirror_ppm:
+        print(f"  shadow: {m.mirror_ppm / 1e4:g}% of requests mirrored to {m.canary} (answers discarded)", file=out)
+    for c in m.cohorts:
+        print(f"  cohort {c.name}: {c.kind} {c.key}={c.value} sent to {m.canary}", file=out)
+    if m.ejected:
+        print(f"  ejected: {', '.join(m.ejected)} (out of rotation by per-host gating)", file=out)
     if not m.envoys:
         print("  no Envoy connected", file=out)
     elif len(m.envoys) > 1:  # a fleet: the count first, then each Envoy

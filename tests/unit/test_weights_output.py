@@ -38,3 +38,17 @@ def test_one_envoy_has_no_count_line_a_fleet_has_one():
     assert lines[4].startswith("  envoy c: connected, ACKed version - (nothing ACKed yet), NOT in sync; "
                                "last NACK of version 9: bad")
     assert lines[6] == "  envoy e: DISCONNECTED, ACKed version 8 (canary v2 at 10%), NOT in sync"
+
+
+def test_shadow_cohorts_and_ejected_hosts_are_listed():
+    m = control_pb2.ModelWeights(model="chat", stable="v1", canary="v2", weight_bp=100, xds_version="4",
+                                 mirror_ppm=50_000, ejected=["10.0.0.14:8000"])
+    m.cohorts.append(control_pb2.Cohort(name="beta", kind="header", key="x-beta-tester", value="true"))
+    out = io.StringIO()
+    _print_model(m, out)
+    assert out.getvalue().splitlines() == [
+        "chat: stable v1, canary v2 at 1% (routes version 4)",
+        "  shadow: 5% of requests mirrored to v2 (answers discarded)",
+        "  cohort beta: header x-beta-tester=true sent to v2",
+        "  ejected: 10.0.0.14:8000 (out of rotation by per-host gating)",
+        "  no Envoy connected"]

@@ -10,9 +10,9 @@ from lockgate.yamlconf import Fields
 
 #: outcome kinds an alert sink can subscribe to (``trouble`` = component trouble, docs/alerts-and-registry.md)
 ALERT_EVENTS = ("rolled_back", "aborted", "inconclusive", "promoted", "advanced", "trouble", "awaiting_approval",
-                "host_ejected")
+                "host_ejected", "capacity_hold")
 DEFAULT_ALERT_EVENTS = ("rolled_back", "aborted", "inconclusive", "promoted", "trouble", "awaiting_approval",
-                        "host_ejected")
+                        "host_ejected", "capacity_hold")
 
 
 @dataclass(frozen=True)

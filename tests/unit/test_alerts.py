@@ -248,7 +248,7 @@ def test_config_alerts_and_registry(monkeypatch):
     assert hook.retry == RetryPolicy(3, 0.5, 2.0)
     assert slack.name == "team-slack" and slack.url == "https://hooks.slack.example/T/B/x"
     assert am.on == ("rolled_back", "aborted", "inconclusive", "promoted", "trouble", "awaiting_approval",
-                     "host_ejected") \
+                     "host_ejected", "capacity_hold") \
         and am.resolve_after_s == 600
     assert am.bearer_token_env == "AM_TOKEN"
     r = cfg.registry

@@ -213,7 +213,8 @@ def test_watch_reads_rates_from_the_store_and_logs_each_change_once(tmp_path):
     r = store.create(model="chat", canary="v2", baseline="v1", spec_text=SPEC, spec_source="s.yaml",
                      spec_hash=spec.sha256, created_by="t", auto={})
     r = store.transition(r.id, expect=("pending",), status="running", stage=0, kind="started", actor="t")
-    watch = CapacityWatch(obs, store, cfg)
+    emitted = []
+    watch = CapacityWatch(obs, store, cfg, lambda *a: emitted.append(a))
     v = watch.verdict(r, spec, now + 0.01)
     assert v.numbers["requests"] == 600 and v.numbers["canary_requests"] == 120 and v.numbers["hosts"] == 2
     assert v.fits and v.numbers["projected_rps"] == 5.0  # 10 req/s x 50 %
@@ -230,10 +231,21 @@ def test_watch_reads_rates_from_the_store_and_logs_each_change_once(tmp_path):
     assert kinds == ["capacity_hold", "capacity_clear", "capacity_hold"]
     held = next(e for e in store.events(r.id) if e["kind"] == "capacity_hold")
     assert held["detail"]["reasons"] == [v_low.reason] and held["detail"]["limit_rps"] == 3.2
+    # the first hold of the stage is an alert (once, though it held twice)
+    assert [(k, rid) for k, rid, _ in emitted] == [("capacity_hold", r.id)]
+    from lockgate.controller.tell.alerts.message import alert_from_event
+
+    alert = alert_from_event({"kind": "capacity_hold", "detail": emitted[0][2], "ts": 1.0,
+                              "rollout": {"id": r.id, "model": "chat", "canary": "v2", "baseline": "v1"}}, 2000)
+    assert alert.severity == "warning" and alert.title == (
+        f"chat: rollout #{r.id} of v2 HELD at 20% of traffic: its hosts cannot take the next step (capacity); "
+        "lower traffic, more canary hosts or a person")
+    assert alert.lines == [f"Reason: {v_low.reason}"]
     # a new watch (a restarted controller) reads the state from the log: no second capacity_hold
-    again = CapacityWatch(obs, store, cfg)
+    again = CapacityWatch(obs, store, cfg, lambda *a: emitted.append(a))
     again.after(r, low, decide(low, st, J("continue"), 105.0, 50, None, v_low), v_low)
     assert [e["kind"] for e in store.events(r.id) if e["kind"].startswith("capacity")] == kinds
+    assert len(emitted) == 1  # nor a second alert
     obs.close()
     store.close()
 

@@ -8,7 +8,9 @@ observations of the last ``window_s`` seconds (version, output tokens, latency; 
 also the canary's latencies of the rollout's first ``window_s`` seconds, read once), counts the
 canary's hosts in lockgate.yaml and asks :func:`.capacity.judge_capacity`. After the decision,
 :meth:`CapacityWatch.after` writes ``capacity_hold`` to the log when a stage starts being held by the
-rule and ``capacity_clear`` when it no longer is (once per change of state, with the numbers).
+rule and ``capacity_clear`` when it no longer is (once per change of state, with the numbers); the first
+hold of a stage is also an outcome event (``capacity_hold``: an alert to the sinks subscribed to it,
+by default all).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,8 +70,12 @@ def read_load(observations: ObservationSource, model: str, canary: str, hosts: i
 class CapacityWatch:
     """The capacity rule of the rollouts' current stages (see the module docstring)."""
 
-    def __init__(self, observations: ObservationSource, rollouts: RolloutStore, config: Any):
+    def __init__(self, observations: ObservationSource, rollouts: RolloutStore, config: Any,
+                 emit: Callable[[str, int, dict], None] | None = None):
         self.observations = observations
+        #: the promoter's outcome events: the first capacity hold of a stage is a ``capacity_hold`` alert
+        self.emit = emit
+        self._alerted: set[tuple[int, int]] = set()  #: (rollout id, stage) whose hold was alerted
         self.rollouts = rollouts
         self.config = config
         self._lock = threading.Lock()
@@ -125,6 +131,10 @@ class CapacityWatch:
                     self.rollouts.event(rollout.id, kind, "controller", detail, rollout.stage)
                 except Exception as exc:  # the log is not on the rollback path: never stop a look for it
                     log.error("rollout #%d: %s not written to the deployment log: %s", rollout.id, kind, exc)
+                if held and key not in self._alerted:  # an alert once per stage, however often it flips
+                    self._alerted.add(key)
+                    if self.emit is not None:
+                        self.emit("capacity_hold", rollout.id, detail)
         else:
             self._state[key] = held
         return capacity_json(verdict, held)
@@ -138,4 +148,6 @@ class CapacityWatch:
         for e in events:
             if e["kind"] in ("capacity_hold", "capacity_clear") and e["stage"] == rollout.stage:
                 last = e["kind"]
+                if last == "capacity_hold":  # alerted then (by this controller or the one before it)
+                    self._alerted.add((rollout.id, rollout.stage))
         return last == "capacity_hold"

@@ -83,7 +83,7 @@ class Promoter:
         #: per-host gating: the canary's hosts against each other, ejections, the version judged without them
         self.hosts = HostWatch(observations, rollouts, weights, config, self.emit)
         #: the spec's capacity rule: traffic rates from the store, capacity_hold / capacity_clear in the log
-        self.capacity = CapacityWatch(observations, rollouts, config)
+        self.capacity = CapacityWatch(observations, rollouts, config, self.emit)
         #: the spec's shadow stage (decide/shadow.py): mirrored requests, paired answers, while still pending
         self.shadow = ShadowStage()
         #: the rollout state on /metrics (None: not exported), told of every look and outcome

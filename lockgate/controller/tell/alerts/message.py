@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from lockgate.controller.tell.verdicts import describe_beyond, describe_verdict, is_gating, ordered, rollback_line
 
 SEVERITY = {"rolled_back": "critical", "aborted": "warning", "inconclusive": "warning", "promoted": "info",
-            "advanced": "info", "started": "info", "awaiting_approval": "warning"}
+            "advanced": "info", "started": "info", "awaiting_approval": "warning",
+            "capacity_hold": "warning"}
 
 
 @dataclass
@@ -125,6 +126,9 @@ def alert_from_event(event: dict, weight_bp: int | None = None) -> Alert:
     elif kind == "awaiting_approval":
         title = (f"{model}: rollout #{rid} of {canary} waits for an approval{share}: "
                  f"lockgate rollout approve {model}")
+    elif kind == "capacity_hold":
+        title = (f"{model}: rollout #{rid} of {canary} HELD{share}: its hosts cannot take the next step "
+                 f"(capacity); lower traffic, more canary hosts or a person")
     elif kind == "host_ejected":
         title = (f"{model}: host {d.get('host', '?')} of canary {canary} EJECTED (rollout #{rid}): errors "
                  f"{d.get('host_errors') or 0:.0f}/{d.get('host_requests', 0)} vs its peers' "

@@ -90,6 +90,7 @@ def test_low_capacity_holds_with_the_projection_raised_capacity_advances(tmp_pat
     assert not [e for e in events if e["kind"] == "advanced"]
     html = report.read_text()
     assert "capacity_hold" in html and "capacity 2 × 0.5 × 0.8 = 0.8 req/s" in html
+    assert "<h2>Capacity (last judgement)</h2><p>HOLDING: capacity: holding at 10%: next step 50% projects" in html
     events = events_of(tmp_path, second)
     assert not [e for e in events if e["kind"] == "capacity_hold"]
     advanced = [e for e in events if e["kind"] == "advanced"]

@@ -288,6 +288,10 @@ def render_html(r: Rollout, events: Sequence[dict], evaluations: Sequence[dict],
         h.append(f"<p>{escape(last['alpha_statement'])}</p>")
     if last.get("cohorts"):
         h.append(cohort_table(last["cohorts"]))
+    if last.get("capacity"):  # rollout.capacity: the next step's projection onto the canary's hosts
+        c = last["capacity"]
+        state = "HOLDING" if c.get("holding") else "fits" if c.get("fits") else "over"
+        h.append(f"<h2>Capacity (last judgement)</h2><p>{state}: {escape(str(c.get('reason', '')))}</p>")
     h.append("<h2>Charts</h2><p>Time is seconds/minutes since the rollout started. Shaded bands are the stages; "
              "dashed vertical lines are decisions. The interval is the anytime-valid bound on canary − baseline; "
              "the red dashed line is the rollback line, the allowed change in the harmful direction (+allowed "

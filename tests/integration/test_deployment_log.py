@@ -2,9 +2,11 @@
 
 One fleet (real Envoy, controller, example chat servers) runs two rollouts side by side on a
 compressed schedule: ``chat`` v1 → v2 (a good canary, promoted) and ``chat-b`` v1 → v3 (a bad
-canary, rolled back). v3 runs on two hosts: one healthy, one "on a different GPU type" (slow and
-failing 30 % of requests) — ``diagnose`` has to point at that host. Together v3 fails ~16 % of requests
-against v1's 2 %: chat-b's spec allows +2 points, so that is clearly beyond its allowance (with the
+canary, rolled back). v3 runs on two hosts, both failing more than v1: one at 15 %, one "on a different GPU
+type" (slow and failing 60 % of requests) — ``diagnose`` has to point at that host. The harm is not one
+host's (per-host gating may eject the worse host, the version is still worse without it), so the version
+is rolled back. Together v3 fails ~37 % of requests against v1's 2 %: chat-b's spec allows +2 points, so
+that is clearly beyond its allowance (with the
 +15 points ``chat`` allows, it would be worse but within it, and not rolled back). Then everything stops and the
 deployment-log commands are run against the state dir alone (no controller running).
 """
@@ -81,10 +83,11 @@ def deployment(tmp_path_factory):
         v2, p2 = chat_server(tmp, "v2", "--error-rate", "0.02", "--seed", "2")
         b1, pb1 = chat_server(tmp, "b1", "--error-rate", "0.02", "--seed", "3")
         servers += [v1, v2, b1]
-        # v3: one healthy replica, one on "another GPU type" (slow, 30 % errors)
-        good, pg = chat_server(tmp, "v3", "--error-rate", "0.02", "--seed", "4")
+        # v3: bad everywhere (15 % errors), worse on one replica on "another GPU type" (slow, 60 % errors): with
+        # one healthy replica, per-host gating would eject the bad one and rightly promote the version
+        good, pg = chat_server(tmp, "v3", "--error-rate", "0.15", "--seed", "4")
         servers.append(good)
-        bad, pbad = chat_server(tmp, "v3", "--error-rate", "0.30", "--seed", "5", "--latency-ms", "15")
+        bad, pbad = chat_server(tmp, "v3", "--error-rate", "0.60", "--seed", "5", "--latency-ms", "15")
         servers.append(bad)
         models = [
             {"name": "chat-b", "match": {"path_prefix": "/v1/chat", "header": {"name": "x-tenant", "value": "b"}},

@@ -356,3 +356,21 @@ rollout:
         assert judgement.decision == "rollback" and latency.interval == (None, None)
     finally:
         store.close()
+
+
+def test_retain_also_forgets_the_prometheus_state_of_ended_rollouts(tmp_path):
+    from lockgate.controller.decide.evidence import PROMETHEUS
+    from lockgate.controller.decide.live_evidence import LiveEvidence
+    from lockgate.controller.ingest.observations import ObservationStore
+
+    store = ObservationStore(tmp_path / "obs.db")
+    try:
+        with PROMETHEUS._lock:
+            PROMETHEUS._stages[901] = PROMETHEUS._stages[902] = [0.0]
+            PROMETHEUS._last[901] = PROMETHEUS._last[902] = {}
+        LiveEvidence(store).retain([902])
+        assert 901 not in PROMETHEUS._stages and 901 not in PROMETHEUS._last
+        assert 902 in PROMETHEUS._stages and 902 in PROMETHEUS._last
+    finally:
+        PROMETHEUS.forget(())
+        store.close()

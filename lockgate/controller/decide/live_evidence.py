@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lockgate.controller.decide.accumulator import RolloutEvidence, supported
-from lockgate.controller.decide.evidence import summarize, with_cohorts, with_prometheus
+from lockgate.controller.decide.evidence import PROMETHEUS, summarize, with_cohorts, with_prometheus
 from lockgate.controller.decide.rollouts import Rollout
 from lockgate.controller.decide.spec import RolloutSpec
 from lockgate.controller.ingest.observations import observation_row
@@ -116,6 +116,7 @@ class LiveEvidence:
             for rid in [r for r in self._states if r not in keep]:
                 del self._states[rid]
                 self._intervals_at.pop(rid, None)
+        PROMETHEUS.forget(keep)  # the Prometheus-sourced metrics' per-rollout stage starts and last verdicts
 
     def judge(self, rollout: Rollout, spec: RolloutSpec, now: float, *, quantile_intervals: bool | None = None
               ) -> tuple[Judgement, dict, int] | None:

@@ -174,6 +174,7 @@ class Controller:
             raise ControllerStartError(f"cannot listen on controller.http {cc.http}: {exc.strerror or exc}") from None
         register_routes(self.http, self.actions, asyncio.get_running_loop(),
                         frozenset(m.name for m in self.config.models))
+        self.http.accept_checks.append(self.promoter.driving.standby_reason)  # feedback too goes to the driver
         await self.server.start()
         self.http.start()
         if self.evaluation is not None:

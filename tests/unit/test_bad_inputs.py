@@ -653,3 +653,17 @@ def test_corpus_size():
     n = (len(CONFIG_CASES) + 3 + len(SPEC_CASES) + 1 + len(CLI_CASES) + len(SUBPROCESS_CASES) + len(HTTP_CASES) + 1
          + 4 + 1 + len(BODY_CASES))
     assert n >= 60, n
+
+
+def test_a_standby_controller_answers_feedback_503_naming_why(tmp_path):
+    store = ObservationStore(tmp_path / "obs.db")
+    api = ControllerHTTP("127.0.0.1", 0, store, ControllerMetrics(), retention_s=86400, unknown_grace_s=0.0)
+    try:
+        api.accept_checks.append(lambda: "standby controller: another controller drives rollout(s) #3")
+        status, body = api.feedback(b'{"request_id": "r1", "thumbs": "up"}')
+        assert status == 503 and body["retry"] is True
+        assert body["error"].startswith("standby controller: another controller drives rollout(s) #3")
+        api.accept_checks[:] = [lambda: None]
+        assert api.feedback(b'{"request_id": "r1", "thumbs": "up"}')[0] != 503
+    finally:
+        store.close()

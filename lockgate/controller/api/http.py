@@ -76,6 +76,9 @@ class ControllerHTTP:
         self.unknown_grace_s = unknown_grace_s
         self.auth = auth if auth is not None and auth.enabled else None
         self.limits = limits or HttpLimits()
+        #: callables returning None (take feedback) or why this controller refuses it now: a standby of
+        #: several controllers answers 503, so the label reaches the driving controller's live evidence
+        self.accept_checks: list = []
         #: (method, path prefix) → fn(path, query: dict, body: bytes, client: str | None) -> (status, JSON
         #: object); added by other parts of the controller (e.g. the rollout API), checked before the
         #: built-in 404. ``client`` is the authenticated client's name (None when auth is off).
@@ -338,6 +341,9 @@ class ControllerHTTP:
 
     # ----- handlers' logic (no HTTP here) -----
     def feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        for check in self.accept_checks:
+            if (why := check()) is not None:
+                return 503, {"error": f"{why}; post feedback to the driving controller", "retry": True}
         try:
             items, was_list = parse_feedback(body)
         except FeedbackError as exc:

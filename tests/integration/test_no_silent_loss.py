@@ -175,8 +175,12 @@ def test_sigkill_with_a_queue_in_flight_is_counted_exactly(chat_fleet):
     assert m, "no loss reported"
     send(5, "after")
     stored = wait_for(lambda: (lambda n: n if n == 25 else None)(len(f.observations())))
-    lost = total(m, "lockgate_controller_observations_lost_total")
     unobserved = f.stat(0, "http.lockgate.ext_proc.lockgate.failure_mode_allowed")
+    # the ledger's report may reach the controller in more than one batch: wait until the count settles
+    # at the balance (and fail below if it never does)
+    m = wait_for(lambda: (lambda m: m if total(m, "lockgate_controller_observations_lost_total") + unobserved
+                          == sent - stored else None)(controller_metrics(f))) or controller_metrics(f)
+    lost = total(m, "lockgate_controller_observations_lost_total")
     assert (sent, stored, lost, unobserved) == (63, 25, 30, 8)
     assert sent - stored == lost + unobserved
     assert [p.name.split("-")[0] for p in ledgers.iterdir()] == [str(f.procs["extproc"].pid)]  # reported: gone

@@ -124,7 +124,13 @@ scrape_configs:
             assert value(s, "lockgate_gate_verdict", model="chat", metric="output_tokens", gating="false") == 0
             assert value(s, "lockgate_gate_samples", model="chat", metric="error_rate", arm="canary") == 0
             assert value(s, "lockgate_rollout_last_evaluation_timestamp_seconds", model="chat") > time.time() - 10
-            time.sleep(3)  # Prometheus records the running state
+            # Prometheus records the running state (its scrape, not a fixed sleep: a loaded machine delays it)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                seen = promql(prom_port, 'lockgate_rollout_status{model="chat", status="running"} == 1')
+                if seen.get("status") == "success" and seen["data"]["result"]:
+                    break
+                time.sleep(0.5)
 
             # 2. traffic: the canary's 42 % errors are shown beyond the +15 points allowed → rolled back
             with Traffic(fleet.ports["listener"]):

@@ -167,7 +167,9 @@ def test_full_disk_a_rollback_is_served_first_and_saved_when_it_can(tiny_disk):
         task = asyncio.ensure_future(svc.set_weight("chat", "v2", 2000, actor="t", reason="t", timeout_s=5))
         await ack_routes(ads, e0)
         assert (await task).all_acked and routes_weight(svc) == 2000
-        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no WAL pages left to reuse: a write needs space
+        await svc.flush()  # the ACK's node record is written on the store's thread: let it finish first
+        with store._lock:  # no WAL pages left to reuse: a write needs space
+            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         filler = fill(tiny_disk)
         # Raising a weight must be saved before it is served: refused, nothing changes.
         with pytest.raises(WeightError) as exc:

@@ -58,16 +58,13 @@ def cohort_messages(cohorts: Sequence[Any]) -> list[control_pb2.Cohort]:
     return [control_pb2.Cohort(name=c.name, kind=c.kind, key=c.key, value=c.value) for c in cohorts]
 
 
-class ControlClient:
-    """Blocking client of the control API at ``address`` (a wildcard bind is dialled on loopback), or at
-    the first reachable of several addresses (see the module docstring).
+class _Servers:
+    """The control APIs a client may call: one channel and stub per address, and which one answered last."""
 
-    Raises ``OSError`` at construction when the ``auth.tls`` files cannot be read."""
-
-    def __init__(self, address: "Address | str | Sequence[Address | str]", auth: AuthConfig | None = None,
-                 token: str | None = None, options: Iterable[tuple[str, Any]] | None = None):
+    def __init__(self, address: "Address | str | Sequence[Address | str]", channel: Any, auth: AuthConfig | None,
+                 token: str | None, options: Iterable[tuple[str, Any]] | None):
         self.addresses = _addresses(address)
-        self._channels = [sync_channel(a, auth or AuthConfig(), token, options) for a in self.addresses]
+        self._channels = [channel(a, auth or AuthConfig(), token, options) for a in self.addresses]
         self._stubs = [control_pb2_grpc.WeightControlStub(c) for c in self._channels]
         self._current = 0
 
@@ -79,6 +76,17 @@ class ControlClient:
     @property
     def stub(self) -> control_pb2_grpc.WeightControlStub:
         return self._stubs[self._current]
+
+
+class ControlClient(_Servers):
+    """Blocking client of the control API at ``address`` (a wildcard bind is dialled on loopback), or at
+    the first reachable of several addresses (see the module docstring).
+
+    Raises ``OSError`` at construction when the ``auth.tls`` files cannot be read."""
+
+    def __init__(self, address: "Address | str | Sequence[Address | str]", auth: AuthConfig | None = None,
+                 token: str | None = None, options: Iterable[tuple[str, Any]] | None = None):
+        super().__init__(address, sync_channel, auth, token, options)
 
     def _call(self, method: str, request, timeout: float):
         for i in range(len(self._stubs)):
@@ -138,7 +146,7 @@ class ControlClient:
         self.close()
 
 
-class AsyncControlClient:
+class AsyncControlClient(_Servers):
     """``grpc.aio`` client of the control API at ``address`` (or at the first reachable of several, see the
     module docstring); create it on the loop that uses it.
 
@@ -152,19 +160,7 @@ class AsyncControlClient:
 
     def __init__(self, address: "Address | str | Sequence[Address | str]", auth: AuthConfig | None = None,
                  token: str | None = None, options: Iterable[tuple[str, Any]] | None = None):
-        self.addresses = _addresses(address)
-        self._channels = [aio_channel(a, auth or AuthConfig(), token, options) for a in self.addresses]
-        self._stubs = [control_pb2_grpc.WeightControlStub(c) for c in self._channels]
-        self._current = 0
-
-    @property
-    def address(self) -> str:
-        """The address in use (the last one that answered)."""
-        return self.addresses[self._current]
-
-    @property
-    def stub(self) -> control_pb2_grpc.WeightControlStub:
-        return self._stubs[self._current]
+        super().__init__(address, aio_channel, auth, token, options)
 
     async def _call(self, method: str, request, timeout: float, wait_for_ready: bool | None = None):
         if len(self._stubs) == 1:

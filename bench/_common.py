@@ -254,3 +254,17 @@ def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
     return s[k]
+
+
+def write_doc_section(head: str, text: str) -> None:
+    """Replace the docs/benchmarks.md section starting with the line ``head`` (up to the next ``## ``
+    heading) by ``text``; append it when there is none."""
+    path = REPO / "docs" / "benchmarks.md"
+    doc = path.read_text()
+    if head in doc:
+        start = doc.index(head)
+        nxt = doc.find("\n## ", start + 1)
+        doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
+    else:
+        doc = doc.rstrip() + "\n\n" + text
+    path.write_text(doc)

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, machine, median, save_json  # noqa: E402
+from _common import REPO, machine, median, save_json, write_doc_section  # noqa: E402
 from lockgate.controller.decide import evidence  # noqa: E402
 from lockgate.controller.decide.live_evidence import LiveEvidence  # noqa: E402
 from lockgate.controller.decide.spec import spec_from_text  # noqa: E402
@@ -187,19 +187,6 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    doc = path.read_text()
-    head = "## Evidence cost: one look"
-    if head in doc:
-        start = doc.index(head)
-        nxt = doc.find("\n## ", start + 1)
-        doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
@@ -214,7 +201,7 @@ def main() -> int:
     text = render(d)
     print(text)
     if not args.no_doc:
-        write_section(text)
+        write_doc_section("## Evidence cost: one look", text)
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, machine, save_json  # noqa: E402
+from _common import REPO, machine, save_json, write_doc_section  # noqa: E402
 import lockgate.controller.ingest.observations as observations  # noqa: E402
 from lockgate.controller.ingest.observations import ObservationStore  # noqa: E402
 from lockgate.controller.ingest.schema import STORED_COLUMN_NAMES  # noqa: E402
@@ -141,18 +141,6 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    doc = path.read_text()
-    if HEAD in doc:
-        start = doc.index(HEAD)
-        nxt = doc.find("\n## ", start + 1)
-        doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=40_000)
@@ -191,7 +179,7 @@ def main() -> int:
     print(text)
     if not args.no_doc:
         save_json("store_throughput.json", d)
-        write_section(text)
+        write_doc_section(HEAD, text)
     return 0
 
 

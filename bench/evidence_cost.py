@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, machine, median, save_json, write_doc_section  # noqa: E402
+from _common import machine, median, save_json, write_doc_section  # noqa: E402
 from lockgate.controller.decide import evidence  # noqa: E402
 from lockgate.controller.decide.live_evidence import LiveEvidence  # noqa: E402
 from lockgate.controller.decide.spec import spec_from_text  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, machine, save_json, write_doc_section  # noqa: E402
+from _common import machine, save_json, write_doc_section  # noqa: E402
 import lockgate.controller.ingest.observations as observations  # noqa: E402
 from lockgate.controller.ingest.observations import ObservationStore  # noqa: E402
 from lockgate.controller.ingest.schema import STORED_COLUMN_NAMES  # noqa: E402
